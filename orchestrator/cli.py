@@ -1,0 +1,81 @@
+"""Hydra entry point: compose → typed config → validate → plan → launch.
+
+`action=validate` only checks; `action=plan` writes config.yaml + plan.json and prints the plan;
+`action=run` (default) also launches and waits. User errors print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import yaml
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from orchestrator.errors import LaunchError, OrchestratorError
+from orchestrator.redact import redact
+from orchestrator.schema import JobConfig
+from orchestrator.typed import to_dict, to_job
+from orchestrator.validate import Hardware, resolve_device, validate
+
+ConfigStore.instance().store(name="orchestrator_schema", node=JobConfig)
+
+
+def compose_job(cfg: DictConfig, run_dir: str) -> JobConfig:
+    data = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(data, dict)
+    return to_job(data, run_dir=run_dir)
+
+
+def write_config(job: JobConfig, path: Path) -> None:
+    """The resolved config with secrets redacted; ranks read it back."""
+    path.write_text(yaml.safe_dump(redact(to_dict(job)), sort_keys=False))
+
+
+def execute(job: JobConfig, hw: Hardware | None = None) -> int:
+    """Validate, plan and (for action=run) launch `job`. Raises OrchestratorError on bad input."""
+    from orchestrator.plan import make_plan
+    from orchestrator.report import print_plan
+
+    hw = hw or Hardware.detect()
+    validate(job, hw)
+    if job.action == "validate":
+        print(f"config OK: {job.world_size} ranks, zero_stage {job.parallelism.zero_stage}, "
+              f"{job.precision.name}")
+        return 0
+    plan = make_plan(job, resolve_device(job, hw), os.cpu_count() or 1)
+    run_dir = Path(job.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_config(job, run_dir / "config.yaml")
+    plan.write(run_dir / "plan.json")
+    print_plan(plan)
+    if job.action == "plan":
+        print(f"plan written to {run_dir / 'plan.json'} (nothing launched)")
+        return 0
+    from orchestrator.launchers import launch
+
+    code = launch(plan, job.launcher.name).wait()
+    if code != 0:
+        raise LaunchError(f"training failed with exit code {code} (the failing rank's error is "
+                          f"printed above); run dir: {run_dir}")
+    print(f"done. metrics: {run_dir / job.logging.metrics_file}")
+    wandb_info = run_dir / "wandb_run.json"
+    if wandb_info.exists():
+        print(f"W&B run ({job.logging.wandb.mode}): {wandb_info.read_text().strip()}")
+    return 0
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="config")
+def main(cfg: DictConfig) -> Any:
+    try:
+        job = compose_job(cfg, HydraConfig.get().runtime.output_dir)
+        code = execute(job)
+    except OrchestratorError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code)

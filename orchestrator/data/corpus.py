@@ -1,0 +1,56 @@
+"""A small real English corpus built offline from the docstrings of Python's standard library.
+
+Every machine that runs the project has these files (PSF license), so tests and the demo train on
+real prose without downloading anything. The text is cached under the project cache dir.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+from pathlib import Path
+
+# Modules with long, prose-heavy docstrings; a fixed list keeps the corpus stable.
+MODULES = (
+    "argparse", "ast", "asyncio", "base64", "bisect", "calendar", "collections", "configparser",
+    "contextlib", "copy", "csv", "dataclasses", "datetime", "decimal", "difflib", "email",
+    "enum", "fractions", "ftplib", "functools", "gettext", "glob", "gzip", "heapq", "hmac",
+    "html", "http.client", "imaplib", "inspect", "io", "ipaddress", "itertools", "json",
+    "locale", "logging", "mailbox", "mimetypes", "numbers", "operator", "optparse", "pathlib",
+    "pickle", "pprint", "queue", "random", "re", "sched", "secrets", "shlex", "shutil",
+    "smtplib", "socket", "statistics", "string", "subprocess", "tarfile", "tempfile",
+    "textwrap", "threading", "timeit", "tokenize", "trace", "typing", "unittest", "urllib.parse",
+    "uuid", "warnings", "weakref", "zipfile",
+)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("ORCHESTRATOR_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "orchestrator")
+    return Path(root)
+
+
+def _docs(module_name: str) -> list[str]:
+    module = importlib.import_module(module_name)
+    docs = [inspect.getdoc(module) or ""]
+    for name, obj in sorted(vars(module).items()):
+        if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
+            continue
+        doc = inspect.getdoc(obj)
+        if doc and len(doc) > 200:
+            docs.append(doc)
+    return [d for d in docs if d]
+
+
+def build_corpus(path: Path | None = None) -> Path:
+    """Write the corpus (once) and return its path; documents are separated by blank lines."""
+    path = path or cache_dir() / "corpus" / "stdlib_docs.txt"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "\n\n".join(doc for m in MODULES for doc in _docs(m))
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)  # atomic: concurrent ranks never read a half-written file
+    return path

@@ -1,0 +1,21 @@
+"""The exceptions users see. The CLI prints them as one line, without a traceback."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class OrchestratorError(Exception):
+    """An error caused by the user's config or environment, not by a bug."""
+
+
+class ConfigError(OrchestratorError):
+    """A config value that is not allowed: names the key, the value and what is allowed."""
+
+    def __init__(self, key: str, value: Any, allowed: str) -> None:
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"config key '{key}' has value {value!r}; allowed: {allowed}")
+
+
+class LaunchError(OrchestratorError):
+    """The job was launched but did not finish successfully."""

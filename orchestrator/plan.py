@@ -1,0 +1,102 @@
+"""config → Plan: a pure function. The Plan is plain data (plan.json); launchers only execute it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator import compute, memory
+from orchestrator.models import param_specs
+from orchestrator.schema import JobConfig
+from orchestrator.validate import resolve_batch
+
+
+@dataclass(frozen=True)
+class Plan:
+    world_size: int
+    nnodes: int
+    nproc_per_node: int
+    device: str  # cpu | cuda
+    backend: str  # gloo | nccl
+    strategy: str  # ddp | zero1 | fsdp2
+    zero_stage: int
+    precision: str
+    micro_batch_size: int
+    grad_accum_steps: int
+    global_batch_size: int
+    commands: list[list[str]]  # exact argv per node
+    env: dict[str, str]
+    run_dir: str
+    config_path: str
+    memory: memory.MemoryEstimate
+    compute: compute.ComputeEstimate
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        mem = d["memory"]
+        for name, moment in self.memory.moments.items():
+            mem["moments"][name]["total_bytes"] = moment.total_bytes
+        mem["peak_bytes"] = self.memory.peak_bytes
+        return d
+
+    def write(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def rank_command(job: JobConfig, config_path: str) -> list[str]:
+    """The per-rank program: `python -m recipes.<task> <run_dir>/config.yaml`."""
+    return ["-m", f"recipes.{job.train.task}", config_path]
+
+
+def node_commands(job: JobConfig, config_path: str, python: str) -> list[list[str]]:
+    """One argv per node. One process: run the recipe directly; else torchrun on every node."""
+    program = rank_command(job, config_path)
+    c = job.cluster
+    if job.world_size == 1:
+        return [[python, *program]]
+    if c.nodes == 1:
+        rdzv = ["--standalone"]  # picks a free local port: parallel jobs never collide
+    else:
+        endpoint = f"{job.launcher.rdzv_host}:{job.launcher.rdzv_port}"
+        rdzv = ["--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
+                f"--rdzv-id={Path(job.run_dir).name}"]
+    return [
+        [python, "-m", "torch.distributed.run", f"--nnodes={c.nodes}",
+         f"--nproc-per-node={c.gpus_per_node}", *([f"--node-rank={n}"] if c.nodes > 1 else []),
+         *rdzv, "--max-restarts=0", *program]
+        for n in range(c.nodes)
+    ]
+
+
+def make_plan(job: JobConfig, device: str, cpu_count: int, python: str = sys.executable) -> Plan:
+    """Everything a launcher needs, computed without allocating the model."""
+    accum, global_batch = resolve_batch(job)
+    specs = param_specs(job.model)
+    config_path = str(Path(job.run_dir) / "config.yaml")
+    threads = max(1, cpu_count // job.cluster.gpus_per_node) if device == "cpu" else 1
+    return Plan(
+        world_size=job.world_size,
+        nnodes=job.cluster.nodes,
+        nproc_per_node=job.cluster.gpus_per_node,
+        device=device,
+        backend="nccl" if device == "cuda" else "gloo",
+        strategy=memory.strategy_name(job.parallelism.zero_stage),
+        zero_stage=job.parallelism.zero_stage,
+        precision=job.precision.name,
+        micro_batch_size=job.train.micro_batch_size,
+        grad_accum_steps=accum,
+        global_batch_size=global_batch,
+        commands=node_commands(job, config_path, python),
+        env={"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
+             "ORCHESTRATOR_DEVICE": device},
+        run_dir=job.run_dir,
+        config_path=config_path,
+        memory=memory.estimate(specs, job.world_size, job.parallelism.zero_stage,
+                               job.precision.name, job.optim.name, job.optim.momentum),
+        compute=compute.estimate(sum(s.numel for s in specs), global_batch, job.data.seq_len,
+                                 job.train.steps),
+    )

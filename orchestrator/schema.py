@@ -1,0 +1,145 @@
+"""The job schema: the one place where defaults live.
+
+Hydra composes YAML on top of these dataclasses (registered as the structured base config
+`orchestrator_schema`), and `orchestrator.typed.to_job` turns the result into a `JobConfig`.
+Fields that only accept a fixed set of values carry it in `metadata["choices"]`; validation
+reads it from there so the error message and the schema can never disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+def choice(default: Any, *choices: Any) -> Any:
+    """A field whose value must be one of `choices` (checked by `validate`)."""
+    return field(default=default, metadata={"choices": tuple(choices)})
+
+
+@dataclass
+class ModelConfig:
+    name: str = "gpt2_tiny"
+    family: str = choice("gpt2", "gpt2", "llama")
+    n_layer: int = 2
+    d_model: int = 64
+    n_head: int = 4
+    n_kv_head: Optional[int] = None  # llama grouped-query attention; None = n_head
+    d_ff: Optional[int] = None  # None = 4 * d_model (gpt2) or the llama default
+    vocab_size: int = 512
+    max_seq_len: int = 128
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    attn_implementation: str = choice("sdpa", "sdpa", "eager")
+
+
+@dataclass
+class PrecisionConfig:
+    name: str = choice("fp32", "fp32", "bf16", "fp16")
+    init_scale: float = 65536.0  # fp16 dynamic loss scaling: initial scale
+    growth_interval: int = 2000  # fp16: steps without overflow before the scale doubles
+
+
+@dataclass
+class ParallelismConfig:
+    name: str = "ddp"
+    # torch = DDP (stage 0), DDP + ZeroRedundancyOptimizer (stage 1), FSDP2 (stages 2 and 3)
+    backend: str = choice("torch", "torch")
+    # ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters.
+    zero_stage: int = choice(0, 0, 1, 2, 3)
+    bucket_cap_mb: float = 25.0  # DDP gradient bucket size
+
+
+@dataclass
+class DataConfig:
+    name: str = choice("synthetic", "synthetic", "text")
+    seq_len: int = 64
+    path: Optional[str] = None  # text: a UTF-8 file; None = the built-in stdlib-docs corpus
+    num_samples: int = 4096  # synthetic: sequences in the dataset
+    branching: int = 4  # synthetic: successors per token in the seeded Markov chain
+    shuffle: bool = True
+
+
+@dataclass
+class TrainConfig:
+    task: str = choice("pretrain", "pretrain")  # the per-rank program in recipes/
+    steps: int = 20
+    micro_batch_size: int = 4
+    grad_accum_steps: Optional[int] = None  # None = derived from global_batch_size (or 1)
+    global_batch_size: Optional[int] = None  # None = micro_batch_size * grad_accum * dp size
+    seed: int = 1234
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    log_every: int = 1
+
+
+@dataclass
+class OptimConfig:
+    name: str = choice("adamw", "adamw", "sgd")
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    momentum: float = 0.9  # sgd only
+    schedule: str = choice("cosine", "cosine", "constant")
+    warmup_steps: int = 2
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+
+
+@dataclass
+class ClusterConfig:
+    nodes: int = 1
+    gpus_per_node: int = 2  # processes per node (CPU ranks when device is cpu)
+    device: str = choice("auto", "auto", "cpu", "cuda")  # auto = cuda if visible, else cpu
+
+
+@dataclass
+class LauncherConfig:
+    name: str = choice("local", "local")
+    rdzv_host: str = "127.0.0.1"  # multi-node rendezvous endpoint host
+    rdzv_port: int = 29500
+
+
+@dataclass
+class WandbConfig:
+    mode: str = choice("offline", "offline", "online", "disabled")
+    project: str = "orchestrator"
+    entity: Optional[str] = None
+    name: Optional[str] = None  # None = the run directory's name
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggingConfig:
+    name: str = "wandb_offline"
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    metrics_file: str = "metrics.jsonl"
+    progress: bool = True  # rank-0 progress bar with loss, tokens/s and ETA
+
+
+@dataclass
+class DebugConfig:
+    crash_at_step: Optional[int] = None  # raise inside the training loop (fault-path testing)
+    crash_rank: int = 0
+    memory_probe_step: int = 2  # step at which each rank measures its model-state bytes
+
+
+@dataclass
+class JobConfig:
+    action: str = choice("run", "run", "plan", "validate")
+    run_dir: str = ""  # filled from hydra.run.dir at the entry point
+    model: ModelConfig = field(default_factory=ModelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+    @property
+    def world_size(self) -> int:
+        return self.cluster.nodes * self.cluster.gpus_per_node

@@ -1,0 +1,117 @@
+"""The `Engine` every strategy returns, and the one train step they share.
+
+Strategies differ only in how they wrap the model and optimizer, how they skip gradient sync
+on accumulation micro-steps, and which tensors they hold; the step itself is written once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from orchestrator import precision as prec
+from orchestrator.schema import JobConfig, OptimConfig
+
+Probe = Callable[[str], None]
+
+
+def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    cls, kwargs = optimizer_class(cfg)
+    return cls(params, **kwargs)
+
+
+def optimizer_class(cfg: OptimConfig) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+    if cfg.name == "adamw":
+        return torch.optim.AdamW, {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps,
+                                   "weight_decay": cfg.weight_decay}
+    return torch.optim.SGD, {"lr": cfg.lr, "momentum": cfg.momentum,
+                             "weight_decay": cfg.weight_decay}
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+def storage_bytes(categories: dict[str, Iterable[torch.Tensor]]) -> dict[str, int]:
+    """Bytes of the distinct storages behind each category's tensors (views count once, a
+    freed FSDP buffer counts zero), so buckets and flat shards are measured as allocated."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensors in categories.items():
+        total = 0
+        for t in tensors:
+            storage = _local(t).untyped_storage()
+            if storage.nbytes() and storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        out[name] = total
+    return out
+
+
+class Engine:
+    """What the loop sees: `train_step`, the optimizer (for the LR schedule) and measurements."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, job: JobConfig,
+                 device: str, scaler: Any = None, set_to_none: bool = True) -> None:
+        self.model, self.optimizer, self.job, self.device = model, optimizer, job, device
+        self.scaler = scaler
+        self.set_to_none = set_to_none
+        self.probe: Probe | None = None  # called at "after_forward" / "after_backward"
+
+    # -- strategy hooks -------------------------------------------------------------------
+    def no_sync(self, sync: bool) -> contextlib.AbstractContextManager[Any]:
+        """Skip gradient communication on accumulation micro-steps that are not the last."""
+        return contextlib.nullcontext()
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        return prec.autocast(self.job.precision.name, self.device)
+
+    def optimizer_state(self) -> Iterator[torch.Tensor]:
+        for state in self.optimizer.state.values():
+            yield from (v for v in state.values() if isinstance(v, torch.Tensor))
+
+    def held_tensors(self) -> dict[str, Iterable[torch.Tensor]]:
+        params = list(self.model.parameters())
+        return {
+            "params_bytes": params,
+            "grads_bytes": [p.grad for p in params if p.grad is not None],
+            "optimizer_bytes": list(self.optimizer_state()),
+        }
+
+    # -- shared -----------------------------------------------------------------------------
+    def model_state_bytes(self) -> dict[str, int]:
+        """Measured bytes of parameters, gradients and optimizer state held by this rank now."""
+        return storage_bytes(self.held_tensors())
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """Forward + backward over the micro batches, then clip and step. Returns the mean loss."""
+        n = len(micro_batches)
+        total = torch.zeros((), device=self.device)
+        for i, batch in enumerate(micro_batches):
+            last = i == n - 1
+            ids = batch["input_ids"].to(self.device, non_blocking=True)
+            with self.no_sync(last):
+                with self.autocast():
+                    loss = self.model(input_ids=ids, labels=ids).loss / n
+                if last and self.probe:
+                    self.probe("after_forward")
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += loss.detach().float()
+        if self.probe:
+            self.probe("after_backward")
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if self.job.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.job.train.grad_clip)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=self.set_to_none)
+        return total

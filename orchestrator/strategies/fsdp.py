@@ -1,0 +1,68 @@
+"""ZeRO stages 2 and 3 on FSDP2 (`fully_shard`), one unit per transformer block plus the root.
+
+Stage 2: `reshard_after_forward=False` — parameters are sharded at rest, gathered for forward
+and kept until backward ends; gradients and optimizer state are sharded.
+Stage 3: `reshard_after_forward=True` — each block's parameters are freed after its forward and
+gathered again in backward. The root group (embeddings, final norm, head) is not resharded
+after forward: backward needs it first, so freeing it would only add an all-gather.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+
+from orchestrator import precision as prec
+from orchestrator.models import transformer_blocks
+from orchestrator.schema import JobConfig
+from orchestrator.strategies.base import Engine, build_optimizer
+
+
+class FSDPEngine(Engine):
+    def no_sync(self, sync: bool) -> contextlib.AbstractContextManager[Any]:
+        self.model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()  # the MixedPrecisionPolicy casts parameters instead
+
+    def _fsdp_params(self) -> Iterator[Any]:
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                group = module._get_fsdp_state()._fsdp_param_group
+                if group is not None:
+                    yield from group.fsdp_params
+
+    def held_tensors(self) -> dict[str, Iterable[torch.Tensor]]:
+        params, grads = [], []
+        for fp in self._fsdp_params():
+            params.append(fp._sharded_param_data)  # the padded local shard
+            unsharded = getattr(fp, "_unsharded_param", None)  # gathered copy, if alive
+            if unsharded is not None:
+                params.append(unsharded)
+                if unsharded.grad is not None:
+                    grads.append(unsharded.grad)
+            if fp.sharded_param.grad is not None:
+                grads.append(fp.sharded_param.grad)
+        return {"params_bytes": params, "grads_bytes": grads,
+                "optimizer_bytes": list(self.optimizer_state())}
+
+
+def setup(model: nn.Module, job: JobConfig, device: str) -> Engine:
+    import torch.distributed as dist
+
+    mesh = init_device_mesh(device, (dist.get_world_size(),))
+    p = job.precision
+    kwargs = {"mesh": mesh, "mp_policy": prec.fsdp_policy(p.name)}
+    for block in transformer_blocks(model):
+        fully_shard(block, reshard_after_forward=job.parallelism.zero_stage == 3, **kwargs)
+    fully_shard(model, reshard_after_forward=False, **kwargs)
+    optimizer = build_optimizer(model.parameters(), job.optim)
+    scaler = prec.grad_scaler(p.name, device, True, p.init_scale, p.growth_interval)
+    return FSDPEngine(model, optimizer, job, device, scaler=scaler)

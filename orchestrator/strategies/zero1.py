@@ -1,0 +1,27 @@
+"""ZeRO stage 1: DDP + `ZeroRedundancyOptimizer`, which shards the optimizer state by whole
+parameters; each rank steps its own parameters and broadcasts them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.distributed.optim import ZeroRedundancyOptimizer
+
+from orchestrator.schema import JobConfig
+from orchestrator.strategies.base import Engine, optimizer_class
+from orchestrator.strategies.ddp import DDPEngine, make_engine, wrap
+
+
+class Zero1Engine(DDPEngine):
+    def optimizer_state(self) -> Iterator[torch.Tensor]:
+        for state in self.optimizer.optim.state.values():  # only this rank's partition
+            yield from (v for v in state.values() if isinstance(v, torch.Tensor))
+
+
+def setup(model: nn.Module, job: JobConfig, device: str) -> Engine:
+    ddp = wrap(model, job, device)
+    cls, kwargs = optimizer_class(job.optim)
+    optimizer = ZeroRedundancyOptimizer(ddp.parameters(), optimizer_class=cls, **kwargs)
+    return make_engine(ddp, optimizer, job, device, cls=Zero1Engine)

@@ -1,0 +1,156 @@
+"""Cross-field checks on a typed `JobConfig`. Each failure raises one `ConfigError` naming the
+key, the bad value and what is allowed. Nothing here spawns, allocates or writes anything."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator.errors import ConfigError
+from orchestrator.schema import JobConfig
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Facts about the launching machine that decide what can run here."""
+
+    cuda_devices: int = 0
+    bf16_supported: bool = False
+
+    @staticmethod
+    def detect() -> Hardware:
+        import torch
+
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return Hardware(cuda_devices=n, bf16_supported=bool(n and torch.cuda.is_bf16_supported()))
+
+
+def _check_choices(obj: Any, prefix: str = "") -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_choices(value, f"{prefix}{f.name}.")
+        elif "choices" in f.metadata and value not in f.metadata["choices"]:
+            allowed = ", ".join(repr(c) for c in f.metadata["choices"])
+            raise ConfigError(f"{prefix}{f.name}", value, f"one of {allowed}")
+
+
+def _positive(key: str, value: float, strict: bool = True) -> None:
+    if value <= 0 if strict else value < 0:
+        raise ConfigError(key, value, "a number > 0" if strict else "a number >= 0")
+
+
+def resolve_batch(job: JobConfig) -> tuple[int, int]:
+    """(grad_accum_steps, global_batch_size) with global = micro x accum x data-parallel size."""
+    t, dp = job.train, job.world_size
+    per_step = t.micro_batch_size * dp
+    if t.global_batch_size is None:
+        accum = t.grad_accum_steps or 1
+        return accum, per_step * accum
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            "train.global_batch_size",
+            t.global_batch_size,
+            f"a multiple of micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}"
+            f" = {per_step}",
+        )
+    accum = t.global_batch_size // per_step
+    if t.grad_accum_steps is not None and t.grad_accum_steps != accum:
+        raise ConfigError(
+            "train.grad_accum_steps",
+            t.grad_accum_steps,
+            f"{accum} (= global_batch_size {t.global_batch_size} / (micro_batch_size "
+            f"{t.micro_batch_size} x data-parallel size {dp})), or leave it unset",
+        )
+    return accum, t.global_batch_size
+
+
+def resolve_device(job: JobConfig, hw: Hardware) -> str:
+    if job.cluster.device == "auto":
+        return "cuda" if hw.cuda_devices else "cpu"
+    return job.cluster.device
+
+
+def validate(job: JobConfig, hw: Hardware) -> None:
+    """Raise `ConfigError` for the first problem found; return None if the job is valid."""
+    _check_choices(job)
+    m, t, o, d, c = job.model, job.train, job.optim, job.data, job.cluster
+
+    for key, value in [
+        ("model.n_layer", m.n_layer), ("model.d_model", m.d_model), ("model.n_head", m.n_head),
+        ("model.vocab_size", m.vocab_size), ("model.max_seq_len", m.max_seq_len),
+        ("data.seq_len", d.seq_len), ("data.num_samples", d.num_samples),
+        ("data.branching", d.branching), ("train.steps", t.steps),
+        ("train.micro_batch_size", t.micro_batch_size), ("train.log_every", t.log_every),
+        ("optim.lr", o.lr), ("optim.eps", o.eps), ("cluster.nodes", c.nodes),
+        ("cluster.gpus_per_node", c.gpus_per_node),
+        ("precision.init_scale", job.precision.init_scale),
+        ("precision.growth_interval", job.precision.growth_interval),
+    ]:
+        _positive(key, value)
+    for key, value in [
+        ("optim.weight_decay", o.weight_decay), ("optim.warmup_steps", o.warmup_steps),
+        ("optim.momentum", o.momentum), ("train.grad_clip", t.grad_clip),
+        ("train.seed", t.seed), ("model.dropout", m.dropout),
+        ("debug.memory_probe_step", job.debug.memory_probe_step),
+    ]:
+        _positive(key, value, strict=False)
+    for key, value in [("optim.beta1", o.beta1), ("optim.beta2", o.beta2),
+                       ("optim.min_lr_ratio", o.min_lr_ratio), ("model.dropout", m.dropout)]:
+        if not 0 <= value < 1 and not (key == "optim.min_lr_ratio" and value == 1):
+            raise ConfigError(key, value, "a number in [0, 1)")
+    if t.grad_accum_steps is not None:
+        _positive("train.grad_accum_steps", t.grad_accum_steps)
+    if t.global_batch_size is not None:
+        _positive("train.global_batch_size", t.global_batch_size)
+    if o.warmup_steps >= t.steps and o.warmup_steps > 0:
+        raise ConfigError("optim.warmup_steps", o.warmup_steps, f"fewer than train.steps={t.steps}")
+
+    if m.d_model % m.n_head:
+        raise ConfigError("model.n_head", m.n_head, f"a divisor of model.d_model={m.d_model}")
+    if m.n_kv_head is not None and (m.n_kv_head <= 0 or m.n_head % m.n_kv_head):
+        raise ConfigError("model.n_kv_head", m.n_kv_head, f"a divisor of model.n_head={m.n_head}")
+    if m.n_kv_head is not None and m.family != "llama":
+        raise ConfigError("model.n_kv_head", m.n_kv_head, "null unless model.family is 'llama'")
+    if m.d_ff is not None:
+        _positive("model.d_ff", m.d_ff)
+    if d.seq_len > m.max_seq_len:
+        raise ConfigError("data.seq_len", d.seq_len, f"at most model.max_seq_len={m.max_seq_len}")
+    if d.name == "text":
+        from orchestrator.data.tokenizer import ByteTokenizer
+
+        if m.vocab_size < ByteTokenizer.vocab_size:
+            raise ConfigError("model.vocab_size", m.vocab_size,
+                              f">= {ByteTokenizer.vocab_size} (the byte tokenizer's vocabulary)")
+        if d.path is not None and not os.path.isfile(d.path):
+            raise ConfigError("data.path", d.path, "an existing text file, or null for the "
+                              "built-in corpus")
+    if d.name == "synthetic" and d.branching > m.vocab_size:
+        raise ConfigError("data.branching", d.branching, f"at most model.vocab_size={m.vocab_size}")
+    if not 0 <= job.debug.crash_rank < job.world_size:
+        raise ConfigError("debug.crash_rank", job.debug.crash_rank,
+                          f"a rank in 0..{job.world_size - 1}")
+    if c.nodes > 1 and job.launcher.name == "local":
+        raise ConfigError("cluster.nodes", c.nodes, "1 with launcher=local (one machine)")
+    if not 0 < job.launcher.rdzv_port < 65536:
+        raise ConfigError("launcher.rdzv_port", job.launcher.rdzv_port, "a port in 1..65535")
+
+    resolve_batch(job)
+    _check_hardware(job, hw)
+
+
+def _check_hardware(job: JobConfig, hw: Hardware) -> None:
+    """Only `action=run` needs the hardware to be here; a plan may describe a cluster elsewhere."""
+    if job.action != "run":
+        return
+    device = resolve_device(job, hw)
+    if device == "cuda":
+        if not hw.cuda_devices:
+            raise ConfigError("cluster.device", "cuda", "'cpu' or 'auto' (no CUDA device here)")
+        if job.cluster.gpus_per_node > hw.cuda_devices:
+            raise ConfigError("cluster.gpus_per_node", job.cluster.gpus_per_node,
+                              f"at most {hw.cuda_devices} (CUDA devices visible here)")
+        if job.precision.name == "bf16" and not hw.bf16_supported:
+            raise ConfigError("precision.name", "bf16", "'fp16' or 'fp32' (this GPU has no bf16)")

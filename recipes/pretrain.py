@@ -1,0 +1,60 @@
+"""Pre-train a causal LM under the configured strategy (one process per rank).
+
+Run by the launcher as `python -m recipes.pretrain <run_dir>/config.yaml`; users start it with
+`python -m orchestrator +recipe=<bundle>`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from orchestrator import distributed, loop
+from orchestrator.data import batches, build_dataset
+from orchestrator.metrics import make_logger
+from orchestrator.models import build_model
+from orchestrator.strategies import setup as setup_strategy
+from orchestrator.typed import load_job
+from orchestrator.validate import resolve_batch
+
+
+class PretrainRecipe:
+    def __init__(self, config_path: str) -> None:
+        self.job = load_job(config_path)
+        self.plan = json.loads((Path(config_path).parent / "plan.json").read_text())
+
+    def setup(self) -> None:
+        device = os.environ.get("ORCHESTRATOR_DEVICE", "cpu")
+        self.info = distributed.init(device)
+        model = build_model(self.job.model, seed=self.job.train.seed)
+        self.engine = setup_strategy(model, self.job, device)
+        dataset = build_dataset(self.job)
+        self.data = batches(dataset, self.job, self.info.rank, self.info.world_size)
+        self.logger = make_logger(self.job, self.info.rank)
+
+    def train(self) -> list[float]:
+        accum, global_batch = resolve_batch(self.job)
+        return loop.train(self.engine, self.data, self.job, self.logger, accum, global_batch,
+                          planned_peak_bytes=self.plan["memory"]["peak_bytes"])
+
+    def cleanup(self) -> None:
+        logger = getattr(self, "logger", None)
+        if logger is not None:
+            logger.close()
+        distributed.shutdown()
+
+
+def main(argv: list[str]) -> int:
+    recipe = PretrainRecipe(argv[1])
+    try:
+        recipe.setup()
+        recipe.train()
+    finally:
+        recipe.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
