@@ -32,5 +32,10 @@ def init(device: str) -> RankInfo:
 
 
 def shutdown() -> None:
+    """Destroy the process group while the interpreter is fully alive."""
+    import gc
+
+    gc.collect()
     if dist.is_initialized():
         dist.destroy_process_group()
+    gc.collect()

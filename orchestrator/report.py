@@ -29,7 +29,8 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
         ("batch", f"global {plan.global_batch_size} = micro {plan.micro_batch_size} x accum "
                   f"{plan.grad_accum_steps} x dp {plan.world_size}"),
         ("parameters", f"{c.params:,}"),
-        ("tokens", f"{c.tokens:,} ({c.tokens_vs_chinchilla:.2g} x Chinchilla's {c.chinchilla_tokens:,})"),
+        ("tokens", f"{c.tokens:,} ({c.tokens_vs_chinchilla:.2g} x Chinchilla's "
+                   f"{c.chinchilla_tokens:,})"),
         ("train FLOPs (6ND)", f"{c.flops:.3g}"),
     ]
     for name, mb in m.moments.items():

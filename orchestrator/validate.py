@@ -4,6 +4,7 @@ key, the bad value and what is allowed. Nothing here spawns, allocates or writes
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +39,7 @@ def _check_choices(obj: Any, prefix: str = "") -> None:
 
 
 def _positive(key: str, value: float, strict: bool = True) -> None:
-    if value <= 0 if strict else value < 0:
+    if not math.isfinite(value) or (value <= 0 if strict else value < 0):
         raise ConfigError(key, value, "a number > 0" if strict else "a number >= 0")
 
 
@@ -99,7 +100,7 @@ def validate(job: JobConfig, hw: Hardware) -> None:
         _positive(key, value, strict=False)
     for key, value in [("optim.beta1", o.beta1), ("optim.beta2", o.beta2),
                        ("optim.min_lr_ratio", o.min_lr_ratio), ("model.dropout", m.dropout)]:
-        if not 0 <= value < 1 and not (key == "optim.min_lr_ratio" and value == 1):
+        if not 0 <= value < 1:
             raise ConfigError(key, value, "a number in [0, 1)")
     if t.grad_accum_steps is not None:
         _positive("train.grad_accum_steps", t.grad_accum_steps)

@@ -43,6 +43,9 @@ class PretrainRecipe:
         logger = getattr(self, "logger", None)
         if logger is not None:
             logger.close()
+        # Drop every holder of the process group (DDP reducer, device mesh) before destroying
+        # it: a gloo group freed during interpreter shutdown can abort the process.
+        self.engine = self.data = None
         distributed.shutdown()
 
 

@@ -3,6 +3,7 @@ in its own process group, so cancelling or failing never leaves a stray process 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -39,10 +40,8 @@ class LocalHandle:
         self._reap()
 
     def _signal(self, sig: int) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pgid, sig)
-        except ProcessLookupError:
-            pass
 
     def _reap(self, grace_s: float = 5.0) -> None:
         """Anything still in the job's process group after the leader exits is a stray."""

@@ -57,7 +57,8 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     for module in model.modules():
         if isinstance(module, nn.ModuleList) and len(module) == model.config.num_hidden_layers:
             return list(module)
-    raise ValueError(f"no list of {model.config.num_hidden_layers} blocks in {type(model).__name__}")
+    n = model.config.num_hidden_layers
+    raise ValueError(f"no list of {n} blocks in {type(model).__name__}")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Create .venv and install the project with its dev tools, once per pyproject.toml change.
+# CPU machines get torch==2.13.0 (a local CPU wheel; unpinned torch pulls a multi-GB CUDA build).
+# A machine whose python3 already has torch (e.g. a GPU box) keeps that torch.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv="${ORCHESTRATOR_VENV:-.venv}"
+py="${PYTHON:-python3}"
+if [ ! -x "$venv/bin/python" ]; then
+  if "$py" -c "import torch" >/dev/null 2>&1; then
+    "$py" -m venv --system-site-packages "$venv"   # keep the user's torch
+  else
+    "$py" -m venv "$venv"
+  fi
+fi
+stamp="$venv/.installed"
+want="$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "bootstrap: installing into $venv (first run takes about a minute)" >&2
+  "$venv/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+  if ! "$venv/bin/python" -c "import torch" >/dev/null 2>&1; then
+    "$venv/bin/python" -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
+  fi
+  "$venv/bin/python" -m pip install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+  "$venv/bin/python" -c "import torch, hydra, wandb, transformers, orchestrator" \
+    || { echo "bootstrap: install failed" >&2; exit 1; }
+  echo "$want" > "$stamp"
+fi

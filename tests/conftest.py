@@ -1,0 +1,38 @@
+"""Shared test helpers: compose configs the way the CLI does, and run the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+
+from orchestrator.cli import compose_job  # also registers the structured schema
+from orchestrator.schema import JobConfig
+
+REPO = Path(__file__).resolve().parents[1]
+LOSSES = REPO / "tests" / "assets" / "losses"
+
+
+def make_job(overrides: list[str] | None = None, run_dir: str = "/nonexistent/run") -> JobConfig:
+    """Compose `configs/config.yaml` with `overrides` and convert it like the CLI does."""
+    with initialize_config_module("configs", version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides or []))
+    return compose_job(cfg, run_dir)
+
+
+def run_cli(overrides: list[str], run_dir: Path, env: dict[str, str] | None = None,
+            timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """`python -m orchestrator ...` as a user runs it (real torchrun, real W&B offline)."""
+    cmd = [sys.executable, "-m", "orchestrator", *overrides, f"hydra.run.dir={run_dir}",
+           "logging.progress=false"]
+    return subprocess.run(cmd, cwd=REPO, env={**os.environ, **(env or {})}, text=True,
+                          capture_output=True, timeout=timeout)
+
+
+@pytest.fixture
+def job_factory():
+    return make_job

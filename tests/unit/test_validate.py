@@ -1,0 +1,114 @@
+"""Bad configs are rejected before anything starts: key, value and what is allowed."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from orchestrator.errors import ConfigError
+from orchestrator.validate import Hardware, resolve_batch, validate
+from tests.conftest import make_job, run_cli
+
+BAD = [
+    (["optim.lr=0"], "optim.lr"),
+    (["optim.lr=-0.001"], "optim.lr"),
+    (["parallelism.zero_stage=4"], "parallelism.zero_stage"),
+    (["precision.name=fp8"], "precision.name"),
+    (["train.global_batch_size=10"], "train.global_batch_size"),
+    (["train.global_batch_size=16", "train.grad_accum_steps=3"], "train.grad_accum_steps"),
+    (["+train.stesp=5"], "train.stesp"),
+    (["+foo=1"], "foo"),
+    (["model.n_head=5"], "model.n_head"),
+    (["data.seq_len=4096"], "data.seq_len"),
+    (["logging.wandb.mode=cloud"], "logging.wandb.mode"),
+    (["cluster.gpus_per_node=0"], "cluster.gpus_per_node"),
+    (["train.steps=0"], "train.steps"),
+    (["optim.warmup_steps=50"], "optim.warmup_steps"),
+    (["data=text", "data.path=/nonexistent/corpus.txt"], "data.path"),
+    (["cluster.device=cuda"], "cluster.device"),
+    (["model.family=gpt3"], "model.family"),
+    (["optim.beta2=1.5"], "optim.beta2"),
+    (["action=launch"], "action"),
+    (["debug.crash_rank=5"], "debug.crash_rank"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "key"), BAD, ids=[k for _, k in BAD])
+def test_bad_config_names_the_key(overrides: list[str], key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        validate(make_job(overrides), Hardware(cuda_devices=0))
+    assert err.value.key == key
+    assert f"'{key}'" in str(err.value) and "allowed:" in str(err.value)
+
+
+def test_cli_rejects_bad_config_without_traceback_or_launch(tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    proc = run_cli(["+recipe=ddp", "optim.lr=-1"], run_dir)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: config key 'optim.lr' has value -1.0; allowed: a number > 0"]
+    # Nothing was planned or launched: no plan, no config, no metrics, no W&B run.
+    assert not run_dir.exists() or not any(run_dir.iterdir())
+
+
+@pytest.mark.parametrize(("override", "key"), [("train.steps=abc", "train.steps"),
+                                               ("train.stesp=5", "train.stesp")])
+def test_cli_rejects_type_errors_and_unknown_keys(tmp_path, override: str, key: str) -> None:
+    run_dir = tmp_path / "run"
+    proc = run_cli([override], run_dir)
+    assert proc.returncode != 0
+    assert key in proc.stderr and "Traceback" not in proc.stderr
+    assert not run_dir.exists() or not any(run_dir.iterdir())
+
+
+def test_action_validate_writes_nothing(tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    proc = run_cli(["+recipe=fsdp_zero3", "action=validate"], run_dir)
+    assert proc.returncode == 0, proc.stderr
+    assert "config OK" in proc.stdout
+    assert not run_dir.exists() or not any(run_dir.iterdir())
+
+
+BASE = make_job(["+recipe=ddp"])
+FUZZED_KEYS = {"optim.lr", "train.steps", "parallelism.zero_stage", "train.micro_batch_size",
+               "train.global_batch_size", "train.grad_accum_steps", "optim.warmup_steps",
+               "cluster.gpus_per_node", "debug.crash_rank"}
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    lr=st.floats(allow_nan=True, allow_infinity=True, width=32),
+    steps=st.integers(-3, 40),
+    stage=st.integers(-2, 5),
+    micro=st.integers(-2, 9),
+    global_batch=st.one_of(st.none(), st.integers(-4, 80)),
+    accum=st.one_of(st.none(), st.integers(-2, 6)),
+    warmup=st.integers(-2, 45),
+    gpus=st.integers(-1, 5),
+)
+def test_fuzzed_numbers_are_accepted_consistently_or_rejected_by_key(
+        lr, steps, stage, micro, global_batch, accum, warmup, gpus) -> None:
+    job = dataclasses.replace(
+        BASE,
+        optim=dataclasses.replace(BASE.optim, lr=lr, warmup_steps=warmup),
+        train=dataclasses.replace(BASE.train, steps=steps, micro_batch_size=micro,
+                                  global_batch_size=global_batch, grad_accum_steps=accum),
+        parallelism=dataclasses.replace(BASE.parallelism, zero_stage=stage),
+        cluster=dataclasses.replace(BASE.cluster, gpus_per_node=gpus),
+    )
+    try:
+        validate(job, Hardware())
+    except ConfigError as e:
+        assert e.key in FUZZED_KEYS, e
+        assert e.key in str(e)
+        return
+    # Accepted: every invariant the launch relies on holds.
+    assert lr > 0 and steps >= 1 and 0 <= stage <= 3 and micro >= 1 and gpus >= 1
+    assert 0 <= warmup < steps or warmup == 0
+    accum_steps, gbs = resolve_batch(job)
+    assert gbs == micro * accum_steps * job.world_size
+    assert global_batch is None or global_batch == gbs
