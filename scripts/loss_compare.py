@@ -2,7 +2,7 @@
 
     python scripts/loss_compare.py                      # compare all strategies with DDP
     python scripts/loss_compare.py --write              # refresh tests/assets/losses/
-    python scripts/loss_compare.py ddp fsdp_zero3 -- precision=bf16
+    python scripts/loss_compare.py ddp fsdp_zero3 -o precision=bf16
 
 Prints the largest absolute per-step difference of each recipe from the first one and from the
 stored reference.
@@ -41,9 +41,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("recipes", nargs="*", default=["ddp", "zero1", "fsdp_zero2", "fsdp_zero3"])
     p.add_argument("--write", action="store_true", help="store the first recipe's losses")
-    p.add_argument("overrides", nargs=argparse.REMAINDER)
+    p.add_argument("-o", "--override", action="append", default=[], help="Hydra override")
     args = p.parse_args()
-    extra = [o for o in args.overrides if o != "--"]
+    extra = args.override
     with tempfile.TemporaryDirectory() as tmp:
         losses = {r: run_losses(r, extra, Path(tmp)) for r in args.recipes}
     first = args.recipes[0]

@@ -1,0 +1,30 @@
+"""The same recipes on one CUDA device with bf16 (run where a GPU is lent; skipped elsewhere)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from orchestrator.metrics import read_metrics
+from tests.conftest import run_cli
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+@pytest.mark.parametrize("recipe", ["ddp", "zero1", "fsdp_zero2", "fsdp_zero3"])
+def test_recipe_trains_on_one_gpu_in_bf16(tmp_path, recipe: str) -> None:
+    proc = run_cli([f"+recipe={recipe}", "cluster.device=cuda", "cluster.gpus_per_node=1",
+                    "precision=bf16", "logging=none"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["backend"] == "nccl" and plan["device"] == "cuda"
+    losses = [m["loss"] for m in read_metrics(tmp_path / "metrics.jsonl")]
+    assert losses[-1] < losses[0] - 0.1
+    measured = json.loads((tmp_path / "memory" / "rank0.json").read_text())["moments"]
+    for moment, planned in plan["memory"]["moments"].items():
+        assert measured[moment]["total_bytes"] == pytest.approx(planned["total_bytes"], rel=0.02)
