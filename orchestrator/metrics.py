@@ -27,7 +27,7 @@ class NullLogger:
     def summary(self, values: dict[str, Any]) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         pass
 
 
@@ -70,12 +70,12 @@ class MetricsLogger(NullLogger):
         if self.wandb_run is not None:
             self.wandb_run.summary.update(values)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         if self.bar is not None:
             self.bar.close()
         self.file.close()
         if self.wandb_run is not None:
-            self.wandb_run.finish()
+            self.wandb_run.finish(exit_code=1 if failed else 0)
 
 
 def make_logger(job: JobConfig, rank: int) -> NullLogger:

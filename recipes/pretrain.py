@@ -39,10 +39,10 @@ class PretrainRecipe:
         return loop.train(self.engine, self.data, self.job, self.logger, accum, global_batch,
                           planned_peak_bytes=self.plan["memory"]["peak_bytes"])
 
-    def cleanup(self) -> None:
+    def cleanup(self, failed: bool = False) -> None:
         logger = getattr(self, "logger", None)
         if logger is not None:
-            logger.close()
+            logger.close(failed=failed)
         # Drop every holder of the process group (DDP reducer, device mesh) before destroying
         # it: a gloo group freed during interpreter shutdown can abort the process.
         self.engine = self.data = None
@@ -51,11 +51,13 @@ class PretrainRecipe:
 
 def main(argv: list[str]) -> int:
     recipe = PretrainRecipe(argv[1])
+    failed = True
     try:
         recipe.setup()
         recipe.train()
+        failed = False
     finally:
-        recipe.cleanup()
+        recipe.cleanup(failed=failed)
     return 0
 
 
