@@ -49,6 +49,7 @@ def build_model(cfg: ModelConfig, seed: int, device: str | torch.device = "cpu")
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(hf_config(cfg))
+    model.loss_type = "ForCausalLM"  # shifted next-token cross-entropy, named explicitly
     return model
 
 
