@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -53,6 +54,10 @@ def execute(job: JobConfig, hw: Hardware | None = None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     write_config(job, run_dir / "config.yaml")
     plan.write(run_dir / "plan.json")
+    if plan.deepspeed_config is not None:
+        from orchestrator.strategies.deepspeed import CONFIG_FILE
+
+        (run_dir / CONFIG_FILE).write_text(json.dumps(plan.deepspeed_config, indent=2) + "\n")
     print_plan(plan)
     if job.action == "plan":
         print(f"plan written to {run_dir / 'plan.json'} (nothing launched)")

@@ -51,7 +51,7 @@ class MemoryEstimate:
     rank: int  # the rank the figures describe: the one with the largest peak
     peak_moment: str
     moments: dict[str, MomentBytes] = field(default_factory=dict)
-    note: str = ""
+    host_bytes: int = 0  # offloaded to CPU memory (DeepSpeed offload), not on the device
 
     @property
     def peak_bytes(self) -> int:
@@ -128,3 +128,67 @@ def estimate(specs: list[ParamSpec], world_size: int, zero_stage: int, precision
                         momentum)
     peak = max(MOMENTS, key=lambda m: moments[m].total_bytes)
     return MemoryEstimate(strategy_name(zero_stage), rank, peak, moments)
+
+
+
+def _ds_flat_partition(specs: list[ParamSpec], n: int) -> tuple[int, list[int]]:
+    """DeepSpeed ZeRO-1/2 flattens all parameters (in order) into one buffer aligned to 2N
+    elements and cuts it into N equal partitions. Returns (partition size, extra gradient
+    elements per rank): a rank also holds the whole gradient of each parameter that straddles
+    its partition's edge, not just its slice of it."""
+    total = sum(s.numel for s in specs)
+    part = math.ceil(total / (2 * n)) * 2
+    extra, offset = [0] * n, 0
+    for s in specs:
+        start, end = offset, offset + s.numel
+        offset = end
+        for rank in range(start // part, min(n, (end - 1) // part + 1)):
+            inside = min(end, (rank + 1) * part) - max(start, rank * part)
+            if inside < s.numel:
+                extra[rank] += s.numel - inside
+    return part, extra
+
+
+def estimate_deepspeed(specs: list[ParamSpec], world_size: int, zero_stage: int, precision: str,
+                       offload_optimizer: bool = False, offload_params: bool = False,
+                       optimizer: str = "adamw", momentum: float = 0.9,
+                       persistence_threshold: int = 0) -> MemoryEstimate:
+    """DeepSpeed's model states on its most loaded rank.
+
+    Unlike FSDP2/ZeRO-1, DeepSpeed keeps a flat fp32 master partition beside the model's own
+    weights even for fp32 models; it is counted with the optimizer state (one flat tensor, so
+    one `step`). Stage 3 keeps parameters with at most `persistence_threshold` elements whole on
+    every rank, and the output head stays gathered from the end of forward into backward.
+    Offloaded terms move to `host_bytes` (on a CPU machine they are the same RAM).
+    """
+    n, b = world_size, DTYPE_BYTES[precision]  # DeepSpeed casts the module for bf16/fp16
+    rank, host = 0, 0
+    if zero_stage == 0:
+        psi = sum(s.numel for s in specs)
+        opt, master = _optimizer_bytes([s.numel for s in specs], optimizer, momentum), 0
+        params = after_fwd_params = b * psi
+        grads = 4 * psi
+    elif zero_stage in (1, 2):
+        part, extra = _ds_flat_partition(specs, n)
+        rank = extra.index(max(extra))
+        opt, master = _optimizer_bytes([part], optimizer, momentum), 4 * part
+        params = after_fwd_params = b * sum(s.numel for s in specs)
+        grads = 4 * (part + extra[rank])
+    else:
+        part = sum(math.ceil(s.numel / n) for s in specs)
+        persistent = sum(s.numel for s in specs if s.numel <= persistence_threshold)
+        head = sum(s.numel for s in specs if s.head and s.numel > persistence_threshold)
+        opt, master = _optimizer_bytes([part], optimizer, momentum), 4 * part
+        params = b * (part + persistent)
+        after_fwd_params = params + b * head
+        grads = 4 * part
+    if offload_optimizer:  # the fp32 gradient partition then lives on the host for good
+        host += opt + master + grads
+        opt = master = grads = 0
+    if offload_params and zero_stage == 3:
+        host += params
+        after_fwd_params, params = after_fwd_params - params, 0
+    moments = {"after_forward": MomentBytes(after_fwd_params, 0, opt + master),
+               "after_backward": MomentBytes(params, grads, opt + master)}
+    peak = max(MOMENTS, key=lambda m: moments[m].total_bytes)
+    return MemoryEstimate("deepspeed", rank, peak, moments, host_bytes=host)

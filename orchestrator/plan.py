@@ -7,9 +7,10 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from orchestrator import compute, memory
+from orchestrator.data.corpus import cache_dir
 from orchestrator.models import param_specs
 from orchestrator.schema import JobConfig
 from orchestrator.validate import resolve_batch
@@ -34,6 +35,7 @@ class Plan:
     config_path: str
     memory: memory.MemoryEstimate
     compute: compute.ComputeEstimate
+    deepspeed_config: Optional[dict[str, Any]] = None  # written to <run_dir>/deepspeed.json
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -78,25 +80,44 @@ def make_plan(job: JobConfig, device: str, cpu_count: int, python: str = sys.exe
     specs = param_specs(job.model)
     config_path = str(Path(job.run_dir) / "config.yaml")
     threads = max(1, cpu_count // job.cluster.gpus_per_node) if device == "cpu" else 1
+    env = {"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
+           "ORCHESTRATOR_DEVICE": device}
+    p = job.parallelism
+    if p.backend == "deepspeed":
+        from orchestrator import deepspeed_config
+
+        ds_config = deepspeed_config.generate(job, accum, global_batch)
+        # DeepSpeed JIT-builds a comm op on first use; cache it once for every later run.
+        env["TORCH_EXTENSIONS_DIR"] = str(cache_dir() / "torch_extensions")
+        zero = ds_config["zero_optimization"]
+        mem = memory.estimate_deepspeed(
+            specs, job.world_size, p.zero_stage, job.precision.name, p.offload_optimizer,
+            p.offload_params, job.optim.name, job.optim.momentum,
+            persistence_threshold=zero.get("stage3_param_persistence_threshold", 100_000))
+        strategy = "deepspeed"
+    else:
+        ds_config = None
+        mem = memory.estimate(specs, job.world_size, p.zero_stage, job.precision.name,
+                              job.optim.name, job.optim.momentum)
+        strategy = memory.strategy_name(p.zero_stage)
     return Plan(
         world_size=job.world_size,
         nnodes=job.cluster.nodes,
         nproc_per_node=job.cluster.gpus_per_node,
         device=device,
         backend="nccl" if device == "cuda" else "gloo",
-        strategy=memory.strategy_name(job.parallelism.zero_stage),
+        strategy=strategy,
         zero_stage=job.parallelism.zero_stage,
         precision=job.precision.name,
         micro_batch_size=job.train.micro_batch_size,
         grad_accum_steps=accum,
         global_batch_size=global_batch,
         commands=node_commands(job, config_path, python),
-        env={"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
-             "ORCHESTRATOR_DEVICE": device},
+        env=env,
         run_dir=job.run_dir,
         config_path=config_path,
-        memory=memory.estimate(specs, job.world_size, job.parallelism.zero_stage,
-                               job.precision.name, job.optim.name, job.optim.momentum),
+        memory=mem,
         compute=compute.estimate(sum(s.numel for s in specs), global_batch, job.data.seq_len,
                                  job.train.steps),
+        deepspeed_config=ds_config,
     )

@@ -41,6 +41,11 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
     rows.append(("peak model state", f"{human_bytes(m.peak_bytes)} ({m.peak_moment})"))
     for i, cmd in enumerate(plan.commands):
         rows.append((f"node {i} command", shlex.join(cmd)))
+    if m.host_bytes:
+        rows.append(("offloaded to CPU memory", human_bytes(m.host_bytes)))
     for key, value in rows:
         t.add_row(key, value)
     console.print(t)
+    if plan.deepspeed_config is not None:
+        console.print("DeepSpeed config (deepspeed.json):")
+        console.print_json(data=plan.deepspeed_config)

@@ -43,11 +43,17 @@ class PrecisionConfig:
 @dataclass
 class ParallelismConfig:
     name: str = "ddp"
-    # torch = DDP (stage 0), DDP + ZeroRedundancyOptimizer (stage 1), FSDP2 (stages 2 and 3)
-    backend: str = choice("torch", "torch")
+    # torch = DDP (stage 0), DDP + ZeroRedundancyOptimizer (stage 1), FSDP2 (stages 2 and 3);
+    # deepspeed = a DeepSpeed engine for every stage, its JSON generated from this config.
+    backend: str = choice("torch", "torch", "deepspeed")
     # ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters.
     zero_stage: int = choice(0, 0, 1, 2, 3)
     bucket_cap_mb: float = 25.0  # DDP gradient bucket size
+    offload_optimizer: bool = False  # deepspeed: optimizer state and fp32 master on the CPU
+    offload_params: bool = False  # deepspeed stage 3: parameters on the CPU
+    # deepspeed: any other DeepSpeed config key, merged over the generated config and checked
+    # by DeepSpeed's own config model before launch
+    deepspeed: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -7,6 +7,7 @@ when a rank reads the run directory's `config.yaml`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -39,6 +40,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(key, value, "a list")
         (item_tp,) = typing.get_args(tp)
         return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(key, value, "a mapping")
+        return copy.deepcopy(dict(value))
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise ConfigError(key, value, f"a mapping of {tp.__name__} fields")

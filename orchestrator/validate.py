@@ -138,8 +138,49 @@ def validate(job: JobConfig, hw: Hardware) -> None:
     if not 0 < job.launcher.rdzv_port < 65536:
         raise ConfigError("launcher.rdzv_port", job.launcher.rdzv_port, "a port in 1..65535")
 
-    resolve_batch(job)
+    accum, global_batch = resolve_batch(job)
+    _check_offload_and_deepspeed(job, accum, global_batch)
     _check_hardware(job, hw)
+
+
+# Keys the generated DeepSpeed config takes from our own fields; setting them in the
+# passthrough would silently fork the two, so the error names the field to use instead.
+OWNED_DEEPSPEED_KEYS = {
+    "train_batch_size": "train.global_batch_size",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum_steps",
+    "gradient_clipping": "train.grad_clip",
+    "fp16": "precision=fp16", "bf16": "precision=bf16",
+    "optimizer": "optim.*", "scheduler": "optim.schedule",
+}
+
+
+def _check_offload_and_deepspeed(job: JobConfig, accum: int, global_batch: int) -> None:
+    p = job.parallelism
+    if p.backend != "deepspeed":
+        for key in ("offload_optimizer", "offload_params"):
+            if getattr(p, key):
+                raise ConfigError(f"parallelism.{key}", True, "false unless "
+                                  "parallelism.backend='deepspeed'")
+        if p.deepspeed:
+            raise ConfigError("parallelism.deepspeed", p.deepspeed,
+                              "empty unless parallelism.backend='deepspeed'")
+        return
+    if p.offload_optimizer and p.zero_stage == 0:
+        raise ConfigError("parallelism.offload_optimizer", True, "false at zero_stage 0")
+    if p.offload_params and p.zero_stage != 3:
+        raise ConfigError("parallelism.offload_params", True, "false unless zero_stage is 3")
+    for key, ours in OWNED_DEEPSPEED_KEYS.items():
+        if key in p.deepspeed:
+            raise ConfigError(f"parallelism.deepspeed.{key}", p.deepspeed[key],
+                              f"unset: it is generated from {ours}")
+    stage = p.deepspeed.get("zero_optimization", {}).get("stage")
+    if stage is not None:
+        raise ConfigError("parallelism.deepspeed.zero_optimization.stage", stage,
+                          "unset: it is generated from parallelism.zero_stage")
+    from orchestrator import deepspeed_config
+
+    deepspeed_config.check(deepspeed_config.generate(job, accum, global_batch))
 
 
 def _check_hardware(job: JobConfig, hw: Hardware) -> None:

@@ -67,6 +67,7 @@ class ParamSpec:
     name: str
     shape: tuple[int, ...]
     group: str  # FSDP unit: "block.<i>" or "root"
+    head: bool = False  # the output projection (tied embeddings: the shared weight)
 
     @property
     def numel(self) -> int:
@@ -86,8 +87,9 @@ def param_specs(cfg: ModelConfig) -> list[ParamSpec]:
     for i, block in enumerate(transformer_blocks(model)):
         for p in block.parameters():
             owner[id(p)] = f"block.{i}"
+    head = model.get_output_embeddings().weight
     return [
-        ParamSpec(name, tuple(p.shape), owner.get(id(p), ROOT_GROUP))
+        ParamSpec(name, tuple(p.shape), owner.get(id(p), ROOT_GROUP), head=p is head)
         for name, p in model.named_parameters()
         if p.requires_grad
     ]

@@ -12,7 +12,9 @@ def setup(model: nn.Module, job: JobConfig, device: str) -> Engine:
     """Pick the strategy for `parallelism.zero_stage` (ZeRO: 1 optimizer state, 2 + gradients,
     3 + parameters)."""
     stage = job.parallelism.zero_stage
-    if stage == 0:
+    if job.parallelism.backend == "deepspeed":
+        from orchestrator.strategies.deepspeed import setup as chosen
+    elif stage == 0:
         from orchestrator.strategies.ddp import setup as chosen
     elif stage == 1:
         from orchestrator.strategies.zero1 import setup as chosen

@@ -45,6 +45,8 @@ def storage_bytes(categories: dict[str, Iterable[torch.Tensor]]) -> dict[str, in
     for name, tensors in categories.items():
         total = 0
         for t in tensors:
+            if t.device.type == "meta":  # shape-only bookkeeping tensors hold no memory
+                continue
             storage = _local(t).untyped_storage()
             if storage.nbytes() and storage.data_ptr() not in seen:
                 seen.add(storage.data_ptr())

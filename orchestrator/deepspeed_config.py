@@ -1,0 +1,119 @@
+"""The DeepSpeed config, generated from our config (never hand-maintained JSON), and its check
+against DeepSpeed's own config model before anything launches.
+
+Generated from the same fields the FSDP2 path uses: batch split, clipping, precision and ZeRO
+stage. DeepSpeed's bucket defaults (5e8 elements: 2 GB per fp32 bucket) are far too large for
+small models, so buckets scale with the hidden size instead (d² elements, the rule of thumb
+Hugging Face's integration uses). `parallelism.deepspeed` is merged over the result.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+from orchestrator.errors import ConfigError
+from orchestrator.schema import JobConfig
+
+NEVER_PRINT = 2**31 - 1  # DeepSpeed's own step prints: our loop logs instead
+
+
+def bucket_elements(d_model: int) -> int:
+    return max(d_model * d_model, 4096)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def generate(job: JobConfig, grad_accum: int, global_batch: int) -> dict[str, Any]:
+    p, d = job.parallelism, job.model.d_model
+    bucket = bucket_elements(d)
+    zero: dict[str, Any] = {"stage": p.zero_stage, "contiguous_gradients": True,
+                            "overlap_comm": False, "reduce_bucket_size": bucket,
+                            "allgather_bucket_size": bucket}
+    if p.zero_stage == 3:
+        zero.update({"stage3_prefetch_bucket_size": int(0.9 * bucket),
+                     "stage3_param_persistence_threshold": 10 * d,
+                     "stage3_max_live_parameters": 4 * bucket,
+                     "stage3_max_reuse_distance": 4 * bucket})
+    if p.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if p.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    cfg: dict[str, Any] = {
+        "train_batch_size": global_batch,
+        "train_micro_batch_size_per_gpu": job.train.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": job.train.grad_clip,
+        "steps_per_print": NEVER_PRINT,
+        "wall_clock_breakdown": False,
+        "zero_optimization": zero,
+        # Our optimizer is a client torch.optim one (no 60 s FusedAdam build); allow it with
+        # offload too, where DeepSpeed would otherwise insist on its compiled CPU Adam.
+        "zero_force_ds_cpu_optimizer": False,
+        "zero_allow_untested_optimizer": True,
+    }
+    if job.precision.name == "fp16":
+        cfg["fp16"] = {"enabled": True, "loss_scale": 0,  # 0 = dynamic
+                       "initial_scale_power": int(math.log2(job.precision.init_scale)),
+                       "loss_scale_window": job.precision.growth_interval}
+    elif job.precision.name == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    return _merge(cfg, p.deepspeed)
+
+
+class _ReadTracker(dict):
+    """A dict that records which top-level keys DeepSpeed's config parser asks about."""
+
+    def __init__(self, data: dict[str, Any], read: set[str]) -> None:
+        super().__init__(data)
+        self.read = read
+
+    def __getitem__(self, key: str) -> Any:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        self.read.add(str(key))
+        return super().__contains__(key)
+
+    def __copy__(self) -> _ReadTracker:
+        return _ReadTracker(dict(self), self.read)
+
+
+def check(cfg: dict[str, Any]) -> None:
+    """Validate `cfg` with DeepSpeed's own `DeepSpeedConfig` (pydantic models for its sections).
+    A top-level key that DeepSpeed's parser never reads is unknown to it, and an error."""
+    try:
+        from deepspeed.runtime.config import DeepSpeedConfig
+    except ImportError as e:  # pragma: no cover - bootstrap installs it
+        raise ConfigError("parallelism.backend", "deepspeed",
+                          "'torch' (deepspeed is not installed: run scripts/bootstrap.sh)") from e
+    probe = {k: v for k, v in cfg.items() if k != "train_batch_size"}  # needs the real world size
+    read: set[str] = set()
+    try:
+        DeepSpeedConfig(_ReadTracker(probe, read))
+    except Exception as e:  # DeepSpeed raises pydantic, assertion and its own errors alike
+        raise ConfigError("parallelism.deepspeed", _first_line(e),
+                          "a config DeepSpeed's config model accepts") from e
+    unknown = sorted(set(probe) - read)
+    if unknown:
+        raise ConfigError(f"parallelism.deepspeed.{unknown[0]}", cfg[unknown[0]],
+                          "a key DeepSpeed knows (see its config-json docs)")
+
+
+def _first_line(e: Exception) -> str:
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    return " ".join(lines[:3]) if lines else type(e).__name__

@@ -1,0 +1,76 @@
+"""Every ZeRO stage (0-3, optional CPU offload) on a DeepSpeed engine.
+
+The DeepSpeed config is the one the plan generated and wrote to `<run_dir>/deepspeed.json`
+(byte-for-byte what `action=plan` showed). Our optimizer is a client `torch.optim` one, so no
+fused-Adam build is needed; DeepSpeed handles accumulation boundaries, clipping and fp16 loss
+scaling itself, which is why this engine overrides the whole step.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from orchestrator.schema import JobConfig
+from orchestrator.strategies.base import Engine, build_optimizer
+
+CONFIG_FILE = "deepspeed.json"
+
+
+class DeepSpeedEngine(Engine):
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        n = len(micro_batches)
+        total = torch.zeros((), device=self.device)
+        for i, batch in enumerate(micro_batches):
+            last = i == n - 1
+            ids = batch["input_ids"].to(self.model.device)
+            loss = self.model(input_ids=ids, labels=ids).loss
+            if last and self.probe:
+                self.probe("after_forward")
+            self.model.backward(loss)  # scales by 1/accum; reduces at the boundary
+            if last and self.probe:
+                self.probe("after_backward")
+            self.model.step()  # steps the optimizer only at the accumulation boundary
+            total += loss.detach().float() / n
+        return total
+
+    def _zero_optimizer(self) -> Any:
+        return self.model.optimizer
+
+    def optimizer_state(self) -> Iterator[torch.Tensor]:
+        inner = getattr(self._zero_optimizer(), "optimizer", self._zero_optimizer())
+        for state in inner.state.values():
+            yield from (v for v in state.values() if isinstance(v, torch.Tensor))
+
+    def held_tensors(self) -> dict[str, Iterable[torch.Tensor]]:
+        opt = self._zero_optimizer()
+        params, grads = [], []
+        for p in self.model.module.parameters():
+            params.append(p)
+            if getattr(p, "ds_tensor", None) is not None:  # stage 3: this rank's partition
+                params.append(p.ds_tensor)
+            if p.grad is not None:
+                grads.append(p.grad)
+        # fp32 master partitions: DeepSpeed keeps them even for fp32 models (optimizer state).
+        masters = [*getattr(opt, "single_partition_of_fp32_groups", []),
+                   *getattr(opt, "fp32_partitioned_groups_flat", [])]
+        for group in (getattr(opt, "averaged_gradients", None) or {}).values():
+            grads.extend(group or [])
+        grads.extend(m.grad for m in masters if m.grad is not None)
+        return {"params_bytes": params, "grads_bytes": grads,
+                "optimizer_bytes": [*self.optimizer_state(), *masters]}
+
+
+def setup(model: nn.Module, job: JobConfig, device: str) -> Engine:
+    import deepspeed
+
+    config = json.loads((Path(job.run_dir) / CONFIG_FILE).read_text())
+    optimizer = build_optimizer(model.parameters(), job.optim)
+    ds_engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                         config=config)
+    return DeepSpeedEngine(ds_engine, ds_optimizer, job, device)
