@@ -22,7 +22,11 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     "$venv/bin/python" -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
   fi
   "$venv/bin/python" -m pip install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
-  "$venv/bin/python" -c "import torch, hydra, wandb, transformers, orchestrator" \
+  # DeepSpeed builds against the installed torch: no build isolation, no ahead-of-time ops
+  # (the one op it needs is JIT-built once into the project cache on first use).
+  DS_BUILD_OPS=0 "$venv/bin/python" -m pip install -q --no-build-isolation "deepspeed>=0.19,<0.20" \
+    2>&1 | grep -v "^WARNING: Location" || true
+  "$venv/bin/python" -c "import torch, hydra, wandb, transformers, deepspeed, orchestrator" \
     || { echo "bootstrap: install failed" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi

@@ -16,7 +16,8 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize("recipe", ["ddp", "zero1", "fsdp_zero2", "fsdp_zero3"])
+@pytest.mark.parametrize("recipe", ["ddp", "zero1", "fsdp_zero2", "fsdp_zero3",
+                                    "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3"])
 def test_recipe_trains_on_one_gpu_in_bf16(tmp_path, recipe: str) -> None:
     proc = run_cli([f"+recipe={recipe}", "cluster.device=cuda", "cluster.gpus_per_node=1",
                     "precision=bf16", "logging=none"], tmp_path)

@@ -1,0 +1,92 @@
+"""Real DeepSpeed engines on 2 gloo ranks: every stage trains, matches DDP's fp32 losses and
+holds the per-rank bytes the plan predicted."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from orchestrator.metrics import read_metrics
+from tests.conftest import LOSSES, run_cli
+
+STAGES = {
+    "zero0": ["+recipe=ddp", "parallelism.backend=deepspeed"],
+    "zero1": ["+recipe=deepspeed_zero1"],
+    "zero2": ["+recipe=deepspeed_zero2"],
+    "zero3": ["+recipe=deepspeed_zero3"],
+    "zero3_offload": ["+recipe=deepspeed_zero3_offload"],
+}
+# Measured here: stages 0 and 3 reproduce DDP's fp32 losses exactly, 1, 2 and 3+offload within
+# 4.8e-7 over 20 steps.
+LOSS_TOL = 1e-5
+MEMORY_TOL = 0.05
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [m["loss"] for m in read_metrics(run_dir / "metrics.jsonl")]
+
+
+def reference() -> list[float]:
+    return json.loads((LOSSES / "gpt2_tiny_fp32_seed1234.json").read_text())["losses"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("deepspeed")
+    out = {}
+    for name, overrides in STAGES.items():
+        proc = run_cli([*overrides, "train.steps=20", "logging=none"], root / name)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[name] = root / name
+    return out
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_stage_trains_and_matches_ddp_fp32_losses(runs, stage: str) -> None:
+    got = losses(runs[stage])
+    assert sum(got[-5:]) / 5 < sum(got[:5]) / 5 - 0.1
+    assert max(abs(a - b) for a, b in zip(got, reference(), strict=True)) <= LOSS_TOL
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_per_rank_bytes_match_the_plan(runs, stage: str) -> None:
+    plan = json.loads((runs[stage] / "plan.json").read_text())
+    mem = plan["memory"]
+    assert plan["strategy"] == "deepspeed" and plan["deepspeed_config"] is not None
+    for rank in (0, 1):
+        measured = json.loads((runs[stage] / "memory" / f"rank{rank}.json").read_text())
+        for moment, planned in mem["moments"].items():
+            got = measured["moments"][moment]
+            if mem["host_bytes"]:  # offloaded state is in the same RAM on a CPU machine
+                want = planned["total_bytes"] + mem["host_bytes"]
+                assert got["total_bytes"] == pytest.approx(want, rel=MEMORY_TOL)
+                continue
+            for key in ("params_bytes", "grads_bytes", "optimizer_bytes"):
+                if rank == mem["rank"]:
+                    assert got[key] == pytest.approx(planned[key], rel=MEMORY_TOL, abs=64), (
+                        rank, moment, key)
+                else:
+                    assert got[key] <= planned[key] * (1 + MEMORY_TOL) + 64, (rank, moment, key)
+
+
+def test_fp32_master_partition_is_modelled(runs) -> None:
+    """DeepSpeed keeps an fp32 master partition even for an fp32 model: ZeRO-1's optimizer
+    bytes are 12 per owned element (master + two Adam moments), not 8."""
+    plan = json.loads((runs["zero1"] / "plan.json").read_text())
+    params = plan["compute"]["params"]
+    opt = plan["memory"]["moments"]["after_backward"]["optimizer_bytes"]
+    assert opt == pytest.approx(12 * params / 2, rel=0.01)
+
+
+@pytest.mark.parametrize("recipe", ["deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3"])
+def test_bf16_trains_close_to_fp32(tmp_path, recipe: str) -> None:
+    proc = run_cli([f"+recipe={recipe}", "precision=bf16", "train.steps=20", "logging=none"],
+                   tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = losses(tmp_path)
+    assert all(math.isfinite(v) for v in got) and got[-1] < got[0] - 0.1
+    # Measured here: bf16 stays within 8.0e-4 of the fp32 losses on all three stages.
+    assert max(abs(a - b) for a, b in zip(got, reference(), strict=True)) < 5e-3

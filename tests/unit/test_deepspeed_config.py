@@ -1,0 +1,83 @@
+"""The generated DeepSpeed config passes DeepSpeed's own config model; bad passthrough is caught."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from orchestrator import deepspeed_config
+from orchestrator.errors import ConfigError
+from orchestrator.validate import Hardware, resolve_batch, validate
+from tests.conftest import make_job, run_cli
+
+DS = ["parallelism.backend=deepspeed"]
+
+
+@pytest.mark.parametrize("parallelism", ["ddp", "zero1", "zero2", "zero3"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_generated_config_round_trips_through_deepspeed(parallelism: str, precision: str) -> None:
+    job = make_job([f"parallelism={parallelism}", f"precision={precision}", *DS,
+                    "train.global_batch_size=16"])
+    validate(job, Hardware())
+    accum, global_batch = resolve_batch(job)
+    cfg = deepspeed_config.generate(job, accum, global_batch)
+    deepspeed_config.check(json.loads(json.dumps(cfg)))  # as written to deepspeed.json
+    assert cfg["zero_optimization"]["stage"] == job.parallelism.zero_stage
+    assert (cfg["train_batch_size"], cfg["gradient_accumulation_steps"]) == (16, 2)
+    assert ("fp16" in cfg, "bf16" in cfg) == (precision == "fp16", precision == "bf16")
+    # Buckets scale with the model instead of DeepSpeed's 5e8-element defaults.
+    assert cfg["zero_optimization"]["reduce_bucket_size"] < 10**6
+
+
+def test_offload_and_passthrough_are_merged() -> None:
+    job = make_job(["+recipe=deepspeed_zero3_offload",
+                    "+parallelism.deepspeed.zero_optimization.overlap_comm=true",
+                    "+parallelism.deepspeed.activation_checkpointing.partition_activations=false"])
+    validate(job, Hardware())
+    cfg = deepspeed_config.generate(job, *resolve_batch(job))
+    zero = cfg["zero_optimization"]
+    assert zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
+    assert zero["overlap_comm"] is True and zero["stage"] == 3
+    assert cfg["activation_checkpointing"] == {"partition_activations": False}
+
+
+@pytest.mark.parametrize(("overrides", "key"), [
+    (["+parallelism.deepspeed.trian_batch_size=3"], "parallelism.deepspeed.trian_batch_size"),
+    (["+parallelism.deepspeed.zero_optimization.stagee=2"], "parallelism.deepspeed"),
+    (["+parallelism.deepspeed.gradient_clipping=2.0"], "parallelism.deepspeed.gradient_clipping"),
+    (["+parallelism.deepspeed.zero_optimization.stage=1"],
+     "parallelism.deepspeed.zero_optimization.stage"),
+    (["parallelism.offload_params=true", "parallelism=zero2"], "parallelism.offload_params"),
+])
+def test_bad_deepspeed_settings_are_rejected_by_key(overrides: list[str], key: str) -> None:
+    job = make_job(["+recipe=deepspeed_zero3", *overrides])
+    with pytest.raises(ConfigError) as err:
+        validate(job, Hardware())
+    assert err.value.key == key
+
+
+def test_offload_without_deepspeed_is_rejected() -> None:
+    with pytest.raises(ConfigError) as err:
+        validate(make_job(["+recipe=fsdp_zero3", "parallelism.offload_optimizer=true"]),
+                 Hardware())
+    assert err.value.key == "parallelism.offload_optimizer"
+
+
+def test_unknown_passthrough_key_fails_before_launch(tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    proc = run_cli(["+recipe=deepspeed_zero2", "+parallelism.deepspeed.zero_optimisation={}"],
+                   run_dir)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "parallelism.deepspeed.zero_optimisation" in proc.stderr
+    assert not run_dir.exists() or not any(run_dir.iterdir())
+
+
+def test_action_plan_shows_and_writes_the_deepspeed_config(tmp_path) -> None:
+    proc = run_cli(["+recipe=deepspeed_zero3", "action=plan"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "DeepSpeed config (deepspeed.json)" in proc.stdout
+    written = json.loads((tmp_path / "deepspeed.json").read_text())
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert written == plan["deepspeed_config"] and plan["strategy"] == "deepspeed"
+    assert not (tmp_path / "metrics.jsonl").exists()
