@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -40,7 +41,8 @@ def write_config(job: JobConfig, path: Path) -> None:
 
 def execute(job: JobConfig, hw: Hardware | None = None) -> int:
     """Validate, plan and (for action=run) launch `job`. Raises OrchestratorError on bad input."""
-    from orchestrator.plan import make_plan
+    from orchestrator import fit
+    from orchestrator.plan import Plan, make_plan
     from orchestrator.report import print_plan
 
     hw = hw or Hardware.detect()
@@ -49,7 +51,18 @@ def execute(job: JobConfig, hw: Hardware | None = None) -> int:
         print(f"config OK: {job.world_size} ranks, zero_stage {job.parallelism.zero_stage}, "
               f"{job.precision.name}")
         return 0
-    plan = make_plan(job, resolve_device(job, hw), os.cpu_count() or 1)
+    device, cpus = resolve_device(job, hw), os.cpu_count() or 1
+
+    def planner(candidate: JobConfig) -> Plan:
+        return make_plan(candidate, device, cpus)
+
+    reason = None
+    if job.parallelism.auto:
+        job, reason = fit.choose(job, planner)
+        validate(job, hw)
+    plan = dataclasses.replace(planner(job), auto_reason=reason)
+    if job.action == "run":
+        fit.refuse_if_too_big(job, plan, planner)
     run_dir = Path(job.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_config(job, run_dir / "config.yaml")

@@ -1,10 +1,19 @@
-"""Training compute: parameters, tokens and FLOPs (6·N·D), and the Chinchilla reference."""
+"""Training compute: FLOPs (6·N·D plus attention), the Chinchilla reference, time and cost.
+
+FLOPs per token = 6·N (forward 2N + backward 4N over the weights) + 12·L·h·s for attention
+scores and values (PaLM appendix B); D tokens in all. Chinchilla (Hoffmann et al. 2022):
+compute-optimal training uses about 20 tokens per parameter, so a budget C = 6·N·D gives
+N* = sqrt(C / 120) and D* = 20·N*.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Optional
 
 CHINCHILLA_TOKENS_PER_PARAM = 20
+AT_OPTIMUM_BAND = 0.10  # within ±10 % of 20 tokens/param counts as "at" the optimum
 
 
 @dataclass(frozen=True)
@@ -12,20 +21,57 @@ class ComputeEstimate:
     params: int  # unique trainable parameters (tied embeddings counted once)
     tokens_per_step: int
     tokens: int  # D: tokens the job will train on
-    flops: float  # 6 · N · D
+    flops_per_token: float
+    flops: float  # training FLOPs for D tokens
     chinchilla_tokens: int  # ≈ 20 tokens per parameter
     tokens_vs_chinchilla: float  # D / chinchilla_tokens (1.0 = compute-optimal)
+    chinchilla_verdict: str  # "under", "at" or "over" the optimum, and by how much
+    budget_flops: Optional[float] = None
+    optimal_params: Optional[int] = None  # compute-optimal N for budget_flops
+    optimal_tokens: Optional[int] = None  # compute-optimal D for budget_flops
+    peak_flops_per_device: Optional[float] = None
+    mfu: Optional[float] = None  # assumed for the estimates below
+    step_time_s: Optional[float] = None
+    wall_time_s: Optional[float] = None
+    gpu_hours: Optional[float] = None
+    cost_usd: Optional[float] = None
 
 
-def estimate(params: int, global_batch: int, seq_len: int, steps: int) -> ComputeEstimate:
+def chinchilla_optimum(budget_flops: float) -> tuple[int, int]:
+    """(N*, D*) minimising loss for a training budget C ≈ 6·N·D with D = 20·N."""
+    n = math.sqrt(budget_flops / (6 * CHINCHILLA_TOKENS_PER_PARAM))
+    return int(n), int(CHINCHILLA_TOKENS_PER_PARAM * n)
+
+
+def verdict(ratio: float) -> str:
+    if abs(ratio - 1) <= AT_OPTIMUM_BAND:
+        return f"at the Chinchilla optimum ({ratio:.2f}x)"
+    if ratio < 1:
+        return f"under the Chinchilla optimum by {1 / ratio:.1f}x"
+    return f"over the Chinchilla optimum by {ratio:.1f}x"
+
+
+def estimate(params: int, global_batch: int, seq_len: int, steps: int, layers: int,
+             d_model: int, world_size: int = 1, peak_flops: Optional[float] = None,
+             mfu: Optional[float] = None, budget_flops: Optional[float] = None,
+             gpu_hour_usd: Optional[float] = None) -> ComputeEstimate:
     tokens_per_step = global_batch * seq_len
     tokens = tokens_per_step * steps
+    per_token = 6.0 * params + 12.0 * layers * d_model * seq_len
     chinchilla = CHINCHILLA_TOKENS_PER_PARAM * params
+    ratio = tokens / chinchilla
+    optimum = chinchilla_optimum(budget_flops) if budget_flops else (None, None)
+    step_time = wall = gpu_hours = cost = None
+    if peak_flops and mfu:
+        step_time = per_token * tokens_per_step / (world_size * peak_flops * mfu)
+        wall = step_time * steps
+        gpu_hours = wall * world_size / 3600
+        cost = gpu_hours * gpu_hour_usd if gpu_hour_usd is not None else None
     return ComputeEstimate(
-        params=params,
-        tokens_per_step=tokens_per_step,
-        tokens=tokens,
-        flops=6.0 * params * tokens,
-        chinchilla_tokens=chinchilla,
-        tokens_vs_chinchilla=tokens / chinchilla,
+        params=params, tokens_per_step=tokens_per_step, tokens=tokens,
+        flops_per_token=per_token, flops=per_token * tokens, chinchilla_tokens=chinchilla,
+        tokens_vs_chinchilla=ratio, chinchilla_verdict=verdict(ratio),
+        budget_flops=budget_flops, optimal_params=optimum[0], optimal_tokens=optimum[1],
+        peak_flops_per_device=peak_flops, mfu=mfu if peak_flops else None,
+        step_time_s=step_time, wall_time_s=wall, gpu_hours=gpu_hours, cost_usd=cost,
     )

@@ -7,6 +7,7 @@ import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -54,8 +55,14 @@ class MemoryProbe:
 
 def train(engine: Engine, data: Iterator[dict[str, torch.Tensor]], job: JobConfig,
           logger: NullLogger, grad_accum: int, global_batch: int,
-          planned_peak_bytes: int | None = None) -> list[float]:
-    """Run `train.steps` optimizer steps; return the rank-averaged loss of each step."""
+          plan: dict[str, Any] | None = None) -> list[float]:
+    """Run `train.steps` optimizer steps; return the rank-averaged loss of each step.
+    With the plan (plan.json) the log also compares measured memory and speed with it."""
+    plan = plan or {}
+    planned_peak_bytes = plan.get("memory", {}).get("peak_bytes")
+    planned_total = plan.get("memory", {}).get("peak_total_bytes")
+    flops_per_token = plan.get("compute", {}).get("flops_per_token")
+    peak_flops = plan.get("compute", {}).get("peak_flops_per_device")
     rank, world = dist.get_rank(), dist.get_world_size()
     tokens_per_step = global_batch * job.data.seq_len
     losses: list[float] = []
@@ -77,9 +84,14 @@ def train(engine: Engine, data: Iterator[dict[str, torch.Tensor]], job: JobConfi
             extra = _write_probe(job, rank, step, probe.moments, planned_peak_bytes)
         tps = tokens_per_step / step_time
         if extra or step % job.train.log_every == 0 or step == job.train.steps:
+            peak_mem = peak_memory_bytes(engine.device)
+            if peak_flops and flops_per_token:  # measured MFU against the GPU table's peak
+                extra["mfu"] = tps * flops_per_token / (world * peak_flops)
+            if planned_total and engine.device == "cuda":  # RSS on CPU is not comparable
+                extra["peak_mem_planned_bytes"] = planned_total
+                extra["peak_mem_error_pct"] = 100.0 * (peak_mem / planned_total - 1)
             logger.log(step, {"loss": losses[-1], "lr": lr, "tokens_per_s": tps,
-                              "step_time_s": step_time,
-                              "peak_mem_bytes": peak_memory_bytes(engine.device), **extra})
+                              "step_time_s": step_time, "peak_mem_bytes": peak_mem, **extra})
         logger.progress(step, losses[-1], tps)
     logger.summary({"final_loss": losses[-1]})
     return losses

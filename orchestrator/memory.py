@@ -25,12 +25,18 @@ modelled.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 from orchestrator.models import ROOT_GROUP, ParamSpec
 
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "bf16_pure": 2}  # compute dtype
+
+
+def master_bytes(precision: str) -> int:
+    """Bytes per element of the weights the optimizer updates (and of grads and Adam moments)."""
+    return 2 if precision == "bf16_pure" else 4
 MOMENTS = ("after_forward", "after_backward")
 
 
@@ -52,17 +58,47 @@ class MemoryEstimate:
     peak_moment: str
     moments: dict[str, MomentBytes] = field(default_factory=dict)
     host_bytes: int = 0  # offloaded to CPU memory (DeepSpeed offload), not on the device
+    activations_bytes: int = 0  # one micro batch, alive from the end of forward
+    overhead_bytes: int = 0  # stated allowance for buffers and fragmentation
+    peak_total_bytes: int = 0  # max over moments of model state (+ activations) + overhead
+    zero_paper_bytes: int = 0  # the ZeRO paper's figure for this stage, for comparison
 
     @property
     def peak_bytes(self) -> int:
         return self.moments[self.peak_moment].total_bytes
 
 
-def _optimizer_bytes(numels: list[int], optimizer: str, momentum: float) -> int:
-    """AdamW: two fp32 moments plus a 4-byte `step` tensor per parameter; SGD: one buffer."""
+def zero_paper_bytes(psi: int, world_size: int, stage: int, precision: str) -> int:
+    """ZeRO paper, section 5: params + grads + K·Ψ optimizer bytes with 16-bit weights and
+    gradients and K = 12 for mixed-precision Adam (fp32 master + two moments); for fp32
+    training we use 4 + 4 + 8. Stage 1 divides the optimizer term by N, 2 also the gradients,
+    3 also the parameters."""
+    p, g, k = (4, 4, 8) if precision == "fp32" else (2, 2, 12)
+    if precision == "bf16_pure":
+        p, g, k = 2, 2, 4
+    n = world_size
+    terms = {0: (p, g, k), 1: (p, g, k / n), 2: (p, g / n, k / n), 3: (p / n, g / n, k / n)}
+    return int(sum(terms[stage]) * psi)
+
+
+def with_activations(est: MemoryEstimate, activations: int, overhead: float,
+                     psi: int, world_size: int, stage: int, precision: str) -> MemoryEstimate:
+    """Add one micro batch's activations (alive at `after_forward`) and the allowance."""
+    after_fwd = est.moments["after_forward"].total_bytes + activations
+    states_peak = max(after_fwd, est.moments["after_backward"].total_bytes)
+    extra = int(overhead * states_peak)
+    return dataclasses.replace(
+        est, activations_bytes=activations, overhead_bytes=extra,
+        peak_total_bytes=states_peak + extra,
+        zero_paper_bytes=zero_paper_bytes(psi, world_size, stage, precision))
+
+
+def _optimizer_bytes(numels: list[int], optimizer: str, momentum: float, width: int = 4) -> int:
+    """AdamW: two moments (in the weights' dtype) plus a 4-byte `step` tensor per parameter;
+    SGD: one momentum buffer (none without momentum)."""
     if optimizer == "adamw":
-        return sum(8 * n + 4 for n in numels)
-    return sum(4 * n for n in numels) if momentum > 0 else 0
+        return sum(2 * width * n + 4 for n in numels)
+    return sum(width * n for n in numels) if momentum > 0 else 0
 
 
 def zero1_partition(specs: list[ParamSpec], world_size: int) -> list[list[int]]:
@@ -85,15 +121,15 @@ def _chunk(dim0: int, world_size: int, rank: int) -> tuple[int, int]:
 
 
 def _replicated(specs: list[ParamSpec], opt_numels: list[int], optimizer: str,
-                momentum: float) -> dict[str, MomentBytes]:
+                momentum: float, w: int) -> dict[str, MomentBytes]:
     total = sum(s.numel for s in specs)
-    opt = _optimizer_bytes(opt_numels, optimizer, momentum)
+    opt = _optimizer_bytes(opt_numels, optimizer, momentum, w)
     # Bucket-view gradients persist between steps (zero_grad keeps them), so both moments hold them.
-    return {m: MomentBytes(4 * total, 4 * total, opt) for m in MOMENTS}
+    return {m: MomentBytes(w * total, w * total, opt) for m in MOMENTS}
 
 
 def _fsdp(specs: list[ParamSpec], world_size: int, rank: int, stage: int, compute_bytes: int,
-          optimizer: str, momentum: float) -> dict[str, MomentBytes]:
+          optimizer: str, momentum: float, w: int) -> dict[str, MomentBytes]:
     padded_shard, local, unsharded = 0, [], {}
     for s in specs:
         rows_padded, rows_local = _chunk(s.shape[0], world_size, rank)
@@ -101,11 +137,11 @@ def _fsdp(specs: list[ParamSpec], world_size: int, rank: int, stage: int, comput
         padded_shard += rows_padded * inner
         local.append(rows_local * inner)
         unsharded[s.group] = unsharded.get(s.group, 0) + rows_padded * world_size * inner
-    opt = _optimizer_bytes(local, optimizer, momentum)
+    opt = _optimizer_bytes(local, optimizer, momentum, w)
     held = sum(unsharded.values()) if stage == 2 else unsharded.get(ROOT_GROUP, 0)
     return {
-        "after_forward": MomentBytes(4 * padded_shard + compute_bytes * held, 0, opt),
-        "after_backward": MomentBytes(4 * padded_shard, 4 * padded_shard, opt),
+        "after_forward": MomentBytes(w * padded_shard + compute_bytes * held, 0, opt),
+        "after_backward": MomentBytes(w * padded_shard, w * padded_shard, opt),
     }
 
 
@@ -116,16 +152,18 @@ def strategy_name(zero_stage: int) -> str:
 def estimate(specs: list[ParamSpec], world_size: int, zero_stage: int, precision: str,
              optimizer: str = "adamw", momentum: float = 0.9) -> MemoryEstimate:
     """Model-state bytes on the most loaded rank at each modelled moment of a training step."""
+    w = master_bytes(precision)
     if zero_stage in (0, 1):
         owned = zero1_partition(specs, world_size) if zero_stage == 1 else [range(len(specs))]
-        per_rank = [_optimizer_bytes([specs[i].numel for i in o], optimizer, momentum)
+        per_rank = [_optimizer_bytes([specs[i].numel for i in o], optimizer, momentum, w)
                     for o in owned]
         rank = per_rank.index(max(per_rank))  # ZeRO-1's greedy split can be uneven
-        moments = _replicated(specs, [specs[i].numel for i in owned[rank]], optimizer, momentum)
+        moments = _replicated(specs, [specs[i].numel for i in owned[rank]], optimizer, momentum,
+                              w)
     else:
         rank = 0  # dim-0 chunks are largest on rank 0; padded shards are equal everywhere
         moments = _fsdp(specs, world_size, rank, zero_stage, DTYPE_BYTES[precision], optimizer,
-                        momentum)
+                        momentum, w)
     peak = max(MOMENTS, key=lambda m: moments[m].total_bytes)
     return MemoryEstimate(strategy_name(zero_stage), rank, peak, moments)
 

@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from orchestrator import compute, memory
+from orchestrator.activations import activation_bytes
 from orchestrator.data.corpus import cache_dir
-from orchestrator.models import param_specs
-from orchestrator.schema import JobConfig
+from orchestrator.gpus import GPUS
+from orchestrator.models import ParamSpec, param_specs
+from orchestrator.schema import JobConfig, ModelConfig
 from orchestrator.validate import resolve_batch
 
 
@@ -36,6 +38,16 @@ class Plan:
     memory: memory.MemoryEstimate
     compute: compute.ComputeEstimate
     deepspeed_config: Optional[dict[str, Any]] = None  # written to <run_dir>/deepspeed.json
+    gpu: Optional[str] = None  # the accelerator planned for (cluster.gpu)
+    device_memory_bytes: Optional[int] = None
+    auto_reason: Optional[str] = None  # set when parallelism.auto chose the strategy
+
+    @property
+    def fits(self) -> Optional[bool]:
+        """Whether the per-rank peak fits the planned device; None when it is unknown."""
+        if self.device_memory_bytes is None:
+            return None
+        return self.memory.peak_total_bytes <= self.device_memory_bytes
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -43,6 +55,7 @@ class Plan:
         for name, moment in self.memory.moments.items():
             mem["moments"][name]["total_bytes"] = moment.total_bytes
         mem["peak_bytes"] = self.memory.peak_bytes
+        d["fits"] = self.fits
         return d
 
     def write(self, path: str | Path) -> None:
@@ -77,7 +90,7 @@ def node_commands(job: JobConfig, config_path: str, python: str) -> list[list[st
 def make_plan(job: JobConfig, device: str, cpu_count: int, python: str = sys.executable) -> Plan:
     """Everything a launcher needs, computed without allocating the model."""
     accum, global_batch = resolve_batch(job)
-    specs = param_specs(job.model)
+    specs = cached_specs(job.model)
     config_path = str(Path(job.run_dir) / "config.yaml")
     threads = max(1, cpu_count // job.cluster.gpus_per_node) if device == "cpu" else 1
     env = {"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
@@ -100,6 +113,11 @@ def make_plan(job: JobConfig, device: str, cpu_count: int, python: str = sys.exe
         mem = memory.estimate(specs, job.world_size, p.zero_stage, job.precision.name,
                               job.optim.name, job.optim.momentum)
         strategy = memory.strategy_name(p.zero_stage)
+    psi = sum(s.numel for s in specs)
+    mem = memory.with_activations(mem, activation_bytes(job), job.plan.memory_overhead, psi,
+                                  job.world_size, p.zero_stage, job.precision.name)
+    gpu = GPUS.get(job.cluster.gpu)
+    layers = job.model.n_layer * (2 if job.model.family == "t5" else 1)
     return Plan(
         world_size=job.world_size,
         nnodes=job.cluster.nodes,
@@ -117,7 +135,23 @@ def make_plan(job: JobConfig, device: str, cpu_count: int, python: str = sys.exe
         run_dir=job.run_dir,
         config_path=config_path,
         memory=mem,
-        compute=compute.estimate(sum(s.numel for s in specs), global_batch, job.data.seq_len,
-                                 job.train.steps),
+        compute=compute.estimate(
+            psi, global_batch, job.data.seq_len, job.train.steps, layers, job.model.d_model,
+            job.world_size, gpu.peak_flops(job.precision.name) if gpu else None, job.plan.mfu,
+            job.plan.budget_flops, job.cluster.gpu_hour_usd),
         deepspeed_config=ds_config,
+        gpu=job.cluster.gpu if gpu else None,
+        device_memory_bytes=gpu.memory_bytes if gpu else None,
     )
+
+
+_SPECS: dict[str, tuple[ParamSpec, ...]] = {}
+
+
+def cached_specs(model: ModelConfig) -> list[ParamSpec]:
+    """Parameter shapes from the meta device, built once per model config per process
+    (`parallelism.auto` plans many candidates of the same model)."""
+    key = repr(model)
+    if key not in _SPECS:
+        _SPECS[key] = tuple(param_specs(model))
+    return list(_SPECS[key])

@@ -1,5 +1,6 @@
 """Precision policies: autocast for replicated strategies, FSDP2 `MixedPrecisionPolicy` for
-sharded ones, and dynamic loss scaling for fp16. Master weights and optimizer state stay fp32."""
+sharded ones, and dynamic loss scaling for fp16. Master weights and optimizer state stay fp32,
+except `bf16_pure`, where the model itself is bf16 (and so are its grads and Adam moments)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,18 @@ from typing import Any
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+          "bf16_pure": torch.bfloat16}
+MIXED = ("bf16", "fp16")
+
+
+def model_dtype(precision: str) -> torch.dtype:
+    """The dtype the model's own weights are kept in."""
+    return torch.bfloat16 if precision == "bf16_pure" else torch.float32
 
 
 def autocast(precision: str, device_type: str) -> contextlib.AbstractContextManager[Any]:
-    if precision == "fp32":
+    if precision not in MIXED:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device_type, dtype=DTYPES[precision])
 
@@ -21,7 +29,7 @@ def fsdp_policy(precision: str) -> Any:
     """Compute in the low-precision dtype; reduce gradients in fp32 for stable accumulation."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    if precision == "fp32":
+    if precision not in MIXED:
         return MixedPrecisionPolicy()
     return MixedPrecisionPolicy(param_dtype=DTYPES[precision], reduce_dtype=torch.float32)
 

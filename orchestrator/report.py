@@ -18,32 +18,60 @@ def human_bytes(n: float) -> str:
     return str(n)
 
 
-def print_plan(plan: Plan, console: Console | None = None) -> None:
-    console = console or Console(stderr=False)
-    t = Table(title=f"plan: {plan.strategy} (ZeRO-{plan.zero_stage}), {plan.precision}",
-              show_header=False)
+def _fmt(value: float | None, fmt: str, unit: str = "") -> str:
+    return "n/a" if value is None else f"{value:{fmt}}{unit}"
+
+
+def plan_rows(plan: Plan) -> list[tuple[str, str]]:
     c, m = plan.compute, plan.memory
     rows = [
         ("ranks", f"{plan.world_size} = {plan.nnodes} node(s) x {plan.nproc_per_node} "
-                  f"({plan.device}, {plan.backend})"),
+                  f"({plan.device}, {plan.backend}"
+                  + (f", {plan.gpu}" if plan.gpu else "") + ")"),
         ("batch", f"global {plan.global_batch_size} = micro {plan.micro_batch_size} x accum "
                   f"{plan.grad_accum_steps} x dp {plan.world_size}"),
         ("parameters", f"{c.params:,}"),
-        ("tokens", f"{c.tokens:,} ({c.tokens_vs_chinchilla:.2g} x Chinchilla's "
-                   f"{c.chinchilla_tokens:,})"),
-        ("train FLOPs (6ND)", f"{c.flops:.3g}"),
+        ("tokens", f"{c.tokens:,}: {c.chinchilla_verdict} ({c.chinchilla_tokens:,})"),
+        ("train FLOPs", f"{c.flops:.3g} ({c.flops_per_token:.3g} per token: 6N + attention)"),
     ]
+    if c.budget_flops:
+        rows.append(("compute-optimal for budget", f"{c.budget_flops:.3g} FLOPs -> N* = "
+                     f"{c.optimal_params:,} params, D* = {c.optimal_tokens:,} tokens"))
     for name, mb in m.moments.items():
         rows.append((f"rank {m.rank} model state {name}",
                      f"{human_bytes(mb.total_bytes)} = params {human_bytes(mb.params_bytes)} + "
                      f"grads {human_bytes(mb.grads_bytes)} + optimizer "
                      f"{human_bytes(mb.optimizer_bytes)}"))
-    rows.append(("peak model state", f"{human_bytes(m.peak_bytes)} ({m.peak_moment})"))
-    for i, cmd in enumerate(plan.commands):
-        rows.append((f"node {i} command", shlex.join(cmd)))
+    rows += [
+        ("ZeRO paper model state", human_bytes(m.zero_paper_bytes)),
+        ("activations (1 micro batch)", human_bytes(m.activations_bytes)),
+        ("buffers/fragmentation", human_bytes(m.overhead_bytes)),
+        ("peak per rank", human_bytes(m.peak_total_bytes)
+         + (f" of {human_bytes(plan.device_memory_bytes)}: "
+            + ("fits" if plan.fits else "DOES NOT FIT") if plan.device_memory_bytes else "")),
+    ]
     if m.host_bytes:
         rows.append(("offloaded to CPU memory", human_bytes(m.host_bytes)))
-    for key, value in rows:
+    if c.step_time_s is not None:
+        rows += [
+            ("time", f"{_fmt(c.step_time_s, '.3g', ' s')}/step, "
+                     f"{_fmt(c.wall_time_s / 3600, '.3g', ' h')} wall at MFU {c.mfu:.0%}"),
+            ("GPU-hours / cost", f"{c.gpu_hours:,.1f} GPU-h"
+             + (f", ${c.cost_usd:,.0f}" if c.cost_usd is not None else "")),
+        ]
+    if plan.auto_reason:
+        rows.append(("parallelism=auto", plan.auto_reason))
+    rows.append(("node 0 command", shlex.join(plan.commands[0])))
+    if len(plan.commands) > 1:
+        rows.append((f"nodes 1..{len(plan.commands) - 1}", "the same with --node-rank=N"))
+    return rows
+
+
+def print_plan(plan: Plan, console: Console | None = None) -> None:
+    console = console or Console()
+    t = Table(title=f"plan: {plan.strategy} (ZeRO-{plan.zero_stage}), {plan.precision}",
+              show_header=False)
+    for key, value in plan_rows(plan):
         t.add_row(key, value)
     console.print(t)
     if plan.deepspeed_config is not None:

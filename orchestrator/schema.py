@@ -20,7 +20,7 @@ def choice(default: Any, *choices: Any) -> Any:
 @dataclass
 class ModelConfig:
     name: str = "gpt2_tiny"
-    family: str = choice("gpt2", "gpt2", "llama")
+    family: str = choice("gpt2", "gpt2", "llama", "bert", "t5")
     n_layer: int = 2
     d_model: int = 64
     n_head: int = 4
@@ -35,7 +35,9 @@ class ModelConfig:
 
 @dataclass
 class PrecisionConfig:
-    name: str = choice("fp32", "fp32", "bf16", "fp16")
+    # bf16/fp16: mixed precision with fp32 master weights; bf16_pure: weights, grads and
+    # optimizer state all bf16 (half the model-state memory, no fp32 master)
+    name: str = choice("fp32", "fp32", "bf16", "fp16", "bf16_pure")
     init_scale: float = 65536.0  # fp16 dynamic loss scaling: initial scale
     growth_interval: int = 2000  # fp16: steps without overflow before the scale doubles
 
@@ -49,6 +51,9 @@ class ParallelismConfig:
     # ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters.
     zero_stage: int = choice(0, 0, 1, 2, 3)
     bucket_cap_mb: float = 25.0  # DDP gradient bucket size
+    # auto: pick the cheapest strategy that fits cluster.gpu (DDP → ZeRO-1 → 2 → 3 → ZeRO-3
+    # with CPU offload) and the largest micro batch that fits, and say why
+    auto: bool = False
     offload_optimizer: bool = False  # deepspeed: optimizer state and fp32 master on the CPU
     offload_params: bool = False  # deepspeed stage 3: parameters on the CPU
     # deepspeed: any other DeepSpeed config key, merged over the generated config and checked
@@ -75,6 +80,7 @@ class TrainConfig:
     global_batch_size: Optional[int] = None  # None = micro_batch_size * grad_accum * dp size
     seed: int = 1234
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
     log_every: int = 1
 
 
@@ -97,6 +103,17 @@ class ClusterConfig:
     nodes: int = 1
     gpus_per_node: int = 2  # processes per node (CPU ranks when device is cpu)
     device: str = choice("auto", "auto", "cpu", "cuda")  # auto = cuda if visible, else cpu
+    # the accelerator to plan for (orchestrator/gpus.py); none = unknown / CPU
+    gpu: str = choice("none", "none", "v100", "a100_40gb", "a100_80gb", "h100", "h100_pcie",
+                      "h200", "l4")
+    gpu_hour_usd: Optional[float] = None  # price of one GPU-hour, for the cost estimate
+
+
+@dataclass
+class PlanConfig:
+    mfu: float = 0.4  # assumed model FLOPs utilisation for time and cost estimates
+    budget_flops: Optional[float] = None  # if set: the compute-optimal N and D for this budget
+    memory_overhead: float = 0.10  # allowance for buffers and fragmentation, x model+activations
 
 
 @dataclass
@@ -142,6 +159,7 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.errors import ConfigError
+from orchestrator.models import CAUSAL_FAMILIES
 from orchestrator.schema import JobConfig
 
 
@@ -69,8 +70,9 @@ def resolve_batch(job: JobConfig) -> tuple[int, int]:
 
 
 def resolve_device(job: JobConfig, hw: Hardware) -> str:
+    """cluster.device, with auto = cuda when a GPU is named in cluster.gpu or visible here."""
     if job.cluster.device == "auto":
-        return "cuda" if hw.cuda_devices else "cpu"
+        return "cuda" if hw.cuda_devices or job.cluster.gpu != "none" else "cpu"
     return job.cluster.device
 
 
@@ -133,7 +135,21 @@ def validate(job: JobConfig, hw: Hardware) -> None:
     if not 0 <= job.debug.crash_rank < job.world_size:
         raise ConfigError("debug.crash_rank", job.debug.crash_rank,
                           f"a rank in 0..{job.world_size - 1}")
-    if c.nodes > 1 and job.launcher.name == "local":
+    if job.action == "run" and m.family not in CAUSAL_FAMILIES:
+        raise ConfigError("model.family", m.family, f"one of {', '.join(CAUSAL_FAMILIES)} for "
+                          "action=run (masked-LM and span-corruption training: issue 6); any "
+                          "family for action=plan")
+    if not 0 <= job.plan.mfu <= 1 or job.plan.mfu == 0:
+        raise ConfigError("plan.mfu", job.plan.mfu, "a fraction in (0, 1]")
+    _positive("plan.memory_overhead", job.plan.memory_overhead, strict=False)
+    if job.plan.budget_flops is not None:
+        _positive("plan.budget_flops", job.plan.budget_flops)
+    if c.gpu_hour_usd is not None:
+        _positive("cluster.gpu_hour_usd", c.gpu_hour_usd, strict=False)
+    if job.precision.name == "bf16_pure" and job.parallelism.backend == "deepspeed":
+        raise ConfigError("precision.name", "bf16_pure", "'fp32', 'bf16' or 'fp16' with "
+                          "DeepSpeed (it always keeps an fp32 master copy)")
+    if c.nodes > 1 and job.launcher.name == "local" and job.action == "run":
         raise ConfigError("cluster.nodes", c.nodes, "1 with launcher=local (one machine)")
     if not 0 < job.launcher.rdzv_port < 65536:
         raise ConfigError("launcher.rdzv_port", job.launcher.rdzv_port, "a port in 1..65535")

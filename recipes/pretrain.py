@@ -15,6 +15,7 @@ from orchestrator import distributed, loop
 from orchestrator.data import batches, build_dataset
 from orchestrator.metrics import make_logger
 from orchestrator.models import build_model
+from orchestrator.precision import model_dtype
 from orchestrator.strategies import setup as setup_strategy
 from orchestrator.typed import load_job
 from orchestrator.validate import resolve_batch
@@ -29,6 +30,10 @@ class PretrainRecipe:
         device = os.environ.get("ORCHESTRATOR_DEVICE", "cpu")
         self.info = distributed.init(device)
         model = build_model(self.job.model, seed=self.job.train.seed)
+        model.to(model_dtype(self.job.precision.name))
+        if self.job.train.activation_checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
         self.engine = setup_strategy(model, self.job, device)
         dataset = build_dataset(self.job)
         self.data = batches(dataset, self.job, self.info.rank, self.info.world_size)
@@ -37,7 +42,7 @@ class PretrainRecipe:
     def train(self) -> list[float]:
         accum, global_batch = resolve_batch(self.job)
         return loop.train(self.engine, self.data, self.job, self.logger, accum, global_batch,
-                          planned_peak_bytes=self.plan["memory"]["peak_bytes"])
+                          self.plan)
 
     def cleanup(self, failed: bool = False) -> None:
         logger = getattr(self, "logger", None)

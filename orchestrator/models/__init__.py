@@ -1,4 +1,5 @@
-"""Decoder-only causal LMs built from Hugging Face `transformers` config classes.
+"""Models built from Hugging Face `transformers` config classes: decoder-only causal LMs (GPT-2,
+Llama), encoder-only masked LMs (BERT) and encoder-decoders (T5).
 
 Random initialisation under a fixed seed; `param_specs` builds the same model on the meta
 device so the planner can count parameters and shard shapes without allocating anything.
@@ -16,8 +17,11 @@ from orchestrator.schema import ModelConfig
 ROOT_GROUP = "root"
 
 
+CAUSAL_FAMILIES = ("gpt2", "llama")  # trainable with the causal-LM objective today
+
+
 def hf_config(cfg: ModelConfig):  # noqa: ANN201 - a transformers PretrainedConfig
-    from transformers import GPT2Config, LlamaConfig
+    from transformers import BertConfig, GPT2Config, LlamaConfig, T5Config
 
     common = dict(vocab_size=cfg.vocab_size, bos_token_id=0, eos_token_id=0,
                   tie_word_embeddings=cfg.tie_embeddings)
@@ -36,30 +40,55 @@ def hf_config(cfg: ModelConfig):  # noqa: ANN201 - a transformers PretrainedConf
             max_position_embeddings=cfg.max_seq_len, attention_dropout=cfg.dropout,
             pad_token_id=0, **extra, **common,
         )
+    elif cfg.family == "bert":
+        hf = BertConfig(
+            num_hidden_layers=cfg.n_layer, hidden_size=cfg.d_model,
+            num_attention_heads=cfg.n_head, intermediate_size=cfg.d_ff or 4 * cfg.d_model,
+            max_position_embeddings=cfg.max_seq_len, hidden_dropout_prob=cfg.dropout,
+            attention_probs_dropout_prob=cfg.dropout, pad_token_id=0, **common,
+        )
+    elif cfg.family == "t5":
+        hf = T5Config(
+            num_layers=cfg.n_layer, num_decoder_layers=cfg.n_layer, d_model=cfg.d_model,
+            num_heads=cfg.n_head, d_kv=cfg.d_model // cfg.n_head,
+            d_ff=cfg.d_ff or 4 * cfg.d_model, dropout_rate=cfg.dropout,
+            decoder_start_token_id=0, pad_token_id=0, **common,
+        )
     else:  # validate() rejects this first; kept for direct callers
         raise ValueError(f"unknown model family {cfg.family!r}")
     hf._attn_implementation = cfg.attn_implementation
     return hf
 
 
-def build_model(cfg: ModelConfig, seed: int, device: str | torch.device = "cpu") -> nn.Module:
-    """A randomly initialised causal LM; the same seed gives the same weights on every rank."""
-    from transformers import AutoModelForCausalLM
+def _instantiate(cfg: ModelConfig) -> nn.Module:
+    import transformers
 
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(hf_config(cfg))
+    hf = hf_config(cfg)
+    if cfg.family == "bert":
+        return transformers.BertForMaskedLM(hf)
+    if cfg.family == "t5":
+        return transformers.T5ForConditionalGeneration(hf)
+    model = transformers.AutoModelForCausalLM.from_config(hf)
     model.loss_type = "ForCausalLM"  # shifted next-token cross-entropy, named explicitly
     return model
 
 
+def build_model(cfg: ModelConfig, seed: int, device: str | torch.device = "cpu") -> nn.Module:
+    """A randomly initialised model; the same seed gives the same weights on every rank."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return _instantiate(cfg)
+
+
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated decoder layers (the FSDP wrapping unit)."""
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == model.config.num_hidden_layers:
-            return list(module)
+    """The repeated layers (the FSDP wrapping unit): every list of `n_layer` modules, so an
+    encoder-decoder contributes both stacks."""
     n = model.config.num_hidden_layers
-    raise ValueError(f"no list of {n} blocks in {type(model).__name__}")
+    blocks = [block for module in model.modules()
+              if isinstance(module, nn.ModuleList) and len(module) == n for block in module]
+    if not blocks:
+        raise ValueError(f"no list of {n} blocks in {type(model).__name__}")
+    return blocks
 
 
 @dataclass(frozen=True)
@@ -80,9 +109,7 @@ class ParamSpec:
 def param_specs(cfg: ModelConfig) -> list[ParamSpec]:
     """Unique trainable parameters (tied weights once), in `model.parameters()` order."""
     with torch.device("meta"):
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_config(hf_config(cfg))
+        model = _instantiate(cfg)
     owner: dict[int, str] = {}
     for i, block in enumerate(transformer_blocks(model)):
         for p in block.parameters():

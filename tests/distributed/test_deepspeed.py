@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.metrics import read_metrics
-from tests.conftest import LOSSES, run_cli
+from tests.conftest import run_cli
+from tests.distributed.checks import assert_memory_matches_plan, losses, max_diff_from_reference
 
 STAGES = {
     "zero0": ["+recipe=ddp", "parallelism.backend=deepspeed"],
@@ -23,14 +23,6 @@ STAGES = {
 # 4.8e-7 over 20 steps.
 LOSS_TOL = 1e-5
 MEMORY_TOL = 0.05
-
-
-def losses(run_dir: Path) -> list[float]:
-    return [m["loss"] for m in read_metrics(run_dir / "metrics.jsonl")]
-
-
-def reference() -> list[float]:
-    return json.loads((LOSSES / "gpt2_tiny_fp32_seed1234.json").read_text())["losses"]
 
 
 @pytest.fixture(scope="module")
@@ -48,28 +40,14 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 def test_stage_trains_and_matches_ddp_fp32_losses(runs, stage: str) -> None:
     got = losses(runs[stage])
     assert sum(got[-5:]) / 5 < sum(got[:5]) / 5 - 0.1
-    assert max(abs(a - b) for a, b in zip(got, reference(), strict=True)) <= LOSS_TOL
+    assert max_diff_from_reference(runs[stage]) <= LOSS_TOL
 
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_per_rank_bytes_match_the_plan(runs, stage: str) -> None:
     plan = json.loads((runs[stage] / "plan.json").read_text())
-    mem = plan["memory"]
     assert plan["strategy"] == "deepspeed" and plan["deepspeed_config"] is not None
-    for rank in (0, 1):
-        measured = json.loads((runs[stage] / "memory" / f"rank{rank}.json").read_text())
-        for moment, planned in mem["moments"].items():
-            got = measured["moments"][moment]
-            if mem["host_bytes"]:  # offloaded state is in the same RAM on a CPU machine
-                want = planned["total_bytes"] + mem["host_bytes"]
-                assert got["total_bytes"] == pytest.approx(want, rel=MEMORY_TOL)
-                continue
-            for key in ("params_bytes", "grads_bytes", "optimizer_bytes"):
-                if rank == mem["rank"]:
-                    assert got[key] == pytest.approx(planned[key], rel=MEMORY_TOL, abs=64), (
-                        rank, moment, key)
-                else:
-                    assert got[key] <= planned[key] * (1 + MEMORY_TOL) + 64, (rank, moment, key)
+    assert_memory_matches_plan(runs[stage], MEMORY_TOL)
 
 
 def test_fp32_master_partition_is_modelled(runs) -> None:
@@ -89,4 +67,4 @@ def test_bf16_trains_close_to_fp32(tmp_path, recipe: str) -> None:
     got = losses(tmp_path)
     assert all(math.isfinite(v) for v in got) and got[-1] < got[0] - 0.1
     # Measured here: bf16 stays within 8.0e-4 of the fp32 losses on all three stages.
-    assert max(abs(a - b) for a, b in zip(got, reference(), strict=True)) < 5e-3
+    assert max_diff_from_reference(tmp_path) < 5e-3

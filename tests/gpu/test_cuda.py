@@ -29,3 +29,20 @@ def test_recipe_trains_on_one_gpu_in_bf16(tmp_path, recipe: str) -> None:
     measured = json.loads((tmp_path / "memory" / "rank0.json").read_text())["moments"]
     for moment, planned in plan["memory"]["moments"].items():
         assert measured[moment]["total_bytes"] == pytest.approx(planned["total_bytes"], rel=0.02)
+
+
+def test_peak_memory_of_gpt2_is_within_10_percent_of_the_plan(tmp_path) -> None:
+    from orchestrator.gpus import match
+
+    props = torch.cuda.get_device_properties(0)
+    gpu = match(props.name, props.total_memory)
+    if gpu is None:
+        pytest.skip(f"{props.name} is not in orchestrator/gpus.py")
+    proc = run_cli(["+recipe=fsdp_zero3", "model=gpt2", "cluster.device=cuda",
+                    "cluster.gpus_per_node=1", f"cluster.gpu={gpu}", "precision=bf16",
+                    "data.seq_len=1024", "train.micro_batch_size=8", "train.steps=5",
+                    "logging=none"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = read_metrics(tmp_path / "metrics.jsonl")[-1]
+    assert abs(last["peak_mem_error_pct"]) <= 10, last
+    assert 0 < last["mfu"] < 1

@@ -1,0 +1,46 @@
+"""Shared assertions over a finished run directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from orchestrator.metrics import read_metrics
+from tests.conftest import LOSSES
+
+KEYS = ("params_bytes", "grads_bytes", "optimizer_bytes", "total_bytes")
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [m["loss"] for m in read_metrics(run_dir / "metrics.jsonl")]
+
+
+def reference_losses() -> list[float]:
+    return json.loads((LOSSES / "gpt2_tiny_fp32_seed1234.json").read_text())["losses"]
+
+
+def max_diff_from_reference(run_dir: Path) -> float:
+    return max(abs(a - b) for a, b in zip(losses(run_dir), reference_losses(), strict=True))
+
+
+def assert_memory_matches_plan(run_dir: Path, tol: float, ranks: int = 2) -> None:
+    """Every rank's measured model-state bytes at every planned moment: equal to the plan on
+    the rank it describes (its most loaded), at most the plan on the others. Offloaded bytes
+    are the same RAM on a CPU machine, so with offload the totals include them."""
+    mem = json.loads((run_dir / "plan.json").read_text())["memory"]
+    for rank in range(ranks):
+        measured = json.loads((run_dir / "memory" / f"rank{rank}.json").read_text())["moments"]
+        for moment, planned in mem["moments"].items():
+            got = measured[moment]
+            if mem["host_bytes"]:
+                want = planned["total_bytes"] + mem["host_bytes"]
+                assert got["total_bytes"] == pytest.approx(want, rel=tol), (rank, moment)
+                continue
+            for key in KEYS:
+                if rank == mem["rank"]:
+                    assert got[key] == pytest.approx(planned[key], rel=tol, abs=64), (
+                        rank, moment, key)
+                else:
+                    assert got[key] <= planned[key] * (1 + tol) + 64, (rank, moment, key)
