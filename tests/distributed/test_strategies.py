@@ -75,7 +75,9 @@ def test_plan_json_describes_the_launch(runs) -> None:
     assert (plan["backend"], plan["strategy"], plan["zero_stage"]) == ("gloo", "fsdp2", 3)
     assert plan["precision"] == "fp32" and plan["run_dir"] == str(runs["fsdp_zero3"])
     assert "torch.distributed.run" in plan["commands"][0]
-    assert plan["compute"]["flops"] == 6 * plan["compute"]["params"] * plan["compute"]["tokens"]
+    c = plan["compute"]
+    attention = 12 * 2 * 64 * 64  # 12 · layers · d_model · seq_len per token
+    assert c["flops"] == (6 * c["params"] + attention) * c["tokens"]
     assert plan["compute"]["tokens"] == 20 * plan["global_batch_size"] * 64
 
 
