@@ -50,6 +50,16 @@ def test_pure_bf16_halves_model_state(tmp_path, recipe: str) -> None:
     assert planned == pytest.approx(fp32 / 2, rel=0.01)
 
 
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+def test_sgd_optimizer_state_matches_the_plan(tmp_path, momentum: float) -> None:
+    proc = run_cli(["+recipe=zero1", "optim.name=sgd", "optim.lr=0.1",
+                    f"optim.momentum={momentum}", "logging=none"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_memory_matches_plan(tmp_path, 0.02)
+    opt = json.loads((tmp_path / "plan.json").read_text())["memory"]["moments"]
+    assert (opt["after_backward"]["optimizer_bytes"] == 0) == (momentum == 0)
+
+
 def test_gradient_accumulation_matches_a_larger_micro_batch(tmp_path) -> None:
     """2 micro batches of 2 with FSDP2 (gradient sync skipped on the first) equal one of 4."""
     proc = run_cli(["+recipe=fsdp_zero2", "train.micro_batch_size=2",
