@@ -29,8 +29,12 @@ ConfigStore.instance().store(name="orchestrator_schema", node=JobConfig)
 
 
 def compose_job(cfg: DictConfig, run_dir: str) -> JobConfig:
+    """The typed job; run_dir is Hydra's output dir, except for status/cancel, which name an
+    earlier run's directory themselves."""
     data = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(data, dict)
+    if data.get("action") in ("status", "cancel") and data.get("run_dir"):
+        run_dir = str(data["run_dir"])
     return to_job(data, run_dir=run_dir)
 
 
@@ -45,6 +49,8 @@ def execute(job: JobConfig, hw: Hardware | None = None) -> int:
     from orchestrator.plan import Plan, make_plan
     from orchestrator.report import print_plan
 
+    if job.action in ("status", "cancel"):
+        return _status_or_cancel(job)
     hw = hw or Hardware.detect()
     validate(job, hw)
     if job.action == "validate":
@@ -72,12 +78,18 @@ def execute(job: JobConfig, hw: Hardware | None = None) -> int:
 
         (run_dir / CONFIG_FILE).write_text(json.dumps(plan.deepspeed_config, indent=2) + "\n")
     print_plan(plan)
+    _write_launch_artefacts(job, plan)
     if job.action == "plan":
         print(f"plan written to {run_dir / 'plan.json'} (nothing launched)")
         return 0
     from orchestrator.launchers import launch
 
-    code = launch(plan, job.launcher.name).wait()
+    handle = launch(plan, job)
+    if job.launcher.name == "slurm" and not job.launcher.slurm.wait:
+        print(f"state: {handle.status()}; follow with: python -m orchestrator action=status "
+              f"run_dir={run_dir}")
+        return 0
+    code = handle.wait()
     if code != 0:
         raise LaunchError(f"training failed with exit code {code} (the failing rank's error is "
                           f"printed above); run dir: {run_dir}")
@@ -85,6 +97,32 @@ def execute(job: JobConfig, hw: Hardware | None = None) -> int:
     wandb_info = run_dir / "wandb_run.json"
     if wandb_info.exists():
         print(f"W&B run ({job.logging.wandb.mode}): {wandb_info.read_text().strip()}")
+    return 0
+
+
+def _write_launch_artefacts(job: JobConfig, plan: Any) -> None:
+    """The dry-run files of cluster launchers: what `action=run` submits is exactly these."""
+    if job.launcher.name == "slurm":
+        from orchestrator.launchers.slurm import write_script
+
+        path = write_script(plan, job)
+        print(f"sbatch script ({path}):\n{path.read_text()}")
+    elif job.launcher.name == "k8s":
+        from orchestrator.launchers.k8s import write_manifest
+
+        print(f"PyTorchJob manifest: {write_manifest(plan, job)}")
+
+
+def _status_or_cancel(job: JobConfig) -> int:
+    from orchestrator.launchers.slurm import SlurmHandle
+
+    handle = SlurmHandle.load(Path(job.run_dir))
+    if job.action == "cancel":
+        state = handle.cancel()
+        print(f"Slurm job {handle.job_id}: {state}")
+        return 0 if state == "CANCELLED" else 1
+    record = json.loads((Path(job.run_dir) / "slurm_job.json").read_text())
+    print(f"Slurm job {handle.job_id}: {handle.status()}; log: {record['log']}")
     return 0
 
 

@@ -31,6 +31,16 @@ def init(device: str) -> RankInfo:
     return RankInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
+def node_names() -> list[str]:
+    """Every rank's node name, gathered on all ranks (Slurm's node name when under srun)."""
+    import socket
+
+    mine = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    names: list[str] = [""] * dist.get_world_size()
+    dist.all_gather_object(names, mine)
+    return names
+
+
 def shutdown() -> None:
     """Destroy the process group while the interpreter is fully alive."""
     import gc

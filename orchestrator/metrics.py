@@ -27,6 +27,9 @@ class NullLogger:
     def summary(self, values: dict[str, Any]) -> None:
         pass
 
+    def event(self, name: str, values: dict[str, Any]) -> None:
+        pass
+
     def close(self, failed: bool = False) -> None:
         pass
 
@@ -70,6 +73,12 @@ class MetricsLogger(NullLogger):
         if self.wandb_run is not None:
             self.wandb_run.summary.update(values)
 
+    def event(self, name: str, values: dict[str, Any]) -> None:
+        """A non-step record (e.g. where the ranks ran) in metrics.jsonl and the W&B summary."""
+        self.file.write(json.dumps({"event": name, **values}) + "\n")
+        self.file.flush()
+        self.summary(values)
+
     def close(self, failed: bool = False) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -82,9 +91,11 @@ def make_logger(job: JobConfig, rank: int) -> NullLogger:
     return MetricsLogger(job) if rank == 0 else NullLogger()
 
 
-def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+def read_metrics(path: str | os.PathLike[str], events: bool = False) -> list[dict[str, Any]]:
+    """The per-step records of metrics.jsonl (with `events=True`: the event records)."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r for r in rows if ("event" in r) == events]
 
 
 def read_wandb_run(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:

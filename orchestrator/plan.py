@@ -68,9 +68,17 @@ def rank_command(job: JobConfig, config_path: str) -> list[str]:
 
 
 def node_commands(job: JobConfig, config_path: str, python: str) -> list[list[str]]:
-    """One argv per node. One process: run the recipe directly; else torchrun on every node."""
+    """One argv per node. One process: run the recipe directly; else torchrun on every node.
+    Under Slurm one command runs on every node (srun), rendezvousing on the allocation's first
+    node, whose address and the job id the sbatch script sets at run time."""
     program = rank_command(job, config_path)
-    c = job.cluster
+    c, lc = job.cluster, job.launcher
+    timeout = f"--rdzv-conf=join_timeout={lc.rdzv_timeout_s}"
+    if lc.name == "slurm":
+        return [[python, "-m", "torch.distributed.run", f"--nnodes={c.nodes}",
+                 f"--nproc-per-node={c.gpus_per_node}", "--rdzv-backend=c10d",
+                 f"--rdzv-endpoint=${{RDZV_HOST}}:{lc.rdzv_port}", "--rdzv-id=${SLURM_JOB_ID}",
+                 timeout, "--max-restarts=0", *program]]
     if job.world_size == 1:
         return [[python, *program]]
     if c.nodes == 1:
@@ -78,7 +86,7 @@ def node_commands(job: JobConfig, config_path: str, python: str) -> list[list[st
     else:
         endpoint = f"{job.launcher.rdzv_host}:{job.launcher.rdzv_port}"
         rdzv = ["--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
-                f"--rdzv-id={Path(job.run_dir).name}"]
+                f"--rdzv-id={Path(job.run_dir).name}", timeout]
     return [
         [python, "-m", "torch.distributed.run", f"--nnodes={c.nodes}",
          f"--nproc-per-node={c.gpus_per_node}", *([f"--node-rank={n}"] if c.nodes > 1 else []),

@@ -117,10 +117,31 @@ class PlanConfig:
 
 
 @dataclass
+class SlurmConfig:
+    partition: Optional[str] = None  # None = the cluster's default partition
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    time: str = "01:00:00"
+    cpus_per_task: Optional[int] = None
+    mem: Optional[str] = None  # e.g. "64G"; None = the partition default
+    exclusive: bool = False
+    constraint: Optional[str] = None
+    extra_sbatch: list[str] = field(default_factory=list)  # e.g. ["--reservation=r1"]
+    signal: str = "USR1@90"  # sent before the time limit, for preemption-aware jobs
+    wait: bool = False  # block until the job ends (sweeps and tests)
+    poll_s: float = 2.0
+
+
+@dataclass
 class LauncherConfig:
-    name: str = choice("local", "local")
-    rdzv_host: str = "127.0.0.1"  # multi-node rendezvous endpoint host
+    # local: this machine; torchrun: print each node's command (manual clusters);
+    # slurm: sbatch a script rendered from the plan; k8s: render a PyTorchJob (action=plan)
+    name: str = choice("local", "local", "torchrun", "slurm", "k8s")
+    rdzv_host: str = "127.0.0.1"  # multi-node rendezvous endpoint host (torchrun / k8s)
     rdzv_port: int = 29500
+    rdzv_timeout_s: int = 900
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    image: str = "orchestrator:latest"  # k8s: container image holding this project
 
 
 @dataclass
@@ -150,8 +171,9 @@ class DebugConfig:
 
 @dataclass
 class JobConfig:
-    action: str = choice("run", "run", "plan", "validate")
-    run_dir: str = ""  # filled from hydra.run.dir at the entry point
+    # status / cancel act on an earlier run: `action=status run_dir=runs/...`
+    action: str = choice("run", "run", "plan", "validate", "status", "cancel")
+    run_dir: str = ""  # filled from hydra.run.dir at the entry point (status/cancel: given)
     model: ModelConfig = field(default_factory=ModelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)

@@ -37,7 +37,10 @@ class PretrainRecipe:
         self.engine = setup_strategy(model, self.job, device)
         dataset = build_dataset(self.job)
         self.data = batches(dataset, self.job, self.info.rank, self.info.world_size)
+        nodes = distributed.node_names()
         self.logger = make_logger(self.job, self.info.rank)
+        self.logger.event("start", {"world_size": self.info.world_size, "nodes": nodes,
+                                    "device": device})
 
     def train(self) -> list[float]:
         accum, global_batch = resolve_batch(self.job)

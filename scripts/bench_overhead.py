@@ -70,7 +70,9 @@ def main() -> None:
                      "optim.warmup_steps=0", "optim.schedule=constant"]
         subprocess.run([sys.executable, "-m", "orchestrator", *overrides,
                         f"hydra.run.dir={run_dir}"], cwd=REPO, check=True, capture_output=True)
-        metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+        from orchestrator.metrics import read_metrics
+
+        metrics = read_metrics(run_dir / "metrics.jsonl")
         ours = statistics.median(m["step_time_s"] for m in metrics[WARMUP:])
         plan = json.loads((run_dir / "plan.json").read_text())
         out = Path(tmp) / "plain.json"

@@ -18,6 +18,9 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from orchestrator.metrics import read_metrics  # noqa: E402
+
 REFERENCE = REPO / "tests" / "assets" / "losses" / "gpt2_tiny_fp32_seed1234.json"
 # The settings the reference losses were recorded with (tests use the same).
 BASE = ["train.steps=20", "logging=none", "logging.progress=false"]
@@ -29,8 +32,7 @@ def run_losses(recipe: str, extra: list[str], out: Path) -> list[float]:
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"{recipe} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    with open(out / recipe / "metrics.jsonl") as f:
-        return [json.loads(line)["loss"] for line in f]
+    return [m["loss"] for m in read_metrics(out / recipe / "metrics.jsonl")]
 
 
 def max_abs_diff(a: list[float], b: list[float]) -> float:

@@ -2,11 +2,44 @@
 
 from __future__ import annotations
 
-from orchestrator.launchers.local import LocalHandle, launch_local
+import shlex
+from typing import Protocol
+
+from orchestrator.errors import ConfigError
 from orchestrator.plan import Plan
+from orchestrator.schema import JobConfig
 
 
-def launch(plan: Plan, launcher: str) -> LocalHandle:
-    if launcher == "local":
-        return launch_local(plan)
-    raise ValueError(f"unknown launcher {launcher!r}")  # validate() rejects this first
+class Handle(Protocol):
+    def status(self) -> str: ...
+    def wait(self) -> int: ...
+
+
+class Printed:
+    """launcher=torchrun on several nodes: the commands are printed for the user to run."""
+
+    def status(self) -> str:
+        return "PRINTED"
+
+    def wait(self) -> int:
+        return 0
+
+
+def launch(plan: Plan, job: JobConfig) -> Handle:
+    name = job.launcher.name
+    if name == "slurm":
+        from orchestrator.launchers.slurm import launch_slurm
+
+        return launch_slurm(plan, job)
+    if name == "k8s":
+        raise ConfigError("action", "run", "'plan' with launcher=k8s (it renders a manifest "
+                          "for kubectl; it does not submit)")
+    if name == "torchrun" and plan.nnodes > 1:
+        print(f"run on each node (node rank N = 0..{plan.nnodes - 1}):")
+        for cmd in plan.commands:
+            print("  " + " ".join(f"{k}={shlex.quote(v)}" for k, v in plan.env.items()) + " "
+                  + shlex.join(cmd))
+        return Printed()
+    from orchestrator.launchers.local import launch_local
+
+    return launch_local(plan)
