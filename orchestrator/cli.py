@@ -17,10 +17,11 @@ import hydra
 import yaml
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from orchestrator.errors import LaunchError, OrchestratorError
-from orchestrator.redact import redact
+from orchestrator.redact import redact, redact_override
 from orchestrator.schema import JobConfig
 from orchestrator.typed import to_dict, to_job
 from orchestrator.validate import Hardware, resolve_device, validate
@@ -43,7 +44,8 @@ def write_config(job: JobConfig, path: Path) -> None:
     path.write_text(yaml.safe_dump(redact(to_dict(job)), sort_keys=False))
 
 
-def execute(job: JobConfig, hw: Hardware | None = None) -> int:
+def execute(job: JobConfig, hw: Hardware | None = None,
+            overrides: list[str] | None = None) -> int:
     """Validate, plan and (for action=run) launch `job`. Raises OrchestratorError on bad input."""
     from orchestrator import fit
     from orchestrator.plan import Plan, make_plan
@@ -72,6 +74,8 @@ def execute(job: JobConfig, hw: Hardware | None = None) -> int:
     run_dir = Path(job.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_config(job, run_dir / "config.yaml")
+    lines = [redact_override(o) for o in overrides or []]
+    (run_dir / "overrides.txt").write_text("".join(f"{line}\n" for line in lines))
     plan.write(run_dir / "plan.json")
     if plan.deepspeed_config is not None:
         from orchestrator.strategies.deepspeed import CONFIG_FILE
@@ -128,10 +132,20 @@ def _status_or_cancel(job: JobConfig) -> int:
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
 def main(cfg: DictConfig) -> Any:
+    hc = HydraConfig.get()
     try:
-        job = compose_job(cfg, HydraConfig.get().runtime.output_dir)
-        code = execute(job)
+        job = compose_job(cfg, hc.runtime.output_dir)
+        if hc.mode == RunMode.MULTIRUN and job.logging.wandb.group is None:
+            # every point of a sweep logs into one W&B group named after the sweep
+            sweep = Path(hc.sweep.dir).name
+            wandb_cfg = dataclasses.replace(
+                job.logging.wandb, group=sweep,
+                name=job.logging.wandb.name or f"{sweep}-{Path(job.run_dir).name}")
+            job = dataclasses.replace(job, logging=dataclasses.replace(job.logging,
+                                                                       wandb=wandb_cfg))
+        code = execute(job, overrides=list(hc.overrides.task))
     except OrchestratorError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    sys.exit(code)
+    if code:
+        sys.exit(code)  # success returns, so a sweep goes on to its next point

@@ -77,7 +77,7 @@ def node_commands(job: JobConfig, config_path: str, python: str) -> list[list[st
     if lc.name == "slurm":
         return [[python, "-m", "torch.distributed.run", f"--nnodes={c.nodes}",
                  f"--nproc-per-node={c.gpus_per_node}", "--rdzv-backend=c10d",
-                 f"--rdzv-endpoint=${{RDZV_HOST}}:{lc.rdzv_port}", "--rdzv-id=${SLURM_JOB_ID}",
+                 "--rdzv-endpoint=${RDZV_HOST}:${RDZV_PORT}", "--rdzv-id=${SLURM_JOB_ID}",
                  timeout, "--max-restarts=0", *program]]
     if job.world_size == 1:
         return [[python, *program]]

@@ -24,3 +24,10 @@ def redact(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(redact(v) for v in obj)
     return obj
+
+
+def redact_override(override: str) -> str:
+    """`key=value` from the command line, with the value hidden when the key is a secret."""
+    key, sep, _ = override.partition("=")
+    leaf = key.lstrip("+~").rsplit(".", 1)[-1]
+    return f"{key}{sep}{REDACTED}" if sep and is_secret_key(leaf) else override

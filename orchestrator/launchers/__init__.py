@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import socket
 from typing import Protocol
 
 from orchestrator.errors import ConfigError
@@ -25,6 +26,19 @@ class Printed:
         return 0
 
 
+def check_port_free(job: JobConfig) -> None:
+    """Preflight for a rendezvous hosted on this machine: its port must be free."""
+    if job.launcher.rdzv_host not in ("127.0.0.1", "localhost", socket.gethostname()):
+        return
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", job.launcher.rdzv_port))
+        except OSError as e:
+            raise ConfigError("launcher.rdzv_port", job.launcher.rdzv_port,
+                              f"a free port ({e.strerror} here)") from e
+
+
 def launch(plan: Plan, job: JobConfig) -> Handle:
     name = job.launcher.name
     if name == "slurm":
@@ -35,6 +49,7 @@ def launch(plan: Plan, job: JobConfig) -> Handle:
         raise ConfigError("action", "run", "'plan' with launcher=k8s (it renders a manifest "
                           "for kubectl; it does not submit)")
     if name == "torchrun" and plan.nnodes > 1:
+        check_port_free(job)
         print(f"run on each node (node rank N = 0..{plan.nnodes - 1}):")
         for cmd in plan.commands:
             print("  " + " ".join(f"{k}={shlex.quote(v)}" for k, v in plan.env.items()) + " "

@@ -14,7 +14,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ SCRIPT, RECORD = "job.sbatch", "slurm_job.json"
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
             "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 # Shell variables the body defines itself; only these may appear unquoted in the srun line.
-RUNTIME_VARS = ("${RDZV_HOST}", "${SLURM_JOB_ID}")
+RUNTIME_VARS = ("${RDZV_HOST}", "${RDZV_PORT}", "${SLURM_JOB_ID}")
 
 
 def _checked(key: str, value: str) -> str:
@@ -86,7 +85,10 @@ def render_script(plan: Plan, job: JobConfig) -> str:
         'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
         "RDZV_HOST=$(scontrol show node \"$head_node\""
         " | sed -n 's/.*NodeAddr=\\([^ ]*\\).*/\\1/p')",
-        'echo "orchestrator: job $SLURM_JOB_ID on $SLURM_JOB_NODELIST, rendezvous $RDZV_HOST"',
+        "# A port per job, so jobs sharing a head node never collide.",
+        f"RDZV_PORT=$(( {job.launcher.rdzv_port} + SLURM_JOB_ID % 1000 ))",
+        'echo "orchestrator: job $SLURM_JOB_ID on $SLURM_JOB_NODELIST,'
+        ' rendezvous $RDZV_HOST:$RDZV_PORT"',
         f"srun --nodes={plan.nnodes} --ntasks-per-node=1 --kill-on-bad-exit=1 "
         + " ".join(_word(a) for a in command),
     ]
@@ -124,13 +126,6 @@ def preflight(job: JobConfig, plan: Plan) -> None:
     run_dir = Path(job.run_dir)
     if not os.access(run_dir, os.W_OK):
         raise ConfigError("run_dir", str(run_dir), "a writable directory")
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", job.launcher.rdzv_port))
-        except OSError as e:
-            raise ConfigError("launcher.rdzv_port", job.launcher.rdzv_port,
-                              f"a free port ({e.strerror} here)") from e
 
 
 class SlurmHandle:
