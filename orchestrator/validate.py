@@ -149,6 +149,9 @@ def validate(job: JobConfig, hw: Hardware) -> None:
     if job.precision.name == "bf16_pure" and job.parallelism.backend == "deepspeed":
         raise ConfigError("precision.name", "bf16_pure", "'fp32', 'bf16' or 'fp16' with "
                           "DeepSpeed (it always keeps an fp32 master copy)")
+    if job.launcher.name == "k8s" and job.action == "run":
+        raise ConfigError("action", "run", "'plan' with launcher=k8s (it renders a PyTorchJob "
+                          "manifest for kubectl; it does not submit)")
     if c.nodes > 1 and job.launcher.name == "local" and job.action == "run":
         raise ConfigError("cluster.nodes", c.nodes, "1 with launcher=local (one machine)")
     if not 0 < job.launcher.rdzv_port < 65536:

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The test suite: lint, then every test except `gpu` ones (real gloo process groups, real W&B
-# offline runs). Extra arguments go to pytest.
+# The test suite: lint, then every test except `gpu` ones: real gloo process groups, real
+# DeepSpeed engines, real W&B offline runs, and a real Slurm cluster on this machine
+# (started here with scripts/start_slurm.sh and stopped afterwards). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 .venv/bin/ruff check .
-exec .venv/bin/python -m pytest -m "not gpu" "$@"
+eval "$(bash scripts/start_slurm.sh)"   # exports SLURM_CONF
+trap 'bash scripts/stop_slurm.sh' EXIT
+.venv/bin/python -m pytest -m "not gpu" "$@"

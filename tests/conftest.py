@@ -27,7 +27,8 @@ def make_job(overrides: list[str] | None = None, run_dir: str = "/nonexistent/ru
 def run_cli(overrides: list[str], run_dir: Path, env: dict[str, str] | None = None,
             timeout: float = 600) -> subprocess.CompletedProcess[str]:
     """`python -m orchestrator ...` as a user runs it (real torchrun, real W&B offline)."""
-    cmd = [sys.executable, "-m", "orchestrator", *overrides, f"hydra.run.dir={run_dir}",
+    quoted = str(run_dir).replace("\\", "\\\\").replace("'", "\\'")
+    cmd = [sys.executable, "-m", "orchestrator", *overrides, f"hydra.run.dir='{quoted}'",
            "logging.progress=false"]
     return subprocess.run(cmd, cwd=REPO, env={**os.environ, **(env or {})}, text=True,
                           capture_output=True, timeout=timeout)

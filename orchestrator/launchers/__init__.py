@@ -45,9 +45,6 @@ def launch(plan: Plan, job: JobConfig) -> Handle:
         from orchestrator.launchers.slurm import launch_slurm
 
         return launch_slurm(plan, job)
-    if name == "k8s":
-        raise ConfigError("action", "run", "'plan' with launcher=k8s (it renders a manifest "
-                          "for kubectl; it does not submit)")
     if name == "torchrun" and plan.nnodes > 1:
         check_port_free(job)
         print(f"run on each node (node rank N = 0..{plan.nnodes - 1}):")

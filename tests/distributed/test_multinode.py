@@ -1,0 +1,58 @@
+"""Multi-node launch without Slurm: the plan's per-node torchrun commands, run as two "nodes" on
+this machine with c10d rendezvous on 127.0.0.1; and the k8s manifest rendered from a plan."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+
+import yaml
+
+from orchestrator.metrics import read_metrics
+from tests.conftest import REPO, run_cli
+from tests.distributed.checks import losses
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_torchrun_nodes_on_localhost_train_together(tmp_path) -> None:
+    port = free_port()
+    proc = run_cli(["+recipe=fsdp_zero3", "launcher=torchrun", "cluster.nodes=2",
+                    "cluster.gpus_per_node=1", f"launcher.rdzv_port={port}", "logging=none"],
+                   tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "run on each node" in proc.stdout and not (tmp_path / "metrics.jsonl").exists()
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert [c.count("--node-rank=1") for c in plan["commands"]] == [0, 1]
+    env = {**os.environ, **plan["env"]}
+    nodes = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for cmd in plan["commands"]]
+    outputs = [n.communicate(timeout=300)[0] for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    (start,) = read_metrics(tmp_path / "metrics.jsonl", events=True)
+    assert start["world_size"] == 2
+    got = losses(tmp_path)
+    assert len(got) == 20 and got[-1] < got[0] - 0.1
+
+
+def test_k8s_manifest_is_a_pytorchjob_for_the_plan(tmp_path) -> None:
+    proc = run_cli(["+recipe=fsdp_zero3", "launcher=k8s", "cluster.nodes=3",
+                    "cluster.gpus_per_node=8", "cluster.gpu=h100", "action=plan"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    job = yaml.safe_load((tmp_path / "pytorchjob.yaml").read_text())
+    assert (job["apiVersion"], job["kind"]) == ("kubeflow.org/v1", "PyTorchJob")
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    assert specs["Master"]["replicas"] + specs["Worker"]["replicas"] == 3
+    assert job["spec"]["nprocPerNode"] == "8"
+    (container,) = specs["Worker"]["template"]["spec"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
+    assert container["command"][-1] == str(tmp_path / "config.yaml")
+    assert all(c.isalnum() or c == "-" for c in job["metadata"]["name"])
+    run = run_cli(["+recipe=fsdp_zero3", "launcher=k8s"], tmp_path / "run")
+    assert run.returncode == 2 and "launcher=k8s" in run.stderr

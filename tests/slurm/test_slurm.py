@@ -1,0 +1,123 @@
+"""Against a real Slurm controller and two slurmd daemons on this machine
+(scripts/start_slurm.sh, which .ci/run's test command starts)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.metrics import read_metrics
+from tests.conftest import REPO, run_cli
+from tests.distributed.checks import losses
+
+pytestmark = pytest.mark.slurm
+TWO_NODES = ["+recipe=ddp", "launcher=slurm", "cluster.nodes=2", "cluster.gpus_per_node=1"]
+
+
+@pytest.fixture(scope="module")
+def slurm() -> dict[str, str]:
+    out = subprocess.run(["bash", str(REPO / "scripts" / "start_slurm.sh")], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    conf = out.stdout.strip().split("=", 1)[1]
+    os.environ["SLURM_CONF"] = conf  # for the scontrol calls the tests make themselves
+    return {"SLURM_CONF": conf}
+
+
+def scontrol(*args: str) -> str:
+    return subprocess.run(["scontrol", *args], capture_output=True, text=True, check=True).stdout
+
+
+def test_two_node_job_trains_and_runs_the_dry_run_script(slurm, tmp_path) -> None:
+    dry = run_cli([*TWO_NODES, "action=plan"], tmp_path, env=slurm)
+    assert dry.returncode == 0, dry.stderr
+    planned_script = (tmp_path / "job.sbatch").read_text()
+    assert not (tmp_path / "slurm_job.json").exists()  # the dry run submitted nothing
+    proc = run_cli([*TWO_NODES, "launcher.slurm.wait=true"], tmp_path, env=slurm)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "slurm_job.json").read_text())
+    ran = scontrol("write", "batch_script", record["job_id"], "-")  # what Slurm executed
+    assert ran == planned_script
+    (start,) = read_metrics(tmp_path / "metrics.jsonl", events=True)
+    assert start["world_size"] == 2 and sorted(start["nodes"]) == ["node1", "node2"]
+    got = losses(tmp_path)
+    assert len(got) == 20 and got[-1] < got[0] - 0.1
+    status = run_cli(["action=status", f"run_dir={tmp_path}"], tmp_path / "status", env=slurm)
+    assert status.returncode == 0 and "COMPLETED" in status.stdout
+
+
+def test_sweep_submits_one_job_per_point_and_summarises(slurm, tmp_path) -> None:
+    cmd = ["-m", *TWO_NODES, "optim.lr=1e-3,3e-3", "train.steps=8",
+           f"hydra.sweep.dir={tmp_path}"]
+    proc = run_cli(cmd, tmp_path / "unused", env=slurm)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "sweep_summary.json").read_text())
+    assert [p["state"] for p in summary["points"]] == ["COMPLETED", "COMPLETED"]
+    job_ids = {json.loads((tmp_path / p / "slurm_job.json").read_text())["job_id"]
+               for p in ("0", "1")}
+    assert len(job_ids) == 2
+    assert summary["best"] in ("0", "1") and (tmp_path / "loss_curves.svg").exists()
+    groups = {yaml.safe_load((tmp_path / p / "config.yaml").read_text())["logging"]["wandb"]
+              ["group"] for p in ("0", "1")}
+    assert groups == {tmp_path.name}  # one W&B group for the sweep
+
+
+def test_cancel_ends_a_running_job(slurm, tmp_path) -> None:
+    marker = f"ORCH_SLURM_{uuid.uuid4().hex}"
+    proc = run_cli([*TWO_NODES, "train.steps=100000", "logging=none"], tmp_path,
+                   env={**slurm, "ORCH_TEST_MARKER": marker})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    job_id = json.loads((tmp_path / "slurm_job.json").read_text())["job_id"]
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "metrics.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(1)  # training has started on both nodes
+    assert "JobState=RUNNING" in scontrol("show", "job", "-o", job_id)
+    cancel = run_cli(["action=cancel", f"run_dir={tmp_path}"], tmp_path / "c", env=slurm)
+    assert cancel.returncode == 0 and "CANCELLED" in cancel.stdout, cancel.stdout
+    assert "JobState=CANCELLED" in scontrol("show", "job", "-o", job_id)
+    deadline = time.monotonic() + 30
+    while _processes_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _processes_with(marker) == []
+
+
+def _processes_with(marker: str) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if marker.encode() in Path(f"/proc/{pid}/environ").read_bytes():
+                found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+def test_injection_strings_execute_nothing(slurm, tmp_path) -> None:
+    owned = Path(f"/tmp/owned_{uuid.uuid4().hex}")
+    evil = f'x"; touch {owned} #'
+    run_dir = tmp_path / evil
+    proc = run_cli([*TWO_NODES, "launcher.slurm.wait=true", "train.steps=3", "logging=none",
+                    f"logging.wandb.name='{evil}'"], run_dir, env=slurm)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(losses(run_dir)) == 3 and not owned.exists()
+    for override in (f"launcher.slurm.partition='debug; touch {owned}'",
+                     f"launcher.slurm.extra_sbatch=['--comment=a $(touch {owned})']",
+                     f"launcher.slurm.extra_sbatch=['-x; touch {owned}']"):
+        bad = run_cli([*TWO_NODES, override], tmp_path / "bad", env=slurm)
+        assert bad.returncode == 2 and "launcher.slurm" in bad.stderr, bad.stderr
+    assert not owned.exists()
+
+
+def test_preflight_rejects_what_the_cluster_cannot_run(slurm, tmp_path) -> None:
+    part = run_cli([*TWO_NODES, "launcher.slurm.partition=gpu"], tmp_path / "a", env=slurm)
+    assert part.returncode == 2 and "one of debug" in part.stderr
+    nodes = run_cli([*TWO_NODES, "cluster.nodes=3"], tmp_path / "b", env=slurm)
+    assert nodes.returncode == 2 and "at most 2" in nodes.stderr
+    assert not (tmp_path / "a" / "slurm_job.json").exists()
