@@ -72,6 +72,15 @@ class DataConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    # auto = the family's own: causal (gpt2, llama), mlm (bert), span (t5)
+    name: str = choice("auto", "auto", "causal", "mlm", "span")
+    mlm_probability: float = 0.15  # mlm: share of positions selected (80/10/10 mask/random/keep)
+    noise_density: float = 0.15  # span: share of tokens hidden in spans
+    mean_span_length: float = 3.0  # span: mean span length
+
+
+@dataclass
 class TrainConfig:
     task: str = choice("pretrain", "pretrain")  # the per-rank program in recipes/
     steps: int = 20
@@ -179,6 +188,7 @@ class JobConfig:
     parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)

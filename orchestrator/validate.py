@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.errors import ConfigError
-from orchestrator.models import CAUSAL_FAMILIES
 from orchestrator.schema import JobConfig
 
 
@@ -69,6 +68,27 @@ def resolve_batch(job: JobConfig) -> tuple[int, int]:
     return accum, t.global_batch_size
 
 
+def _check_objective(job: JobConfig) -> None:
+    from orchestrator.data import FAMILY_OBJECTIVE, data_vocab, objective_of
+    from orchestrator.data.tokenizer import ByteTokenizer
+
+    o, family = job.objective, job.model.family
+    if o.name not in ("auto", FAMILY_OBJECTIVE[family]):
+        raise ConfigError("objective.name", o.name, f"'auto' or '{FAMILY_OBJECTIVE[family]}' "
+                          f"for model.family={family!r}")
+    for key, value in [("objective.mlm_probability", o.mlm_probability),
+                       ("objective.noise_density", o.noise_density)]:
+        if not 0 < value < 1:
+            raise ConfigError(key, value, "a fraction in (0, 1)")
+    if o.mean_span_length < 1:
+        raise ConfigError("objective.mean_span_length", o.mean_span_length, "a number >= 1")
+    need = ByteTokenizer.vocab_size if job.data.name == "text" else job.data.branching
+    if data_vocab(job) < need:
+        raise ConfigError("model.vocab_size", job.model.vocab_size,
+                          f"at least {job.model.vocab_size - data_vocab(job) + need} (the data's "
+                          f"{need} ids plus the {objective_of(job)} objective's special ids)")
+
+
 def resolve_device(job: JobConfig, hw: Hardware) -> str:
     """cluster.device, with auto = cuda when a GPU is named in cluster.gpu or visible here."""
     if job.cluster.device == "auto":
@@ -121,24 +141,13 @@ def validate(job: JobConfig, hw: Hardware) -> None:
         _positive("model.d_ff", m.d_ff)
     if d.seq_len > m.max_seq_len:
         raise ConfigError("data.seq_len", d.seq_len, f"at most model.max_seq_len={m.max_seq_len}")
-    if d.name == "text":
-        from orchestrator.data.tokenizer import ByteTokenizer
-
-        if m.vocab_size < ByteTokenizer.vocab_size:
-            raise ConfigError("model.vocab_size", m.vocab_size,
-                              f">= {ByteTokenizer.vocab_size} (the byte tokenizer's vocabulary)")
-        if d.path is not None and not os.path.isfile(d.path):
-            raise ConfigError("data.path", d.path, "an existing text file, or null for the "
-                              "built-in corpus")
-    if d.name == "synthetic" and d.branching > m.vocab_size:
-        raise ConfigError("data.branching", d.branching, f"at most model.vocab_size={m.vocab_size}")
+    if d.name == "text" and d.path is not None and not os.path.isfile(d.path):
+        raise ConfigError("data.path", d.path, "an existing text file, or null for the "
+                          "built-in corpus")
     if not 0 <= job.debug.crash_rank < job.world_size:
         raise ConfigError("debug.crash_rank", job.debug.crash_rank,
                           f"a rank in 0..{job.world_size - 1}")
-    if job.action == "run" and m.family not in CAUSAL_FAMILIES:
-        raise ConfigError("model.family", m.family, f"one of {', '.join(CAUSAL_FAMILIES)} for "
-                          "action=run (masked-LM and span-corruption training: issue 6); any "
-                          "family for action=plan")
+    _check_objective(job)
     if not 0 <= job.plan.mfu <= 1 or job.plan.mfu == 0:
         raise ConfigError("plan.mfu", job.plan.mfu, "a fraction in (0, 1]")
     _positive("plan.memory_overhead", job.plan.memory_overhead, strict=False)

@@ -2,22 +2,55 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from orchestrator.data import objectives
 from orchestrator.data.corpus import build_corpus
 from orchestrator.data.datasets import MarkovTokens, PackedText
 from orchestrator.schema import JobConfig
+
+FAMILY_OBJECTIVE = {"gpt2": "causal", "llama": "causal", "bert": "mlm", "t5": "span"}
+
+
+def objective_of(job: JobConfig) -> str:
+    name = job.objective.name
+    return FAMILY_OBJECTIVE[job.model.family] if name == "auto" else name
+
+
+def data_vocab(job: JobConfig) -> int:
+    """Ids the data may use: the model's vocabulary less the objective's special ids."""
+    o = job.objective
+    return job.model.vocab_size - objectives.reserved_ids(
+        objective_of(job), job.data.seq_len, o.noise_density, o.mean_span_length)
 
 
 def build_dataset(job: JobConfig) -> Dataset:
     d = job.data
     if d.name == "synthetic":
-        return MarkovTokens(d.num_samples, d.seq_len, job.model.vocab_size, d.branching,
+        return MarkovTokens(d.num_samples, d.seq_len, data_vocab(job), d.branching,
                             seed=job.train.seed)
     return PackedText(d.path or str(build_corpus()), d.seq_len)
+
+
+def make_collate(job: JobConfig, rank: int) -> Callable[[list[dict[str, torch.Tensor]]],
+                                                        dict[str, torch.Tensor]]:
+    """Stack a micro batch and apply the objective; its randomness is seeded per rank."""
+    objective, o, vocab = objective_of(job), job.objective, job.model.vocab_size
+    g = torch.Generator().manual_seed(job.train.seed * 1000 + rank)
+
+    def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        ids = torch.stack([r["input_ids"] for r in rows])
+        if objective == "mlm":
+            return objectives.mlm(ids, vocab, g, o.mlm_probability)
+        if objective == "span":
+            return objectives.span_corruption(ids, vocab, g, o.noise_density,
+                                              o.mean_span_length)
+        return objectives.causal(ids)
+
+    return collate
 
 
 def batches(dataset: Dataset, job: JobConfig, rank: int, world_size: int,
@@ -27,7 +60,7 @@ def batches(dataset: Dataset, job: JobConfig, rank: int, world_size: int,
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank,
                                  shuffle=job.data.shuffle, seed=job.train.seed, drop_last=True)
     loader = DataLoader(dataset, batch_size=job.train.micro_batch_size, sampler=sampler,
-                        drop_last=True)
+                        drop_last=True, collate_fn=make_collate(job, rank))
     if len(loader) == 0:
         raise ValueError(
             f"dataset has {len(dataset)} samples: too few for micro_batch_size "

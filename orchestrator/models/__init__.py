@@ -17,9 +17,6 @@ from orchestrator.schema import ModelConfig
 ROOT_GROUP = "root"
 
 
-CAUSAL_FAMILIES = ("gpt2", "llama")  # trainable with the causal-LM objective today
-
-
 def hf_config(cfg: ModelConfig):  # noqa: ANN201 - a transformers PretrainedConfig
     from transformers import BertConfig, GPT2Config, LlamaConfig, T5Config
 
@@ -84,8 +81,12 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated layers (the FSDP wrapping unit): every list of `n_layer` modules, so an
     encoder-decoder contributes both stacks."""
     n = model.config.num_hidden_layers
-    blocks = [block for module in model.modules()
-              if isinstance(module, nn.ModuleList) and len(module) == n for block in module]
+    blocks, stacks = [], []
+    for name, module in model.named_modules():
+        inside = any(name.startswith(f"{s}.") for s in stacks)  # e.g. T5Block.layer
+        if isinstance(module, nn.ModuleList) and len(module) == n and not inside:
+            stacks.append(name)
+            blocks.extend(module)
     if not blocks:
         raise ValueError(f"no list of {n} blocks in {type(model).__name__}")
     return blocks

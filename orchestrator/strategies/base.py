@@ -96,10 +96,10 @@ class Engine:
         total = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro_batches):
             last = i == n - 1
-            ids = batch["input_ids"].to(self.device, non_blocking=True)
+            inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with self.no_sync(last):
                 with self.autocast():
-                    loss = self.model(input_ids=ids, labels=ids).loss / n
+                    loss = self.model(**inputs).loss / n
                 if last and self.probe:
                     self.probe("after_forward")
                 (self.scaler.scale(loss) if self.scaler else loss).backward()

@@ -28,8 +28,7 @@ class DeepSpeedEngine(Engine):
         total = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro_batches):
             last = i == n - 1
-            ids = batch["input_ids"].to(self.model.device)
-            loss = self.model(input_ids=ids, labels=ids).loss
+            loss = self.model(**{k: v.to(self.model.device) for k, v in batch.items()}).loss
             if last and self.probe:
                 self.probe("after_forward")
             self.model.backward(loss)  # scales by 1/accum; reduces at the boundary

@@ -1,0 +1,30 @@
+"""The three model families train 2 ranks on the shipped corpus under DDP and ZeRO-3, with
+their own objectives, and their model state matches the plan."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.errors import ConfigError
+from orchestrator.validate import Hardware, validate
+from tests.conftest import make_job, run_cli
+from tests.distributed.checks import assert_memory_matches_plan, losses
+
+
+@pytest.mark.parametrize("parallelism", ["ddp", "zero3"])
+@pytest.mark.parametrize("recipe", ["causal_lm", "masked_lm", "span_corruption"])
+def test_family_trains_on_the_corpus(tmp_path, recipe: str, parallelism: str) -> None:
+    proc = run_cli([f"+recipe={recipe}", f"parallelism={parallelism}", "logging=none"],
+                   tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = losses(tmp_path)
+    assert len(got) == 20 and sum(got[-5:]) / 5 < sum(got[:5]) / 5 - 0.5
+    assert_memory_matches_plan(tmp_path, 0.02)
+
+
+@pytest.mark.parametrize(("model", "objective"), [("gpt2_tiny", "mlm"), ("bert_tiny", "causal"),
+                                                  ("t5_tiny", "mlm")])
+def test_objective_must_fit_the_family(model: str, objective: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        validate(make_job([f"model={model}", f"objective.name={objective}"]), Hardware())
+    assert err.value.key == "objective.name"

@@ -1,0 +1,52 @@
+"""Objectives: causal labels, MLM masking statistics and layout, span corruption round trip."""
+
+from __future__ import annotations
+
+import torch
+
+from orchestrator.data import objectives
+from orchestrator.data.objectives import IGNORE
+
+
+def test_causal_labels_are_the_inputs_for_the_model_to_shift() -> None:
+    ids = torch.arange(12).view(2, 6)
+    out = objectives.causal(ids)
+    assert torch.equal(out["labels"], ids) and out["labels"] is not ids
+
+
+def test_mlm_selects_15_percent_and_splits_80_10_10() -> None:
+    vocab = 1000
+    ids = torch.randint(0, vocab - 1, (256, 128), generator=torch.Generator().manual_seed(0))
+    out = objectives.mlm(ids, vocab, torch.Generator().manual_seed(1))
+    selected = out["labels"] != IGNORE
+    assert abs(selected.float().mean().item() - 0.15) < 0.005
+    assert torch.equal(out["labels"][selected], ids[selected])  # loss on originals only
+    assert torch.equal(out["input_ids"][~selected], ids[~selected])  # others untouched
+    sel_in, sel_orig = out["input_ids"][selected], ids[selected]
+    masked = (sel_in == vocab - 1).float().mean().item()
+    kept = (sel_in == sel_orig).float().mean().item()
+    assert abs(masked - 0.8) < 0.01 and abs(kept - 0.1) < 0.01  # (+ ~0.1 random tokens)
+    assert (out["input_ids"] < vocab).all()
+
+
+def test_span_corruption_round_trips_and_has_fixed_lengths() -> None:
+    vocab, length = 512, 64
+    ids = torch.randint(0, 400, (8, length), generator=torch.Generator().manual_seed(0))
+    out = objectives.span_corruption(ids, vocab, torch.Generator().manual_seed(2))
+    noise, spans = objectives.span_lengths(length, 0.15, 3.0)
+    assert (noise, spans) == (10, 3)
+    assert out["input_ids"].shape == (8, length - noise + spans + 1)
+    assert out["labels"].shape == (8, noise + spans + 1)
+    for row, inp, tgt in zip(ids.tolist(), out["input_ids"].tolist(), out["labels"].tolist(),
+                             strict=True):
+        assert objectives.reconstruct(inp, tgt, vocab, spans) == row
+        sentinels = [t for t in tgt if t >= vocab - spans]
+        assert sentinels == [vocab - 1, vocab - 2, vocab - 3]  # counted down, T5-style
+        assert inp[-1] == tgt[-1] == vocab - 1 - spans  # end-of-text below the sentinels
+
+
+def test_objectives_are_seeded() -> None:
+    ids = torch.randint(0, 500, (4, 32), generator=torch.Generator().manual_seed(0))
+    a = objectives.mlm(ids, 512, torch.Generator().manual_seed(5))
+    b = objectives.mlm(ids, 512, torch.Generator().manual_seed(5))
+    assert torch.equal(a["input_ids"], b["input_ids"])
