@@ -97,7 +97,8 @@ def execute(job: JobConfig, hw: Hardware | None = None,
     if code != 0:
         raise LaunchError(f"training failed with exit code {code} (the failing rank's error is "
                           f"printed above); run dir: {run_dir}")
-    print(f"done. metrics: {run_dir / job.logging.metrics_file}")
+    metrics = run_dir / job.logging.metrics_file
+    print(f"done. run dir: {run_dir}" + (f"; metrics: {metrics}" if metrics.exists() else ""))
     wandb_info = run_dir / "wandb_run.json"
     if wandb_info.exists():
         print(f"W&B run ({job.logging.wandb.mode}): {wandb_info.read_text().strip()}")

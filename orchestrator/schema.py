@@ -31,6 +31,9 @@ class ModelConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     attn_implementation: str = choice("sdpa", "sdpa", "eager")
+    # a local Hugging Face model directory (e.g. an earlier run's <run_dir>/model) to start
+    # from; its config.json decides the architecture. No hub downloads.
+    pretrained_path: Optional[str] = None
 
 
 @dataclass
@@ -81,8 +84,17 @@ class ObjectiveConfig:
 
 
 @dataclass
+class GenerateConfig:
+    prompts: list[str] = field(default_factory=lambda: ["The "])
+    max_new_tokens: int = 64
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int = 0  # 0 = no top-k cut
+    top_p: float = 1.0  # 1 = no nucleus cut
+
+
+@dataclass
 class TrainConfig:
-    task: str = choice("pretrain", "pretrain")  # the per-rank program in recipes/
+    task: str = choice("pretrain", "pretrain", "generate")  # the per-rank program in recipes/
     steps: int = 20
     micro_batch_size: int = 4
     grad_accum_steps: Optional[int] = None  # None = derived from global_batch_size (or 1)
@@ -90,6 +102,7 @@ class TrainConfig:
     seed: int = 1234
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     activation_checkpointing: bool = False  # recompute each block's activations in backward
+    save_model: bool = True  # write the trained model to <run_dir>/model (HF format)
     log_every: int = 1
 
 
@@ -189,6 +202,7 @@ class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)

@@ -89,6 +89,28 @@ def _check_objective(job: JobConfig) -> None:
                           f"{need} ids plus the {objective_of(job)} objective's special ids)")
 
 
+def _check_model_source(job: JobConfig) -> None:
+    m, gen = job.model, job.generate
+    if m.pretrained_path is not None:
+        config = os.path.join(m.pretrained_path, "config.json")
+        if not os.path.isfile(config):
+            raise ConfigError("model.pretrained_path", m.pretrained_path,
+                              "a local Hugging Face model directory (with config.json), e.g. "
+                              "an earlier run's <run_dir>/model")
+    if job.train.task != "generate":
+        return
+    if m.family not in ("gpt2", "llama"):
+        raise ConfigError("model.family", m.family, "'gpt2' or 'llama' for train.task=generate")
+    if job.world_size != 1:
+        raise ConfigError("cluster.gpus_per_node", job.cluster.gpus_per_node,
+                          "1 with one node for train.task=generate (one process)")
+    if gen.temperature < 0 or not 0 < gen.top_p <= 1 or gen.top_k < 0:
+        bad = ("generate.temperature", gen.temperature) if gen.temperature < 0 else (
+            ("generate.top_k", gen.top_k) if gen.top_k < 0 else ("generate.top_p", gen.top_p))
+        raise ConfigError(*bad, "temperature >= 0, top_k >= 0, 0 < top_p <= 1")
+    _positive("generate.max_new_tokens", gen.max_new_tokens)
+
+
 def resolve_device(job: JobConfig, hw: Hardware) -> str:
     """cluster.device, with auto = cuda when a GPU is named in cluster.gpu or visible here."""
     if job.cluster.device == "auto":
@@ -148,6 +170,7 @@ def validate(job: JobConfig, hw: Hardware) -> None:
         raise ConfigError("debug.crash_rank", job.debug.crash_rank,
                           f"a rank in 0..{job.world_size - 1}")
     _check_objective(job)
+    _check_model_source(job)
     if not 0 <= job.plan.mfu <= 1 or job.plan.mfu == 0:
         raise ConfigError("plan.mfu", job.plan.mfu, "a fraction in (0, 1]")
     _positive("plan.memory_overhead", job.plan.memory_overhead, strict=False)

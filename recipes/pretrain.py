@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from orchestrator import distributed, loop
+from orchestrator.checkpoint import save_final
 from orchestrator.data import batches, build_dataset
 from orchestrator.metrics import make_logger
 from orchestrator.models import build_model
@@ -44,8 +45,13 @@ class PretrainRecipe:
 
     def train(self) -> list[float]:
         accum, global_batch = resolve_batch(self.job)
-        return loop.train(self.engine, self.data, self.job, self.logger, accum, global_batch,
-                          self.plan)
+        losses = loop.train(self.engine, self.data, self.job, self.logger, accum, global_batch,
+                            self.plan)
+        if self.job.train.save_model:
+            saved = save_final(self.engine, self.job.run_dir, self.info.rank)
+            if saved is not None:
+                print(f"model saved to {saved}", flush=True)
+        return losses
 
     def cleanup(self, failed: bool = False) -> None:
         logger = getattr(self, "logger", None)

@@ -57,22 +57,42 @@ def hf_config(cfg: ModelConfig):  # noqa: ANN201 - a transformers PretrainedConf
     return hf
 
 
-def _instantiate(cfg: ModelConfig) -> nn.Module:
+def _model_class(family: str):  # noqa: ANN202 - a transformers auto/model class
     import transformers
 
-    hf = hf_config(cfg)
-    if cfg.family == "bert":
-        return transformers.BertForMaskedLM(hf)
-    if cfg.family == "t5":
-        return transformers.T5ForConditionalGeneration(hf)
-    model = transformers.AutoModelForCausalLM.from_config(hf)
-    model.loss_type = "ForCausalLM"  # shifted next-token cross-entropy, named explicitly
+    return {"bert": transformers.BertForMaskedLM,
+            "t5": transformers.T5ForConditionalGeneration}.get(
+        family, transformers.AutoModelForCausalLM)
+
+
+def _instantiate(cfg: ModelConfig, weights: bool = False) -> nn.Module:
+    """The model from our config, or from `pretrained_path` (its config; its weights too when
+    `weights`)."""
+    import transformers
+
+    cls = _model_class(cfg.family)
+    if cfg.pretrained_path:
+        if weights:
+            model = cls.from_pretrained(cfg.pretrained_path, local_files_only=True,
+                                        torch_dtype=torch.float32)
+        else:
+            hf = transformers.AutoConfig.from_pretrained(cfg.pretrained_path,
+                                                         local_files_only=True)
+            model = cls.from_config(hf) if cls is transformers.AutoModelForCausalLM else cls(hf)
+    else:
+        hf = hf_config(cfg)
+        model = cls.from_config(hf) if cls is transformers.AutoModelForCausalLM else cls(hf)
+    if cfg.family in ("gpt2", "llama"):
+        model.loss_type = "ForCausalLM"  # shifted next-token cross-entropy, named explicitly
     return model
 
 
 def build_model(cfg: ModelConfig, seed: int, device: str | torch.device = "cpu") -> nn.Module:
-    """A randomly initialised model; the same seed gives the same weights on every rank."""
+    """A randomly initialised model (the same seed gives the same weights on every rank), or
+    the one saved at `model.pretrained_path`."""
     torch.manual_seed(seed)
+    if cfg.pretrained_path:
+        return _instantiate(cfg, weights=True).to(device)
     with torch.device(device):
         return _instantiate(cfg)
 

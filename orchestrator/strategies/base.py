@@ -85,6 +85,14 @@ class Engine:
             "optimizer_bytes": list(self.optimizer_state()),
         }
 
+    def hf_model(self) -> nn.Module:
+        """The underlying transformers model (for its config and `save_pretrained`)."""
+        return getattr(self.model, "module", self.model)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights on rank 0 (collective: every rank must call it)."""
+        return self.hf_model().state_dict()
+
     # -- shared -----------------------------------------------------------------------------
     def model_state_bytes(self) -> dict[str, int]:
         """Measured bytes of parameters, gradients and optimizer state held by this rank now."""

@@ -39,6 +39,12 @@ class FSDPEngine(Engine):
                 if group is not None:
                     yield from group.fsdp_params
 
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(self.model, options=options)
+
     def held_tensors(self) -> dict[str, Iterable[torch.Tensor]]:
         params, grads = [], []
         for fp in self._fsdp_params():

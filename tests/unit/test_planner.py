@@ -171,8 +171,6 @@ def test_plan_action_on_a_cluster_we_do_not_have(tmp_path) -> None:
     assert "peak per rank" in proc.stdout and "fits" in proc.stdout
 
 
-def test_bert_and_t5_plan_but_do_not_train_yet() -> None:
-    validate(make_job(["model=t5_base", "action=plan"]), Hardware())
-    with pytest.raises(ConfigError) as err:
-        validate(make_job(["model=bert_base"]), Hardware())
-    assert err.value.key == "model.family"
+def test_every_family_plans_and_validates_for_training() -> None:
+    for model in ("t5_base", "bert_base", "llama3_8b"):
+        validate(make_job([f"model={model}", "data.seq_len=128"]), Hardware())

@@ -1,0 +1,37 @@
+"""The trained model, saved once at the end of a run in Hugging Face format (`<run_dir>/model`),
+so the next lifecycle step loads it with `model.pretrained_path`.
+
+Written to a temporary directory and renamed into place: an interrupted save never leaves a
+half-written `model/`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from orchestrator.data.tokenizer import ByteTokenizer
+from orchestrator.strategies.base import Engine
+
+MODEL_DIR = "model"
+TOKENIZER_FILE = "orchestrator_tokenizer.json"
+
+
+def save_final(engine: Engine, run_dir: str | Path, rank: int) -> Path | None:
+    state = engine.full_state_dict()  # collective
+    if rank != 0:
+        return None
+    final = Path(run_dir) / MODEL_DIR
+    tmp = Path(run_dir) / f".{MODEL_DIR}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    engine.hf_model().save_pretrained(tmp, state_dict=state, safe_serialization=True)
+    tok = ByteTokenizer()
+    (tmp / TOKENIZER_FILE).write_text(json.dumps(
+        {"type": "byte", "vocab_size": tok.vocab_size, "bos_id": tok.bos_id,
+         "eos_id": tok.eos_id}) + "\n")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
