@@ -84,6 +84,13 @@ class ObjectiveConfig:
 
 
 @dataclass
+class EvalConfig:
+    # share of the dataset (its last samples) kept out of training, for evaluate
+    holdout: float = 0.0
+    max_batches: int = 50  # evaluate: micro batches per rank at most
+
+
+@dataclass
 class GenerateConfig:
     prompts: list[str] = field(default_factory=lambda: ["The "])
     max_new_tokens: int = 64
@@ -94,7 +101,7 @@ class GenerateConfig:
 
 @dataclass
 class TrainConfig:
-    task: str = choice("pretrain", "pretrain", "generate")  # the per-rank program in recipes/
+    task: str = choice("pretrain", "pretrain", "evaluate", "generate")  # program in recipes/
     steps: int = 20
     micro_batch_size: int = 4
     grad_accum_steps: Optional[int] = None  # None = derived from global_batch_size (or 1)
@@ -203,6 +210,7 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)

@@ -97,6 +97,10 @@ def _check_model_source(job: JobConfig) -> None:
             raise ConfigError("model.pretrained_path", m.pretrained_path,
                               "a local Hugging Face model directory (with config.json), e.g. "
                               "an earlier run's <run_dir>/model")
+    if not 0 <= job.eval.holdout < 1:
+        raise ConfigError("eval.holdout", job.eval.holdout, "a fraction in [0, 1)")
+    if job.train.task == "evaluate" and job.eval.holdout == 0:
+        raise ConfigError("eval.holdout", 0.0, "a fraction in (0, 1) for train.task=evaluate")
     if job.train.task != "generate":
         return
     if m.family not in ("gpt2", "llama"):

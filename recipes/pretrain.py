@@ -13,7 +13,7 @@ from pathlib import Path
 
 from orchestrator import distributed, loop
 from orchestrator.checkpoint import save_final
-from orchestrator.data import batches, build_dataset
+from orchestrator.data import batches, build_dataset, split
 from orchestrator.metrics import make_logger
 from orchestrator.models import build_model
 from orchestrator.precision import model_dtype
@@ -36,7 +36,7 @@ class PretrainRecipe:
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
         self.engine = setup_strategy(model, self.job, device)
-        dataset = build_dataset(self.job)
+        dataset, _ = split(build_dataset(self.job), self.job.eval.holdout)
         self.data = batches(dataset, self.job, self.info.rank, self.info.world_size)
         nodes = distributed.node_names()
         self.logger = make_logger(self.job, self.info.rank)

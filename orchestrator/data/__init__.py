@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from orchestrator.data import objectives
 from orchestrator.data.corpus import build_corpus
@@ -33,6 +33,13 @@ def build_dataset(job: JobConfig) -> Dataset:
         return MarkovTokens(d.num_samples, d.seq_len, data_vocab(job), d.branching,
                             seed=job.train.seed)
     return PackedText(d.path or str(build_corpus()), d.seq_len)
+
+
+def split(dataset: Dataset, holdout: float) -> tuple[Dataset, Dataset]:
+    """(train, held-out): the last `holdout` share of the samples is never trained on."""
+    n = len(dataset)
+    cut = n - max(1, int(n * holdout)) if holdout > 0 else n
+    return Subset(dataset, range(cut)), Subset(dataset, range(cut, n))
 
 
 def make_collate(job: JobConfig, rank: int) -> Callable[[list[dict[str, torch.Tensor]]],

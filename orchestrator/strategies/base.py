@@ -93,6 +93,23 @@ class Engine:
         """The whole model's weights on rank 0 (collective: every rank must call it)."""
         return self.hf_model().state_dict()
 
+    @torch.no_grad()
+    def eval_step(self, batch: dict[str, torch.Tensor], shift: bool) -> torch.Tensor:
+        """[summed token loss, scored tokens, correct argmax predictions] for one batch
+        (`shift` for causal LMs, whose position t predicts token t+1)."""
+        inputs = {k: v.to(self.device) for k, v in batch.items()}
+        with self.autocast():
+            logits = self.model(**inputs).logits.float()
+        labels = inputs["labels"]
+        if shift:
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        scored = labels != -100
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 labels.reshape(-1), ignore_index=-100,
+                                                 reduction="sum")
+        correct = ((logits.argmax(-1) == labels) & scored).sum()
+        return torch.stack([loss, scored.sum().float(), correct.float()])
+
     # -- shared -----------------------------------------------------------------------------
     def model_state_bytes(self) -> dict[str, int]:
         """Measured bytes of parameters, gradients and optimizer state held by this rank now."""

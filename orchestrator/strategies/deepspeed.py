@@ -38,6 +38,11 @@ class DeepSpeedEngine(Engine):
             total += loss.detach().float() / n
         return total
 
+    def autocast(self) -> Any:
+        import contextlib
+
+        return contextlib.nullcontext()  # DeepSpeed casts the module itself
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         if self.job.parallelism.zero_stage == 3:  # gathers the partitions onto rank 0
             return self.model._zero3_consolidated_16bit_state_dict()
