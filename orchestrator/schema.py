@@ -66,9 +66,10 @@ class ParallelismConfig:
 
 @dataclass
 class DataConfig:
-    name: str = choice("synthetic", "synthetic", "text")
+    name: str = choice("synthetic", "synthetic", "text", "jsonl_sft")
     seq_len: int = 64
-    path: Optional[str] = None  # text: a UTF-8 file; None = the built-in stdlib-docs corpus
+    # text: a UTF-8 file; jsonl_sft: {"prompt", "response"} lines; None = the built-in set
+    path: Optional[str] = None
     num_samples: int = 4096  # synthetic: sequences in the dataset
     branching: int = 4  # synthetic: successors per token in the seeded Markov chain
     shuffle: bool = True

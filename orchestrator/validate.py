@@ -82,7 +82,7 @@ def _check_objective(job: JobConfig) -> None:
             raise ConfigError(key, value, "a fraction in (0, 1)")
     if o.mean_span_length < 1:
         raise ConfigError("objective.mean_span_length", o.mean_span_length, "a number >= 1")
-    need = ByteTokenizer.vocab_size if job.data.name == "text" else job.data.branching
+    need = job.data.branching if job.data.name == "synthetic" else ByteTokenizer.vocab_size
     if data_vocab(job) < need:
         raise ConfigError("model.vocab_size", job.model.vocab_size,
                           f"at least {job.model.vocab_size - data_vocab(job) + need} (the data's "
@@ -167,9 +167,11 @@ def validate(job: JobConfig, hw: Hardware) -> None:
         _positive("model.d_ff", m.d_ff)
     if d.seq_len > m.max_seq_len:
         raise ConfigError("data.seq_len", d.seq_len, f"at most model.max_seq_len={m.max_seq_len}")
-    if d.name == "text" and d.path is not None and not os.path.isfile(d.path):
-        raise ConfigError("data.path", d.path, "an existing text file, or null for the "
-                          "built-in corpus")
+    if d.name != "synthetic" and d.path is not None and not os.path.isfile(d.path):
+        raise ConfigError("data.path", d.path, "an existing file, or null for the built-in set")
+    if d.name == "jsonl_sft" and m.family not in ("gpt2", "llama"):
+        raise ConfigError("data.name", d.name, "'synthetic' or 'text' unless model.family is "
+                          "'gpt2' or 'llama' (SFT is for causal LMs)")
     if not 0 <= job.debug.crash_rank < job.world_size:
         raise ConfigError("debug.crash_rank", job.debug.crash_rank,
                           f"a rank in 0..{job.world_size - 1}")

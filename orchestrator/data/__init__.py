@@ -8,8 +8,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from orchestrator.data import objectives
-from orchestrator.data.corpus import build_corpus
-from orchestrator.data.datasets import MarkovTokens, PackedText
+from orchestrator.data.corpus import build_corpus, build_sft
+from orchestrator.data.datasets import MarkovTokens, PackedText, PromptResponse
 from orchestrator.schema import JobConfig
 
 FAMILY_OBJECTIVE = {"gpt2": "causal", "llama": "causal", "bert": "mlm", "t5": "span"}
@@ -32,6 +32,8 @@ def build_dataset(job: JobConfig) -> Dataset:
     if d.name == "synthetic":
         return MarkovTokens(d.num_samples, d.seq_len, data_vocab(job), d.branching,
                             seed=job.train.seed)
+    if d.name == "jsonl_sft":
+        return PromptResponse(d.path or str(build_sft()), d.seq_len)
     return PackedText(d.path or str(build_corpus()), d.seq_len)
 
 
@@ -50,6 +52,8 @@ def make_collate(job: JobConfig, rank: int) -> Callable[[list[dict[str, torch.Te
 
     def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         ids = torch.stack([r["input_ids"] for r in rows])
+        if "labels" in rows[0]:  # the dataset chose its labels (SFT prompt masking)
+            return {"input_ids": ids, "labels": torch.stack([r["labels"] for r in rows])}
         if objective == "mlm":
             return objectives.mlm(ids, vocab, g, o.mlm_probability)
         if objective == "span":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import os
 from pathlib import Path
 
@@ -53,4 +54,24 @@ def build_corpus(path: Path | None = None) -> Path:
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)  # atomic: concurrent ranks never read a half-written file
+    return path
+
+
+def build_sft(path: Path | None = None) -> Path:
+    """A small instruction-style JSONL set (question about a stdlib module -> the first
+    sentence of its docstring), built offline like the corpus."""
+    path = path or cache_dir() / "corpus" / "stdlib_sft.jsonl"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for name in MODULES:
+        doc = (inspect.getdoc(importlib.import_module(name)) or "").strip()
+        first = doc.split("\n\n")[0].replace("\n", " ").strip()
+        if first:
+            lines.append(json.dumps({"prompt": f"What does the Python module {name} do?\n",
+                                     "response": first}))
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
     return path

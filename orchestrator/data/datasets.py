@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 from torch.utils.data import Dataset
 
+from orchestrator.data.objectives import IGNORE
 from orchestrator.data.tokenizer import ByteTokenizer
 
 
@@ -54,3 +57,36 @@ class PackedText(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {"input_ids": self.tokens[i]}
+
+
+class PromptResponse(Dataset):
+    """Supervised fine-tuning pairs from JSONL lines `{"prompt": ..., "response": ...}`: the
+    tokens are prompt + response + end-of-text, padded to `seq_len`; only response tokens (and
+    the end-of-text) carry labels, so the loss ignores the prompt and the padding."""
+
+    def __init__(self, path: str, seq_len: int, tokenizer: ByteTokenizer | None = None) -> None:
+        tok = tokenizer or ByteTokenizer()
+        self.rows: list[tuple[torch.Tensor, torch.Tensor]] = []
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                item = json.loads(line)
+                if not isinstance(item, dict) or {"prompt", "response"} - set(item):
+                    raise ValueError(f"{path}:{line_no}: expected {{prompt, response}} keys")
+                prompt = tok.encode(item["prompt"])
+                response = [*tok.encode(item["response"]), tok.eos_id]
+                ids = (prompt + response)[:seq_len]
+                labels = ([IGNORE] * len(prompt) + response)[:seq_len]
+                pad = seq_len - len(ids)
+                self.rows.append((torch.tensor(ids + [tok.eos_id] * pad),
+                                  torch.tensor(labels + [IGNORE] * pad)))
+        if not self.rows:
+            raise ValueError(f"{path} holds no prompt/response pairs")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids, labels = self.rows[i]
+        return {"input_ids": ids, "labels": labels}

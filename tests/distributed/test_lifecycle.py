@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import json
+import math
 
+import pytest
 import torch
 
 from orchestrator.models import build_model
@@ -12,7 +14,7 @@ from tests.conftest import make_job, run_cli
 from tests.distributed.checks import losses
 
 
-def test_pretrain_then_continue_then_generate(tmp_path) -> None:
+def test_pretrain_finetune_evaluate_generate(tmp_path) -> None:
     pre = run_cli(["+recipe=causal_lm", "parallelism=zero3", "logging=none"], tmp_path / "pre")
     assert pre.returncode == 0, pre.stderr[-3000:]
     model_dir = tmp_path / "pre" / "model"
@@ -21,9 +23,25 @@ def test_pretrain_then_continue_then_generate(tmp_path) -> None:
 
     # The saved weights are the trained ones: continuing starts near the final loss.
     cont = run_cli(["+recipe=causal_lm", "parallelism=ddp", f"model.pretrained_path={model_dir}",
-                    "train.steps=3", "optim.warmup_steps=1", "logging=none"], tmp_path / "cont")
+                    "train.steps=3", "optim.warmup_steps=1", "logging=none",
+                    "train.save_model=false"], tmp_path / "cont")
     assert cont.returncode == 0, cont.stderr[-3000:]
     assert losses(tmp_path / "cont")[0] < losses(tmp_path / "pre")[0] - 1.0
+
+    # Fine-tune on prompt/response pairs (prompt masked), then evaluate both models.
+    ft = run_cli(["+recipe=finetune", f"model.pretrained_path={model_dir}", "logging=none"],
+                 tmp_path / "ft")
+    assert ft.returncode == 0, ft.stderr[-3000:]
+    got = losses(tmp_path / "ft")
+    assert sum(got[-5:]) / 5 < sum(got[:5]) / 5
+    model_dir = tmp_path / "ft" / "model"
+    ev = run_cli(["+recipe=evaluate", f"model.pretrained_path={tmp_path / 'pre' / 'model'}"],
+                 tmp_path / "eval")
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert result["objective"] == "causal" and result["tokens"] > 0
+    assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
+    assert result["loss"] < losses(tmp_path / "pre")[0]  # better than the untrained model
 
     texts = []
     for name in ("gen1", "gen2"):

@@ -50,3 +50,21 @@ def test_objectives_are_seeded() -> None:
     a = objectives.mlm(ids, 512, torch.Generator().manual_seed(5))
     b = objectives.mlm(ids, 512, torch.Generator().manual_seed(5))
     assert torch.equal(a["input_ids"], b["input_ids"])
+
+
+def test_sft_masks_the_prompt_and_padding_out_of_the_loss(tmp_path) -> None:
+    import json
+
+    from orchestrator.data.datasets import PromptResponse
+    from orchestrator.data.tokenizer import ByteTokenizer
+
+    path = tmp_path / "sft.jsonl"
+    path.write_text(json.dumps({"prompt": "Q: hi\n", "response": "A: yo"}) + "\n")
+    row = PromptResponse(str(path), seq_len=16)[0]
+    tok = ByteTokenizer()
+    n_prompt, response = len(tok.encode("Q: hi\n")), [*tok.encode("A: yo"), tok.eos_id]
+    labels, ids = row["labels"].tolist(), row["input_ids"].tolist()
+    assert labels[:n_prompt] == [IGNORE] * n_prompt
+    assert labels[n_prompt:n_prompt + len(response)] == response
+    assert labels[n_prompt + len(response):] == [IGNORE] * (16 - n_prompt - len(response))
+    assert ids[:n_prompt + len(response)] == tok.encode("Q: hi\n") + response
