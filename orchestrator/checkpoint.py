@@ -12,14 +12,15 @@ import os
 import shutil
 from pathlib import Path
 
-from orchestrator.data.tokenizer import ByteTokenizer
+from orchestrator.data.tokenizer import TOKENIZER_JSON, ByteTokenizer
 from orchestrator.strategies.base import Engine
 
 MODEL_DIR = "model"
 TOKENIZER_FILE = "orchestrator_tokenizer.json"
 
 
-def save_final(engine: Engine, run_dir: str | Path, rank: int) -> Path | None:
+def save_final(engine: Engine, run_dir: str | Path, rank: int,
+               tokenizer_json: Path | None = None) -> Path | None:
     state = engine.full_state_dict()  # collective
     if rank != 0:
         return None
@@ -27,10 +28,13 @@ def save_final(engine: Engine, run_dir: str | Path, rank: int) -> Path | None:
     tmp = Path(run_dir) / f".{MODEL_DIR}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     engine.hf_model().save_pretrained(tmp, state_dict=state, safe_serialization=True)
-    tok = ByteTokenizer()
-    (tmp / TOKENIZER_FILE).write_text(json.dumps(
-        {"type": "byte", "vocab_size": tok.vocab_size, "bos_id": tok.bos_id,
-         "eos_id": tok.eos_id}) + "\n")
+    if tokenizer_json is not None:  # BPE: the model travels with its vocabulary
+        shutil.copy(tokenizer_json, tmp / TOKENIZER_JSON)
+    else:
+        tok = ByteTokenizer()
+        (tmp / TOKENIZER_FILE).write_text(json.dumps(
+            {"type": "byte", "vocab_size": tok.vocab_size, "bos_id": tok.bos_id,
+             "eos_id": tok.eos_id}) + "\n")
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -86,8 +86,10 @@ def execute(job: JobConfig, hw: Hardware | None = None,
     if job.action == "plan":
         print(f"plan written to {run_dir / 'plan.json'} (nothing launched)")
         return 0
+    from orchestrator.data import prepare_tokenizer
     from orchestrator.launchers import launch
 
+    prepare_tokenizer(job)
     handle = launch(plan, job)
     if job.launcher.name == "slurm" and not job.launcher.slurm.wait:
         print(f"state: {handle.status()}; follow with: python -m orchestrator action=status "

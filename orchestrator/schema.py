@@ -70,6 +70,10 @@ class DataConfig:
     seq_len: int = 64
     # text: a UTF-8 file; jsonl_sft: {"prompt", "response"} lines; None = the built-in set
     path: Optional[str] = None
+    # byte: 258 ids, no vocabulary file; bpe: byte-level BPE trained on the corpus at launch
+    # (saved as <run_dir>/tokenizer.json) or loaded from tokenizer_path / the pretrained model
+    tokenizer: str = choice("byte", "byte", "bpe")
+    tokenizer_path: Optional[str] = None
     num_samples: int = 4096  # synthetic: sequences in the dataset
     branching: int = 4  # synthetic: successors per token in the seeded Markov chain
     shuffle: bool = True

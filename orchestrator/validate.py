@@ -82,6 +82,12 @@ def _check_objective(job: JobConfig) -> None:
             raise ConfigError(key, value, "a fraction in (0, 1)")
     if o.mean_span_length < 1:
         raise ConfigError("objective.mean_span_length", o.mean_span_length, "a number >= 1")
+    if job.data.tokenizer == "bpe":
+        if job.data.name == "synthetic" and job.train.task != "generate":
+            raise ConfigError("data.tokenizer", "bpe", "'byte' for synthetic data (it has no text)")
+        if job.data.tokenizer_path and not os.path.isfile(job.data.tokenizer_path):
+            raise ConfigError("data.tokenizer_path", job.data.tokenizer_path,
+                              "an existing tokenizer.json, or null to train one at launch")
     need = job.data.branching if job.data.name == "synthetic" else ByteTokenizer.vocab_size
     if data_vocab(job) < need:
         raise ConfigError("model.vocab_size", job.model.vocab_size,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from orchestrator.data.tokenizer import ByteTokenizer
+from orchestrator.data import get_tokenizer
 from orchestrator.models import build_model
 from orchestrator.sampling import generate
 from orchestrator.typed import load_job
@@ -24,7 +24,7 @@ def main(argv: list[str]) -> int:
     g_cfg = job.generate
     device = os.environ.get("ORCHESTRATOR_DEVICE", "cpu")
     model = build_model(job.model, seed=job.train.seed, device=device)
-    tok = ByteTokenizer()
+    tok = get_tokenizer(job)
     g = torch.Generator().manual_seed(job.train.seed)
     out = Path(job.run_dir) / "generations.jsonl"
     with open(out, "w") as f:

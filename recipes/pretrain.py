@@ -13,7 +13,7 @@ from pathlib import Path
 
 from orchestrator import distributed, loop
 from orchestrator.checkpoint import save_final
-from orchestrator.data import batches, build_dataset, split
+from orchestrator.data import batches, build_dataset, split, tokenizer_file, uses_bpe
 from orchestrator.metrics import make_logger
 from orchestrator.models import build_model
 from orchestrator.precision import model_dtype
@@ -48,7 +48,8 @@ class PretrainRecipe:
         losses = loop.train(self.engine, self.data, self.job, self.logger, accum, global_batch,
                             self.plan)
         if self.job.train.save_model:
-            saved = save_final(self.engine, self.job.run_dir, self.info.rank)
+            bpe = tokenizer_file(self.job) if uses_bpe(self.job) else None
+            saved = save_final(self.engine, self.job.run_dir, self.info.rank, bpe)
             if saved is not None:
                 print(f"model saved to {saved}", flush=True)
         return losses

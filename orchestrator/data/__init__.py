@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
@@ -10,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from orchestrator.data import objectives
 from orchestrator.data.corpus import build_corpus, build_sft
 from orchestrator.data.datasets import MarkovTokens, PackedText, PromptResponse
+from orchestrator.data.tokenizer import TOKENIZER_JSON, BPETokenizer, ByteTokenizer, Tokenizer
 from orchestrator.schema import JobConfig
 
 FAMILY_OBJECTIVE = {"gpt2": "causal", "llama": "causal", "bert": "mlm", "t5": "span"}
@@ -27,14 +29,43 @@ def data_vocab(job: JobConfig) -> int:
         objective_of(job), job.data.seq_len, o.noise_density, o.mean_span_length)
 
 
+def tokenizer_file(job: JobConfig) -> Path:
+    """Where the job's BPE tokenizer is: the configured path, the pretrained model's, or the
+    one trained at launch into the run directory."""
+    d, m = job.data, job.model
+    if d.tokenizer_path:
+        return Path(d.tokenizer_path)
+    if m.pretrained_path and (Path(m.pretrained_path) / TOKENIZER_JSON).exists():
+        return Path(m.pretrained_path) / TOKENIZER_JSON
+    return Path(job.run_dir) / TOKENIZER_JSON
+
+
+def uses_bpe(job: JobConfig) -> bool:
+    """BPE when asked for, or when the pretrained model carries its own tokenizer.json."""
+    pretrained = job.model.pretrained_path
+    return job.data.tokenizer == "bpe" or bool(
+        pretrained and (Path(pretrained) / TOKENIZER_JSON).exists())
+
+
+def prepare_tokenizer(job: JobConfig) -> None:
+    """Before launch: train the BPE on the corpus once, so every rank loads the same one."""
+    if uses_bpe(job) and not tokenizer_file(job).exists():
+        BPETokenizer.train(job.data.path if job.data.name == "text" and job.data.path
+                           else build_corpus(), data_vocab(job), tokenizer_file(job))
+
+
+def get_tokenizer(job: JobConfig) -> Tokenizer:
+    return BPETokenizer(tokenizer_file(job)) if uses_bpe(job) else ByteTokenizer()
+
+
 def build_dataset(job: JobConfig) -> Dataset:
     d = job.data
     if d.name == "synthetic":
         return MarkovTokens(d.num_samples, d.seq_len, data_vocab(job), d.branching,
                             seed=job.train.seed)
     if d.name == "jsonl_sft":
-        return PromptResponse(d.path or str(build_sft()), d.seq_len)
-    return PackedText(d.path or str(build_corpus()), d.seq_len)
+        return PromptResponse(d.path or str(build_sft()), d.seq_len, get_tokenizer(job))
+    return PackedText(d.path or str(build_corpus()), d.seq_len, get_tokenizer(job))
 
 
 def split(dataset: Dataset, holdout: float) -> tuple[Dataset, Dataset]:

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from orchestrator.data.objectives import IGNORE
-from orchestrator.data.tokenizer import ByteTokenizer
+from orchestrator.data.tokenizer import ByteTokenizer, Tokenizer
 
 
 class MarkovTokens(Dataset):
@@ -39,7 +39,7 @@ class PackedText(Dataset):
     """A text file tokenized and packed into back-to-back windows of `seq_len` tokens
     (documents separated by end-of-text), as in GPT-style pre-training."""
 
-    def __init__(self, path: str, seq_len: int, tokenizer: ByteTokenizer | None = None) -> None:
+    def __init__(self, path: str, seq_len: int, tokenizer: Tokenizer | None = None) -> None:
         tok = tokenizer or ByteTokenizer()
         with open(path, encoding="utf-8") as f:
             docs = [d for d in f.read().split("\n\n") if d.strip()]
@@ -64,7 +64,7 @@ class PromptResponse(Dataset):
     tokens are prompt + response + end-of-text, padded to `seq_len`; only response tokens (and
     the end-of-text) carry labels, so the loss ignores the prompt and the padding."""
 
-    def __init__(self, path: str, seq_len: int, tokenizer: ByteTokenizer | None = None) -> None:
+    def __init__(self, path: str, seq_len: int, tokenizer: Tokenizer | None = None) -> None:
         tok = tokenizer or ByteTokenizer()
         self.rows: list[tuple[torch.Tensor, torch.Tensor]] = []
         with open(path, encoding="utf-8") as f:

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from orchestrator.data.tokenizer import BPETokenizer
 from orchestrator.models import build_model
 from tests.conftest import make_job, run_cli
 from tests.distributed.checks import losses
@@ -70,3 +71,19 @@ def test_finetune_from_a_save_pretrained_directory(tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = losses(tmp_path / "ft")
     assert got[-1] < got[0] - 0.1
+
+
+def test_bpe_tokenizer_is_trained_at_launch_and_travels_with_the_model(tmp_path) -> None:
+    pre = run_cli(["+recipe=causal_lm", "data.tokenizer=bpe", "parallelism=ddp",
+                   "logging=none"], tmp_path / "pre")
+    assert pre.returncode == 0, pre.stderr[-3000:]
+    assert (tmp_path / "pre" / "tokenizer.json").exists()
+    assert (tmp_path / "pre" / "model" / "tokenizer.json").exists()
+    got = losses(tmp_path / "pre")
+    assert got[-1] < got[0] - 0.5
+    gen = run_cli(["+recipe=generate", f"model.pretrained_path={tmp_path / 'pre' / 'model'}",
+                   "generate.prompts=[The]", "generate.temperature=0"], tmp_path / "gen")
+    assert gen.returncode == 0, gen.stderr[-3000:]
+    (row,) = [json.loads(x) for x in (tmp_path / "gen" / "generations.jsonl").open()]
+    bpe = BPETokenizer(tmp_path / "pre" / "model" / "tokenizer.json")
+    assert row["completion"] == bpe.decode(row["token_ids"])  # decoded with the model's BPE
