@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.metrics import read_metrics
-from tests.conftest import LOSSES
+from tests.conftest import LOSSES, run_cli
 
 KEYS = ("params_bytes", "grads_bytes", "optimizer_bytes", "total_bytes")
 
@@ -44,3 +44,14 @@ def assert_memory_matches_plan(run_dir: Path, tol: float, ranks: int = 2) -> Non
                         rank, moment, key)
                 else:
                     assert got[key] <= planned[key] * (1 + tol) + 64, (rank, moment, key)
+
+
+def run_all(root: Path, runs: dict[str, list[str]],
+            env: dict[str, str] | None = None) -> dict[str, Path]:
+    """Run each named set of CLI overrides into root/<name>; every run must succeed."""
+    out = {}
+    for name, overrides in runs.items():
+        proc = run_cli(overrides, root / name, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[name] = root / name
+    return out

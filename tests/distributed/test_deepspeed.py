@@ -10,7 +10,12 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_cli
-from tests.distributed.checks import assert_memory_matches_plan, losses, max_diff_from_reference
+from tests.distributed.checks import (
+    assert_memory_matches_plan,
+    losses,
+    max_diff_from_reference,
+    run_all,
+)
 
 STAGES = {
     "zero0": ["+recipe=ddp", "parallelism.backend=deepspeed"],
@@ -27,13 +32,8 @@ MEMORY_TOL = 0.05
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("deepspeed")
-    out = {}
-    for name, overrides in STAGES.items():
-        proc = run_cli([*overrides, "train.steps=20", "logging=none"], root / name)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        out[name] = root / name
-    return out
+    return run_all(tmp_path_factory.mktemp("deepspeed"),
+                   {name: [*o, "train.steps=20", "logging=none"] for name, o in STAGES.items()})
 
 
 @pytest.mark.parametrize("stage", STAGES)

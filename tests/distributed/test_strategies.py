@@ -9,8 +9,12 @@ from pathlib import Path
 import pytest
 
 from orchestrator.metrics import read_metrics, read_wandb_run
-from tests.conftest import run_cli
-from tests.distributed.checks import assert_memory_matches_plan, losses, max_diff_from_reference
+from tests.distributed.checks import (
+    assert_memory_matches_plan,
+    losses,
+    max_diff_from_reference,
+    run_all,
+)
 
 RECIPES = ["ddp", "zero1", "fsdp_zero2", "fsdp_zero3"]
 SECRET = "sk-test-do-not-log-4242"
@@ -23,15 +27,9 @@ MEMORY_TOL = 0.02
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     """Run each recipe once (20 steps, 2 ranks); every test below reads these run dirs."""
-    root = tmp_path_factory.mktemp("strategies")
-    out = {}
-    for recipe in RECIPES:
-        run_dir = root / recipe
-        proc = run_cli([f"+recipe={recipe}", "train.steps=20"], run_dir,
-                       env={"WANDB_API_KEY": SECRET})
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        out[recipe] = run_dir
-    return out
+    return run_all(tmp_path_factory.mktemp("strategies"),
+                   {r: [f"+recipe={r}", "train.steps=20"] for r in RECIPES},
+                   env={"WANDB_API_KEY": SECRET})
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
