@@ -148,7 +148,7 @@ def validate(job: JobConfig, hw: Hardware) -> None:
     for key, value in [
         ("optim.weight_decay", o.weight_decay), ("optim.warmup_steps", o.warmup_steps),
         ("optim.momentum", o.momentum), ("train.grad_clip", t.grad_clip),
-        ("train.seed", t.seed), ("model.dropout", m.dropout),
+        ("train.seed", t.seed),
         ("debug.memory_probe_step", job.debug.memory_probe_step),
     ]:
         _positive(key, value, strict=False)
