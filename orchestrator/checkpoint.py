@@ -1,5 +1,6 @@
 """The trained model, saved once at the end of a run in Hugging Face format (`<run_dir>/model`),
-so the next lifecycle step loads it with `model.pretrained_path`.
+so the next lifecycle step loads it with `model.pretrained_path`. LoRA runs save the model with
+the adapters merged in, and the adapter alone under `model/adapter` (peft's format).
 
 Written to a temporary directory and renamed into place: an interrupted save never leaves a
 half-written `model/`.
@@ -13,10 +14,12 @@ import shutil
 from pathlib import Path
 
 from orchestrator.data.tokenizer import TOKENIZER_JSON, ByteTokenizer
+from orchestrator.models.lora import is_lora, merged_state_dict
 from orchestrator.strategies.base import Engine
 
 MODEL_DIR = "model"
 TOKENIZER_FILE = "orchestrator_tokenizer.json"
+ADAPTER_DIR = "adapter"  # LoRA runs: peft's adapter files, beside the merged model
 
 
 def save_final(engine: Engine, run_dir: str | Path, rank: int,
@@ -27,7 +30,12 @@ def save_final(engine: Engine, run_dir: str | Path, rank: int,
     final = Path(run_dir) / MODEL_DIR
     tmp = Path(run_dir) / f".{MODEL_DIR}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    engine.hf_model().save_pretrained(tmp, state_dict=state, safe_serialization=True)
+    model = engine.hf_model()
+    if is_lora(model):  # a plain model with the adapters merged in, and the adapter alone
+        model.get_base_model().save_pretrained(tmp, state_dict=merged_state_dict(model, state))
+        model.save_pretrained(tmp / ADAPTER_DIR, state_dict=state)
+    else:
+        model.save_pretrained(tmp, state_dict=state)
     if tokenizer_json is not None:  # BPE: the model travels with its vocabulary
         shutil.copy(tokenizer_json, tmp / TOKENIZER_JSON)
     else:

@@ -1,7 +1,9 @@
 """Training compute: FLOPs (6·N·D plus attention), the Chinchilla reference, time and cost.
 
 FLOPs per token = 6·N (forward 2N + backward 4N over the weights) + 12·L·h·s for attention
-scores and values (PaLM appendix B); D tokens in all. Chinchilla (Hoffmann et al. 2022):
+scores and values (PaLM appendix B); with frozen weights (LoRA) backward still computes the
+activation gradients (2N) but weight gradients only for the T trainable ones: 4·N + 2·T.
+D tokens in all. Chinchilla (Hoffmann et al. 2022):
 compute-optimal training uses about 20 tokens per parameter, so a budget C = 6·N·D gives
 N* = sqrt(C / 120) and D* = 20·N*.
 """
@@ -18,7 +20,7 @@ AT_OPTIMUM_BAND = 0.10  # within ±10 % of 20 tokens/param counts as "at" the op
 
 @dataclass(frozen=True)
 class ComputeEstimate:
-    params: int  # unique trainable parameters (tied embeddings counted once)
+    params: int  # unique parameters (tied embeddings counted once)
     tokens_per_step: int
     tokens: int  # D: tokens the job will train on
     flops_per_token: float
@@ -26,6 +28,7 @@ class ComputeEstimate:
     chinchilla_tokens: int  # ≈ 20 tokens per parameter
     tokens_vs_chinchilla: float  # D / chinchilla_tokens (1.0 = compute-optimal)
     chinchilla_verdict: str  # "under", "at" or "over" the optimum, and by how much
+    trainable_params: Optional[int] = None  # None = all of them
     budget_flops: Optional[float] = None
     optimal_params: Optional[int] = None  # compute-optimal N for budget_flops
     optimal_tokens: Optional[int] = None  # compute-optimal D for budget_flops
@@ -54,10 +57,12 @@ def verdict(ratio: float) -> str:
 def estimate(params: int, global_batch: int, seq_len: int, steps: int, layers: int,
              d_model: int, world_size: int = 1, peak_flops: Optional[float] = None,
              mfu: Optional[float] = None, budget_flops: Optional[float] = None,
-             gpu_hour_usd: Optional[float] = None) -> ComputeEstimate:
+             gpu_hour_usd: Optional[float] = None,
+             trainable_params: Optional[int] = None) -> ComputeEstimate:
     tokens_per_step = global_batch * seq_len
     tokens = tokens_per_step * steps
-    per_token = 6.0 * params + 12.0 * layers * d_model * seq_len
+    trained = params if trainable_params is None else trainable_params
+    per_token = 4.0 * params + 2.0 * trained + 12.0 * layers * d_model * seq_len
     chinchilla = CHINCHILLA_TOKENS_PER_PARAM * params
     ratio = tokens / chinchilla
     optimum = chinchilla_optimum(budget_flops) if budget_flops else (None, None)
@@ -68,7 +73,8 @@ def estimate(params: int, global_batch: int, seq_len: int, steps: int, layers: i
         gpu_hours = wall * world_size / 3600
         cost = gpu_hours * gpu_hour_usd if gpu_hour_usd is not None else None
     return ComputeEstimate(
-        params=params, tokens_per_step=tokens_per_step, tokens=tokens,
+        params=params, trainable_params=trainable_params, tokens_per_step=tokens_per_step,
+        tokens=tokens,
         flops_per_token=per_token, flops=per_token * tokens, chinchilla_tokens=chinchilla,
         tokens_vs_chinchilla=ratio, chinchilla_verdict=verdict(ratio),
         budget_flops=budget_flops, optimal_params=optimum[0], optimal_tokens=optimum[1],

@@ -123,25 +123,28 @@ def _chunk(dim0: int, world_size: int, rank: int) -> tuple[int, int]:
 def _replicated(specs: list[ParamSpec], opt_numels: list[int], optimizer: str,
                 momentum: float, w: int) -> dict[str, MomentBytes]:
     total = sum(s.numel for s in specs)
+    trained = sum(s.numel for s in specs if s.trainable)  # DDP buckets only these
     opt = _optimizer_bytes(opt_numels, optimizer, momentum, w)
     # Bucket-view gradients persist between steps (zero_grad keeps them), so both moments hold them.
-    return {m: MomentBytes(w * total, w * total, opt) for m in MOMENTS}
+    return {m: MomentBytes(w * total, w * trained, opt) for m in MOMENTS}
 
 
 def _fsdp(specs: list[ParamSpec], world_size: int, rank: int, stage: int, compute_bytes: int,
           optimizer: str, momentum: float, w: int) -> dict[str, MomentBytes]:
-    padded_shard, local, unsharded = 0, [], {}
+    padded_shard, grad_shard, local, unsharded = 0, 0, [], {}
     for s in specs:
         rows_padded, rows_local = _chunk(s.shape[0], world_size, rank)
         inner = s.numel // s.shape[0]
         padded_shard += rows_padded * inner
-        local.append(rows_local * inner)
+        if s.trainable:  # frozen parameters are sharded too, but take no grad or state
+            grad_shard += rows_padded * inner
+            local.append(rows_local * inner)
         unsharded[s.group] = unsharded.get(s.group, 0) + rows_padded * world_size * inner
     opt = _optimizer_bytes(local, optimizer, momentum, w)
     held = sum(unsharded.values()) if stage == 2 else unsharded.get(ROOT_GROUP, 0)
     return {
         "after_forward": MomentBytes(w * padded_shard + compute_bytes * held, 0, opt),
-        "after_backward": MomentBytes(w * padded_shard, w * padded_shard, opt),
+        "after_backward": MomentBytes(w * padded_shard, w * grad_shard, opt),
     }
 
 
@@ -154,12 +157,13 @@ def estimate(specs: list[ParamSpec], world_size: int, zero_stage: int, precision
     """Model-state bytes on the most loaded rank at each modelled moment of a training step."""
     w = master_bytes(precision)
     if zero_stage in (0, 1):
-        owned = zero1_partition(specs, world_size) if zero_stage == 1 else [range(len(specs))]
-        per_rank = [_optimizer_bytes([specs[i].numel for i in o], optimizer, momentum, w)
+        trained = [s for s in specs if s.trainable]  # the optimizer gets only these
+        owned = zero1_partition(trained, world_size) if zero_stage == 1 else [range(len(trained))]
+        per_rank = [_optimizer_bytes([trained[i].numel for i in o], optimizer, momentum, w)
                     for o in owned]
         rank = per_rank.index(max(per_rank))  # ZeRO-1's greedy split can be uneven
-        moments = _replicated(specs, [specs[i].numel for i in owned[rank]], optimizer, momentum,
-                              w)
+        moments = _replicated(specs, [trained[i].numel for i in owned[rank]], optimizer,
+                              momentum, w)
     else:
         rank = 0  # dim-0 chunks are largest on rank 0; padded shards are equal everywhere
         moments = _fsdp(specs, world_size, rank, zero_stage, DTYPE_BYTES[precision], optimizer,
@@ -201,25 +205,27 @@ def estimate_deepspeed(specs: list[ParamSpec], world_size: int, zero_stage: int,
     """
     n, b = world_size, DTYPE_BYTES[precision]  # DeepSpeed casts the module for bf16/fp16
     rank, host = 0, 0
+    trained = [s for s in specs if s.trainable]  # frozen (LoRA base) weights: params only
     if zero_stage == 0:
         psi = sum(s.numel for s in specs)
-        opt, master = _optimizer_bytes([s.numel for s in specs], optimizer, momentum), 0
+        opt, master = _optimizer_bytes([s.numel for s in trained], optimizer, momentum), 0
         params = after_fwd_params = b * psi
-        grads = 4 * psi
+        grads = 4 * sum(s.numel for s in trained)
     elif zero_stage in (1, 2):
-        part, extra = _ds_flat_partition(specs, n)
+        part, extra = _ds_flat_partition(trained, n)
         rank = extra.index(max(extra))
         opt, master = _optimizer_bytes([part], optimizer, momentum), 4 * part
         params = after_fwd_params = b * sum(s.numel for s in specs)
         grads = 4 * (part + extra[rank])
     else:
         part = sum(math.ceil(s.numel / n) for s in specs)
+        owned = sum(math.ceil(s.numel / n) for s in trained)
         persistent = sum(s.numel for s in specs if s.numel <= persistence_threshold)
         head = sum(s.numel for s in specs if s.head and s.numel > persistence_threshold)
-        opt, master = _optimizer_bytes([part], optimizer, momentum), 4 * part
+        opt, master = _optimizer_bytes([owned], optimizer, momentum), 4 * owned
         params = b * (part + persistent)
         after_fwd_params = params + b * head
-        grads = 4 * part
+        grads = 4 * owned
     if offload_optimizer:  # the fp32 gradient partition then lives on the host for good
         host += opt + master + grads
         opt = master = grads = 0

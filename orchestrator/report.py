@@ -24,15 +24,18 @@ def _fmt(value: float | None, fmt: str, unit: str = "") -> str:
 
 def plan_rows(plan: Plan) -> list[tuple[str, str]]:
     c, m = plan.compute, plan.memory
+    frozen = c.trainable_params is not None and c.trainable_params != c.params
     rows = [
         ("ranks", f"{plan.world_size} = {plan.nnodes} node(s) x {plan.nproc_per_node} "
                   f"({plan.device}, {plan.backend}"
                   + (f", {plan.gpu}" if plan.gpu else "") + ")"),
         ("batch", f"global {plan.global_batch_size} = micro {plan.micro_batch_size} x accum "
                   f"{plan.grad_accum_steps} x dp {plan.world_size}"),
-        ("parameters", f"{c.params:,}"),
+        ("parameters", f"{c.params:,}" + (f" ({c.trainable_params:,} trainable, LoRA)"
+                                          if frozen else "")),
         ("tokens", f"{c.tokens:,}: {c.chinchilla_verdict} ({c.chinchilla_tokens:,})"),
-        ("train FLOPs", f"{c.flops:.3g} ({c.flops_per_token:.3g} per token: 6N + attention)"),
+        ("train FLOPs", f"{c.flops:.3g} ({c.flops_per_token:.3g} per token: "
+                        + ("4N + 2N_trainable" if frozen else "6N") + " + attention)"),
     ]
     if c.budget_flops:
         rows.append(("compute-optimal for budget", f"{c.budget_flops:.3g} FLOPs -> N* = "

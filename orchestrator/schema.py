@@ -37,6 +37,16 @@ class ModelConfig:
 
 
 @dataclass
+class LoraConfig:
+    # rank 0 = off (every weight trains); > 0 = freeze the model and train low-rank adapters
+    # (peft) on target_modules; the saved model has them merged in, the adapter is kept too
+    rank: int = 0
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=list)  # empty = peft's default per family
+
+
+@dataclass
 class PrecisionConfig:
     # bf16/fp16: mixed precision with fp32 master weights; bf16_pure: weights, grads and
     # optimizer state all bf16 (half the model-state memory, no fp32 master)
@@ -209,6 +219,7 @@ class JobConfig:
     action: str = choice("run", "run", "plan", "validate", "status", "cancel")
     run_dir: str = ""  # filled from hydra.run.dir at the entry point (status/cancel: given)
     model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -121,6 +121,31 @@ def _check_model_source(job: JobConfig) -> None:
     _positive("generate.max_new_tokens", gen.max_new_tokens)
 
 
+def _check_lora(job: JobConfig) -> None:
+    lo = job.lora
+    _positive("lora.rank", lo.rank, strict=False)
+    if lo.rank == 0:
+        return
+    if job.train.task != "pretrain":
+        raise ConfigError("lora.rank", lo.rank, f"0 for train.task={job.train.task} (adapters "
+                          "are trained, then merged into the saved model that it loads)")
+    _positive("lora.alpha", lo.alpha)
+    if not 0 <= lo.dropout < 1:
+        raise ConfigError("lora.dropout", lo.dropout, "a number in [0, 1)")
+    from orchestrator.models import param_specs
+
+    names = {s.name.split(".")[-2] for s in param_specs(job.model) if "." in s.name}
+    missing = [t for t in lo.target_modules if t not in names]
+    if missing:
+        raise ConfigError("lora.target_modules", missing, "module names of this model's linear "
+                          "or embedding layers, e.g. " + ", ".join(sorted(names)))
+    try:  # peft's own check: the layer types it can adapt
+        param_specs(job.model, lo)
+    except (ValueError, TypeError) as e:
+        raise ConfigError("lora.target_modules", list(lo.target_modules),
+                          f"layers peft can adapt ({str(e).splitlines()[0]})") from None
+
+
 def resolve_device(job: JobConfig, hw: Hardware) -> str:
     """cluster.device, with auto = cuda when a GPU is named in cluster.gpu or visible here."""
     if job.cluster.device == "auto":
@@ -183,6 +208,7 @@ def validate(job: JobConfig, hw: Hardware) -> None:
                           f"a rank in 0..{job.world_size - 1}")
     _check_objective(job)
     _check_model_source(job)
+    _check_lora(job)
     if not 0 <= job.plan.mfu <= 1 or job.plan.mfu == 0:
         raise ConfigError("plan.mfu", job.plan.mfu, "a fraction in (0, 1]")
     _positive("plan.memory_overhead", job.plan.memory_overhead, strict=False)

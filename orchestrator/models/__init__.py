@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from orchestrator.schema import ModelConfig
+from orchestrator.schema import LoraConfig, ModelConfig
 
 ROOT_GROUP = "root"
 
@@ -87,14 +87,23 @@ def _instantiate(cfg: ModelConfig, weights: bool = False) -> nn.Module:
     return model
 
 
-def build_model(cfg: ModelConfig, seed: int, device: str | torch.device = "cpu") -> nn.Module:
+def build_model(cfg: ModelConfig, seed: int, device: str | torch.device = "cpu",
+                lora: LoraConfig | None = None) -> nn.Module:
     """A randomly initialised model (the same seed gives the same weights on every rank), or
-    the one saved at `model.pretrained_path`."""
+    the one saved at `model.pretrained_path`; with `lora.rank > 0`, frozen and wrapped with
+    trainable adapters (initialised from the same seed)."""
     torch.manual_seed(seed)
     if cfg.pretrained_path:
-        return _instantiate(cfg, weights=True).to(device)
-    with torch.device(device):
-        return _instantiate(cfg)
+        model = _instantiate(cfg, weights=True).to(device)
+    else:
+        with torch.device(device):
+            model = _instantiate(cfg)
+    if lora is not None and lora.rank > 0:
+        from orchestrator.models.lora import apply_lora
+
+        with torch.device(device):
+            model = apply_lora(model, lora)
+    return model
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
@@ -118,6 +127,7 @@ class ParamSpec:
     shape: tuple[int, ...]
     group: str  # FSDP unit: "block.<i>" or "root"
     head: bool = False  # the output projection (tied embeddings: the shared weight)
+    trainable: bool = True  # False: frozen (LoRA base weights): no gradient, no optimizer state
 
     @property
     def numel(self) -> int:
@@ -127,17 +137,22 @@ class ParamSpec:
         return n
 
 
-def param_specs(cfg: ModelConfig) -> list[ParamSpec]:
-    """Unique trainable parameters (tied weights once), in `model.parameters()` order."""
+def param_specs(cfg: ModelConfig, lora: LoraConfig | None = None) -> list[ParamSpec]:
+    """Unique parameters (tied weights once), in `model.parameters()` order, frozen ones
+    marked (LoRA)."""
     with torch.device("meta"):
         model = _instantiate(cfg)
+        if lora is not None and lora.rank > 0:
+            from orchestrator.models.lora import apply_lora
+
+            model = apply_lora(model, lora)
     owner: dict[int, str] = {}
     for i, block in enumerate(transformer_blocks(model)):
         for p in block.parameters():
             owner[id(p)] = f"block.{i}"
     head = model.get_output_embeddings().weight
     return [
-        ParamSpec(name, tuple(p.shape), owner.get(id(p), ROOT_GROUP), head=p is head)
+        ParamSpec(name, tuple(p.shape), owner.get(id(p), ROOT_GROUP), head=p is head,
+                  trainable=p.requires_grad)
         for name, p in model.named_parameters()
-        if p.requires_grad
     ]

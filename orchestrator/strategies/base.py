@@ -20,9 +20,14 @@ from orchestrator.schema import JobConfig, OptimConfig
 Probe = Callable[[str], None]
 
 
+def trainable(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
+    """The parameters the optimizer steps (frozen LoRA base weights are left out)."""
+    return [p for p in params if p.requires_grad]
+
+
 def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
     cls, kwargs = optimizer_class(cfg)
-    return cls(params, **kwargs)
+    return cls(trainable(params), **kwargs)
 
 
 def optimizer_class(cfg: OptimConfig) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:

@@ -10,7 +10,7 @@ from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from orchestrator.schema import JobConfig
-from orchestrator.strategies.base import Engine, optimizer_class
+from orchestrator.strategies.base import Engine, optimizer_class, trainable
 from orchestrator.strategies.ddp import DDPEngine, make_engine, wrap
 
 
@@ -23,5 +23,5 @@ class Zero1Engine(DDPEngine):
 def setup(model: nn.Module, job: JobConfig, device: str) -> Engine:
     ddp = wrap(model, job, device)
     cls, kwargs = optimizer_class(job.optim)
-    optimizer = ZeroRedundancyOptimizer(ddp.parameters(), optimizer_class=cls, **kwargs)
+    optimizer = ZeroRedundancyOptimizer(trainable(ddp.parameters()), optimizer_class=cls, **kwargs)
     return make_engine(ddp, optimizer, job, device, cls=Zero1Engine)

@@ -65,3 +65,22 @@ def test_uneven_dim0_is_padded_like_fsdp() -> None:
     after_bwd = est.moments["after_backward"]
     assert after_bwd.params_bytes == 4 * 3 * 3  # ceil(5/2)=3 rows, padded on every rank
     assert after_bwd.optimizer_bytes == 8 * 3 * 3 + 4  # rank 0 owns 3 real rows
+
+
+def test_lora_frozen_weights_hold_parameters_only() -> None:
+    """With LoRA every strategy still stores (or shards) the frozen weights, but gradients and
+    Adam state exist for the adapters alone; compute drops to 4N + 2T FLOPs per token."""
+    from orchestrator.schema import LoraConfig
+
+    model = make_job(["model=gpt2"]).model
+    full, lora = param_specs(model), param_specs(model, LoraConfig(rank=8))
+    trained = sum(s.numel for s in lora if s.trainable)
+    frozen = sum(s.numel for s in lora if not s.trainable)
+    assert frozen == sum(s.numel for s in full) and 0 < trained < frozen / 100
+    for stage in range(4):
+        a = memory.estimate(full, 8, stage, "fp32").moments["after_backward"]
+        b = memory.estimate(lora, 8, stage, "fp32").moments["after_backward"]
+        assert b.params_bytes >= a.params_bytes  # adapters add a little
+        assert b.grads_bytes < a.grads_bytes / 50 and b.optimizer_bytes < a.optimizer_bytes / 50
+    ds = memory.estimate_deepspeed(lora, 8, 3, "bf16").moments["after_backward"]
+    assert ds.optimizer_bytes < 12 * trained  # master + moments for the adapters only

@@ -33,6 +33,11 @@ BAD = [
     (["optim.beta2=1.5"], "optim.beta2"),
     (["action=launch"], "action"),
     (["debug.crash_rank=5"], "debug.crash_rank"),
+    (["lora.rank=-1"], "lora.rank"),
+    (["lora.rank=4", "lora.target_modules=[c_attn,qkv]"], "lora.target_modules"),
+    (["lora.rank=4", "lora.target_modules=[ln_1]"], "lora.target_modules"),  # a LayerNorm
+    (["lora.rank=4", "lora.dropout=1"], "lora.dropout"),
+    (["lora.rank=4", "+recipe=evaluate"], "lora.rank"),
 ]
 
 
