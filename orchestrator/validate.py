@@ -111,9 +111,6 @@ def _check_model_source(job: JobConfig) -> None:
         return
     if m.family not in ("gpt2", "llama"):
         raise ConfigError("model.family", m.family, "'gpt2' or 'llama' for train.task=generate")
-    if job.world_size != 1:
-        raise ConfigError("cluster.gpus_per_node", job.cluster.gpus_per_node,
-                          "1 with one node for train.task=generate (one process)")
     if gen.temperature < 0 or not 0 < gen.top_p <= 1 or gen.top_k < 0:
         bad = ("generate.temperature", gen.temperature) if gen.temperature < 0 else (
             ("generate.top_k", gen.top_k) if gen.top_k < 0 else ("generate.top_p", gen.top_p))

@@ -1,7 +1,11 @@
-"""Generate text from a trained causal LM (one process): `python -m orchestrator +recipe=generate
-model.pretrained_path=<run_dir>/model generate.prompts='[...]'`.
+"""Generate text from a trained causal LM under the configured strategy:
+`python -m orchestrator +recipe=generate model.pretrained_path=<run_dir>/model
+generate.prompts='[...]'`.
 
-Writes `<run_dir>/generations.jsonl` (prompt, completion, settings) and prints each completion.
+The prompts are dealt out across ranks; each rank continues its share as one left-padded batch
+(under ZeRO-3 every rank runs the same number of forwards, since the weights are sharded). Prompt
+i samples from its own generator seeded with `train.seed + i`, so a completion is the same
+whatever the world size or batch. Rank 0 writes `<run_dir>/generations.jsonl` in prompt order.
 """
 
 from __future__ import annotations
@@ -12,32 +16,60 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
+from orchestrator import distributed
 from orchestrator.data import get_tokenizer
 from orchestrator.models import build_model
-from orchestrator.sampling import generate
+from orchestrator.precision import model_dtype
+from orchestrator.sampling import generate_batch
+from orchestrator.strategies import setup as setup_strategy
 from orchestrator.typed import load_job
+
+
+def _all_done(done: bool) -> bool:
+    """True once every rank's batch is finished (a collective)."""
+    flag = torch.tensor([int(done)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def main(argv: list[str]) -> int:
     job = load_job(argv[1])
-    g_cfg = job.generate
+    g_cfg, seed = job.generate, job.train.seed
     device = os.environ.get("ORCHESTRATOR_DEVICE", "cpu")
-    model = build_model(job.model, seed=job.train.seed, device=device)
-    tok = get_tokenizer(job)
-    g = torch.Generator().manual_seed(job.train.seed)
-    out = Path(job.run_dir) / "generations.jsonl"
-    with open(out, "w") as f:
-        for prompt in g_cfg.prompts:
-            ids = generate(model, tok.encode(prompt), g_cfg.max_new_tokens, g_cfg.temperature,
-                           g_cfg.top_k, g_cfg.top_p, g, eos_id=tok.eos_id,
-                           max_len=model.config.max_position_embeddings)
-            text = tok.decode(ids)
-            f.write(json.dumps({"prompt": prompt, "completion": text, "token_ids": ids,
-                                "temperature": g_cfg.temperature, "top_k": g_cfg.top_k,
-                                "top_p": g_cfg.top_p, "seed": job.train.seed}) + "\n")
-            print(f"{prompt!r} -> {text!r}", flush=True)
-    print(f"generations: {out}")
+    info = distributed.init(device)
+    try:
+        model = build_model(job.model, seed=seed).to(model_dtype(job.precision.name))
+        engine = setup_strategy(model, job, device)
+        tok = get_tokenizer(job)
+        mine = list(enumerate(g_cfg.prompts))[info.rank::info.world_size]
+        # A rank without a prompt of its own still takes part in every forward.
+        work = mine or [(0, g_cfg.prompts[0])]
+        with engine.autocast():
+            ids = generate_batch(
+                engine.model, [tok.encode(p) for _, p in work], g_cfg.max_new_tokens,
+                g_cfg.temperature, g_cfg.top_k, g_cfg.top_p,
+                [torch.Generator().manual_seed(seed + i) for i, _ in work], eos_id=tok.eos_id,
+                max_len=engine.hf_model().config.max_position_embeddings, device=device,
+                all_done=_all_done, vocab=tok.vocab_size)
+        rows = [{"index": i, "prompt": p, "completion": tok.decode(t), "token_ids": t,
+                 "temperature": g_cfg.temperature, "top_k": g_cfg.top_k, "top_p": g_cfg.top_p,
+                 "seed": seed + i, "rank": info.rank}
+                for (i, p), t in zip(mine, ids, strict=False)]  # a stand-in row is dropped
+        gathered: list[list[dict]] = [[] for _ in range(info.world_size)]
+        dist.all_gather_object(gathered, rows)
+        if info.rank == 0:
+            out = Path(job.run_dir) / "generations.jsonl"
+            with open(out, "w") as f:
+                for row in sorted((r for part in gathered for r in part),
+                                  key=lambda r: r["index"]):
+                    f.write(json.dumps(row) + "\n")
+                    print(f"{row['prompt']!r} -> {row['completion']!r}", flush=True)
+            print(f"generations: {out}")
+        engine = None
+    finally:
+        distributed.shutdown()
     return 0
 
 

@@ -44,16 +44,16 @@ def test_pretrain_finetune_evaluate_generate(tmp_path) -> None:
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
     assert result["loss"] < losses(tmp_path / "pre")[0]  # better than the untrained model
 
-    texts = []
-    for name in ("gen1", "gen2"):
+    texts = []  # 3 prompts dealt over 2 ZeRO-3 ranks, then one process: the same text
+    for name, extra in (("gen1", []), ("gen2", ["parallelism=ddp", "cluster.gpus_per_node=1"])):
         gen = run_cli(["+recipe=generate", f"model.pretrained_path={model_dir}",
-                       "generate.prompts=[The,A function]", "generate.max_new_tokens=24"],
-                      tmp_path / name)
+                       "generate.prompts=[The,A function,Return]", "generate.max_new_tokens=24",
+                       *extra], tmp_path / name)
         assert gen.returncode == 0, gen.stderr[-3000:]
         rows = [json.loads(x) for x in (tmp_path / name / "generations.jsonl").open()]
-        assert [r["prompt"] for r in rows] == ["The", "A function"]
+        assert [r["prompt"] for r in rows] == ["The", "A function", "Return"]
         texts.append([r["completion"] for r in rows])
-    assert texts[0] == texts[1] and all(texts[0])
+    assert texts[0] == texts[1] and any(texts[0])  # (a completion may be just end-of-text)
 
 
 def test_finetune_from_a_save_pretrained_directory(tmp_path) -> None:

@@ -39,3 +39,25 @@ def test_top_k_and_top_p_only_draw_from_the_allowed_set() -> None:
     probs = torch.softmax(logits, -1)  # 0.66, 0.24, ...: the 0.8 nucleus is {0, 1}
     assert probs[0] < 0.8 < probs[0] + probs[1]
     assert {next_token(logits, 1.0, 0, 0.8, g) for _ in range(200)} == {0, 1}
+
+
+def test_a_batch_of_prompts_gives_each_prompt_its_own_completion() -> None:
+    """Left padding, masks and positions make batching invisible: with one generator per
+    prompt, a batch yields exactly what each prompt gives alone (sampled and greedy)."""
+    from orchestrator.sampling import generate_batch
+
+    model = _model()
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [1, 2], [40, 41, 42, 43]]
+    for temperature in (0.0, 1.0):
+        alone = [generate(model, p, 20, temperature, 0, 1.0, torch.Generator().manual_seed(i))
+                 for i, p in enumerate(prompts)]
+        batch = generate_batch(model, prompts, 20, temperature, 0, 1.0,
+                               [torch.Generator().manual_seed(i) for i in range(3)])
+        assert batch == alone
+
+
+def test_sampling_stays_inside_the_tokenizer_vocabulary() -> None:
+    from orchestrator.sampling import generate_batch
+
+    out = generate_batch(_model(), [[1, 2]], 50, 2.0, 0, 1.0, [torch.Generator()], vocab=258)
+    assert max(out[0]) < 258
