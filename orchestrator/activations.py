@@ -19,6 +19,8 @@ ACT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "bf16_pure": 2}
 def activation_bytes(job: JobConfig, micro_batch: int | None = None) -> int:
     m, s = job.model, job.data.seq_len
     b = micro_batch if micro_batch is not None else job.train.micro_batch_size
+    if job.dpo_beta is not None:  # DPO: chosen and rejected both go through the policy
+        b *= 2
     act = ACT_BYTES[job.precision.name]
     stacks = 2 if m.family == "t5" else 1  # encoder and decoder stacks
     linear = 34 * s * b * m.d_model * act // 2

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from orchestrator.data.tokenizer import TOKENIZER_JSON, ByteTokenizer
 from orchestrator.models.lora import is_lora, merged_state_dict
+from orchestrator.models.preference import policy_only
 from orchestrator.strategies.base import Engine
 
 MODEL_DIR = "model"
@@ -30,7 +31,7 @@ def save_final(engine: Engine, run_dir: str | Path, rank: int,
     final = Path(run_dir) / MODEL_DIR
     tmp = Path(run_dir) / f".{MODEL_DIR}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model = engine.hf_model()
+    model, state = policy_only(engine.hf_model(), state)  # DPO: not the reference
     if is_lora(model):  # a plain model with the adapters merged in, and the adapter alone
         model.get_base_model().save_pretrained(tmp, state_dict=merged_state_dict(model, state))
         model.save_pretrained(tmp / ADAPTER_DIR, state_dict=state)

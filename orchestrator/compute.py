@@ -3,6 +3,8 @@
 FLOPs per token = 6·N (forward 2N + backward 4N over the weights) + 12·L·h·s for attention
 scores and values (PaLM appendix B); with frozen weights (LoRA) backward still computes the
 activation gradients (2N) but weight gradients only for the T trainable ones: 4·N + 2·T.
+DPO runs both answers of a pair through the policy and, forward only, through the frozen
+reference: 2·(4N + 2T + 12·L·h·s + 2N + 4·L·h·s) per token of a pair.
 D tokens in all. Chinchilla (Hoffmann et al. 2022):
 compute-optimal training uses about 20 tokens per parameter, so a budget C = 6·N·D gives
 N* = sqrt(C / 120) and D* = 20·N*.
@@ -29,6 +31,7 @@ class ComputeEstimate:
     tokens_vs_chinchilla: float  # D / chinchilla_tokens (1.0 = compute-optimal)
     chinchilla_verdict: str  # "under", "at" or "over" the optimum, and by how much
     trainable_params: Optional[int] = None  # None = all of them
+    reference: bool = False  # DPO: a frozen reference model runs forward beside the policy
     budget_flops: Optional[float] = None
     optimal_params: Optional[int] = None  # compute-optimal N for budget_flops
     optimal_tokens: Optional[int] = None  # compute-optimal D for budget_flops
@@ -58,11 +61,15 @@ def estimate(params: int, global_batch: int, seq_len: int, steps: int, layers: i
              d_model: int, world_size: int = 1, peak_flops: Optional[float] = None,
              mfu: Optional[float] = None, budget_flops: Optional[float] = None,
              gpu_hour_usd: Optional[float] = None,
-             trainable_params: Optional[int] = None) -> ComputeEstimate:
+             trainable_params: Optional[int] = None,
+             reference: bool = False) -> ComputeEstimate:
     tokens_per_step = global_batch * seq_len
     tokens = tokens_per_step * steps
     trained = params if trainable_params is None else trainable_params
-    per_token = 4.0 * params + 2.0 * trained + 12.0 * layers * d_model * seq_len
+    attention = 4.0 * layers * d_model * seq_len  # forward; backward is twice that
+    per_token = 4.0 * params + 2.0 * trained + 3 * attention
+    if reference:  # DPO: chosen and rejected, each also through the reference (forward)
+        per_token = 2 * (per_token + 2.0 * params + attention)
     chinchilla = CHINCHILLA_TOKENS_PER_PARAM * params
     ratio = tokens / chinchilla
     optimum = chinchilla_optimum(budget_flops) if budget_flops else (None, None)
@@ -73,7 +80,8 @@ def estimate(params: int, global_batch: int, seq_len: int, steps: int, layers: i
         gpu_hours = wall * world_size / 3600
         cost = gpu_hours * gpu_hour_usd if gpu_hour_usd is not None else None
     return ComputeEstimate(
-        params=params, trainable_params=trainable_params, tokens_per_step=tokens_per_step,
+        params=params, trainable_params=trainable_params, reference=reference,
+        tokens_per_step=tokens_per_step,
         tokens=tokens,
         flops_per_token=per_token, flops=per_token * tokens, chinchilla_tokens=chinchilla,
         tokens_vs_chinchilla=ratio, chinchilla_verdict=verdict(ratio),

@@ -14,6 +14,7 @@ from orchestrator.activations import activation_bytes
 from orchestrator.data.corpus import cache_dir
 from orchestrator.gpus import GPUS
 from orchestrator.models import ParamSpec, param_specs
+from orchestrator.models.preference import REFERENCE
 from orchestrator.schema import JobConfig, LoraConfig, ModelConfig
 from orchestrator.validate import resolve_batch
 
@@ -98,7 +99,7 @@ def node_commands(job: JobConfig, config_path: str, python: str) -> list[list[st
 def make_plan(job: JobConfig, device: str, cpu_count: int, python: str = sys.executable) -> Plan:
     """Everything a launcher needs, computed without allocating the model."""
     accum, global_batch = resolve_batch(job)
-    specs = cached_specs(job.model, job.lora)
+    specs = cached_specs(job.model, job.lora, job.dpo_beta)
     config_path = str(Path(job.run_dir) / "config.yaml")
     threads = max(1, cpu_count // job.cluster.gpus_per_node) if device == "cpu" else 1
     env = {"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
@@ -122,6 +123,8 @@ def make_plan(job: JobConfig, device: str, cpu_count: int, python: str = sys.exe
                               job.optim.name, job.optim.momentum)
         strategy = memory.strategy_name(p.zero_stage)
     psi = sum(s.numel for s in specs)
+    # DPO: the frozen reference copy is memory, not model size
+    n_model = sum(s.numel for s in specs if not s.name.startswith(REFERENCE))
     mem = memory.with_activations(mem, activation_bytes(job), job.plan.memory_overhead, psi,
                                   job.world_size, p.zero_stage, job.precision.name)
     gpu = GPUS.get(job.cluster.gpu)
@@ -144,10 +147,11 @@ def make_plan(job: JobConfig, device: str, cpu_count: int, python: str = sys.exe
         config_path=config_path,
         memory=mem,
         compute=compute.estimate(
-            psi, global_batch, job.data.seq_len, job.train.steps, layers, job.model.d_model,
+            n_model, global_batch, job.data.seq_len, job.train.steps, layers, job.model.d_model,
             job.world_size, gpu.peak_flops(job.precision.name) if gpu else None, job.plan.mfu,
             job.plan.budget_flops, job.cluster.gpu_hour_usd,
-            trainable_params=sum(s.numel for s in specs if s.trainable)),
+            trainable_params=sum(s.numel for s in specs if s.trainable),
+            reference=job.dpo_beta is not None),
         deepspeed_config=ds_config,
         gpu=job.cluster.gpu if gpu else None,
         device_memory_bytes=gpu.memory_bytes if gpu else None,
@@ -157,10 +161,11 @@ def make_plan(job: JobConfig, device: str, cpu_count: int, python: str = sys.exe
 _SPECS: dict[str, tuple[ParamSpec, ...]] = {}
 
 
-def cached_specs(model: ModelConfig, lora: LoraConfig | None = None) -> list[ParamSpec]:
-    """Parameter shapes from the meta device, built once per model (and LoRA) config per
+def cached_specs(model: ModelConfig, lora: LoraConfig | None = None,
+                 dpo_beta: float | None = None) -> list[ParamSpec]:
+    """Parameter shapes from the meta device, built once per model (LoRA, DPO) config per
     process (`parallelism.auto` plans many candidates of the same model)."""
-    key = repr((model, lora if lora is not None and lora.rank > 0 else None))
+    key = repr((model, lora if lora is not None and lora.rank > 0 else None, dpo_beta))
     if key not in _SPECS:
-        _SPECS[key] = tuple(param_specs(model, lora))
+        _SPECS[key] = tuple(param_specs(model, lora, dpo_beta))
     return list(_SPECS[key])

@@ -32,10 +32,12 @@ def plan_rows(plan: Plan) -> list[tuple[str, str]]:
         ("batch", f"global {plan.global_batch_size} = micro {plan.micro_batch_size} x accum "
                   f"{plan.grad_accum_steps} x dp {plan.world_size}"),
         ("parameters", f"{c.params:,}" + (f" ({c.trainable_params:,} trainable, LoRA)"
-                                          if frozen else "")),
+                                          if frozen else "")
+         + (" + a frozen DPO reference copy" if c.reference else "")),
         ("tokens", f"{c.tokens:,}: {c.chinchilla_verdict} ({c.chinchilla_tokens:,})"),
         ("train FLOPs", f"{c.flops:.3g} ({c.flops_per_token:.3g} per token: "
-                        + ("4N + 2N_trainable" if frozen else "6N") + " + attention)"),
+                        + ("4N + 2N_trainable" if frozen else "6N") + " + attention"
+                        + (", x2 answers + reference forward 2N" if c.reference else "") + ")"),
     ]
     if c.budget_flops:
         rows.append(("compute-optimal for budget", f"{c.budget_flops:.3g} FLOPs -> N* = "

@@ -76,9 +76,10 @@ class ParallelismConfig:
 
 @dataclass
 class DataConfig:
-    name: str = choice("synthetic", "synthetic", "text", "jsonl_sft")
+    name: str = choice("synthetic", "synthetic", "text", "jsonl_sft", "jsonl_pref")
     seq_len: int = 64
-    # text: a UTF-8 file; jsonl_sft: {"prompt", "response"} lines; None = the built-in set
+    # text: a UTF-8 file; jsonl_sft: {"prompt", "response"} lines; jsonl_pref: {"prompt",
+    # "chosen", "rejected"} lines (DPO); None = the built-in set
     path: Optional[str] = None
     # byte: 258 ids, no vocabulary file; bpe: byte-level BPE trained on the corpus at launch
     # (saved as <run_dir>/tokenizer.json) or loaded from tokenizer_path / the pretrained model
@@ -91,11 +92,13 @@ class DataConfig:
 
 @dataclass
 class ObjectiveConfig:
-    # auto = the family's own: causal (gpt2, llama), mlm (bert), span (t5)
-    name: str = choice("auto", "auto", "causal", "mlm", "span")
+    # auto = the family's own: causal (gpt2, llama), mlm (bert), span (t5); dpo = preference
+    # pairs against a frozen reference copy of the starting model (causal LMs)
+    name: str = choice("auto", "auto", "causal", "mlm", "span", "dpo")
     mlm_probability: float = 0.15  # mlm: share of positions selected (80/10/10 mask/random/keep)
     noise_density: float = 0.15  # span: share of tokens hidden in spans
     mean_span_length: float = 3.0  # span: mean span length
+    dpo_beta: float = 0.1  # dpo: strength of the pull towards the reference (KL weight)
 
 
 @dataclass
@@ -237,3 +240,8 @@ class JobConfig:
     @property
     def world_size(self) -> int:
         return self.cluster.nodes * self.cluster.gpus_per_node
+
+    @property
+    def dpo_beta(self) -> Optional[float]:
+        """β when the objective is DPO (the model is then paired with a frozen reference)."""
+        return self.objective.dpo_beta if self.objective.name == "dpo" else None

@@ -73,9 +73,18 @@ def _check_objective(job: JobConfig) -> None:
     from orchestrator.data.tokenizer import ByteTokenizer
 
     o, family = job.objective, job.model.family
-    if o.name not in ("auto", FAMILY_OBJECTIVE[family]):
+    causal = FAMILY_OBJECTIVE[family] == "causal"
+    if o.name not in ("auto", FAMILY_OBJECTIVE[family]) and not (o.name == "dpo" and causal):
         raise ConfigError("objective.name", o.name, f"'auto' or '{FAMILY_OBJECTIVE[family]}' "
-                          f"for model.family={family!r}")
+                          f"for model.family={family!r}" + (" (or 'dpo')" if causal else ""))
+    if (o.name == "dpo") != (job.data.name == "jsonl_pref"):
+        raise ConfigError("objective.name", o.name, "'dpo' exactly when data.name="
+                          f"'jsonl_pref' (preference pairs); data.name is {job.data.name!r}")
+    if o.name == "dpo":
+        _positive("objective.dpo_beta", o.dpo_beta)
+        if job.train.task != "pretrain":
+            raise ConfigError("objective.name", "dpo", "'auto' for train.task="
+                              f"{job.train.task} (DPO is a training objective)")
     for key, value in [("objective.mlm_probability", o.mlm_probability),
                        ("objective.noise_density", o.noise_density)]:
         if not 0 < value < 1:

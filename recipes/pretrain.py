@@ -30,7 +30,8 @@ class PretrainRecipe:
     def setup(self) -> None:
         device = os.environ.get("ORCHESTRATOR_DEVICE", "cpu")
         self.info = distributed.init(device)
-        model = build_model(self.job.model, seed=self.job.train.seed, lora=self.job.lora)
+        model = build_model(self.job.model, seed=self.job.train.seed, lora=self.job.lora,
+                            dpo_beta=self.job.dpo_beta)
         model.to(model_dtype(self.job.precision.name))
         if self.job.train.activation_checkpointing:
             model.gradient_checkpointing_enable(

@@ -9,8 +9,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from orchestrator.data import objectives
-from orchestrator.data.corpus import build_corpus, build_sft
-from orchestrator.data.datasets import MarkovTokens, PackedText, PromptResponse
+from orchestrator.data.corpus import build_corpus, build_preferences, build_sft
+from orchestrator.data.datasets import MarkovTokens, PackedText, PreferencePairs, PromptResponse
 from orchestrator.data.tokenizer import TOKENIZER_JSON, BPETokenizer, ByteTokenizer, Tokenizer
 from orchestrator.schema import JobConfig
 
@@ -65,6 +65,8 @@ def build_dataset(job: JobConfig) -> Dataset:
                             seed=job.train.seed)
     if d.name == "jsonl_sft":
         return PromptResponse(d.path or str(build_sft()), d.seq_len, get_tokenizer(job))
+    if d.name == "jsonl_pref":
+        return PreferencePairs(d.path or str(build_preferences()), d.seq_len, get_tokenizer(job))
     return PackedText(d.path or str(build_corpus()), d.seq_len, get_tokenizer(job))
 
 
@@ -82,9 +84,9 @@ def make_collate(job: JobConfig, rank: int) -> Callable[[list[dict[str, torch.Te
     g = torch.Generator().manual_seed(job.train.seed * 1000 + rank)
 
     def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        if "input_ids" not in rows[0] or "labels" in rows[0]:  # labelled by the dataset (SFT
+            return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}  # masks, DPO pairs)
         ids = torch.stack([r["input_ids"] for r in rows])
-        if "labels" in rows[0]:  # the dataset chose its labels (SFT prompt masking)
-            return {"input_ids": ids, "labels": torch.stack([r["labels"] for r in rows])}
         if objective == "mlm":
             return objectives.mlm(ids, vocab, g, o.mlm_probability)
         if objective == "span":

@@ -57,21 +57,53 @@ def build_corpus(path: Path | None = None) -> Path:
     return path
 
 
+def _summaries() -> list[tuple[str, str]]:
+    """(module, first paragraph of its docstring) for every corpus module that has one."""
+    out = []
+    for name in MODULES:
+        doc = (inspect.getdoc(importlib.import_module(name)) or "").strip()
+        first = doc.split("\n\n")[0].replace("\n", " ").strip()
+        if first:
+            out.append((name, first))
+    return out
+
+
+def _question(name: str) -> str:
+    return f"What does the Python module {name} do?\n"
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, str]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)  # atomic: concurrent ranks never read a half-written file
+    return path
+
+
+REFUSALS = ("I do not know.", "Look it up yourself.", "That is not something I can answer.")
+
+
+def build_preferences(path: Path | None = None) -> Path:
+    """Preference pairs for DPO, built offline. The chosen answer is the module's own summary;
+    three rejected ones per question: a refusal, the summary with its words reversed, and
+    another module's summary."""
+    path = path or cache_dir() / "corpus" / "stdlib_pref.jsonl"
+    if path.exists():
+        return path
+    pairs = _summaries()
+    rows = []
+    for i, (name, answer) in enumerate(pairs):
+        for rejected in (REFUSALS[i % len(REFUSALS)], " ".join(reversed(answer.split())),
+                         pairs[(i + 7) % len(pairs)][1]):
+            rows.append({"prompt": _question(name), "chosen": answer, "rejected": rejected})
+    return _write_jsonl(path, rows)
+
+
 def build_sft(path: Path | None = None) -> Path:
     """A small instruction-style JSONL set (question about a stdlib module -> the first
     sentence of its docstring), built offline like the corpus."""
     path = path or cache_dir() / "corpus" / "stdlib_sft.jsonl"
     if path.exists():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for name in MODULES:
-        doc = (inspect.getdoc(importlib.import_module(name)) or "").strip()
-        first = doc.split("\n\n")[0].replace("\n", " ").strip()
-        if first:
-            lines.append(json.dumps({"prompt": f"What does the Python module {name} do?\n",
-                                     "response": first}))
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return _write_jsonl(path, [{"prompt": _question(name), "response": answer}
+                               for name, answer in _summaries()])

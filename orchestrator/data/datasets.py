@@ -1,9 +1,10 @@
-"""Token datasets: seeded synthetic sequences and packed text. Both return fixed-length
-`input_ids` tensors and are deterministic given the seed."""
+"""Token datasets: seeded synthetic sequences, packed text, prompt/response pairs (SFT) and
+preference pairs (DPO). All return fixed-length tensors and are deterministic given the seed."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import Dataset
@@ -59,28 +60,37 @@ class PackedText(Dataset):
         return {"input_ids": self.tokens[i]}
 
 
+def prompt_response(tok: Tokenizer, prompt: str, response: str, seq_len: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, labels): prompt + response + end-of-text, padded to `seq_len`; only the
+    response and its end-of-text carry labels."""
+    p = tok.encode(prompt)
+    r = [*tok.encode(response), tok.eos_id]
+    ids = (p + r)[:seq_len]
+    labels = ([IGNORE] * len(p) + r)[:seq_len]
+    pad = seq_len - len(ids)
+    return torch.tensor(ids + [tok.eos_id] * pad), torch.tensor(labels + [IGNORE] * pad)
+
+
+def _jsonl(path: str, keys: set[str]) -> Iterator[dict[str, str]]:
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            item = json.loads(line)
+            if not isinstance(item, dict) or keys - set(item):
+                raise ValueError(f"{path}:{line_no}: expected {{{', '.join(sorted(keys))}}} keys")
+            yield item
+
+
 class PromptResponse(Dataset):
-    """Supervised fine-tuning pairs from JSONL lines `{"prompt": ..., "response": ...}`: the
-    tokens are prompt + response + end-of-text, padded to `seq_len`; only response tokens (and
-    the end-of-text) carry labels, so the loss ignores the prompt and the padding."""
+    """Supervised fine-tuning pairs from JSONL lines `{"prompt": ..., "response": ...}`; the
+    loss ignores the prompt and the padding."""
 
     def __init__(self, path: str, seq_len: int, tokenizer: Tokenizer | None = None) -> None:
         tok = tokenizer or ByteTokenizer()
-        self.rows: list[tuple[torch.Tensor, torch.Tensor]] = []
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                item = json.loads(line)
-                if not isinstance(item, dict) or {"prompt", "response"} - set(item):
-                    raise ValueError(f"{path}:{line_no}: expected {{prompt, response}} keys")
-                prompt = tok.encode(item["prompt"])
-                response = [*tok.encode(item["response"]), tok.eos_id]
-                ids = (prompt + response)[:seq_len]
-                labels = ([IGNORE] * len(prompt) + response)[:seq_len]
-                pad = seq_len - len(ids)
-                self.rows.append((torch.tensor(ids + [tok.eos_id] * pad),
-                                  torch.tensor(labels + [IGNORE] * pad)))
+        self.rows = [prompt_response(tok, r["prompt"], r["response"], seq_len)
+                     for r in _jsonl(path, {"prompt", "response"})]
         if not self.rows:
             raise ValueError(f"{path} holds no prompt/response pairs")
 
@@ -90,3 +100,26 @@ class PromptResponse(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         ids, labels = self.rows[i]
         return {"input_ids": ids, "labels": labels}
+
+
+class PreferencePairs(Dataset):
+    """DPO pairs from JSONL lines `{"prompt", "chosen", "rejected"}`: both answers after the
+    same prompt, labelled on the answer tokens only."""
+
+    def __init__(self, path: str, seq_len: int, tokenizer: Tokenizer | None = None) -> None:
+        tok = tokenizer or ByteTokenizer()
+        self.rows = []
+        for r in _jsonl(path, {"prompt", "chosen", "rejected"}):
+            chosen = prompt_response(tok, r["prompt"], r["chosen"], seq_len)
+            rejected = prompt_response(tok, r["prompt"], r["rejected"], seq_len)
+            self.rows.append({"chosen_input_ids": chosen[0], "chosen_labels": chosen[1],
+                              "rejected_input_ids": rejected[0],
+                              "rejected_labels": rejected[1]})
+        if not self.rows:
+            raise ValueError(f"{path} holds no preference pairs")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.rows[i]

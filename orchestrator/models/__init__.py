@@ -88,21 +88,31 @@ def _instantiate(cfg: ModelConfig, weights: bool = False) -> nn.Module:
 
 
 def build_model(cfg: ModelConfig, seed: int, device: str | torch.device = "cpu",
-                lora: LoraConfig | None = None) -> nn.Module:
+                lora: LoraConfig | None = None, dpo_beta: float | None = None) -> nn.Module:
     """A randomly initialised model (the same seed gives the same weights on every rank), or
     the one saved at `model.pretrained_path`; with `lora.rank > 0`, frozen and wrapped with
-    trainable adapters (initialised from the same seed)."""
+    trainable adapters (initialised from the same seed); with `dpo_beta`, paired with a frozen
+    reference copy under the DPO loss."""
     torch.manual_seed(seed)
     if cfg.pretrained_path:
         model = _instantiate(cfg, weights=True).to(device)
     else:
         with torch.device(device):
             model = _instantiate(cfg)
+    with torch.device(device):
+        return _adapt(model, lora, dpo_beta)
+
+
+def _adapt(model: nn.Module, lora: LoraConfig | None, dpo_beta: float | None) -> nn.Module:
+    """LoRA adapters (peft), then the DPO reference pairing, as configured."""
     if lora is not None and lora.rank > 0:
         from orchestrator.models.lora import apply_lora
 
-        with torch.device(device):
-            model = apply_lora(model, lora)
+        model = apply_lora(model, lora)
+    if dpo_beta is not None:
+        from orchestrator.models.preference import PreferenceModel
+
+        model = PreferenceModel(model, dpo_beta)
     return model
 
 
@@ -137,20 +147,18 @@ class ParamSpec:
         return n
 
 
-def param_specs(cfg: ModelConfig, lora: LoraConfig | None = None) -> list[ParamSpec]:
+def param_specs(cfg: ModelConfig, lora: LoraConfig | None = None,
+                dpo_beta: float | None = None) -> list[ParamSpec]:
     """Unique parameters (tied weights once), in `model.parameters()` order, frozen ones
-    marked (LoRA)."""
+    marked (LoRA base weights, the DPO reference)."""
     with torch.device("meta"):
-        model = _instantiate(cfg)
-        if lora is not None and lora.rank > 0:
-            from orchestrator.models.lora import apply_lora
-
-            model = apply_lora(model, lora)
+        model = _adapt(_instantiate(cfg), lora, dpo_beta)
     owner: dict[int, str] = {}
     for i, block in enumerate(transformer_blocks(model)):
         for p in block.parameters():
             owner[id(p)] = f"block.{i}"
-    head = model.get_output_embeddings().weight
+    out = model.get_output_embeddings()
+    head = out.weight if out is not None else None
     return [
         ParamSpec(name, tuple(p.shape), owner.get(id(p), ROOT_GROUP), head=p is head,
                   trainable=p.requires_grad)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
 from orchestrator.data import objectives
@@ -68,3 +71,51 @@ def test_sft_masks_the_prompt_and_padding_out_of_the_loss(tmp_path) -> None:
     assert labels[n_prompt:n_prompt + len(response)] == response
     assert labels[n_prompt + len(response):] == [IGNORE] * (16 - n_prompt - len(response))
     assert ids[:n_prompt + len(response)] == tok.encode("Q: hi\n") + response
+
+
+def test_preference_pairs_label_both_answers_after_the_same_prompt(tmp_path) -> None:
+    import json
+
+    from orchestrator.data.datasets import PreferencePairs
+    from orchestrator.data.tokenizer import ByteTokenizer
+
+    path = tmp_path / "pref.jsonl"
+    path.write_text(json.dumps({"prompt": "Q?", "chosen": "yes", "rejected": "no"}) + "\n")
+    row = PreferencePairs(str(path), seq_len=12)[0]
+    tok = ByteTokenizer()
+    for side, answer in (("chosen", "yes"), ("rejected", "no")):
+        ids, labels = row[f"{side}_input_ids"].tolist(), row[f"{side}_labels"].tolist()
+        assert ids[:2] == tok.encode("Q?") and labels[:2] == [IGNORE, IGNORE]
+        n = len(answer) + 1  # the answer and its end-of-text carry labels, nothing else
+        assert labels[2:2 + n] == [*tok.encode(answer), tok.eos_id]
+        assert set(labels[2 + n:]) == {IGNORE}
+
+
+def test_dpo_loss_is_the_papers_formula() -> None:
+    from torch import nn
+
+    from orchestrator.models import build_model
+    from orchestrator.models.preference import sequence_logprobs
+    from tests.conftest import make_job
+
+    model = build_model(make_job(["model=gpt2_tiny"]).model, seed=3, dpo_beta=0.5)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 258, (4, 16), generator=g)
+    labels = ids.clone()
+    labels[:, :5] = IGNORE  # the prompt
+    batch = {"chosen_input_ids": ids[:2], "chosen_labels": labels[:2],
+             "rejected_input_ids": ids[2:], "rejected_labels": labels[2:]}
+    assert model(**batch).loss.item() == pytest.approx(math.log(2), abs=1e-6)  # policy == ref
+    with torch.no_grad():  # move the policy away from the reference
+        for p in model.policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    logits = model.policy(input_ids=ids).logits
+    # log p of each scored token, by cross-entropy, summed per row
+    ce = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                     labels[:, 1:].reshape(-1), reduction="none")
+    assert torch.allclose(sequence_logprobs(logits, labels), -ce.view(4, -1).sum(-1), atol=1e-4)
+    pol = -ce.view(4, -1).sum(-1)
+    ref = sequence_logprobs(model.reference(input_ids=ids).logits, labels)
+    gain = pol - ref
+    want = -nn.functional.logsigmoid(0.5 * ((gain[:2]) - gain[2:])).mean()
+    assert model(**batch).loss.item() == pytest.approx(want.item(), abs=1e-5)

@@ -174,3 +174,14 @@ def test_plan_action_on_a_cluster_we_do_not_have(tmp_path) -> None:
 def test_every_family_plans_and_validates_for_training() -> None:
     for model in ("t5_base", "bert_base", "llama3_8b"):
         validate(make_job([f"model={model}", "data.seq_len=128"]), Hardware())
+
+
+def test_lora_and_dpo_flops_per_token() -> None:
+    """LoRA skips the frozen weights' gradients (4N + 2T); DPO sends both answers through the
+    policy and, forward only, the reference: 2·(6N + 12Lhs + 2N + 4Lhs)."""
+    kw = {"global_batch": 8, "seq_len": 128, "steps": 1, "layers": 4, "d_model": 256}
+    attention = 12 * 4 * 256 * 128
+    lora = compute.estimate(params=10**6, trainable_params=10**4, **kw)
+    assert lora.flops_per_token == pytest.approx(4e6 + 2e4 + attention)
+    dpo = compute.estimate(params=10**6, reference=True, **kw)
+    assert dpo.flops_per_token == pytest.approx(2 * (6e6 + attention + 2e6 + attention / 3))
