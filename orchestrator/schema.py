@@ -92,8 +92,9 @@ class DataConfig:
 
 @dataclass
 class ObjectiveConfig:
-    # auto = the family's own: causal (gpt2, llama), mlm (bert), span (t5); dpo = preference
-    # pairs against a frozen reference copy of the starting model (causal LMs)
+    # auto = the family's own: causal (gpt2, llama), mlm (bert), span (t5), or dpo with
+    # data=jsonl_pref; dpo = preference pairs against a frozen reference copy of the starting
+    # model (causal LMs)
     name: str = choice("auto", "auto", "causal", "mlm", "span", "dpo")
     mlm_probability: float = 0.15  # mlm: share of positions selected (80/10/10 mask/random/keep)
     noise_density: float = 0.15  # span: share of tokens hidden in spans
@@ -244,4 +245,5 @@ class JobConfig:
     @property
     def dpo_beta(self) -> Optional[float]:
         """β when the objective is DPO (the model is then paired with a frozen reference)."""
-        return self.objective.dpo_beta if self.objective.name == "dpo" else None
+        pairs = self.objective.name == "auto" and self.data.name == "jsonl_pref"
+        return self.objective.dpo_beta if self.objective.name == "dpo" or pairs else None

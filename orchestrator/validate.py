@@ -74,13 +74,16 @@ def _check_objective(job: JobConfig) -> None:
 
     o, family = job.objective, job.model.family
     causal = FAMILY_OBJECTIVE[family] == "causal"
+    dpo = job.dpo_beta is not None
     if o.name not in ("auto", FAMILY_OBJECTIVE[family]) and not (o.name == "dpo" and causal):
         raise ConfigError("objective.name", o.name, f"'auto' or '{FAMILY_OBJECTIVE[family]}' "
                           f"for model.family={family!r}" + (" (or 'dpo')" if causal else ""))
-    if (o.name == "dpo") != (job.data.name == "jsonl_pref"):
-        raise ConfigError("objective.name", o.name, "'dpo' exactly when data.name="
-                          f"'jsonl_pref' (preference pairs); data.name is {job.data.name!r}")
-    if o.name == "dpo":
+    if dpo != (job.data.name == "jsonl_pref"):
+        raise ConfigError("objective.name", o.name, "'dpo' or 'auto' with data.name="
+                          f"'jsonl_pref' (preference pairs), not with {job.data.name!r}")
+    if dpo and not causal:
+        raise ConfigError("model.family", family, "'gpt2' or 'llama' for DPO (a causal LM)")
+    if dpo:
         _positive("objective.dpo_beta", o.dpo_beta)
         if job.train.task != "pretrain":
             raise ConfigError("objective.name", "dpo", "'auto' for train.task="

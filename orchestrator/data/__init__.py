@@ -18,6 +18,8 @@ FAMILY_OBJECTIVE = {"gpt2": "causal", "llama": "causal", "bert": "mlm", "t5": "s
 
 
 def objective_of(job: JobConfig) -> str:
+    if job.dpo_beta is not None:
+        return "dpo"
     name = job.objective.name
     return FAMILY_OBJECTIVE[job.model.family] if name == "auto" else name
 

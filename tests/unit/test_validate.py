@@ -38,7 +38,7 @@ BAD = [
     (["lora.rank=4", "lora.target_modules=[ln_1]"], "lora.target_modules"),  # a LayerNorm
     (["lora.rank=4", "lora.dropout=1"], "lora.dropout"),
     (["lora.rank=4", "+recipe=evaluate"], "lora.rank"),
-    (["+recipe=dpo", "model=bert_tiny"], "objective.name"),  # DPO needs a causal LM
+    (["+recipe=dpo", "model=bert_tiny"], "model.family"),  # DPO needs a causal LM
     (["objective.name=dpo"], "objective.name"),  # ... and preference pairs
     (["+recipe=dpo", "objective.dpo_beta=0"], "objective.dpo_beta"),
 ]
