@@ -35,7 +35,12 @@ def test_pretrain_finetune_evaluate_generate(tmp_path) -> None:
     assert ft.returncode == 0, ft.stderr[-3000:]
     got = losses(tmp_path / "ft")
     assert sum(got[-5:]) / 5 < sum(got[:5]) / 5
-    model_dir = tmp_path / "ft" / "model"
+    # Align the fine-tuned model with DPO (the README's chain); generate from the result.
+    dpo = run_cli(["+recipe=dpo", f"model.pretrained_path={tmp_path / 'ft' / 'model'}",
+                   "logging=none", "train.steps=10"], tmp_path / "dpo")
+    assert dpo.returncode == 0, dpo.stderr[-3000:]
+    assert losses(tmp_path / "dpo")[0] == pytest.approx(math.log(2), abs=1e-5)
+    model_dir = tmp_path / "dpo" / "model"
     ev = run_cli(["+recipe=evaluate", f"model.pretrained_path={tmp_path / 'pre' / 'model'}"],
                  tmp_path / "eval")
     assert ev.returncode == 0, ev.stderr[-3000:]
