@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from orchestrator.models import build_model
 from tests.conftest import make_job
-from tests.distributed.checks import assert_memory_matches_plan, losses, run_all
+from tests.distributed.checks import assert_memory_matches_plan, losses
 
+RECIPE = "dpo"
 STRATEGIES = {
     "ddp": ["parallelism=ddp"],
     "fsdp_zero3": ["parallelism=zero3"],
@@ -22,32 +22,18 @@ STRATEGIES = {
 }
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("dpo") / "base"
-    build_model(make_job(["model=gpt2_tiny"]).model, seed=5).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def runs(base) -> dict[str, Path]:
-    return run_all(base.parent, {
-        name: ["+recipe=dpo", f"model.pretrained_path={base}", "logging=none", *o]
-        for name, o in STRATEGIES.items()})
-
-
 @pytest.mark.parametrize("name", STRATEGIES)
-def test_dpo_starts_at_log2_and_learns_the_preference(runs, name: str) -> None:
-    got = losses(runs[name])
+def test_dpo_starts_at_log2_and_learns_the_preference(recipe_runs, name: str) -> None:
+    got = losses(recipe_runs[name])
     assert got[0] == pytest.approx(math.log(2), abs=1e-5)
     assert sum(got[-5:]) / 5 < sum(got[:5]) / 5 - 0.05
-    assert got == pytest.approx(losses(runs["ddp"]), abs=1e-4)
+    assert got == pytest.approx(losses(recipe_runs["ddp"]), abs=1e-4)
 
 
 @pytest.mark.parametrize("name", STRATEGIES)
-def test_reference_holds_parameters_only(runs, name: str) -> None:
-    assert_memory_matches_plan(runs[name], tol=0.02)
-    plan = json.loads((runs[name] / "plan.json").read_text())
+def test_reference_holds_parameters_only(recipe_runs, name: str) -> None:
+    assert_memory_matches_plan(recipe_runs[name], tol=0.02)
+    plan = json.loads((recipe_runs[name] / "plan.json").read_text())
     # Optimizer state for the policy alone: at most Adam's 8 bytes (+ DeepSpeed's 4-byte
     # master) per policy parameter, although the rank also stores the reference.
     assert plan["memory"]["moments"]["after_backward"]["optimizer_bytes"] <= (
@@ -55,9 +41,9 @@ def test_reference_holds_parameters_only(runs, name: str) -> None:
     assert plan["compute"]["reference"]
 
 
-def test_only_the_trained_policy_is_saved(runs, base) -> None:
-    saved = build_model(make_job([f"model.pretrained_path={runs['fsdp_zero3'] / 'model'}"]).model,
-                        seed=0).state_dict()
+def test_only_the_trained_policy_is_saved(recipe_runs, base) -> None:
+    saved_dir = recipe_runs["fsdp_zero3"] / "model"
+    saved = build_model(make_job([f"model.pretrained_path={saved_dir}"]).model, seed=0).state_dict()
     start = build_model(make_job([f"model.pretrained_path={base}"]).model, seed=0).state_dict()
     assert saved.keys() == start.keys()  # a plain causal LM, no reference copy inside
     assert any(not torch.equal(saved[k], start[k]) for k in saved)

@@ -4,15 +4,15 @@ plan's trainable/frozen split, and the saved model has the adapters merged in.""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from orchestrator.models import build_model
 from tests.conftest import make_job
-from tests.distributed.checks import assert_memory_matches_plan, losses, run_all
+from tests.distributed.checks import assert_memory_matches_plan, losses
 
+RECIPE = "finetune_lora"
 STRATEGIES = {
     "ddp": ["parallelism=ddp"],
     "zero1": ["parallelism=zero1"],
@@ -22,43 +22,29 @@ STRATEGIES = {
 }
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("lora") / "base"
-    build_model(make_job(["model=gpt2_tiny"]).model, seed=5).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def runs(base) -> dict[str, Path]:
-    return run_all(base.parent, {
-        name: ["+recipe=finetune_lora", f"model.pretrained_path={base}", "logging=none", *o]
-        for name, o in STRATEGIES.items()})
-
-
 @pytest.mark.parametrize("name", STRATEGIES)
-def test_lora_trains_the_same_under_every_strategy(runs, name: str) -> None:
-    got = losses(runs[name])
+def test_lora_trains_the_same_under_every_strategy(recipe_runs, name: str) -> None:
+    got = losses(recipe_runs[name])
     assert sum(got[-5:]) / 5 < sum(got[:5]) / 5 - 0.1
-    assert got == pytest.approx(losses(runs["ddp"]), abs=1e-4)
-    plan = json.loads((runs[name] / "plan.json").read_text())["compute"]
+    assert got == pytest.approx(losses(recipe_runs["ddp"]), abs=1e-4)
+    plan = json.loads((recipe_runs[name] / "plan.json").read_text())["compute"]
     assert 0 < plan["trainable_params"] < plan["params"] / 10
 
 
 @pytest.mark.parametrize("name", STRATEGIES)
-def test_frozen_weights_take_no_gradient_or_optimizer_memory(runs, name: str) -> None:
-    assert_memory_matches_plan(runs[name], tol=0.02)
-    mem = json.loads((runs[name] / "plan.json").read_text())["memory"]["moments"]
+def test_frozen_weights_take_no_gradient_or_optimizer_memory(recipe_runs, name: str) -> None:
+    assert_memory_matches_plan(recipe_runs[name], tol=0.02)
+    mem = json.loads((recipe_runs[name] / "plan.json").read_text())["memory"]["moments"]
     # Adam state for the adapters only: far below the 8 bytes per parameter of full training.
-    psi = json.loads((runs[name] / "plan.json").read_text())["compute"]["params"]
+    psi = json.loads((recipe_runs[name] / "plan.json").read_text())["compute"]["params"]
     assert mem["after_backward"]["optimizer_bytes"] < psi
 
 
 @pytest.mark.parametrize("name", ["ddp", "fsdp_zero3", "deepspeed_zero3"])
-def test_saved_model_is_the_adapted_model_merged(runs, base, name: str) -> None:
+def test_saved_model_is_the_adapted_model_merged(recipe_runs, base, name: str) -> None:
     import peft
 
-    saved = runs[name] / "model"
+    saved = recipe_runs[name] / "model"
     job = make_job(["model=gpt2_tiny", f"model.pretrained_path={saved}"])
     merged = build_model(job.model, seed=0).eval()
     base_model = build_model(make_job([f"model.pretrained_path={base}"]).model, seed=0)
