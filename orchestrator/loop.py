@@ -79,6 +79,7 @@ def train(engine: Engine, data: Iterator[dict[str, torch.Tensor]], job: JobConfi
         dist.all_reduce(loss)  # also a barrier: the step time covers the slowest rank
         step_time = time.perf_counter() - start
         losses.append(loss.item() / world)
+        model_metrics = _rank_mean(engine.step_metrics, world)
         extra = {}
         if engine.probe is not None and probe.moments:
             extra = _write_probe(job, rank, step, probe.moments, planned_peak_bytes)
@@ -91,10 +92,21 @@ def train(engine: Engine, data: Iterator[dict[str, torch.Tensor]], job: JobConfi
                 extra["peak_mem_planned_bytes"] = planned_total
                 extra["peak_mem_error_pct"] = 100.0 * (peak_mem / planned_total - 1)
             logger.log(step, {"loss": losses[-1], "lr": lr, "tokens_per_s": tps,
-                              "step_time_s": step_time, "peak_mem_bytes": peak_mem, **extra})
+                              "step_time_s": step_time, "peak_mem_bytes": peak_mem,
+                              **model_metrics, **extra})
         logger.progress(step, losses[-1], tps)
     logger.summary({"final_loss": losses[-1]})
     return losses
+
+
+def _rank_mean(metrics: dict[str, torch.Tensor], world: int) -> dict[str, float]:
+    """The step's extra model metrics averaged over ranks (a collective when there are any;
+    every rank has the same keys, since they run the same model)."""
+    if not metrics:
+        return {}
+    values = torch.stack([metrics[k] for k in sorted(metrics)])
+    dist.all_reduce(values)
+    return {k: v / world for k, v in zip(sorted(metrics), values.tolist(), strict=True)}
 
 
 def _write_probe(job: JobConfig, rank: int, step: int, moments: dict[str, dict[str, int]],

@@ -29,6 +29,12 @@ class PreferenceOutput:
     reward_accuracy: torch.Tensor  # share of pairs whose chosen answer gains more than rejected
     reward_margin: torch.Tensor  # mean β·(chosen - rejected) implicit reward
 
+    @property
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """Logged beside the loss every step (the strategies average them over micro batches
+        and ranks)."""
+        return {"reward_accuracy": self.reward_accuracy, "reward_margin": self.reward_margin}
+
 
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum over each row of log p(label_t+1 | ..t), skipping IGNORE labels."""

@@ -69,6 +69,8 @@ class Engine:
         self.scaler = scaler
         self.set_to_none = set_to_none
         self.probe: Probe | None = None  # called at "after_forward" / "after_backward"
+        # the model output's own `metrics` (e.g. DPO reward accuracy), mean over micro batches
+        self.step_metrics: dict[str, torch.Tensor] = {}
 
     # -- strategy hooks -------------------------------------------------------------------
     def no_sync(self, sync: bool) -> contextlib.AbstractContextManager[Any]:
@@ -116,6 +118,11 @@ class Engine:
         return torch.stack([loss, scored.sum().float(), correct.float()])
 
     # -- shared -----------------------------------------------------------------------------
+    def collect(self, output: Any, n: int) -> None:
+        """Add one micro batch's extra metrics (if its output has any) to `step_metrics`."""
+        for k, v in getattr(output, "metrics", {}).items():
+            self.step_metrics[k] = self.step_metrics.get(k, 0) + v.detach().float() / n
+
     def model_state_bytes(self) -> dict[str, int]:
         """Measured bytes of parameters, gradients and optimizer state held by this rank now."""
         return storage_bytes(self.held_tensors())
@@ -124,12 +131,15 @@ class Engine:
         """Forward + backward over the micro batches, then clip and step. Returns the mean loss."""
         n = len(micro_batches)
         total = torch.zeros((), device=self.device)
+        self.step_metrics = {}
         for i, batch in enumerate(micro_batches):
             last = i == n - 1
             inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with self.no_sync(last):
                 with self.autocast():
-                    loss = self.model(**inputs).loss / n
+                    output = self.model(**inputs)
+                    loss = output.loss / n
+                self.collect(output, n)
                 if last and self.probe:
                     self.probe("after_forward")
                 (self.scaler.scale(loss) if self.scaler else loss).backward()

@@ -26,9 +26,12 @@ class DeepSpeedEngine(Engine):
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
         n = len(micro_batches)
         total = torch.zeros((), device=self.device)
+        self.step_metrics = {}
         for i, batch in enumerate(micro_batches):
             last = i == n - 1
-            loss = self.model(**{k: v.to(self.model.device) for k, v in batch.items()}).loss
+            output = self.model(**{k: v.to(self.model.device) for k, v in batch.items()})
+            loss = output.loss
+            self.collect(output, n)
             if last and self.probe:
                 self.probe("after_forward")
             self.model.backward(loss)  # scales by 1/accum; reduces at the boundary

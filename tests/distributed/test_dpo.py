@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from orchestrator.metrics import read_metrics
 from orchestrator.models import build_model
 from tests.conftest import make_job
 from tests.distributed.checks import assert_memory_matches_plan, losses
@@ -28,6 +29,13 @@ def test_dpo_starts_at_log2_and_learns_the_preference(recipe_runs, name: str) ->
     assert got[0] == pytest.approx(math.log(2), abs=1e-5)
     assert sum(got[-5:]) / 5 < sum(got[:5]) / 5 - 0.05
     assert got == pytest.approx(losses(recipe_runs["ddp"]), abs=1e-4)
+
+
+def test_reward_accuracy_and_margin_are_logged(recipe_runs) -> None:
+    rows = [r for r in read_metrics(recipe_runs["fsdp_zero3"] / "metrics.jsonl") if "loss" in r]
+    assert all(0 <= r["reward_accuracy"] <= 1 for r in rows)
+    assert rows[0]["reward_margin"] == pytest.approx(0, abs=1e-6)  # policy == reference
+    assert sum(r["reward_margin"] for r in rows[-5:]) > 0  # the chosen answers gained
 
 
 @pytest.mark.parametrize("name", STRATEGIES)
