@@ -1,5 +1,6 @@
 """Fixtures for modules that run one recipe from a saved model under several strategies: such a
-module sets RECIPE and STRATEGIES (name -> overrides) and asks for `base` / `recipe_runs`."""
+module sets RECIPE, STRATEGIES (name -> overrides) and optionally OVERRIDES (for every run), and
+asks for `base` / `recipe_runs`."""
 
 from __future__ import annotations
 
@@ -25,5 +26,5 @@ def recipe_runs(base, request) -> dict[str, Path]:
     """`+recipe=RECIPE` from `base`, once per strategy, into directories beside it."""
     return run_all(base.parent, {
         name: [f"+recipe={request.module.RECIPE}", f"model.pretrained_path={base}",
-               "logging=none", *overrides]
+               "logging=none", *getattr(request.module, "OVERRIDES", []), *overrides]
         for name, overrides in request.module.STRATEGIES.items()})
