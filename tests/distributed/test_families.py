@@ -28,3 +28,29 @@ def test_objective_must_fit_the_family(model: str, objective: str) -> None:
     with pytest.raises(ConfigError) as err:
         validate(make_job([f"model={model}", f"objective.name={objective}"]), Hardware())
     assert err.value.key == "objective.name"
+
+
+@pytest.mark.parametrize(("recipe", "model", "objective"),
+                         [("masked_lm", "bert_tiny", "mlm"),
+                          ("span_corruption", "t5_tiny", "span")])
+def test_evaluate_scores_the_held_out_split_alike_under_every_strategy(
+        tmp_path, recipe: str, model: str, objective: str) -> None:
+    import json
+    import math
+
+    pre = run_cli([f"+recipe={recipe}", "parallelism=ddp", "logging=none"], tmp_path / "pre")
+    assert pre.returncode == 0, pre.stderr[-3000:]
+    results = []
+    for parallelism in ("ddp", "zero3"):
+        ev = run_cli(["+recipe=evaluate", f"model={model}", f"parallelism={parallelism}",
+                      f"model.pretrained_path={tmp_path / 'pre' / 'model'}"],
+                     tmp_path / parallelism)
+        assert ev.returncode == 0, ev.stderr[-3000:]
+        results.append(json.loads((tmp_path / parallelism / "eval.json").read_text()))
+    ddp, zero3 = results
+    assert ddp["objective"] == objective and ddp["tokens"] == zero3["tokens"] > 0
+    assert ddp["perplexity"] == pytest.approx(math.exp(ddp["loss"]))
+    assert ddp["loss"] < losses(tmp_path / "pre")[0]  # better than the untrained model
+    assert 0 < ddp["accuracy"] < 1  # masked (or target) tokens predicted right
+    for key in ("loss", "accuracy"):
+        assert zero3[key] == pytest.approx(ddp[key], abs=1e-5)
