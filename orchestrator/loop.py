@@ -79,12 +79,12 @@ def train(engine: Engine, data: Iterator[dict[str, torch.Tensor]], job: JobConfi
         dist.all_reduce(loss)  # also a barrier: the step time covers the slowest rank
         step_time = time.perf_counter() - start
         losses.append(loss.item() / world)
-        model_metrics = _rank_mean(engine.step_metrics, world)
         extra = {}
         if engine.probe is not None and probe.moments:
             extra = _write_probe(job, rank, step, probe.moments, planned_peak_bytes)
         tps = tokens_per_step / step_time
         if extra or step % job.train.log_every == 0 or step == job.train.steps:
+            model_metrics = _rank_mean(engine.step_metrics, world)  # only on logged steps
             peak_mem = peak_memory_bytes(engine.device)
             if peak_flops and flops_per_token:  # measured MFU against the GPU table's peak
                 extra["mfu"] = tps * flops_per_token / (world * peak_flops)

@@ -18,6 +18,7 @@ from torch import nn
 from orchestrator.schema import LoraConfig
 
 PEFT_PREFIX = "base_model.model."
+ADAPTER = "default"  # peft's name for the one adapter we train
 
 
 def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
@@ -47,8 +48,7 @@ def _lora_layers(model: nn.Module) -> dict[str, tuple[float, bool]]:
     out = {}
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
-            adapter = module.active_adapters[0]
-            out[name.removeprefix(PEFT_PREFIX)] = (module.scaling[adapter],
+            out[name.removeprefix(PEFT_PREFIX)] = (module.scaling[ADAPTER],
                                                    bool(getattr(module, "fan_in_fan_out", False)))
     return out
 
@@ -67,10 +67,9 @@ def merged_state_dict(model: nn.Module, state: dict[str, torch.Tensor]
         if ".lora_" in name:
             continue
         merged[name.replace(".base_layer.", ".")] = value
-    adapter = "default"
     for name, (scaling, fan_in_fan_out) in layers.items():
-        a = state[f"{PEFT_PREFIX}{name}.lora_A.{adapter}.weight"].float()
-        b = state[f"{PEFT_PREFIX}{name}.lora_B.{adapter}.weight"].float()
+        a = state[f"{PEFT_PREFIX}{name}.lora_A.{ADAPTER}.weight"].float()
+        b = state[f"{PEFT_PREFIX}{name}.lora_B.{ADAPTER}.weight"].float()
         delta = (b @ a) * scaling
         weight = merged[f"{name}.weight"]
         if fan_in_fan_out:
