@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -18,46 +17,42 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-from orchestrator import distributed
 from orchestrator.data import build_dataset, make_collate, objective_of, split
+from orchestrator.distributed import RankInfo
 from orchestrator.metrics import make_logger
-from orchestrator.models import build_model
-from orchestrator.precision import model_dtype
-from orchestrator.strategies import setup as setup_strategy
+from orchestrator.schema import JobConfig
+from orchestrator.strategies import run_inference
+from orchestrator.strategies.base import Engine
 from orchestrator.typed import load_job
 
 
 def main(argv: list[str]) -> int:
     job = load_job(argv[1])
-    device = os.environ.get("ORCHESTRATOR_DEVICE", "cpu")
-    info = distributed.init(device)
-    try:
-        model = build_model(job.model, seed=job.train.seed).to(model_dtype(job.precision.name))
-        engine = setup_strategy(model, job, device)
-        _, held_out = split(build_dataset(job), job.eval.holdout)
-        sampler = DistributedSampler(held_out, info.world_size, info.rank, shuffle=False)
-        loader = DataLoader(held_out, batch_size=job.train.micro_batch_size, sampler=sampler,
-                            collate_fn=make_collate(job, info.rank))
-        total = torch.zeros(3, device=device)
-        for i, batch in enumerate(loader):
-            if i >= job.eval.max_batches:
-                break
-            total += engine.eval_step(batch, shift=objective_of(job) == "causal")
-        dist.all_reduce(total)
-        loss_sum, tokens, correct = total.tolist()
-        result = {"objective": objective_of(job), "loss": loss_sum / tokens,
-                  "perplexity": math.exp(loss_sum / tokens), "accuracy": correct / tokens,
-                  "tokens": int(tokens), "model": job.model.pretrained_path}
-        if info.rank == 0:
-            (Path(job.run_dir) / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-            logger = make_logger(job, 0)
-            logger.event("eval", result)
-            logger.close()
-            print(json.dumps(result), flush=True)
-        engine = None
-    finally:
-        distributed.shutdown()
+    run_inference(job, lambda engine, info: evaluate(job, engine, info))
     return 0
+
+
+def evaluate(job: JobConfig, engine: Engine, info: RankInfo) -> None:
+    _, held_out = split(build_dataset(job), job.eval.holdout)
+    sampler = DistributedSampler(held_out, info.world_size, info.rank, shuffle=False)
+    loader = DataLoader(held_out, batch_size=job.train.micro_batch_size, sampler=sampler,
+                        collate_fn=make_collate(job, info.rank))
+    total = torch.zeros(3, device=engine.device)
+    for i, batch in enumerate(loader):
+        if i >= job.eval.max_batches:
+            break
+        total += engine.eval_step(batch, shift=objective_of(job) == "causal")
+    dist.all_reduce(total)
+    loss_sum, tokens, correct = total.tolist()
+    result = {"objective": objective_of(job), "loss": loss_sum / tokens,
+              "perplexity": math.exp(loss_sum / tokens), "accuracy": correct / tokens,
+              "tokens": int(tokens), "model": job.model.pretrained_path}
+    if info.rank == 0:
+        (Path(job.run_dir) / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+        logger = make_logger(job, 0)
+        logger.event("eval", result)
+        logger.close()
+        print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

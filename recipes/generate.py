@@ -11,19 +11,18 @@ whatever the world size or batch. Rank 0 writes `<run_dir>/generations.jsonl` in
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from orchestrator import distributed
 from orchestrator.data import get_tokenizer
-from orchestrator.models import build_model
-from orchestrator.precision import model_dtype
+from orchestrator.distributed import RankInfo
 from orchestrator.sampling import generate_batch
-from orchestrator.strategies import setup as setup_strategy
+from orchestrator.schema import JobConfig
+from orchestrator.strategies import run_inference
+from orchestrator.strategies.base import Engine
 from orchestrator.typed import load_job
 
 
@@ -36,41 +35,36 @@ def _all_done(done: bool) -> bool:
 
 def main(argv: list[str]) -> int:
     job = load_job(argv[1])
-    g_cfg, seed = job.generate, job.train.seed
-    device = os.environ.get("ORCHESTRATOR_DEVICE", "cpu")
-    info = distributed.init(device)
-    try:
-        model = build_model(job.model, seed=seed).to(model_dtype(job.precision.name))
-        engine = setup_strategy(model, job, device)
-        tok = get_tokenizer(job)
-        mine = list(enumerate(g_cfg.prompts))[info.rank::info.world_size]
-        # A rank without a prompt of its own still takes part in every forward.
-        work = mine or [(0, g_cfg.prompts[0])]
-        with engine.autocast():
-            ids = generate_batch(
-                engine.model, [tok.encode(p) for _, p in work], g_cfg.max_new_tokens,
-                g_cfg.temperature, g_cfg.top_k, g_cfg.top_p,
-                [torch.Generator().manual_seed(seed + i) for i, _ in work], eos_id=tok.eos_id,
-                max_len=engine.hf_model().config.max_position_embeddings, device=device,
-                all_done=_all_done, vocab=tok.vocab_size)
-        rows = [{"index": i, "prompt": p, "completion": tok.decode(t), "token_ids": t,
-                 "temperature": g_cfg.temperature, "top_k": g_cfg.top_k, "top_p": g_cfg.top_p,
-                 "seed": seed + i, "rank": info.rank}
-                for (i, p), t in zip(mine, ids, strict=False)]  # a stand-in row is dropped
-        gathered: list[list[dict]] = [[] for _ in range(info.world_size)]
-        dist.all_gather_object(gathered, rows)
-        if info.rank == 0:
-            out = Path(job.run_dir) / "generations.jsonl"
-            with open(out, "w") as f:
-                for row in sorted((r for part in gathered for r in part),
-                                  key=lambda r: r["index"]):
-                    f.write(json.dumps(row) + "\n")
-                    print(f"{row['prompt']!r} -> {row['completion']!r}", flush=True)
-            print(f"generations: {out}")
-        engine = None
-    finally:
-        distributed.shutdown()
+    run_inference(job, lambda engine, info: generate(job, engine, info))
     return 0
+
+
+def generate(job: JobConfig, engine: Engine, info: RankInfo) -> None:
+    g_cfg, seed = job.generate, job.train.seed
+    tok = get_tokenizer(job)
+    mine = list(enumerate(g_cfg.prompts))[info.rank::info.world_size]
+    # A rank without a prompt of its own still takes part in every forward.
+    work = mine or [(0, g_cfg.prompts[0])]
+    with engine.autocast():
+        ids = generate_batch(
+            engine.model, [tok.encode(p) for _, p in work], g_cfg.max_new_tokens,
+            g_cfg.temperature, g_cfg.top_k, g_cfg.top_p,
+            [torch.Generator().manual_seed(seed + i) for i, _ in work], eos_id=tok.eos_id,
+            max_len=engine.hf_model().config.max_position_embeddings, device=engine.device,
+            all_done=_all_done, vocab=tok.vocab_size)
+    rows = [{"index": i, "prompt": p, "completion": tok.decode(t), "token_ids": t,
+             "temperature": g_cfg.temperature, "top_k": g_cfg.top_k, "top_p": g_cfg.top_p,
+             "seed": seed + i, "rank": info.rank}
+            for (i, p), t in zip(mine, ids, strict=False)]  # a stand-in row is dropped
+    gathered: list[list[dict]] = [[] for _ in range(info.world_size)]
+    dist.all_gather_object(gathered, rows)
+    if info.rank == 0:
+        out = Path(job.run_dir) / "generations.jsonl"
+        with open(out, "w") as f:
+            for row in sorted((r for part in gathered for r in part), key=lambda r: r["index"]):
+                f.write(json.dumps(row) + "\n")
+                print(f"{row['prompt']!r} -> {row['completion']!r}", flush=True)
+        print(f"generations: {out}")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+
 from torch import nn
 
+from orchestrator import distributed
 from orchestrator.schema import JobConfig
 from orchestrator.strategies.base import Engine
 
@@ -21,3 +25,22 @@ def setup(model: nn.Module, job: JobConfig, device: str) -> Engine:
     else:
         from orchestrator.strategies.fsdp import setup as chosen
     return chosen(model, job, device)
+
+
+def run_inference(job: JobConfig, body: Callable[[Engine, distributed.RankInfo], None]) -> None:
+    """Evaluation and generation: join the process group, build the model (random, or
+    `model.pretrained_path`) in the run's dtype, wrap it with the configured strategy (ZeRO-3
+    shards it as in training) and call `body(engine, rank)`. The group is destroyed after body
+    returns, when nothing holds the engine any more (a gloo group freed during interpreter
+    shutdown while DDP still holds it can abort the process)."""
+    from orchestrator.models import build_model
+    from orchestrator.precision import model_dtype
+
+    device = os.environ.get("ORCHESTRATOR_DEVICE", "cpu")
+    info = distributed.init(device)
+    try:
+        model = build_model(job.model, seed=job.train.seed).to(model_dtype(job.precision.name))
+        body(setup(model, job, device), info)
+        del model
+    finally:
+        distributed.shutdown()
