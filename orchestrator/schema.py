@@ -64,6 +64,10 @@ class ParallelismConfig:
     # ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters.
     zero_stage: int = choice(0, 0, 1, 2, 3)
     bucket_cap_mb: float = 25.0  # DDP gradient bucket size
+    # HSDP (FSDP2, stages 2/3): shard within groups of world/R ranks (normally one node) and
+    # replicate across the R groups, so parameter all-gathers stay inside a node; DeepSpeed
+    # stage 3 gets the equivalent hierarchical partition (zero_hpz_partition_size = world/R)
+    replicate_degree: int = 1
     # auto: pick the cheapest strategy that fits cluster.gpu (DDP → ZeRO-1 → 2 → 3 → ZeRO-3
     # with CPU offload) and the largest micro batch that fits, and say why
     auto: bool = False

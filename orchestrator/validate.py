@@ -156,9 +156,12 @@ def _check_lora(job: JobConfig) -> None:
 
 
 def resolve_device(job: JobConfig, hw: Hardware) -> str:
-    """cluster.device, with auto = cuda when a GPU is named in cluster.gpu or visible here."""
+    """cluster.device, with auto = cuda when a GPU is named in cluster.gpu, or (launcher=local
+    only) visible here. A remote launcher (slurm, torchrun, k8s) describes the *target* cluster:
+    the submitting host's hardware, often a login node without a GPU, never decides it."""
     if job.cluster.device == "auto":
-        return "cuda" if hw.cuda_devices or job.cluster.gpu != "none" else "cpu"
+        here = hw.cuda_devices if job.launcher.name == "local" else 0
+        return "cuda" if here or job.cluster.gpu != "none" else "cpu"
     return job.cluster.device
 
 
@@ -282,8 +285,9 @@ def _check_offload_and_deepspeed(job: JobConfig, accum: int, global_batch: int) 
 
 
 def _check_hardware(job: JobConfig, hw: Hardware) -> None:
-    """Only `action=run` needs the hardware to be here; a plan may describe a cluster elsewhere."""
-    if job.action != "run":
+    """Only `action=run` with launcher=local needs the hardware to be here: a plan, and a job
+    for a remote launcher, describe a cluster elsewhere (its preflight checks that cluster)."""
+    if job.action != "run" or job.launcher.name != "local":
         return
     device = resolve_device(job, hw)
     if device == "cuda":
