@@ -27,6 +27,9 @@ def init(device: str) -> RankInfo:
     if "RANK" in os.environ:
         dist.init_process_group(backend)
     else:
+        # One process, no launcher: DeepSpeed (and other libraries) read torchrun's variables
+        # and assert on LOCAL_RANK, so set them as torchrun would for a one-rank job.
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return RankInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 

@@ -185,15 +185,28 @@ class SlurmConfig:
 
 
 @dataclass
+class K8sConfig:
+    # Every pod mounts this PersistentVolumeClaim (ReadWriteMany when nodes > 1): the ranks read
+    # <run_dir>/config.yaml and plan.json and write metrics and checkpoints at the plan's paths.
+    pvc: str = "orchestrator-runs"
+    # Where the claim's root appears in every pod; None = the run dir's parent. The run dir must
+    # lie under it, and sits on the claim at its path relative to mount_path.
+    mount_path: Optional[str] = None
+    shm_size: Optional[str] = None  # sizeLimit of the in-memory /dev/shm, e.g. "32Gi"; None = none
+
+
+@dataclass
 class LauncherConfig:
     # local: this machine; torchrun: print each node's command (manual clusters);
     # slurm: sbatch a script rendered from the plan; k8s: render a PyTorchJob (action=plan)
     name: str = choice("local", "local", "torchrun", "slurm", "k8s")
-    rdzv_host: str = "127.0.0.1"  # multi-node rendezvous endpoint host (torchrun / k8s)
-    rdzv_port: int = 29500
+    rdzv_host: str = "127.0.0.1"  # multi-node rendezvous endpoint host (torchrun; k8s: the
+    # training operator's master service)
+    rdzv_port: int = 29500  # k8s: the Master container's port, where the rank-0 pod listens
     rdzv_timeout_s: int = 900
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     image: str = "orchestrator:latest"  # k8s: container image holding this project
+    k8s: K8sConfig = field(default_factory=K8sConfig)
 
 
 @dataclass

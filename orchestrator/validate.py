@@ -155,6 +155,17 @@ def _check_lora(job: JobConfig) -> None:
                           f"layers peft can adapt ({str(e).splitlines()[0]})") from None
 
 
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host.lower() in ("localhost", "localhost.localdomain", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def resolve_device(job: JobConfig, hw: Hardware) -> str:
     """cluster.device, with auto = cuda when a GPU is named in cluster.gpu, or (launcher=local
     only) visible here. A remote launcher (slurm, torchrun, k8s) describes the *target* cluster:
@@ -236,6 +247,10 @@ def validate(job: JobConfig, hw: Hardware) -> None:
                           "manifest for kubectl; it does not submit)")
     if c.nodes > 1 and job.launcher.name == "local" and job.action == "run":
         raise ConfigError("cluster.nodes", c.nodes, "1 with launcher=local (one machine)")
+    if c.nodes > 1 and job.launcher.name == "torchrun" and _loopback(job.launcher.rdzv_host):
+        raise ConfigError("launcher.rdzv_host", job.launcher.rdzv_host, "the first node's "
+                          f"hostname or address for cluster.nodes={c.nodes} (on a loopback "
+                          "address every node hosts its own rendezvous and none meet)")
     if not 0 < job.launcher.rdzv_port < 65536:
         raise ConfigError("launcher.rdzv_port", job.launcher.rdzv_port, "a port in 1..65535")
 

@@ -26,9 +26,10 @@ from orchestrator.strategies.base import Engine
 from orchestrator.typed import load_job
 
 
-def _all_done(done: bool) -> bool:
-    """True once every rank's batch is finished (a collective)."""
-    flag = torch.tensor([int(done)])
+def _all_done(done: bool, device: str) -> bool:
+    """True once every rank's batch is finished (a collective; NCCL only takes tensors on the
+    rank's own GPU, so the flag lives on the engine's device)."""
+    flag = torch.tensor([int(done)], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
 
@@ -51,7 +52,7 @@ def generate(job: JobConfig, engine: Engine, info: RankInfo) -> None:
             g_cfg.temperature, g_cfg.top_k, g_cfg.top_p,
             [torch.Generator().manual_seed(seed + i) for i, _ in work], eos_id=tok.eos_id,
             max_len=engine.hf_model().config.max_position_embeddings, device=engine.device,
-            all_done=_all_done, vocab=tok.vocab_size)
+            all_done=lambda done: _all_done(done, engine.device), vocab=tok.vocab_size)
     rows = [{"index": i, "prompt": p, "completion": tok.decode(t), "token_ids": t,
              "temperature": g_cfg.temperature, "top_k": g_cfg.top_k, "top_p": g_cfg.top_p,
              "seed": seed + i, "rank": info.rank}

@@ -24,7 +24,10 @@ def free_port() -> int:
 def test_two_torchrun_nodes_on_localhost_train_together(tmp_path) -> None:
     port = free_port()
     proc = run_cli(["+recipe=fsdp_zero3", "launcher=torchrun", "cluster.nodes=2",
-                    "cluster.gpus_per_node=1", f"launcher.rdzv_port={port}", "logging=none"],
+                    "cluster.gpus_per_node=1", f"launcher.rdzv_port={port}", "logging=none",
+                    # this host's name, as a real cluster's first node would give it (a loopback
+                    # address is refused for more than one node)
+                    f"launcher.rdzv_host={socket.gethostname()}"],
                    tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "run on each node" in proc.stdout and not (tmp_path / "metrics.jsonl").exists()

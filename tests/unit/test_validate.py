@@ -41,6 +41,12 @@ BAD = [
     (["+recipe=dpo", "model=bert_tiny"], "model.family"),  # DPO needs a causal LM
     (["objective.name=dpo"], "objective.name"),  # ... and preference pairs
     (["+recipe=dpo", "objective.dpo_beta=0"], "objective.dpo_beta"),
+    # several torchrun nodes on a loopback rendezvous: each would host its own store
+    (["launcher=torchrun", "cluster.nodes=2"], "launcher.rdzv_host"),
+    (["launcher=torchrun", "cluster.nodes=2", "launcher.rdzv_host=localhost"],
+     "launcher.rdzv_host"),
+    (["launcher=torchrun", "cluster.nodes=2", "launcher.rdzv_host=127.0.1.1"],
+     "launcher.rdzv_host"),
 ]
 
 
@@ -120,3 +126,48 @@ def test_fuzzed_numbers_are_accepted_consistently_or_rejected_by_key(
     accum_steps, gbs = resolve_batch(job)
     assert gbs == micro * accum_steps * job.world_size
     assert global_batch is None or global_batch == gbs
+
+
+def test_cli_rejects_loopback_rendezvous_for_many_torchrun_nodes(tmp_path) -> None:
+    proc = run_cli(["+recipe=ddp", "launcher=torchrun", "cluster.nodes=2"], tmp_path / "run")
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("error: config key 'launcher.rdzv_host' has value '127.0.0.1'")
+    assert not (tmp_path / "run" / "plan.json").exists()
+
+
+def test_one_torchrun_node_may_use_loopback_and_a_real_host_is_accepted() -> None:
+    validate(make_job(["launcher=torchrun", "cluster.nodes=1"]), Hardware())
+    validate(make_job(["launcher=torchrun", "cluster.nodes=2", "launcher.rdzv_host=node-0"]),
+             Hardware())
+
+
+GPU_JOB = ["+recipe=fsdp_zero3", "cluster.gpu=h100", "cluster.gpus_per_node=8", "cluster.nodes=2",
+           "precision=bf16"]
+
+
+@pytest.mark.parametrize("launcher", ["slurm", "torchrun"])
+def test_remote_gpu_job_is_checked_against_the_target_not_this_cpu_host(launcher: str) -> None:
+    from orchestrator.validate import resolve_device
+
+    extra = ["launcher.rdzv_host=node-0"] if launcher == "torchrun" else []
+    for device in ("cuda", "auto"):  # auto: cluster.gpu names a GPU
+        job = make_job([*GPU_JOB, f"launcher={launcher}", f"cluster.device={device}", *extra])
+        validate(job, Hardware(cuda_devices=0))  # no "no CUDA device here"
+        assert resolve_device(job, Hardware(cuda_devices=0)) == "cuda"
+
+
+def test_local_launcher_still_checks_this_host_and_ignores_its_gpus_for_remote_auto() -> None:
+    from orchestrator.validate import resolve_device
+
+    with pytest.raises(ConfigError) as err:
+        validate(make_job(["cluster.device=cuda"]), Hardware(cuda_devices=0))
+    assert err.value.key == "cluster.device"
+    with pytest.raises(ConfigError) as err:
+        validate(make_job(["cluster.device=cuda", "cluster.gpus_per_node=4"]),
+                 Hardware(cuda_devices=2, bf16_supported=True))
+    assert err.value.key == "cluster.gpus_per_node"
+    # a GPU on the submitting host does not make a remote CPU job a GPU job
+    job = make_job(["launcher=slurm"])
+    assert resolve_device(job, Hardware(cuda_devices=8)) == "cpu"
+    assert resolve_device(make_job([]), Hardware(cuda_devices=8)) == "cuda"
