@@ -1,8 +1,14 @@
 """Accelerator facts for planning: dense peak FLOP/s per precision (no sparsity) and memory.
 
 Peak figures are the vendors' dense tensor-core numbers; "fp32" is plain FP32 (not TF32), and
-None means the chip has no fast path for that precision. Memory is what `nvidia-smi` calls the
-total; the planner subtracts its own allowance for buffers and fragmentation.
+None means the chip has no fast path for that precision.
+
+Memory: HBM (and the L4's GDDR6) is sized in GiB, so an "80 GB" part has 80 GiB = 85.9e9 bytes,
+not 80e9. The table holds the vendor's capacity read as GiB; what
+`torch.cuda.get_device_properties(0).total_memory` reports is a little less (the driver keeps
+some back: about 85e9 for an 80 GB H100, about 150e9 for a 141 GB H200; more with ECC on GDDR),
+which the planner's `plan.memory_overhead` allowance absorbs. Planning on the machine itself
+(`launcher=local`), `device_memory_bytes` prefers the figure the device reports.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from typing import Optional
 
 TFLOPS = 1e12
 GB = 1e9
+GiB = 2**30
 
 
 @dataclass(frozen=True)
@@ -28,34 +35,72 @@ class GPU:
         return getattr(self, key)
 
 
+# memory_bytes: the capacity on the vendor's data sheet (32, 40, 80, 141, 24 "GB"), in GiB.
 GPUS: dict[str, GPU] = {
-    "v100": GPU("NVIDIA V100 SXM2 32GB", int(32 * GB), None, 125 * TFLOPS, 15.7 * TFLOPS, None),
-    "a100_40gb": GPU("NVIDIA A100 SXM 40GB", int(40 * GB), 312 * TFLOPS, 312 * TFLOPS,
+    "v100": GPU("NVIDIA V100 SXM2 32GB", 32 * GiB, None, 125 * TFLOPS, 15.7 * TFLOPS, None),
+    "a100_40gb": GPU("NVIDIA A100 SXM 40GB", 40 * GiB, 312 * TFLOPS, 312 * TFLOPS,
                      19.5 * TFLOPS, None),
-    "a100_80gb": GPU("NVIDIA A100 SXM 80GB", int(80 * GB), 312 * TFLOPS, 312 * TFLOPS,
+    "a100_80gb": GPU("NVIDIA A100 SXM 80GB", 80 * GiB, 312 * TFLOPS, 312 * TFLOPS,
                      19.5 * TFLOPS, None),
-    "h100": GPU("NVIDIA H100 SXM 80GB", int(80 * GB), 989.4 * TFLOPS, 989.4 * TFLOPS,
+    "h100": GPU("NVIDIA H100 SXM 80GB", 80 * GiB, 989.4 * TFLOPS, 989.4 * TFLOPS,
                 66.9 * TFLOPS, 1978.9 * TFLOPS),
-    "h100_pcie": GPU("NVIDIA H100 PCIe 80GB", int(80 * GB), 756.5 * TFLOPS, 756.5 * TFLOPS,
+    "h100_pcie": GPU("NVIDIA H100 PCIe 80GB", 80 * GiB, 756.5 * TFLOPS, 756.5 * TFLOPS,
                      51.2 * TFLOPS, 1513 * TFLOPS),
-    "h200": GPU("NVIDIA H200 SXM 141GB", int(141 * GB), 989.4 * TFLOPS, 989.4 * TFLOPS,
+    "h200": GPU("NVIDIA H200 SXM 141GB", 141 * GiB, 989.4 * TFLOPS, 989.4 * TFLOPS,
                 66.9 * TFLOPS, 1978.9 * TFLOPS),
-    "l4": GPU("NVIDIA L4 24GB", int(24 * GB), 121 * TFLOPS, 121 * TFLOPS, 30.3 * TFLOPS,
+    "l4": GPU("NVIDIA L4 24GB", 24 * GiB, 121 * TFLOPS, 121 * TFLOPS, 30.3 * TFLOPS,
               242.5 * TFLOPS),
 }
 
 
 def match(device_name: str, total_memory_bytes: int) -> Optional[str]:
-    """The table key for a CUDA device (from `torch.cuda.get_device_properties`), if listed."""
+    """The table key for a CUDA device (from `torch.cuda.get_device_properties`), if listed.
+
+    Not listed, so None: the GH200 (a Grace Hopper superchip, 96 or 144 GB of HBM and its own
+    clocks: not an H200, whose name its own contains) and the H100 NVL (94 GB)."""
     name = device_name.upper()
+    words = name.replace("-", " ").split()
+    if "GH200" in name or "NVL" in words:
+        return None
     if "H200" in name:
         return "h200"
     if "H100" in name:
-        return "h100_pcie" if "PCIE" in name else "h100"
-    if "A100" in name:
-        return "a100_80gb" if total_memory_bytes > 50 * GB else "a100_40gb"
+        return "h100_pcie" if "PCIE" in words else "h100"
+    if "A100" in name:  # both say "A100-SXM4-..." or "A100-PCIE-...": tell them by memory
+        return "a100_80gb" if total_memory_bytes > 60 * GiB else "a100_40gb"
     if "V100" in name:
         return "v100"
-    if "L4" in name.split():
+    if "L4" in words:
         return "l4"
     return None
+
+
+def detected_device() -> Optional[tuple[str, int]]:
+    """(name, total_memory) of local CUDA device 0, or None without one."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return None
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    return props.name, int(props.total_memory)
+
+
+_DETECT = object()
+
+
+def device_memory_bytes(gpu_key: str, detected: object = _DETECT) -> Optional[int]:
+    """Device memory to plan `gpu_key` against: the local device's own `total_memory` when
+    there is one and it is that kind of GPU, else the table's figure (None for an unknown key).
+    `detected` is a (name, total_memory) pair or None for "no device"; by default it is read
+    from CUDA device 0."""
+    gpu = GPUS.get(gpu_key)
+    if gpu is None:
+        return None
+    local = detected_device() if detected is _DETECT else detected
+    if local is not None:
+        name, total = local  # type: ignore[misc]
+        if match(name, total) == gpu_key:
+            return int(total)
+    return gpu.memory_bytes

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +33,56 @@ def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def device_sync(device: str) -> None:
+    """Wait until the device has finished all queued work (CUDA kernels and NCCL collectives
+    return to the host as soon as they are queued; CPU work is already done)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak_memory(device: str) -> None:
+    """Start a new peak-memory window: CUDA's allocator peak, or on Linux the process's peak
+    resident set (VmHWM, reset by writing 5 to /proc/self/clear_refs)."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
 def peak_memory_bytes(device: str) -> int:
+    """The peak since the last `reset_peak_memory`: CUDA max allocated, or the peak RSS."""
     if device == "cuda":
         return torch.cuda.max_memory_allocated()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class IntervalTimer:
+    """Wall time of the steps since the last logged step. `close` first waits for the device
+    (`sync`), so queued GPU work and collectives are counted in the steps that issued them, and
+    the interval runs from one close to the next, so logging itself is counted too."""
+
+    def __init__(self, sync: Callable[[], None]) -> None:
+        self.sync = sync
+        self.start = time.perf_counter()
+        self.steps = 0
+
+    def tick(self) -> None:
+        self.steps += 1
+
+    def close(self) -> tuple[float, int]:
+        """(seconds, steps) since the last close; starts the next interval."""
+        self.sync()
+        now = time.perf_counter()
+        out = (now - self.start, self.steps)
+        self.start, self.steps = now, 0
+        return out
 
 
 class MemoryProbe:
@@ -57,16 +102,25 @@ def train(engine: Engine, data: Iterator[dict[str, torch.Tensor]], job: JobConfi
           logger: NullLogger, grad_accum: int, global_batch: int,
           plan: dict[str, Any] | None = None) -> list[float]:
     """Run `train.steps` optimizer steps; return the rank-averaged loss of each step.
-    With the plan (plan.json) the log also compares measured memory and speed with it."""
+    With the plan (plan.json) the log also compares measured memory and speed with it.
+
+    The host waits for the device only on logged steps (every `train.log_every`, the memory
+    probe's step and the last): the losses of the interval are all-reduced in one collective,
+    and time, tokens/s and peak memory cover the whole interval."""
     plan = plan or {}
-    planned_peak_bytes = plan.get("memory", {}).get("peak_bytes")
-    planned_total = plan.get("memory", {}).get("peak_total_bytes")
+    mem_plan = plan.get("memory", {})
+    planned_peak_bytes = mem_plan.get("peak_bytes")
+    # the device peak the plan predicts, without its stated allowance for fragmentation
+    planned_total = (mem_plan.get("peak_total_bytes") or 0) - mem_plan.get("overhead_bytes", 0)
     flops_per_token = plan.get("compute", {}).get("flops_per_token")
     peak_flops = plan.get("compute", {}).get("peak_flops_per_device")
     rank, world = dist.get_rank(), dist.get_world_size()
     tokens_per_step = global_batch * job.data.seq_len
     losses: list[float] = []
+    pending: list[torch.Tensor] = []  # this interval's step losses, still on the device
     probe = MemoryProbe(engine)
+    reset_peak_memory(engine.device)  # set-up (model build, sharding) is not a step's peak
+    timer = IntervalTimer(lambda: device_sync(engine.device))
     for step in range(1, job.train.steps + 1):
         lr = lr_at(step, job.optim, job.train.steps)
         for group in engine.optimizer.param_groups:
@@ -74,27 +128,32 @@ def train(engine: Engine, data: Iterator[dict[str, torch.Tensor]], job: JobConfi
         engine.probe = probe if step == job.debug.memory_probe_step else None
         if job.debug.crash_at_step == step and job.debug.crash_rank == rank:
             raise InjectedCrash(f"debug.crash_at_step={step} on rank {rank}")
-        start = time.perf_counter()
-        loss = engine.train_step([next(data) for _ in range(grad_accum)])
-        dist.all_reduce(loss)  # also a barrier: the step time covers the slowest rank
-        step_time = time.perf_counter() - start
-        losses.append(loss.item() / world)
+        pending.append(engine.train_step([next(data) for _ in range(grad_accum)]))
+        timer.tick()
         extra = {}
         if engine.probe is not None and probe.moments:
             extra = _write_probe(job, rank, step, probe.moments, planned_peak_bytes)
+        if not (extra or step % job.train.log_every == 0 or step == job.train.steps):
+            continue
+        step_losses = torch.stack(pending)
+        dist.all_reduce(step_losses)  # one collective for the interval, not one per step
+        elapsed, steps = timer.close()
+        losses.extend(v / world for v in step_losses.tolist())
+        pending = []
+        step_time = elapsed / steps
         tps = tokens_per_step / step_time
-        if extra or step % job.train.log_every == 0 or step == job.train.steps:
-            model_metrics = _rank_mean(engine.step_metrics, world)  # only on logged steps
-            peak_mem = peak_memory_bytes(engine.device)
-            if peak_flops and flops_per_token:  # measured MFU against the GPU table's peak
-                extra["mfu"] = tps * flops_per_token / (world * peak_flops)
-            if planned_total and engine.device == "cuda":  # RSS on CPU is not comparable
-                extra["peak_mem_planned_bytes"] = planned_total
-                extra["peak_mem_error_pct"] = 100.0 * (peak_mem / planned_total - 1)
-            logger.log(step, {"loss": losses[-1], "lr": lr, "tokens_per_s": tps,
-                              "step_time_s": step_time, "peak_mem_bytes": peak_mem,
-                              **model_metrics, **extra})
+        model_metrics = _rank_mean(engine.step_metrics, world)  # only on logged steps
+        peak_mem = peak_memory_bytes(engine.device)
+        if peak_flops and flops_per_token:  # measured MFU against the GPU table's peak
+            extra["mfu"] = tps * flops_per_token / (world * peak_flops)
+        if planned_total > 0 and engine.device == "cuda":  # RSS on CPU is not comparable
+            extra["peak_mem_planned_bytes"] = planned_total
+            extra["peak_mem_error_pct"] = 100.0 * (peak_mem / planned_total - 1)
+        logger.log(step, {"loss": losses[-1], "lr": lr, "tokens_per_s": tps,
+                          "step_time_s": step_time, "peak_mem_bytes": peak_mem,
+                          **model_metrics, **extra})
         logger.progress(step, losses[-1], tps)
+        reset_peak_memory(engine.device)  # the next interval's peak is its own
     logger.summary({"final_loss": losses[-1]})
     return losses
 

@@ -19,8 +19,15 @@ device) and reproduces each strategy's sharding rule, so it agrees with what a r
 
 Two moments are modelled per step: `after_forward` (before backward) and `after_backward`
 (before the optimizer step, grads and optimizer state both alive). The larger is the peak.
-Transient per-block copies inside backward (one block's unsharded params and grads) are not
-modelled.
+These are what the runs measure (at those probe points ZeRO-3 holds only shards), so they stay
+exactly the measured model states.
+
+On top of them the *working set* (`working_set_bytes`) is what a sharded rank holds only
+transiently, inside backward: the all-gathered unit being computed and the prefetched next one
+(compute dtype) plus one unit's unsharded gradients (the reduce-scatter input). It is estimated
+per moment from the real unit sizes (FSDP2: the `ParamSpec.group` units; DeepSpeed stage 3: its
+fetch unit, each module's own parameters, with its prefetch limits) and added to the planned
+peak (`peak_total_bytes`), never to `moments`.
 """
 
 from __future__ import annotations
@@ -60,8 +67,13 @@ class MemoryEstimate:
     host_bytes: int = 0  # offloaded to CPU memory (DeepSpeed offload), not on the device
     activations_bytes: int = 0  # one micro batch, alive from the end of forward
     overhead_bytes: int = 0  # stated allowance for buffers and fragmentation
-    peak_total_bytes: int = 0  # max over moments of model state (+ activations) + overhead
+    peak_total_bytes: int = 0  # max over moments of model state (+ activations) + working set
+    #                            + overhead
     zero_paper_bytes: int = 0  # the ZeRO paper's figure for this stage, for comparison
+    # transient gathered units + unsharded grads inside backward, beyond each moment's states
+    working_set_by_moment: dict[str, int] = field(default_factory=dict)
+    working_set_bytes: int = 0  # the working set at the planned peak (0: DDP, ZeRO-1)
+    shard_size: int = 0  # ranks each parameter/gradient/optimizer shard is split over (0: none)
 
     @property
     def peak_bytes(self) -> int:
@@ -83,13 +95,20 @@ def zero_paper_bytes(psi: int, world_size: int, stage: int, precision: str) -> i
 
 def with_activations(est: MemoryEstimate, activations: int, overhead: float,
                      psi: int, world_size: int, stage: int, precision: str) -> MemoryEstimate:
-    """Add one micro batch's activations (alive at `after_forward`) and the allowance."""
-    after_fwd = est.moments["after_forward"].total_bytes + activations
-    states_peak = max(after_fwd, est.moments["after_backward"].total_bytes)
+    """Add one micro batch's activations (alive at `after_forward`), the working set of the
+    moment that then peaks, and the allowance. `world_size`: the ranks the ZeRO paper's N
+    shards over (the shard group under HSDP)."""
+    ws = est.working_set_by_moment
+    totals = {"after_forward": est.moments["after_forward"].total_bytes + activations
+              + ws.get("after_forward", 0),
+              "after_backward": est.moments["after_backward"].total_bytes
+              + ws.get("after_backward", 0)}
+    at = max(MOMENTS, key=lambda m: totals[m])
+    states_peak = totals[at]
     extra = int(overhead * states_peak)
     return dataclasses.replace(
         est, activations_bytes=activations, overhead_bytes=extra,
-        peak_total_bytes=states_peak + extra,
+        working_set_bytes=ws.get(at, 0), peak_total_bytes=states_peak + extra,
         zero_paper_bytes=zero_paper_bytes(psi, world_size, stage, precision))
 
 
@@ -148,14 +167,51 @@ def _fsdp(specs: list[ParamSpec], world_size: int, rank: int, stage: int, comput
     }
 
 
+def _fsdp_working_set(specs: list[ParamSpec], shard_size: int, stage: int, compute_bytes: int,
+                      reduce_bytes: int) -> dict[str, int]:
+    """FSDP2's transient bytes inside backward, beyond each modelled moment.
+
+    Units are the `fully_shard` groups: one per block, plus the root (embeddings, final norm,
+    head), which is never resharded after forward, so `after_forward` already holds it.
+    - beyond `after_forward` (backward through the blocks, activations alive): ZeRO-3 gathers
+      the block being computed and prefetches the next one (compute dtype); ZeRO-2 holds every
+      block already. Both reduce-scatter one block's unsharded gradients (reduce dtype).
+    - beyond `after_backward` (the end of backward): the root is still gathered while its own
+      gradients are reduce-scattered, after which it is resharded.
+    """
+    params: dict[str, int] = {}
+    grads: dict[str, int] = {}
+    for s in specs:
+        rows_padded, _ = _chunk(s.shape[0], shard_size, 0)
+        full = rows_padded * shard_size * (s.numel // s.shape[0])  # the all-gather output
+        params[s.group] = params.get(s.group, 0) + full
+        if s.trainable:
+            grads[s.group] = grads.get(s.group, 0) + full
+    blocks = sorted((n for g, n in params.items() if g != ROOT_GROUP), reverse=True)
+    block_grads = max((n for g, n in grads.items() if g != ROOT_GROUP), default=0)
+    gathered = sum(blocks[:2]) if stage == 3 else 0  # the unit computed + the prefetched next
+    return {
+        "after_forward": compute_bytes * gathered + reduce_bytes * block_grads,
+        "after_backward": compute_bytes * params.get(ROOT_GROUP, 0)
+        + reduce_bytes * grads.get(ROOT_GROUP, 0),
+    }
+
+
 def strategy_name(zero_stage: int) -> str:
     return {0: "ddp", 1: "zero1", 2: "fsdp2", 3: "fsdp2"}[zero_stage]
 
 
 def estimate(specs: list[ParamSpec], world_size: int, zero_stage: int, precision: str,
-             optimizer: str = "adamw", momentum: float = 0.9) -> MemoryEstimate:
-    """Model-state bytes on the most loaded rank at each modelled moment of a training step."""
+             optimizer: str = "adamw", momentum: float = 0.9,
+             shard_size: int | None = None) -> MemoryEstimate:
+    """Model-state bytes on the most loaded rank at each modelled moment of a training step.
+
+    `shard_size`: FSDP2 (stages 2/3) shards over groups of this many ranks and replicates over
+    world_size / shard_size groups (HSDP); default: all ranks. A rank then holds exactly what
+    it would in a `shard_size`-rank job."""
     w = master_bytes(precision)
+    working: dict[str, int] = {}
+    shard = 0
     if zero_stage in (0, 1):
         trained = [s for s in specs if s.trainable]  # the optimizer gets only these
         owned = zero1_partition(trained, world_size) if zero_stage == 1 else [range(len(trained))]
@@ -166,10 +222,15 @@ def estimate(specs: list[ParamSpec], world_size: int, zero_stage: int, precision
                               momentum, w)
     else:
         rank = 0  # dim-0 chunks are largest on rank 0; padded shards are equal everywhere
-        moments = _fsdp(specs, world_size, rank, zero_stage, DTYPE_BYTES[precision], optimizer,
+        shard = shard_size or world_size
+        moments = _fsdp(specs, shard, rank, zero_stage, DTYPE_BYTES[precision], optimizer,
                         momentum, w)
+        # precision.fsdp_policy reduces in fp32 for bf16/fp16, in the param dtype otherwise
+        working = _fsdp_working_set(specs, shard, zero_stage, DTYPE_BYTES[precision], w)
     peak = max(MOMENTS, key=lambda m: moments[m].total_bytes)
-    return MemoryEstimate(strategy_name(zero_stage), rank, peak, moments)
+    return MemoryEstimate(strategy_name(zero_stage), rank, peak, moments,
+                          working_set_by_moment=working,
+                          working_set_bytes=working.get(peak, 0), shard_size=shard)
 
 
 
@@ -191,17 +252,58 @@ def _ds_flat_partition(specs: list[ParamSpec], n: int) -> tuple[int, list[int]]:
     return part, extra
 
 
+def _ds_working_set(specs: list[ParamSpec], b: int, persistence_threshold: int,
+                    prefetch_bucket_size: int, max_live_parameters: int) -> dict[str, int]:
+    """DeepSpeed stage 3's transient bytes inside backward, beyond each moment.
+
+    DeepSpeed fetches per module (the parameters a module owns directly, as
+    `PartitionedParameterCoordinator.fetch_sub_module` does), in trace order: backward runs the
+    modules in reverse. After fetching one it prefetches the next parameters while fewer than
+    min(stage3_max_live_parameters - live, stage3_prefetch_bucket_size) elements are in flight
+    (the last one may overshoot). Gradients come out whole in the module's dtype and are
+    reduce-scattered in `communication_data_type` (by default the same 16-bit dtype), so one
+    module's full gradient is alive too. The head, gathered from the end of forward, is already
+    in `after_forward`; only its gradient is new there. Persistent parameters are never gathered.
+    """
+    units: dict[str, list[ParamSpec]] = {}
+    for s in specs:
+        if s.numel > persistence_threshold:
+            units.setdefault(s.name.rpartition(".")[0], []).append(s)
+    order = list(units.values())[::-1]  # backward order
+    live, live_beyond_fwd = 0, 0
+    for i, unit in enumerate(order):
+        own = sum(s.numel for s in unit)
+        limit = min(max_live_parameters - own, prefetch_bucket_size)
+        prefetched = 0
+        for s in (s for later in order[i + 1:] for s in later):
+            if prefetched >= limit:
+                break
+            prefetched += s.numel
+        held = sum(s.numel for s in unit if s.head)  # gathered since forward: counted already
+        live = max(live, own + prefetched)
+        live_beyond_fwd = max(live_beyond_fwd, own - held + prefetched)
+    grads = max((sum(s.numel for s in u if s.trainable) for u in order), default=0)
+    return {"after_forward": b * (live_beyond_fwd + grads), "after_backward": b * (live + grads)}
+
+
 def estimate_deepspeed(specs: list[ParamSpec], world_size: int, zero_stage: int, precision: str,
                        offload_optimizer: bool = False, offload_params: bool = False,
                        optimizer: str = "adamw", momentum: float = 0.9,
-                       persistence_threshold: int = 0) -> MemoryEstimate:
+                       persistence_threshold: int = 0, prefetch_bucket_size: int = 50_000_000,
+                       max_live_parameters: int = 1_000_000_000,
+                       hpz_partition_size: int = 1) -> MemoryEstimate:
     """DeepSpeed's model states on its most loaded rank.
 
     Unlike FSDP2/ZeRO-1, DeepSpeed keeps a flat fp32 master partition beside the model's own
     weights even for fp32 models; it is counted with the optimizer state (one flat tensor, so
     one `step`). Stage 3 keeps parameters with at most `persistence_threshold` elements whole on
     every rank, and the output head stays gathered from the end of forward into backward.
-    Offloaded terms move to `host_bytes` (on a CPU machine they are the same RAM).
+    With `hpz_partition_size` H > 1 (ZeRO++ hpZ) stage 3 also keeps a secondary copy of every
+    partitioned parameter split over groups of H ranks, in the module's dtype
+    (`_partition_param_sec`: the padded size / H elements), so the backward all-gather stays
+    inside the group; the primary partition, gradients and optimizer stay split over all ranks.
+    Offloaded terms move to `host_bytes` (on a CPU machine they are the same RAM). The stage-3
+    working set (`_ds_working_set`) defaults to DeepSpeed's own prefetch limits.
     """
     n, b = world_size, DTYPE_BYTES[precision]  # DeepSpeed casts the module for bf16/fp16
     rank, host = 0, 0
@@ -223,7 +325,11 @@ def estimate_deepspeed(specs: list[ParamSpec], world_size: int, zero_stage: int,
         persistent = sum(s.numel for s in specs if s.numel <= persistence_threshold)
         head = sum(s.numel for s in specs if s.head and s.numel > persistence_threshold)
         opt, master = _optimizer_bytes([owned], optimizer, momentum), 4 * owned
-        params = b * (part + persistent)
+        secondary = 0
+        if hpz_partition_size > 1:
+            secondary = sum(math.ceil(s.numel / n) * n // hpz_partition_size
+                            for s in specs if s.numel > persistence_threshold)
+        params = b * (part + persistent + secondary)
         after_fwd_params = params + b * head
         grads = 4 * owned
     if offload_optimizer:  # the fp32 gradient partition then lives on the host for good
@@ -235,4 +341,8 @@ def estimate_deepspeed(specs: list[ParamSpec], world_size: int, zero_stage: int,
     moments = {"after_forward": MomentBytes(after_fwd_params, 0, opt + master),
                "after_backward": MomentBytes(params, grads, opt + master)}
     peak = max(MOMENTS, key=lambda m: moments[m].total_bytes)
-    return MemoryEstimate("deepspeed", rank, peak, moments, host_bytes=host)
+    working = (_ds_working_set(specs, b, persistence_threshold, prefetch_bucket_size,
+                               max_live_parameters) if zero_stage == 3 else {})
+    return MemoryEstimate("deepspeed", rank, peak, moments, host_bytes=host,
+                          working_set_by_moment=working, working_set_bytes=working.get(peak, 0),
+                          shard_size=n if zero_stage else 0)

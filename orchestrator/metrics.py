@@ -67,7 +67,7 @@ class MetricsLogger(NullLogger):
     def progress(self, step: int, loss: float, tokens_per_s: float) -> None:
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
-            self.bar.update(1)
+            self.bar.update(step - self.bar.n)  # called on logged steps only
 
     def summary(self, values: dict[str, Any]) -> None:
         if self.wandb_run is not None:

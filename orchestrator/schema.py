@@ -174,12 +174,16 @@ class SlurmConfig:
     account: Optional[str] = None
     qos: Optional[str] = None
     time: str = "01:00:00"
+    # CPUs of the one task per node (torchrun and its ranks); None = all CPUs of a node of
+    # the partition (asked of sinfo when rendering; without Slurm tools there: --exclusive)
     cpus_per_task: Optional[int] = None
     mem: Optional[str] = None  # e.g. "64G"; None = the partition default
     exclusive: bool = False
     constraint: Optional[str] = None
     extra_sbatch: list[str] = field(default_factory=list)  # e.g. ["--reservation=r1"]
-    signal: str = "USR1@90"  # sent before the time limit, for preemption-aware jobs
+    # e.g. "USR1@90": sbatch --signal, sent before the time limit. None by default: nothing
+    # handles it yet (torchrun dies on SIGUSR1); checkpoint-on-signal is a separate issue.
+    signal: Optional[str] = None
     wait: bool = False  # block until the job ends (sweeps and tests)
     poll_s: float = 2.0
 

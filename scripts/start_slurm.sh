@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Start a real Slurm cluster on this machine: munge, slurmctld and N slurmd daemons that emulate
-# nodes (NodeHostname=localhost, one port each). Idempotent: what already runs is left alone.
+# nodes (NodeHostname=localhost, one port each; their names are added to /etc/hosts as 127.0.0.1
+# when they do not resolve). Idempotent: what already runs is left alone.
 # Prints `export SLURM_CONF=...`; scripts/stop_slurm.sh stops what this started.
 #   ORCHESTRATOR_SLURM_DIR (default /tmp/orchestrator-slurm), ORCHESTRATOR_SLURM_NODES (default 2)
 set -euo pipefail
@@ -39,6 +40,12 @@ for i in $(seq 1 "$nodes"); do
   node_lines+="NodeName=node$i NodeHostname=localhost NodeAddr=127.0.0.1 Port=$((17000 + i)) CPUs=1 RealMemory=4000 State=UNKNOWN"$'\n'
   node_names+="${node_names:+,}node$i"
   mkdir -p "$dir/spool/node$i"
+  # Jobs rendezvous on the first node by the name Slurm lists (node1), as on a real cluster
+  # where that name is the node's hostname: make the emulated names resolve to this machine.
+  if ! getent hosts "node$i" >/dev/null; then
+    echo "127.0.0.1 node$i  # orchestrator test cluster (scripts/start_slurm.sh)" >>/etc/hosts \
+      || { echo "start_slurm: cannot add node$i to /etc/hosts (needs root)" >&2; exit 1; }
+  fi
 done
 cat > "$conf.tmp" <<CONF
 # Written by scripts/start_slurm.sh: $nodes emulated nodes on this host.

@@ -1,40 +1,120 @@
 """Kubernetes (render only): a Kubeflow `PyTorchJob` manifest from the plan, for `kubectl apply`.
 
-One pod per node; the training operator injects the rendezvous (MASTER_ADDR/PORT, WORLD_SIZE,
-node rank) and runs `torchrun` with `nprocPerNode` processes in each pod.
+One pod per node (Master = node 0, Worker = nodes 1..N-1). Each pod runs torchrun, which starts
+the plan's `nproc_per_node` ranks; the training operator (v1.7 or later) tells it which node it
+is and where node 0 listens. Every pod mounts the run dir from a PersistentVolumeClaim at the
+plan's own path, and /dev/shm from memory.
 """
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
 
-from orchestrator.plan import Plan
+from orchestrator.errors import ConfigError
+from orchestrator.plan import Plan, rank_command
 from orchestrator.schema import JobConfig
 
 MANIFEST = "pytorchjob.yaml"
+CONTAINER = "pytorch"  # the operator finds the training container (and its port) by this name
+PORT_NAME = "pytorchjob-port"  # ... and the master port by this name, for PET_MASTER_PORT
+SHM_VOLUME, RUN_VOLUME = "dshm", "run-dir"
+# A PVC name is a DNS-1123 subdomain (Kubernetes' IsDNS1123Subdomain).
+DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+QUANTITY = re.compile(r"[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?")
+SYSTEM_DIRS = [PurePosixPath(p) for p in ("/dev", "/proc", "/sys")]
 
 
-def _dns_name(text: str) -> str:
-    name = re.sub(r"[^a-z0-9-]", "-", text.lower()).strip("-")[:63].strip("-")
-    return name or "orchestrator"
+def job_name(run_dir: str, nnodes: int) -> str:
+    """The run dir's name as a PyTorchJob name. The operator's webhook wants a DNS-1035 label
+    (a letter first), and names pods and services `<name>-worker-<i>`, which must fit in 63."""
+    name = re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", PurePosixPath(run_dir).name.lower()))
+    name = name.strip("-") or "orchestrator"
+    if not name[0].isalpha():
+        name = f"run-{name}"
+    room = 63 - len(f"-worker-{max(nnodes - 2, 0)}")
+    return name[:room].rstrip("-")
+
+
+def mount_path(plan: Plan, job: JobConfig) -> PurePosixPath:
+    """Check the k8s keys (ConfigError, one line) and return where the claim is mounted.
+
+    The rule: the ranks use the plan's absolute paths (<run_dir>/config.yaml, plan.json,
+    metrics), so the claim's root is mounted at `launcher.k8s.mount_path` (default: the run
+    dir's parent) in every pod, and the run dir must lie under it; on the claim it sits at its
+    path relative to mount_path. Planning on a host that mounts the same volume at the same path
+    puts the files there already; otherwise copy the run dir onto the claim before applying."""
+    k, key = job.launcher.k8s, "launcher.k8s.mount_path"
+    if len(k.pvc) > 253 or not DNS1123_SUBDOMAIN.fullmatch(k.pvc):
+        raise ConfigError("launcher.k8s.pvc", k.pvc, "a PersistentVolumeClaim name (DNS-1123 "
+                          "subdomain): lower-case letters, digits, '-' and '.', starting and "
+                          "ending with a letter or digit, at most 253 characters")
+    if not job.launcher.image.strip() or any(c.isspace() for c in job.launcher.image):
+        raise ConfigError("launcher.image", job.launcher.image, "a container image reference "
+                          "without spaces, e.g. registry.example.com/orchestrator:1.0")
+    if k.shm_size is not None and not QUANTITY.fullmatch(k.shm_size):
+        raise ConfigError("launcher.k8s.shm_size", k.shm_size,
+                          "a Kubernetes quantity such as '16Gi' or '64G', or null for no limit")
+    run_dir = PurePosixPath(plan.run_dir)
+    mount = PurePosixPath(k.mount_path) if k.mount_path is not None else run_dir.parent
+    if (not mount.is_absolute() or ".." in mount.parts or mount == PurePosixPath("/")
+            or any(mount == d or d in mount.parents for d in SYSTEM_DIRS)):
+        raise ConfigError(key, k.mount_path, "an absolute directory other than /, /dev, /proc "
+                          f"and /sys, containing the run dir {run_dir}")
+    if mount != run_dir and mount not in run_dir.parents:
+        raise ConfigError(key, k.mount_path, f"a directory containing the run dir {run_dir} "
+                          "(the ranks read and write the plan's paths), or null for its parent")
+    return mount
+
+
+def command(plan: Plan, job: JobConfig) -> list[str]:
+    """torchrun in each pod, starting `nproc_per_node` ranks of the recipe.
+
+    The operator (kubeflow training-operator v1.7+, pkg/controller.v1/pytorch/envvar.go and
+    master.go) injects into every pod PET_NODE_RANK (0 on Master, i + 1 on Worker i),
+    PET_MASTER_ADDR (the `<job>-master-0` service), PET_MASTER_PORT (the Master container's
+    `pytorchjob-port`), PET_NNODES (replicas) and PET_NPROC_PER_NODE (spec.nprocPerNode), plus
+    WORLD_SIZE = replicas x nprocPerNode, RANK and MASTER_ADDR/PORT. torchrun reads every option
+    it declares with `action=env` from PET_<DEST> when the option is not on the command line
+    (torch/distributed/argparse_util.py), so --node-rank, --master-addr and --master-port come
+    from the pod, and the static rendezvous (torch/distributed/run.py: get_rdzv_endpoint, and
+    rank = node_rank) connects node i to node 0. --nnodes and --nproc-per-node are given
+    explicitly from the plan (the command line wins over PET_*), as is --rdzv-backend=static, so
+    a stray PET_RDZV_BACKEND cannot change the rendezvous. torchrun then sets RANK, WORLD_SIZE,
+    LOCAL_RANK and MASTER_ADDR/PORT for each rank it starts, replacing the pod-level values that
+    would otherwise make one process per pod wait for nodes x GPUs peers.
+    """
+    return ["python", "-m", "torch.distributed.run", f"--nnodes={plan.nnodes}",
+            f"--nproc-per-node={plan.nproc_per_node}", "--rdzv-backend=static",
+            f"--rdzv-conf=timeout={job.launcher.rdzv_timeout_s}", "--max-restarts=0",
+            *rank_command(job, plan.config_path)]
 
 
 def render(plan: Plan, job: JobConfig) -> dict[str, Any]:
-    program = ["python", "-m", f"recipes.{job.train.task}", plan.config_path]
+    mount = mount_path(plan, job)
     resources: dict[str, Any] = {}
     if plan.device == "cuda":
         resources = {"limits": {"nvidia.com/gpu": plan.nproc_per_node}}
-    container = {"name": "pytorch", "image": job.launcher.image, "command": program,
+    # NCCL and DataLoader workers share memory through /dev/shm: Docker's default is 64 MB.
+    shm: dict[str, Any] = {"medium": "Memory"}
+    if job.launcher.k8s.shm_size is not None:
+        shm["sizeLimit"] = job.launcher.k8s.shm_size
+    volumes = [{"name": SHM_VOLUME, "emptyDir": shm},
+               {"name": RUN_VOLUME, "persistentVolumeClaim": {"claimName": job.launcher.k8s.pvc}}]
+    mounts = [{"name": SHM_VOLUME, "mountPath": "/dev/shm"},
+              {"name": RUN_VOLUME, "mountPath": str(mount)}]
+    container = {"name": CONTAINER, "image": job.launcher.image, "command": command(plan, job),
                  "env": [{"name": k, "value": v} for k, v in sorted(plan.env.items())],
-                 "resources": resources}
+                 "ports": [{"name": PORT_NAME, "containerPort": job.launcher.rdzv_port,
+                            "protocol": "TCP"}],
+                 "resources": resources, "volumeMounts": mounts}
 
     def replicas(count: int) -> dict[str, Any]:
         return {"replicas": count, "restartPolicy": "Never",
-                "template": {"spec": {"containers": [container]}}}
+                "template": {"spec": {"containers": [container], "volumes": volumes}}}
 
     specs = {"Master": replicas(1)}
     if plan.nnodes > 1:
@@ -42,12 +122,19 @@ def render(plan: Plan, job: JobConfig) -> dict[str, Any]:
     return {
         "apiVersion": "kubeflow.org/v1",
         "kind": "PyTorchJob",
-        "metadata": {"name": _dns_name(Path(plan.run_dir).name)},
+        "metadata": {"name": job_name(plan.run_dir, plan.nnodes)},
         "spec": {"nprocPerNode": str(plan.nproc_per_node), "pytorchReplicaSpecs": specs},
     }
 
 
 def write_manifest(plan: Plan, job: JobConfig) -> Path:
+    manifest = render(plan, job)
     path = Path(job.run_dir) / MANIFEST
-    path.write_text(yaml.safe_dump(render(plan, job), sort_keys=False))
+    # yaml.safe_dump would write the shared container and volumes as anchors and aliases
+    path.write_text(yaml.dump(manifest, Dumper=_NoAliases, sort_keys=False))
     return path
+
+
+class _NoAliases(yaml.SafeDumper):
+    def ignore_aliases(self, data: Any) -> bool:
+        return True

@@ -2,6 +2,9 @@
 status and cancel.
 
 The script is the plan's dry-run artefact (`<run_dir>/job.sbatch`) and is submitted unchanged.
+Each node runs one srun task (torchrun → its ranks) that is given the node's CPUs explicitly
+(see `_cpu_lines`); the rendezvous host is the first node's Slurm hostname.
+
 User-chosen values never reach a shell unquoted: `#SBATCH` values must match a plain charset,
 every argv word in the body goes through `shlex.quote`, and the job name and log path are
 passed to sbatch as argv, not through a shell.
@@ -16,7 +19,9 @@ import shlex
 import shutil
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from orchestrator.errors import ConfigError, LaunchError
 from orchestrator.plan import Plan
@@ -27,7 +32,72 @@ SCRIPT, RECORD = "job.sbatch", "slurm_job.json"
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
             "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 # Shell variables the body defines itself; only these may appear unquoted in the srun line.
-RUNTIME_VARS = ("${RDZV_HOST}", "${RDZV_PORT}", "${SLURM_JOB_ID}")
+RUNTIME_VARS = ("${RDZV_HOST}", "${RDZV_PORT}", "${SLURM_JOB_ID}", "${NODE_CPUS}")
+
+
+@dataclass(frozen=True)
+class SlurmNode:
+    """One node of one partition, as `sinfo -N` reports it."""
+
+    name: str
+    partition: str
+    default: bool  # the cluster's default partition
+    cpus: int
+    gpus: int  # count of the `gpu` gres
+
+
+def gres_gpus(gres: str) -> int:
+    """GPUs in a node's Gres (sinfo %G): 'gpu:h100:8(S:0-1),shard:8' -> 8; '(null)' -> 0."""
+    total = 0
+    for item in gres.split(","):
+        parts = re.sub(r"\(.*?\)", "", item).strip().split(":")
+        if parts[0] != "gpu":
+            continue
+        total += int(parts[-1]) if len(parts) > 1 and parts[-1].isdigit() else 1
+    return total
+
+
+def cluster_nodes() -> list[SlurmNode]:
+    """Every (node, partition) row of the cluster the Slurm tools here talk to."""
+    out = _run(["sinfo", "-h", "-N", "-o", "%P|%c|%G|%N"])
+    nodes = []
+    for line in out.splitlines():
+        if line.count("|") != 3:
+            continue
+        part, cpus, gres, name = line.split("|")
+        nodes.append(SlurmNode(name, part.rstrip("*"), part.endswith("*"),
+                               int(cpus.rstrip("+") or 0), gres_gpus(gres)))
+    return nodes
+
+
+def partition_nodes(job: JobConfig, nodes: list[SlurmNode]) -> tuple[str, list[SlurmNode]]:
+    """The job's partition (launcher.slurm.partition, else the default) and its nodes."""
+    names = sorted({n.partition for n in nodes})
+    default = next((n.partition for n in nodes if n.default), None)
+    partition = job.launcher.slurm.partition or default
+    if partition not in names:
+        raise ConfigError("launcher.slurm.partition", job.launcher.slurm.partition,
+                          "one of " + ", ".join(names))
+    return partition, [n for n in nodes if n.partition == partition]
+
+
+def usable_nodes(plan: Plan, nodes: list[SlurmNode]) -> list[SlurmNode]:
+    """The nodes that can host one of the plan's nodes: enough GPUs when it runs on cuda."""
+    return [n for n in nodes if plan.device != "cuda" or n.gpus >= plan.nproc_per_node]
+
+
+def node_cpus(job: JobConfig, plan: Plan) -> Optional[int]:
+    """CPUs of the smallest usable node of the job's partition, asked of Slurm (sinfo) when its
+    tools are here; None when they are not, or the partition is unknown or has no usable node
+    (the script then asks for whole nodes, see `render_script`)."""
+    if shutil.which("sinfo") is None:
+        return None
+    try:
+        _, nodes = partition_nodes(job, cluster_nodes())
+    except (ConfigError, LaunchError, OSError, ValueError, subprocess.TimeoutExpired):
+        return None
+    cpus = [n.cpus for n in usable_nodes(plan, nodes) if n.cpus > 0]
+    return min(cpus) if cpus else None
 
 
 def _checked(key: str, value: str) -> str:
@@ -53,19 +123,54 @@ def _word(arg: str) -> str:
     return shlex.quote(arg)
 
 
-def render_script(plan: Plan, job: JobConfig) -> str:
+def _cpu_lines(plan: Plan, job: JobConfig, cpus: Optional[int]) -> tuple[list[str], list[str],
+                                                                          str]:
+    """(#SBATCH directives, body lines, srun's --cpus-per-task) for the CPUs of each node.
+
+    Every node runs one task (srun → torchrun → nproc_per_node ranks) that gets all the CPUs
+    requested for it: launcher.slurm.cpus_per_task, else all CPUs of a node of the partition
+    (`node_cpus`, asked of sinfo when rendering). Without that count, whole nodes are asked for
+    (--exclusive) and the count is read from the allocation at run time. srun is given the count
+    explicitly: since Slurm 22.05 it no longer inherits sbatch's --cpus-per-task.
+    """
+    s = job.launcher.slurm
+    if s.cpus_per_task is not None:
+        if s.cpus_per_task < 1:
+            raise ConfigError("launcher.slurm.cpus_per_task", s.cpus_per_task,
+                              "a positive CPU count, or null (all CPUs of a node)")
+        cpus = s.cpus_per_task
+    share = f"# The node's {plan.nproc_per_node} rank(s) share its CPUs."
+    if cpus is not None:
+        threads = max(1, cpus // plan.nproc_per_node)
+        return ([f"--cpus-per-task={cpus}"], [share, f"export OMP_NUM_THREADS={threads}"],
+                f"--cpus-per-task={cpus}")
+    n = plan.nproc_per_node
+    return (["--exclusive"] if not s.exclusive else [],
+            ["# Whole nodes (the partition's CPU count was unknown when rendering): use the",
+             "# allocation's CPUs, those of its smallest node ('64(x2)' or '64,32' -> 64 / 32).",
+             "NODE_CPUS=$(tr ',' '\\n' <<<\"$SLURM_JOB_CPUS_PER_NODE\" | sed 's/(.*//'"
+             " | sort -n | head -n 1)",
+             share,
+             f"export OMP_NUM_THREADS=$(( NODE_CPUS / {n} > 1 ? NODE_CPUS / {n} : 1 ))"],
+            "--cpus-per-task=${NODE_CPUS}")
+
+
+def render_script(plan: Plan, job: JobConfig, cpus: Optional[int] = None) -> str:
+    """The sbatch script for `plan`. `cpus`: CPUs of a node of the partition (see `node_cpus`);
+    None = unknown here (launcher.slurm.cpus_per_task, when set, wins either way)."""
     s = job.launcher.slurm
     directives = [f"--nodes={plan.nnodes}", "--ntasks-per-node=1",
-                  f"--time={_checked('launcher.slurm.time', s.time)}",
-                  f"--signal={_checked('launcher.slurm.signal', s.signal)}"]
+                  f"--time={_checked('launcher.slurm.time', s.time)}"]
+    if s.signal is not None:
+        directives.append(f"--signal={_checked('launcher.slurm.signal', s.signal)}")
     if plan.device == "cuda":
         directives.append(f"--gpus-per-node={plan.nproc_per_node}")
     for key in ("partition", "account", "qos", "mem", "constraint"):
         value = getattr(s, key)
         if value is not None:
             directives.append(f"--{key}={_checked(f'launcher.slurm.{key}', value)}")
-    if s.cpus_per_task is not None:
-        directives.append(f"--cpus-per-task={s.cpus_per_task}")
+    cpu_directives, cpu_body, srun_cpus = _cpu_lines(plan, job, cpus)
+    directives += cpu_directives
     if s.exclusive:
         directives.append("--exclusive")
     for i, extra in enumerate(s.extra_sbatch):
@@ -73,24 +178,29 @@ def render_script(plan: Plan, job: JobConfig) -> str:
             raise ConfigError(f"launcher.slurm.extra_sbatch[{i}]", extra, "an option like "
                               "--reservation=NAME")
         directives.append(_checked(f"launcher.slurm.extra_sbatch[{i}]", extra))
-    exports = [f"export {k}={shlex.quote(v)}" for k, v in sorted(plan.env.items())]
+    # OMP_NUM_THREADS comes from the CPUs Slurm allocates, not from the planning machine.
+    exports = [f"export {k}={shlex.quote(v)}" for k, v in sorted(plan.env.items())
+               if k != "OMP_NUM_THREADS"]
     (command,) = plan.commands  # one command, run on every node by srun
+    srun = ["srun", f"--nodes={plan.nnodes}", "--ntasks-per-node=1", srun_cpus,
+            "--kill-on-bad-exit=1", *command]
     lines = [
         "#!/bin/bash",
         "# Rendered by orchestrator from plan.json; submitted unchanged (see slurm_job.json).",
         *[f"#SBATCH {d}" for d in directives],
         "set -euo pipefail",
         *exports,
-        '# Rendezvous on the first node of the allocation.',
-        'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
-        "RDZV_HOST=$(scontrol show node \"$head_node\""
-        " | sed -n 's/.*NodeAddr=\\([^ ]*\\).*/\\1/p')",
+        *cpu_body,
+        "# Rendezvous on the allocation's first node, named as Slurm lists it (its hostname, not",
+        "# its NodeAddr): torchrun's c10d hosts the store on the node whose own hostname or",
+        "# addresses match, and a NodeAddr on a second NIC (or a hostname mapped to 127.0.1.1)",
+        "# matches none, so no node would host it and every node would time out joining.",
+        'RDZV_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
         "# A port per job, so jobs sharing a head node never collide.",
         f"RDZV_PORT=$(( {job.launcher.rdzv_port} + SLURM_JOB_ID % 1000 ))",
         'echo "orchestrator: job $SLURM_JOB_ID on $SLURM_JOB_NODELIST,'
         ' rendezvous $RDZV_HOST:$RDZV_PORT"',
-        f"srun --nodes={plan.nnodes} --ntasks-per-node=1 --kill-on-bad-exit=1 "
-        + " ".join(_word(a) for a in command),
+        " ".join(_word(a) for a in srun),
     ]
     return "\n".join(lines) + "\n"
 
@@ -109,20 +219,37 @@ def _run(argv: list[str]) -> str:
 
 
 def preflight(job: JobConfig, plan: Plan) -> None:
-    """Fail fast on what can be checked here instead of queueing a doomed job."""
+    """Fail fast on what can be checked here instead of queueing a doomed job (one that asks
+    for GPUs, nodes or CPUs the partition does not have would wait in the queue forever)."""
     if shutil.which("sbatch") is None:
         raise ConfigError("launcher.name", "slurm", "a launcher whose tools are here: sbatch "
                           "is not on PATH (scripts/start_slurm.sh starts a local cluster)")
-    rows = [line.split() for line in _run(["sinfo", "-h", "-o", "%P %D"]).splitlines() if line]
-    sizes = {name.rstrip("*"): int(n) for name, n in rows}
-    default = next((name.rstrip("*") for name, _ in rows if name.endswith("*")), None)
-    partition = job.launcher.slurm.partition or default
-    if partition not in sizes:
-        raise ConfigError("launcher.slurm.partition", job.launcher.slurm.partition,
-                          "one of " + ", ".join(sorted(sizes)))
-    if plan.nnodes > sizes[partition]:
+    partition, nodes = partition_nodes(job, cluster_nodes())
+    if plan.nnodes > len(nodes):
         raise ConfigError("cluster.nodes", plan.nnodes,
-                          f"at most {sizes[partition]} (nodes in partition {partition})")
+                          f"at most {len(nodes)} (nodes in partition {partition})")
+    if plan.device == "cuda":
+        most = max(n.gpus for n in nodes)
+        if most == 0:
+            raise ConfigError("cluster.gpus_per_node", plan.nproc_per_node,
+                              f"a partition with GPUs: partition {partition} has no 'gpu' gres "
+                              "(sinfo -o %G); choose launcher.slurm.partition, or "
+                              "cluster.device=cpu")
+        if plan.nproc_per_node > most:
+            raise ConfigError("cluster.gpus_per_node", plan.nproc_per_node,
+                              f"at most {most} ('gpu' gres per node in partition {partition})")
+        nodes = usable_nodes(plan, nodes)
+        if plan.nnodes > len(nodes):
+            raise ConfigError("cluster.nodes", plan.nnodes,
+                              f"at most {len(nodes)} (nodes with {plan.nproc_per_node} GPUs "
+                              f"in partition {partition})")
+    want = job.launcher.slurm.cpus_per_task
+    if want is not None:
+        cap = sorted((n.cpus for n in nodes), reverse=True)[plan.nnodes - 1]
+        if want > cap:
+            raise ConfigError("launcher.slurm.cpus_per_task", want,
+                              f"at most {cap} (CPUs per node on {plan.nnodes} nodes of "
+                              f"partition {partition})")
     run_dir = Path(job.run_dir)
     if not os.access(run_dir, os.W_OK):
         raise ConfigError("run_dir", str(run_dir), "a writable directory")
@@ -160,8 +287,10 @@ class SlurmHandle:
 
 
 def write_script(plan: Plan, job: JobConfig) -> Path:
+    """Render `<run_dir>/job.sbatch`, asking Slurm (when its tools are here) for the CPUs of a
+    node of the partition."""
     path = Path(job.run_dir) / SCRIPT
-    path.write_text(render_script(plan, job))
+    path.write_text(render_script(plan, job, node_cpus(job, plan)))
     return path
 
 

@@ -1,5 +1,5 @@
 """ZeRO stage 1: DDP + `ZeroRedundancyOptimizer`, which shards the optimizer state by whole
-parameters; each rank steps its own parameters and broadcasts them."""
+parameters; each rank steps its own parameters and broadcasts them (one flat bucket per rank)."""
 
 from __future__ import annotations
 
@@ -23,5 +23,8 @@ class Zero1Engine(DDPEngine):
 def setup(model: nn.Module, job: JobConfig, device: str) -> Engine:
     ddp = wrap(model, job, device)
     cls, kwargs = optimizer_class(job.optim)
-    optimizer = ZeroRedundancyOptimizer(trainable(ddp.parameters()), optimizer_class=cls, **kwargs)
+    # Bucket views: each rank's parameters live in one flat buffer per device, so the step's
+    # parameter broadcast is one collective per rank instead of one per parameter.
+    optimizer = ZeroRedundancyOptimizer(trainable(ddp.parameters()), optimizer_class=cls,
+                                        parameters_as_bucket_view=True, **kwargs)
     return make_engine(ddp, optimizer, job, device, cls=Zero1Engine)
