@@ -2,9 +2,16 @@
 against DeepSpeed's own config model before anything launches.
 
 Generated from the same fields the FSDP2 path uses: batch split, clipping, precision and ZeRO
-stage. DeepSpeed's bucket defaults (5e8 elements: 2 GB per fp32 bucket) are far too large for
-small models, so buckets scale with the hidden size instead (d² elements, the rule of thumb
-Hugging Face's integration uses). `parallelism.deepspeed` is merged over the result.
+stage, for the device the job runs on:
+
+- cuda: DeepSpeed's own GPU defaults (5e8-element reduce / all-gather buckets, 5e7 prefetch,
+  1e9 live parameters, persistence threshold 1e5), raised to one transformer block where a block
+  is larger, with communication overlapped with compute; offload uses pinned host memory.
+- cpu: those defaults (2 GB per fp32 bucket) are far too large for the small models a CPU trains,
+  so buckets scale with the hidden size (d² elements, the rule of thumb Hugging Face's
+  integration uses) and overlap is off (gloo gains nothing from a second stream).
+
+`parallelism.deepspeed` is merged over the result.
 """
 
 from __future__ import annotations
@@ -33,21 +40,57 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def generate(job: JobConfig, grad_accum: int, global_batch: int) -> dict[str, Any]:
-    p, d = job.parallelism, job.model.d_model
-    bucket = bucket_elements(d)
-    zero: dict[str, Any] = {"stage": p.zero_stage, "contiguous_gradients": True,
-                            "overlap_comm": False, "reduce_bucket_size": bucket,
-                            "allgather_bucket_size": bucket}
-    if p.zero_stage == 3:
-        zero.update({"stage3_prefetch_bucket_size": int(0.9 * bucket),
-                     "stage3_param_persistence_threshold": 10 * d,
-                     "stage3_max_live_parameters": 4 * bucket,
-                     "stage3_max_reuse_distance": 4 * bucket})
+# DeepSpeed's GPU defaults (deepspeed/runtime/zero/config.py), in elements
+DS_BUCKET, DS_PREFETCH, DS_PERSISTENCE = 500_000_000, 50_000_000, 100_000
+
+
+def largest_block(job: JobConfig) -> int:
+    """Elements of the largest transformer block (the ZeRO-3 gather unit)."""
+    from orchestrator.plan import cached_specs
+
+    blocks: dict[str, int] = {}
+    for s in cached_specs(job.model, job.lora, job.dpo_beta):
+        if s.group.startswith("block."):
+            blocks[s.group] = blocks.get(s.group, 0) + s.numel
+    return max(blocks.values(), default=0)
+
+
+def _zero_section(job: JobConfig, device: str) -> dict[str, Any]:
+    p = job.parallelism
+    zero: dict[str, Any] = {"stage": p.zero_stage, "contiguous_gradients": True}
+    if device == "cuda":
+        block = largest_block(job)
+        bucket, prefetch = max(DS_BUCKET, block), max(DS_PREFETCH, block)
+        zero.update({"overlap_comm": True, "reduce_bucket_size": bucket,
+                     "allgather_bucket_size": bucket})
+        if p.zero_stage == 3:
+            zero.update({"stage3_prefetch_bucket_size": prefetch,
+                         "stage3_param_persistence_threshold": DS_PERSISTENCE})
+    else:
+        bucket = bucket_elements(job.model.d_model)
+        zero.update({"overlap_comm": False, "reduce_bucket_size": bucket,
+                     "allgather_bucket_size": bucket})
+        if p.zero_stage == 3:
+            zero.update({"stage3_prefetch_bucket_size": int(0.9 * bucket),
+                         "stage3_param_persistence_threshold": 10 * job.model.d_model,
+                         "stage3_max_live_parameters": 4 * bucket,
+                         "stage3_max_reuse_distance": 4 * bucket})
+    if p.zero_stage == 3 and p.replicate_degree > 1:
+        # ZeRO++ hpZ: a secondary copy of the parameters partitioned within each group of
+        # world/R ranks (a node), so forward/backward all-gathers stay inside it
+        zero["zero_hpz_partition_size"] = job.world_size // p.replicate_degree
+    pin = device == "cuda"  # pinned host buffers for fast copies; pointless without a GPU
     if p.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
     if p.offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+    return zero
+
+
+def generate(job: JobConfig, grad_accum: int, global_batch: int,
+             device: str = "cpu") -> dict[str, Any]:
+    """The DeepSpeed config for `job` on `device` (cpu | cuda)."""
+    zero = _zero_section(job, device)
     cfg: dict[str, Any] = {
         "train_batch_size": global_batch,
         "train_micro_batch_size_per_gpu": job.train.micro_batch_size,
@@ -56,8 +99,8 @@ def generate(job: JobConfig, grad_accum: int, global_batch: int) -> dict[str, An
         "steps_per_print": NEVER_PRINT,
         "wall_clock_breakdown": False,
         "zero_optimization": zero,
-        # Our optimizer is a client torch.optim one (no 60 s FusedAdam build); allow it with
-        # offload too, where DeepSpeed would otherwise insist on its compiled CPU Adam.
+        # Our optimizer is a client one: torch.optim (no 60 s FusedAdam build), or DeepSpeed's
+        # compiled CPU Adam when offloading on GPUs (strategies/deepspeed.py picks it).
         "zero_force_ds_cpu_optimizer": False,
         "zero_allow_untested_optimizer": True,
     }
@@ -67,7 +110,7 @@ def generate(job: JobConfig, grad_accum: int, global_batch: int) -> dict[str, An
                        "loss_scale_window": job.precision.growth_interval}
     elif job.precision.name == "bf16":
         cfg["bf16"] = {"enabled": True}
-    return _merge(cfg, p.deepspeed)
+    return _merge(cfg, job.parallelism.deepspeed)
 
 
 class _ReadTracker(dict):

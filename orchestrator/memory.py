@@ -261,29 +261,35 @@ def _ds_working_set(specs: list[ParamSpec], b: int, persistence_threshold: int,
     modules in reverse. After fetching one it prefetches the next parameters while fewer than
     min(stage3_max_live_parameters - live, stage3_prefetch_bucket_size) elements are in flight
     (the last one may overshoot). Gradients come out whole in the module's dtype and are
-    reduce-scattered in `communication_data_type` (by default the same 16-bit dtype), so one
-    module's full gradient is alive too. The head, gathered from the end of forward, is already
-    in `after_forward`; only its gradient is new there. Persistent parameters are never gathered.
+    reduce-scattered in `communication_data_type` (by default that same 16-bit dtype), so one
+    module's full gradient is alive too. Persistent parameters are never gathered.
+    - beyond `after_forward` (activations alive): the worst module of backward with its
+      prefetch, less the head, which is gathered from the end of forward and already counted,
+      plus the largest module's gradient;
+    - beyond `after_backward`: the last module of backward (the input embedding), gathered, and
+      its gradient, with nothing left to prefetch.
     """
     units: dict[str, list[ParamSpec]] = {}
     for s in specs:
         if s.numel > persistence_threshold:
             units.setdefault(s.name.rpartition(".")[0], []).append(s)
     order = list(units.values())[::-1]  # backward order
-    live, live_beyond_fwd = 0, 0
+    if not order:
+        return {}
+    live = 0
     for i, unit in enumerate(order):
-        own = sum(s.numel for s in unit)
-        limit = min(max_live_parameters - own, prefetch_bucket_size)
+        own = sum(s.numel for s in unit if not s.head)  # the head: gathered since forward
+        limit = min(max_live_parameters - sum(s.numel for s in unit), prefetch_bucket_size)
         prefetched = 0
         for s in (s for later in order[i + 1:] for s in later):
             if prefetched >= limit:
                 break
             prefetched += s.numel
-        held = sum(s.numel for s in unit if s.head)  # gathered since forward: counted already
         live = max(live, own + prefetched)
-        live_beyond_fwd = max(live_beyond_fwd, own - held + prefetched)
-    grads = max((sum(s.numel for s in u if s.trainable) for u in order), default=0)
-    return {"after_forward": b * (live_beyond_fwd + grads), "after_backward": b * (live + grads)}
+    grads = max(sum(s.numel for s in u if s.trainable) for u in order)
+    last = order[-1]
+    return {"after_forward": b * (live + grads),
+            "after_backward": b * sum(s.numel + s.numel * s.trainable for s in last)}
 
 
 def estimate_deepspeed(specs: list[ParamSpec], world_size: int, zero_stage: int, precision: str,
@@ -346,3 +352,24 @@ def estimate_deepspeed(specs: list[ParamSpec], world_size: int, zero_stage: int,
     return MemoryEstimate("deepspeed", rank, peak, moments, host_bytes=host,
                           working_set_by_moment=working, working_set_bytes=working.get(peak, 0),
                           shard_size=n if zero_stage else 0)
+
+
+def describe_mesh(strategy: str, world_size: int, zero_stage: int, shard_size: int = 0,
+                  hpz_partition_size: int = 1) -> str:
+    """The data-parallel layout in words: "2 replicas x 4 shards" (HSDP), "8 replicas" (DDP)."""
+    n = world_size
+
+    def plural(k: int, word: str) -> str:
+        return f"{k} {word}{'s' if k != 1 else ''}"
+
+    if zero_stage == 0:
+        return plural(n, "replica")
+    if zero_stage == 1 or (zero_stage == 2 and strategy == "deepspeed"):
+        what = "optimizer state" + (" and gradients" if zero_stage == 2 else "")
+        return f"{plural(n, 'replica')}, {what} in {n} shards"
+    shard = shard_size or n
+    text = f"{plural(max(1, n // shard), 'replica')} x {plural(shard, 'shard')}"
+    if hpz_partition_size > 1:
+        text += (f" (hpZ: a secondary parameter copy in {hpz_partition_size} shards, one per "
+                 f"group of {hpz_partition_size} ranks)")
+    return text

@@ -12,7 +12,7 @@ from typing import Any, Optional
 from orchestrator import compute, memory
 from orchestrator.activations import activation_bytes
 from orchestrator.data.corpus import cache_dir
-from orchestrator.gpus import GPUS
+from orchestrator.gpus import GPUS, device_memory_bytes
 from orchestrator.models import ParamSpec, param_specs
 from orchestrator.models.preference import REFERENCE
 from orchestrator.schema import JobConfig, LoraConfig, ModelConfig
@@ -42,6 +42,7 @@ class Plan:
     gpu: Optional[str] = None  # the accelerator planned for (cluster.gpu)
     device_memory_bytes: Optional[int] = None
     auto_reason: Optional[str] = None  # set when parallelism.auto chose the strategy
+    mesh: str = ""  # the data-parallel layout, e.g. "2 replicas x 4 shards" (HSDP)
 
     @property
     def fits(self) -> Optional[bool]:
@@ -101,33 +102,48 @@ def make_plan(job: JobConfig, device: str, cpu_count: int, python: str = sys.exe
     accum, global_batch = resolve_batch(job)
     specs = cached_specs(job.model, job.lora, job.dpo_beta)
     config_path = str(Path(job.run_dir) / "config.yaml")
-    threads = max(1, cpu_count // job.cluster.gpus_per_node) if device == "cpu" else 1
+    # CPU ranks, and DeepSpeed's CPU Adam when offloading from GPUs, compute on the host: give
+    # each rank its share of the node's cores (a GPU rank needs one)
+    host_compute = device == "cpu" or job.parallelism.offload_optimizer
+    threads = max(1, cpu_count // job.cluster.gpus_per_node) if host_compute else 1
     env = {"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
            "ORCHESTRATOR_DEVICE": device}
     p = job.parallelism
+    replicas = max(1, getattr(p, "replicate_degree", 1))
     if p.backend == "deepspeed":
         from orchestrator import deepspeed_config
 
-        ds_config = deepspeed_config.generate(job, accum, global_batch)
+        ds_config = deepspeed_config.generate(job, accum, global_batch, device)
         # DeepSpeed JIT-builds a comm op on first use; cache it once for every later run.
         env["TORCH_EXTENSIONS_DIR"] = str(cache_dir() / "torch_extensions")
         zero = ds_config["zero_optimization"]
+        # ZeRO++ hpZ: replicate_degree R > 1 keeps a secondary partition within world/R ranks
+        hpz = zero.get("zero_hpz_partition_size", job.world_size // replicas if replicas > 1 else 1)
+        hpz = hpz if p.zero_stage == 3 and hpz > 1 else 1
         mem = memory.estimate_deepspeed(
             specs, job.world_size, p.zero_stage, job.precision.name, p.offload_optimizer,
             p.offload_params, job.optim.name, job.optim.momentum,
-            persistence_threshold=zero.get("stage3_param_persistence_threshold", 100_000))
+            persistence_threshold=zero.get("stage3_param_persistence_threshold", 100_000),
+            prefetch_bucket_size=int(zero.get("stage3_prefetch_bucket_size", 50_000_000)),
+            max_live_parameters=int(zero.get("stage3_max_live_parameters", 1_000_000_000)),
+            hpz_partition_size=hpz)
         strategy = "deepspeed"
     else:
         ds_config = None
+        hpz = 1
+        # HSDP: FSDP2 shards over world/R ranks and replicates over R
+        shard = job.world_size // replicas if p.zero_stage in (2, 3) else None
         mem = memory.estimate(specs, job.world_size, p.zero_stage, job.precision.name,
-                              job.optim.name, job.optim.momentum)
+                              job.optim.name, job.optim.momentum, shard_size=shard)
         strategy = memory.strategy_name(p.zero_stage)
     psi = sum(s.numel for s in specs)
     # DPO: the frozen reference copy is memory, not model size
     n_model = sum(s.numel for s in specs if not s.name.startswith(REFERENCE))
     mem = memory.with_activations(mem, activation_bytes(job), job.plan.memory_overhead, psi,
-                                  job.world_size, p.zero_stage, job.precision.name)
+                                  mem.shard_size or job.world_size, p.zero_stage,
+                                  job.precision.name)
     gpu = GPUS.get(job.cluster.gpu)
+    local = job.launcher.name == "local" and device == "cuda"
     layers = job.model.n_layer * (2 if job.model.family == "t5" else 1)
     return Plan(
         world_size=job.world_size,
@@ -153,8 +169,11 @@ def make_plan(job: JobConfig, device: str, cpu_count: int, python: str = sys.exe
             trainable_params=sum(s.numel for s in specs if s.trainable),
             reference=job.dpo_beta is not None),
         deepspeed_config=ds_config,
+        mesh=memory.describe_mesh(strategy, job.world_size, p.zero_stage, mem.shard_size, hpz),
         gpu=job.cluster.gpu if gpu else None,
-        device_memory_bytes=gpu.memory_bytes if gpu else None,
+        # on the machine itself (launcher=local) the device's own total_memory, if it is one
+        device_memory_bytes=(device_memory_bytes(job.cluster.gpu) if local else gpu.memory_bytes)
+        if gpu else None,
     )
 
 

@@ -29,6 +29,7 @@ def plan_rows(plan: Plan) -> list[tuple[str, str]]:
         ("ranks", f"{plan.world_size} = {plan.nnodes} node(s) x {plan.nproc_per_node} "
                   f"({plan.device}, {plan.backend}"
                   + (f", {plan.gpu}" if plan.gpu else "") + ")"),
+        *([("mesh", plan.mesh)] if plan.mesh else []),
         ("batch", f"global {plan.global_batch_size} = micro {plan.micro_batch_size} x accum "
                   f"{plan.grad_accum_steps} x dp {plan.world_size}"),
         ("parameters", f"{c.params:,}" + (f" ({c.trainable_params:,} trainable, LoRA)"
@@ -50,6 +51,7 @@ def plan_rows(plan: Plan) -> list[tuple[str, str]]:
     rows += [
         ("ZeRO paper model state", human_bytes(m.zero_paper_bytes)),
         ("activations (1 micro batch)", human_bytes(m.activations_bytes)),
+        ("working set (gathered units + unsharded grads)", human_bytes(m.working_set_bytes)),
         ("buffers/fragmentation", human_bytes(m.overhead_bytes)),
         ("peak per rank", human_bytes(m.peak_total_bytes)
          + (f" of {human_bytes(plan.device_memory_bytes)}: "

@@ -155,6 +155,21 @@ def _check_lora(job: JobConfig) -> None:
                           f"layers peft can adapt ({str(e).splitlines()[0]})") from None
 
 
+def _check_replicas(job: JobConfig) -> None:
+    """HSDP: R replicas of a parameter sharding over world/R ranks (FSDP2 stages 2/3, or
+    DeepSpeed stage 3's hierarchical partition)."""
+    r, p = job.parallelism.replicate_degree, job.parallelism
+    _positive("parallelism.replicate_degree", r)
+    if job.world_size % r:
+        raise ConfigError("parallelism.replicate_degree", r, "a divisor of the world size "
+                          f"{job.world_size} (replicas x shard group = nodes x gpus_per_node)")
+    stages = (3,) if p.backend == "deepspeed" else (2, 3)
+    if r > 1 and p.zero_stage not in stages:
+        raise ConfigError("parallelism.replicate_degree", r, "1 unless parallelism.zero_stage "
+                          f"is {' or '.join(map(str, stages))} with backend={p.backend} "
+                          "(HSDP shards parameters within a group and replicates across groups)")
+
+
 def _loopback(host: str) -> bool:
     import ipaddress
 
@@ -247,6 +262,7 @@ def validate(job: JobConfig, hw: Hardware) -> None:
                           "manifest for kubectl; it does not submit)")
     if c.nodes > 1 and job.launcher.name == "local" and job.action == "run":
         raise ConfigError("cluster.nodes", c.nodes, "1 with launcher=local (one machine)")
+    _check_replicas(job)
     if c.nodes > 1 and job.launcher.name == "torchrun" and _loopback(job.launcher.rdzv_host):
         raise ConfigError("launcher.rdzv_host", job.launcher.rdzv_host, "the first node's "
                           f"hostname or address for cluster.nodes={c.nodes} (on a loopback "
@@ -255,7 +271,7 @@ def validate(job: JobConfig, hw: Hardware) -> None:
         raise ConfigError("launcher.rdzv_port", job.launcher.rdzv_port, "a port in 1..65535")
 
     accum, global_batch = resolve_batch(job)
-    _check_offload_and_deepspeed(job, accum, global_batch)
+    _check_offload_and_deepspeed(job, accum, global_batch, resolve_device(job, hw))
     _check_hardware(job, hw)
 
 
@@ -271,7 +287,8 @@ OWNED_DEEPSPEED_KEYS = {
 }
 
 
-def _check_offload_and_deepspeed(job: JobConfig, accum: int, global_batch: int) -> None:
+def _check_offload_and_deepspeed(job: JobConfig, accum: int, global_batch: int,
+                                 device: str) -> None:
     p = job.parallelism
     if p.backend != "deepspeed":
         for key in ("offload_optimizer", "offload_params"):
@@ -296,7 +313,7 @@ def _check_offload_and_deepspeed(job: JobConfig, accum: int, global_batch: int) 
                           "unset: it is generated from parallelism.zero_stage")
     from orchestrator import deepspeed_config
 
-    deepspeed_config.check(deepspeed_config.generate(job, accum, global_batch))
+    deepspeed_config.check(deepspeed_config.generate(job, accum, global_batch, device))
 
 
 def _check_hardware(job: JobConfig, hw: Hardware) -> None:

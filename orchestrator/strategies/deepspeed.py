@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from orchestrator.schema import JobConfig
-from orchestrator.strategies.base import Engine, build_optimizer
+from orchestrator.strategies.base import Engine, build_optimizer, trainable
 
 CONFIG_FILE = "deepspeed.json"
 
@@ -82,7 +82,17 @@ def setup(model: nn.Module, job: JobConfig, device: str) -> Engine:
     import deepspeed
 
     config = json.loads((Path(job.run_dir) / CONFIG_FILE).read_text())
-    optimizer = build_optimizer(model.parameters(), job.optim)
+    o = job.optim
+    if device == "cuda" and job.parallelism.offload_optimizer and o.name == "adamw":
+        # The optimizer steps on the host: DeepSpeed's vectorised CPU Adam (JIT-built once,
+        # OMP_NUM_THREADS = the rank's share of the node) instead of torch's per-tensor AdamW.
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(trainable(model.parameters()), lr=o.lr,
+                                     betas=(o.beta1, o.beta2), eps=o.eps,
+                                     weight_decay=o.weight_decay, adamw_mode=True)
+    else:
+        optimizer = build_optimizer(model.parameters(), o)
     ds_engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                          config=config)
     return DeepSpeedEngine(ds_engine, ds_optimizer, job, device)

@@ -81,3 +81,41 @@ def test_action_plan_shows_and_writes_the_deepspeed_config(tmp_path) -> None:
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert written == plan["deepspeed_config"] and plan["strategy"] == "deepspeed"
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_gpu_config_uses_deepspeed_defaults_raised_to_a_block_and_cpu_keeps_small_buckets() -> None:
+    """On GPUs: overlapped communication, DeepSpeed's own bucket defaults (read from its config
+    model, not typed here) or one transformer block where that is larger, pinned offload."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    defaults = DeepSpeedZeroConfig()
+    for model, block in [("gpt2", 7_087_872), ("llama3_8b", 218_112_000)]:
+        job = make_job(["+recipe=deepspeed_zero3_offload", f"model={model}",
+                        "cluster.device=cuda", "cluster.gpu=h100", "cluster.gpus_per_node=8",
+                        "action=plan"])
+        validate(job, Hardware())
+        assert deepspeed_config.largest_block(job) == block  # 12d² + 13d (gpt2), Llama 3 8B
+        gpu = deepspeed_config.generate(job, *resolve_batch(job), "cuda")
+        zero = gpu["zero_optimization"]
+        assert zero["overlap_comm"] is True
+        assert zero["reduce_bucket_size"] == max(defaults.reduce_bucket_size, block)
+        assert zero["stage3_prefetch_bucket_size"] == max(defaults.prefetch_bucket_size, block)
+        assert zero["stage3_prefetch_bucket_size"] >= block  # at least one whole layer
+        assert zero["stage3_param_persistence_threshold"] == defaults.param_persistence_threshold
+        assert "stage3_max_live_parameters" not in zero  # DeepSpeed's 1e9
+        assert zero["offload_optimizer"]["pin_memory"] and zero["offload_param"]["pin_memory"]
+        deepspeed_config.check(json.loads(json.dumps(gpu)))
+        cpu = deepspeed_config.generate(job, *resolve_batch(job), "cpu")["zero_optimization"]
+        assert cpu["overlap_comm"] is False and cpu["reduce_bucket_size"] < block
+        assert not cpu["offload_optimizer"]["pin_memory"]
+
+
+def test_hsdp_maps_to_deepspeed_hierarchical_partitioning() -> None:
+    job = make_job(["+recipe=deepspeed_zero3", "cluster.nodes=2", "cluster.gpus_per_node=4",
+                    "parallelism.replicate_degree=2", "launcher=slurm"])
+    validate(job, Hardware())
+    zero = deepspeed_config.generate(job, *resolve_batch(job))["zero_optimization"]
+    assert zero["zero_hpz_partition_size"] == 4
+    flat = make_job(["+recipe=deepspeed_zero3"])
+    assert "zero_hpz_partition_size" not in deepspeed_config.generate(
+        flat, *resolve_batch(flat))["zero_optimization"]

@@ -41,6 +41,11 @@ BAD = [
     (["+recipe=dpo", "model=bert_tiny"], "model.family"),  # DPO needs a causal LM
     (["objective.name=dpo"], "objective.name"),  # ... and preference pairs
     (["+recipe=dpo", "objective.dpo_beta=0"], "objective.dpo_beta"),
+    (["+recipe=fsdp_zero3", "parallelism.replicate_degree=3"], "parallelism.replicate_degree"),
+    (["+recipe=fsdp_zero3", "parallelism.replicate_degree=0"], "parallelism.replicate_degree"),
+    (["+recipe=zero1", "parallelism.replicate_degree=2"], "parallelism.replicate_degree"),
+    (["+recipe=deepspeed_zero2", "parallelism.replicate_degree=2"],
+     "parallelism.replicate_degree"),
     # several torchrun nodes on a loopback rendezvous: each would host its own store
     (["launcher=torchrun", "cluster.nodes=2"], "launcher.rdzv_host"),
     (["launcher=torchrun", "cluster.nodes=2", "launcher.rdzv_host=localhost"],
