@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -34,14 +35,18 @@ def init(device: str) -> RankInfo:
     return RankInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
-def node_names() -> list[str]:
-    """Every rank's node name, gathered on all ranks (Slurm's node name when under srun)."""
+def node_name() -> str:
+    """This rank's node (Slurm's node name when under srun)."""
     import socket
 
-    mine = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-    names: list[str] = [""] * dist.get_world_size()
-    dist.all_gather_object(names, mine)
-    return names
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def gather(value: Any) -> list[Any]:
+    """Every rank's `value` (any picklable object), in rank order, on all ranks."""
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
 
 
 def shutdown() -> None:

@@ -29,8 +29,11 @@ LADDER = (  # (label, backend, zero_stage, offload)
 
 
 def _variant(job: JobConfig, backend: str, stage: int, offload: bool, micro: int) -> JobConfig:
+    # replicate_degree (HSDP / hpZ) is kept where the rung supports it, else 1 (plain DP)
+    hsdp = stage in ((3,) if backend == "deepspeed" else (2, 3))
     par = dataclasses.replace(job.parallelism, backend=backend, zero_stage=stage,
-                              offload_optimizer=offload, offload_params=offload, auto=False)
+                              offload_optimizer=offload, offload_params=offload, auto=False,
+                              replicate_degree=job.parallelism.replicate_degree if hsdp else 1)
     total = job.train.global_batch_size
     if total is None:  # keep the configured global batch
         total = job.train.micro_batch_size * (job.train.grad_accum_steps or 1) * job.world_size

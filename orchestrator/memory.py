@@ -370,6 +370,6 @@ def describe_mesh(strategy: str, world_size: int, zero_stage: int, shard_size: i
     shard = shard_size or n
     text = f"{plural(max(1, n // shard), 'replica')} x {plural(shard, 'shard')}"
     if hpz_partition_size > 1:
-        text += (f" (hpZ: a secondary parameter copy in {hpz_partition_size} shards, one per "
-                 f"group of {hpz_partition_size} ranks)")
+        text += (f" + hpZ secondary parameter copy: {n // hpz_partition_size} groups x "
+                 f"{plural(hpz_partition_size, 'shard')}")
     return text

@@ -15,8 +15,7 @@ from orchestrator import distributed, loop
 from orchestrator.checkpoint import save_final
 from orchestrator.data import batches, build_dataset, split, tokenizer_file, uses_bpe
 from orchestrator.metrics import make_logger
-from orchestrator.models import build_model
-from orchestrator.precision import model_dtype
+from orchestrator.strategies import build_for_rank
 from orchestrator.strategies import setup as setup_strategy
 from orchestrator.typed import load_job
 from orchestrator.validate import resolve_batch
@@ -30,19 +29,20 @@ class PretrainRecipe:
     def setup(self) -> None:
         device = os.environ.get("ORCHESTRATOR_DEVICE", "cpu")
         self.info = distributed.init(device)
-        model = build_model(self.job.model, seed=self.job.train.seed, lora=self.job.lora,
-                            dpo_beta=self.job.dpo_beta)
-        model.to(model_dtype(self.job.precision.name))
+        model = build_for_rank(self.job, self.info)
         if self.job.train.activation_checkpointing:
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
         self.engine = setup_strategy(model, self.job, device)
         dataset, _ = split(build_dataset(self.job), self.job.eval.holdout)
         self.data = batches(dataset, self.job, self.info.rank, self.info.world_size)
-        nodes = distributed.node_names()
+        # the set-up peak (model build + sharding) per rank: with meta-device init only rank 0
+        # ever holds the whole model
+        ranks = distributed.gather((distributed.node_name(), loop.peak_memory_bytes(device)))
         self.logger = make_logger(self.job, self.info.rank)
-        self.logger.event("start", {"world_size": self.info.world_size, "nodes": nodes,
-                                    "device": device})
+        self.logger.event("start", {"world_size": self.info.world_size,
+                                    "nodes": [node for node, _ in ranks], "device": device,
+                                    "setup_peak_mem_bytes": [peak for _, peak in ranks]})
 
     def train(self) -> list[float]:
         accum, global_batch = resolve_batch(self.job)

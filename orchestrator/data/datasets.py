@@ -20,8 +20,11 @@ class MarkovTokens(Dataset):
     def __init__(self, num_samples: int, seq_len: int, vocab_size: int, branching: int,
                  seed: int) -> None:
         g = torch.Generator().manual_seed(seed)
-        successors = torch.stack(
-            [torch.randperm(vocab_size, generator=g)[:branching] for _ in range(vocab_size)])
+        # Row by row: a list of slices would keep every full permutation alive (8 * V² bytes,
+        # 20 GB for GPT-2's vocabulary) until the stack.
+        successors = torch.empty(vocab_size, branching, dtype=torch.long)
+        for row in successors:
+            row.copy_(torch.randperm(vocab_size, generator=g)[:branching])
         tokens = torch.empty(num_samples, seq_len, dtype=torch.long)
         tokens[:, 0] = torch.randint(vocab_size, (num_samples,), generator=g)
         picks = torch.randint(branching, (num_samples, seq_len), generator=g)

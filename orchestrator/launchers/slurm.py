@@ -57,16 +57,16 @@ def gres_gpus(gres: str) -> int:
     return total
 
 
-def cluster_nodes() -> list[SlurmNode]:
+def cluster_nodes(timeout_s: float = 60) -> list[SlurmNode]:
     """Every (node, partition) row of the cluster the Slurm tools here talk to."""
-    out = _run(["sinfo", "-h", "-N", "-o", "%P|%c|%G|%N"])
+    out = _run(["sinfo", "-h", "-N", "-o", "%P|%c|%G|%N"], timeout_s)
     nodes = []
     for line in out.splitlines():
         if line.count("|") != 3:
             continue
         part, cpus, gres, name = line.split("|")
         nodes.append(SlurmNode(name, part.rstrip("*"), part.endswith("*"),
-                               int(cpus.rstrip("+") or 0), gres_gpus(gres)))
+                               int(re.sub(r"\D", "", cpus) or 0), gres_gpus(gres)))
     return nodes
 
 
@@ -93,7 +93,7 @@ def node_cpus(job: JobConfig, plan: Plan) -> Optional[int]:
     if shutil.which("sinfo") is None:
         return None
     try:
-        _, nodes = partition_nodes(job, cluster_nodes())
+        _, nodes = partition_nodes(job, cluster_nodes(timeout_s=15))  # a plan does not wait
     except (ConfigError, LaunchError, OSError, ValueError, subprocess.TimeoutExpired):
         return None
     cpus = [n.cpus for n in usable_nodes(plan, nodes) if n.cpus > 0]
@@ -162,7 +162,7 @@ def render_script(plan: Plan, job: JobConfig, cpus: Optional[int] = None) -> str
     directives = [f"--nodes={plan.nnodes}", "--ntasks-per-node=1",
                   f"--time={_checked('launcher.slurm.time', s.time)}"]
     if s.signal is not None:
-        directives.append(f"--signal={_checked("launcher.slurm.signal", s.signal or "USR1@90")}")
+        directives.append(f"--signal={_checked('launcher.slurm.signal', s.signal)}")
     if plan.device == "cuda":
         directives.append(f"--gpus-per-node={plan.nproc_per_node}")
     for key in ("partition", "account", "qos", "mem", "constraint"):
@@ -211,8 +211,8 @@ def submit_argv(job: JobConfig, script: Path) -> list[str]:
             str(script)]
 
 
-def _run(argv: list[str]) -> str:
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+def _run(argv: list[str], timeout_s: float = 60) -> str:
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
     if out.returncode:
         raise LaunchError(f"{argv[0]} failed ({out.returncode}): {out.stderr.strip()}")
     return out.stdout
@@ -307,7 +307,3 @@ def launch_slurm(plan: Plan, job: JobConfig) -> SlurmHandle:
     (Path(job.run_dir) / RECORD).write_text(json.dumps(record, indent=2) + "\n")
     print(f"submitted Slurm job {job_id}; log: {record['log']}")
     return SlurmHandle(job_id, Path(job.run_dir), job.launcher.slurm.poll_s)
-
-
-def gres_gpus(g):
-    return 0

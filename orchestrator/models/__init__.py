@@ -92,9 +92,10 @@ def build_model(cfg: ModelConfig, seed: int, device: str | torch.device = "cpu",
     """A randomly initialised model (the same seed gives the same weights on every rank), or
     the one saved at `model.pretrained_path`; with `lora.rank > 0`, frozen and wrapped with
     trainable adapters (initialised from the same seed); with `dpo_beta`, paired with a frozen
-    reference copy under the DPO loss."""
+    reference copy under the DPO loss. On the meta device: the same structure, no storage and
+    no weights read (the strategy materialises it and fills it from rank 0)."""
     torch.manual_seed(seed)
-    if cfg.pretrained_path:
+    if cfg.pretrained_path and str(device) != "meta":
         model = _instantiate(cfg, weights=True).to(device)
     else:
         with torch.device(device):

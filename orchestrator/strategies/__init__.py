@@ -27,19 +27,35 @@ def setup(model: nn.Module, job: JobConfig, device: str) -> Engine:
     return chosen(model, job, device)
 
 
+def build_for_rank(job: JobConfig, info: distributed.RankInfo) -> nn.Module:
+    """The job's model in the run's dtype: real on rank 0 (random from `train.seed`, or read
+    from `model.pretrained_path`), on the meta device on every other rank of a multi-rank job.
+    The strategy then gives each rank storage for its own part (FSDP2: its shards) and fills it
+    from rank 0, so a node holds at most one full copy in host memory instead of one per rank,
+    and the weights are rank 0's whatever the world size or strategy."""
+    import torch
+
+    from orchestrator.models import build_model
+    from orchestrator.precision import model_dtype
+
+    device = "meta" if info.world_size > 1 and info.rank != 0 else "cpu"
+    model = build_model(job.model, seed=job.train.seed, device=device, lora=job.lora,
+                        dpo_beta=job.dpo_beta)
+    # Same RNG state on every rank afterwards, whether or not its initialisation drew from it.
+    torch.manual_seed(job.train.seed)
+    return model.to(model_dtype(job.precision.name))
+
+
 def run_inference(job: JobConfig, body: Callable[[Engine, distributed.RankInfo], None]) -> None:
     """Evaluation and generation: join the process group, build the model (random, or
     `model.pretrained_path`) in the run's dtype, wrap it with the configured strategy (ZeRO-3
     shards it as in training) and call `body(engine, rank)`. The group is destroyed after body
     returns, when nothing holds the engine any more (a gloo group freed during interpreter
     shutdown while DDP still holds it can abort the process)."""
-    from orchestrator.models import build_model
-    from orchestrator.precision import model_dtype
-
     device = os.environ.get("ORCHESTRATOR_DEVICE", "cpu")
     info = distributed.init(device)
     try:
-        model = build_model(job.model, seed=job.train.seed).to(model_dtype(job.precision.name))
+        model = build_for_rank(job, info)
         body(setup(model, job, device), info)
         del model
     finally:

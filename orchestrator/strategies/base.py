@@ -7,6 +7,7 @@ on accumulation micro-steps, and which tensors they hold; the step itself is wri
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -36,6 +37,34 @@ def optimizer_class(cfg: OptimConfig) -> tuple[type[torch.optim.Optimizer], dict
                                    "weight_decay": cfg.weight_decay}
     return torch.optim.SGD, {"lr": cfg.lr, "momentum": cfg.momentum,
                              "weight_decay": cfg.weight_decay}
+
+
+def on_meta(model: nn.Module) -> bool:
+    """Whether the model was built on the meta device (shapes only, no storage)."""
+    return any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def materialize(model: nn.Module, device: str | torch.device) -> nn.Module:
+    """Move a real model to `device`; give a meta-device one uninitialised storage there (its
+    values are then received from rank 0). Conversion swaps the new tensors into the existing
+    Parameter objects, so tied weights (GPT-2's head and embedding) stay one parameter."""
+    if not on_meta(model):
+        return model.to(device)
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        return model.to_empty(device=device)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+
+
+@torch.no_grad()
+def broadcast_from_rank0(tensors: Iterable[torch.Tensor]) -> None:
+    """Overwrite every rank's tensors with rank 0's, one collective per tensor."""
+    import torch.distributed as dist
+
+    for t in tensors:
+        dist.broadcast(t, src=0)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from orchestrator import precision as prec
 from orchestrator.schema import JobConfig
-from orchestrator.strategies.base import Engine, build_optimizer
+from orchestrator.strategies.base import Engine, build_optimizer, materialize
 
 
 class DDPEngine(Engine):
@@ -20,8 +20,10 @@ class DDPEngine(Engine):
 
 
 def wrap(model: nn.Module, job: JobConfig, device: str) -> DistributedDataParallel:
-    """Gradients as views into DDP's buckets: without it DDP keeps a second full copy."""
-    model.to(device)
+    """Gradients as views into DDP's buckets: without it DDP keeps a second full copy. A model
+    built on the meta device (ranks other than 0) gets empty storage here: DDP's constructor
+    broadcasts rank 0's parameters and buffers to every rank (its documented init sync)."""
+    materialize(model, device)
     ids = [torch.cuda.current_device()] if device == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True,
                                    bucket_cap_mb=job.parallelism.bucket_cap_mb)

@@ -8,6 +8,7 @@ scaling itself, which is why this engine overrides the whole step.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -17,7 +18,13 @@ import torch
 from torch import nn
 
 from orchestrator.schema import JobConfig
-from orchestrator.strategies.base import Engine, build_optimizer, trainable
+from orchestrator.strategies.base import (
+    Engine,
+    broadcast_from_rank0,
+    build_optimizer,
+    materialize,
+    trainable,
+)
 
 CONFIG_FILE = "deepspeed.json"
 
@@ -80,8 +87,15 @@ class DeepSpeedEngine(Engine):
 
 def setup(model: nn.Module, job: JobConfig, device: str) -> Engine:
     import deepspeed
+    import torch.distributed as dist
 
     config = json.loads((Path(job.run_dir) / CONFIG_FILE).read_text())
+    if dist.get_world_size() > 1:
+        # Ranks other than 0 built the model on the meta device: give it storage on this rank's
+        # device and copy rank 0's weights and buffers into it before DeepSpeed partitions it.
+        target = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else "cpu"
+        materialize(model, target)
+        broadcast_from_rank0(itertools.chain(model.parameters(), model.buffers()))
     o = job.optim
     if device == "cuda" and job.parallelism.offload_optimizer and o.name == "adamw":
         # The optimizer steps on the host: DeepSpeed's vectorised CPU Adam (JIT-built once,

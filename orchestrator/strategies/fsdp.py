@@ -15,13 +15,20 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from orchestrator import precision as prec
 from orchestrator.models import transformer_blocks
 from orchestrator.schema import JobConfig
-from orchestrator.strategies.base import Engine, build_optimizer
+from orchestrator.strategies.base import (
+    Engine,
+    broadcast_from_rank0,
+    build_optimizer,
+    materialize,
+    on_meta,
+)
 
 
 class FSDPEngine(Engine):
@@ -60,15 +67,43 @@ class FSDPEngine(Engine):
                 "optimizer_bytes": list(self.optimizer_state())}
 
 
+def device_mesh(device: str, world_size: int, replicas: int) -> DeviceMesh:
+    """1-D (every rank shards) or, with `replicas` R > 1, HSDP's 2-D mesh: R groups of
+    world/R consecutive ranks (one node when world/R = GPUs per node); parameters are sharded
+    within a group and replicated across groups, so all-gathers stay inside a node and only
+    the gradient all-reduce crosses nodes."""
+    if replicas == 1:
+        return init_device_mesh(device, (world_size,))
+    return init_device_mesh(device, (replicas, world_size // replicas),
+                            mesh_dim_names=("replicate", "shard"))
+
+
+def load_from_rank0(model: nn.Module, full: dict[str, torch.Tensor]) -> None:
+    """Every rank's shards from rank 0's full state dict (`full` is empty elsewhere), one
+    tensor at a time, then the buffers (non-persistent ones, e.g. rotary frequencies, are not in
+    a state dict)."""
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full, options=options)
+    broadcast_from_rank0(model.buffers())
+
+
 def setup(model: nn.Module, job: JobConfig, device: str) -> Engine:
     import torch.distributed as dist
 
-    mesh = init_device_mesh(device, (dist.get_world_size(),))
+    world = dist.get_world_size()
+    # Rank 0 built the real model; the others built it on the meta device and allocate only
+    # their shards after sharding. Rank 0's full weights are kept by reference until sent.
+    full = model.state_dict() if world > 1 and not on_meta(model) else {}
+    mesh = device_mesh(device, world, job.parallelism.replicate_degree)
     p = job.precision
     kwargs = {"mesh": mesh, "mp_policy": prec.fsdp_policy(p.name)}
     for block in transformer_blocks(model):
         fully_shard(block, reshard_after_forward=job.parallelism.zero_stage == 3, **kwargs)
     fully_shard(model, reshard_after_forward=False, **kwargs)
+    if world > 1:
+        materialize(model, device)
+        load_from_rank0(model, full)
+        del full
     optimizer = build_optimizer(model.parameters(), job.optim)
     scaler = prec.grad_scaler(p.name, device, True, p.init_scale, p.growth_interval)
     return FSDPEngine(model, optimizer, job, device, scaler=scaler)

@@ -19,6 +19,8 @@ from tests.distributed.checks import losses
 
 pytestmark = pytest.mark.slurm
 TWO_NODES = ["+recipe=ddp", "launcher=slurm", "cluster.nodes=2", "cluster.gpus_per_node=1"]
+GPU_JOB = ["+recipe=fsdp_zero3", "launcher=slurm", "cluster.device=cuda", "cluster.gpu=h100",
+           "cluster.gpus_per_node=8", "cluster.nodes=2"]
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +42,17 @@ def test_two_node_job_trains_and_runs_the_dry_run_script(slurm, tmp_path) -> Non
     assert dry.returncode == 0, dry.stderr
     planned_script = (tmp_path / "job.sbatch").read_text()
     assert not (tmp_path / "slurm_job.json").exists()  # the dry run submitted nothing
+    lines = planned_script.splitlines()  # the test nodes have one CPU each (sinfo %c)
+    assert "#SBATCH --cpus-per-task=1" in lines and "export OMP_NUM_THREADS=1" in lines
+    assert " --cpus-per-task=1 " in next(x for x in lines if x.startswith("srun "))
+    assert "--signal" not in planned_script
     proc = run_cli([*TWO_NODES, "launcher.slurm.wait=true"], tmp_path, env=slurm)
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((tmp_path / "slurm_job.json").read_text())
     ran = scontrol("write", "batch_script", record["job_id"], "-")  # what Slurm executed
     assert ran == planned_script
+    log = Path(record["log"]).read_text(errors="replace")
+    assert "rendezvous node1:" in log  # the first node's Slurm hostname (start_slurm.sh's hosts)
     (start,) = read_metrics(tmp_path / "metrics.jsonl", events=True)
     assert start["world_size"] == 2 and sorted(start["nodes"]) == ["node1", "node2"]
     got = losses(tmp_path)
@@ -120,4 +128,22 @@ def test_preflight_rejects_what_the_cluster_cannot_run(slurm, tmp_path) -> None:
     assert part.returncode == 2 and "one of debug" in part.stderr
     nodes = run_cli([*TWO_NODES, "cluster.nodes=3"], tmp_path / "b", env=slurm)
     assert nodes.returncode == 2 and "at most 2" in nodes.stderr
-    assert not (tmp_path / "a" / "slurm_job.json").exists()
+    cpus = run_cli([*TWO_NODES, "launcher.slurm.cpus_per_task=4"], tmp_path / "c", env=slurm)
+    assert cpus.returncode == 2, cpus.stderr[-3000:]
+    assert "launcher.slurm.cpus_per_task" in cpus.stderr and "at most 1" in cpus.stderr
+    assert not any((tmp_path / d / "slurm_job.json").exists() for d in "abc")
+
+
+def test_gpu_job_on_a_cluster_without_gpus_is_refused_before_submission(slurm, tmp_path) -> None:
+    from orchestrator.launchers.slurm import job_name
+
+    proc = run_cli(GPU_JOB, tmp_path, env=slurm)  # planned on this CPU-only submitting host
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert "cluster.gpus_per_node" in line and "no 'gpu' gres" in line, line
+    assert "no CUDA device here" not in proc.stderr  # the submitting host is not checked
+    assert not (tmp_path / "slurm_job.json").exists()
+    assert f"JobName={job_name(str(tmp_path))} " not in scontrol("show", "job", "-o")
+    queued = subprocess.run(["squeue", "-h", "-n", job_name(str(tmp_path)), "-o", "%i"],
+                            capture_output=True, text=True, check=True).stdout
+    assert queued.strip() == ""

@@ -185,3 +185,20 @@ def test_lora_and_dpo_flops_per_token() -> None:
     assert lora.flops_per_token == pytest.approx(4e6 + 2e4 + attention)
     dpo = compute.estimate(params=10**6, reference=True, **kw)
     assert dpo.flops_per_token == pytest.approx(2 * (6e6 + attention + 2e6 + attention / 3))
+
+
+def test_auto_keeps_replicate_degree_only_on_rungs_that_shard() -> None:
+    job = make_job(["model=llama2_7b", "parallelism=auto", "cluster.gpu=a100_80gb",
+                    "cluster.nodes=2", "cluster.gpus_per_node=8", "precision=bf16",
+                    "data.seq_len=2048", "train.global_batch_size=64",
+                    "parallelism.replicate_degree=2", "action=plan"])
+    variants = {(label, c.parallelism.zero_stage): c.parallelism.replicate_degree
+                for label, c in fit._candidates(job)}
+    assert variants[("ddp", 0)] == variants[("zero1", 1)] == 1
+    assert variants[("fsdp_zero2", 2)] == variants[("fsdp_zero3", 3)] == 2
+    assert variants[("deepspeed_zero3_offload", 3)] == 2
+    chosen, _ = fit.choose(job, planner())
+    validate(chosen, Hardware())  # whatever rung wins is a valid job
+    plan = make_plan(chosen, "cuda", 2)
+    assert plan.fits and (chosen.parallelism.replicate_degree == 2) == (
+        chosen.parallelism.zero_stage >= 2)
