@@ -267,6 +267,10 @@ def validate(job: JobConfig, hw: Hardware) -> None:
         raise ConfigError("launcher.rdzv_host", job.launcher.rdzv_host, "the first node's "
                           f"hostname or address for cluster.nodes={c.nodes} (on a loopback "
                           "address every node hosts its own rendezvous and none meet)")
+    if job.launcher.name == "k8s":  # volume, image and shm keys, before anything is written
+        from orchestrator.launchers.k8s import mount_path
+
+        mount_path(job)
     if not 0 < job.launcher.rdzv_port < 65536:
         raise ConfigError("launcher.rdzv_port", job.launcher.rdzv_port, "a port in 1..65535")
 

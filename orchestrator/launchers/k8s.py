@@ -39,8 +39,9 @@ def job_name(run_dir: str, nnodes: int) -> str:
     return name[:room].rstrip("-")
 
 
-def mount_path(plan: Plan, job: JobConfig) -> PurePosixPath:
-    """Check the k8s keys (ConfigError, one line) and return where the claim is mounted.
+def mount_path(job: JobConfig) -> PurePosixPath:
+    """Check the k8s keys (ConfigError, one line; `validate` calls it before anything is
+    written) and return where the claim is mounted.
 
     The rule: the ranks use the plan's absolute paths (<run_dir>/config.yaml, plan.json,
     metrics), so the claim's root is mounted at `launcher.k8s.mount_path` (default: the run
@@ -58,7 +59,7 @@ def mount_path(plan: Plan, job: JobConfig) -> PurePosixPath:
     if k.shm_size is not None and not QUANTITY.fullmatch(k.shm_size):
         raise ConfigError("launcher.k8s.shm_size", k.shm_size,
                           "a Kubernetes quantity such as '16Gi' or '64G', or null for no limit")
-    run_dir = PurePosixPath(plan.run_dir)
+    run_dir = PurePosixPath(job.run_dir)
     mount = PurePosixPath(k.mount_path) if k.mount_path is not None else run_dir.parent
     if (not mount.is_absolute() or ".." in mount.parts or mount == PurePosixPath("/")
             or any(mount == d or d in mount.parents for d in SYSTEM_DIRS)):
@@ -94,7 +95,7 @@ def command(plan: Plan, job: JobConfig) -> list[str]:
 
 
 def render(plan: Plan, job: JobConfig) -> dict[str, Any]:
-    mount = mount_path(plan, job)
+    mount = mount_path(job)
     resources: dict[str, Any] = {}
     if plan.device == "cuda":
         resources = {"limits": {"nvidia.com/gpu": plan.nproc_per_node}}

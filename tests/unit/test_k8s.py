@@ -194,10 +194,12 @@ def test_cli_plan_writes_the_manifest(tmp_path) -> None:
 def test_cli_bad_pvc_name_is_one_line_exit_2(tmp_path) -> None:
     proc = run_cli([*GPU_JOB, "launcher.k8s.pvc=Runs_PVC"], tmp_path / "run")
     assert proc.returncode == 2, proc.stderr[-3000:]
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    lines = proc.stderr.strip().splitlines()
     assert lines == ["error: config key 'launcher.k8s.pvc' has value 'Runs_PVC'; allowed: a "
                      "PersistentVolumeClaim name (DNS-1123 subdomain): lower-case letters, "
                      "digits, '-' and '.', starting and ending with a letter or digit, at most "
                      "253 characters"]
     assert "Traceback" not in proc.stderr
+    # refused by validation, before config.yaml or plan.json is written
     assert not (tmp_path / "run" / "pytorchjob.yaml").exists()
+    assert not (tmp_path / "run" / "plan.json").exists()
