@@ -43,6 +43,13 @@ def test_peak_memory_of_gpt2_is_within_10_percent_of_the_plan(tmp_path) -> None:
                     "data.seq_len=1024", "train.micro_batch_size=8", "train.steps=5",
                     "logging=none"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    last = read_metrics(tmp_path / "metrics.jsonl")[-1]
-    assert abs(last["peak_mem_error_pct"]) <= 10, last
-    assert 0 < last["mfu"] < 1
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    plan = json.loads((tmp_path / "plan.json").read_text())["memory"]
+    # the plan's peak without its fragmentation allowance, against the largest per-interval
+    # max_memory_allocated (the loop resets the peak after set-up and every logged interval)
+    planned = plan["peak_total_bytes"] - plan["overhead_bytes"]
+    assert all(r["peak_mem_planned_bytes"] == planned for r in rows)
+    measured = max(r["peak_mem_bytes"] for r in rows)
+    assert abs(measured / planned - 1) <= 0.10, (measured, planned)
+    # the step clock stops after a device sync, so utilisation can never exceed the peak
+    assert all(0 < r["mfu"] <= 1 for r in rows), [r["mfu"] for r in rows]

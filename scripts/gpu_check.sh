@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The GPU check: run where a CUDA GPU is lent (never a CI dependency). One command, a few
+# minutes on one H100/H200-class GPU: world size 1 (NCCL) for DDP, FSDP2 ZeRO-3 and DeepSpeed
+# ZeRO-3 in bf16 and fp16, DeepSpeed ZeRO-3 with CPU offload (DeepSpeedCPUAdam, pinned memory),
+# then evaluate and generate on the saved model; prints one table (loss first -> last,
+# tokens/s, MFU, planned vs max_memory_allocated peak) and runs the `gpu` tests.
+#   bash scripts/gpu_check.sh [OUT_DIR]      (default runs/gpu_check/<time>)
+# Each run has a time limit (ORCHESTRATOR_GPU_CHECK_RUN_S, default 240 s); a failed run is a
+# FAILED row, and the script goes on to the next.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh || exit 1
+py=.venv/bin/python
+out="${1:-runs/gpu_check/$(date +%Y%m%d-%H%M%S)}"
+limit="${ORCHESTRATOR_GPU_CHECK_RUN_S:-240}"
+mkdir -p "$out"
+dry=()
+if [ "${ORCHESTRATOR_GPU_CHECK_DRY:-0}" = 1 ]; then
+  # CPU test of this script (tests/unit/test_gpu_check.py): every run only plans (action=plan
+  # accepts cluster.device=cuda without a GPU), the saved model is a config.json
+  gpu=h100 dry=(action=plan)
+  "$py" -c "import sys; from transformers import GPT2Config; GPT2Config().save_pretrained(sys.argv[1])" \
+    "$out/save-fsdp_zero3-bf16/model"
+elif ! "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "gpu_check: no CUDA device here" >&2
+  exit 2
+else
+  gpu=$("$py" -c "import torch; from orchestrator.gpus import match
+p = torch.cuda.get_device_properties(0); print(match(p.name, p.total_memory) or 'none')")
+  "$py" -c "import torch, deepspeed; p = torch.cuda.get_device_properties(0)
+print(f'gpu_check: {p.name}, {p.total_memory / 2**30:.1f} GiB reported, cluster.gpu=$gpu,'
+      f' torch {torch.__version__}, CUDA {torch.version.cuda}, deepspeed {deepspeed.__version__}')" \
+    | tee "$out/device.txt"
+fi
+
+common=(model=gpt2 data=text data.seq_len=1024 train.micro_batch_size=8 train.steps=30
+        train.log_every=5 cluster.device=cuda cluster.gpus_per_node=1 "cluster.gpu=$gpu"
+        logging=none logging.progress=false train.save_model=false)
+
+run() {  # run NAME OVERRIDES...: one orchestrator run into $out/NAME
+  local name=$1; shift
+  timeout "$limit" "$py" -m orchestrator "$@" "${dry[@]}" "hydra.run.dir=$out/$name" \
+    >"$out/$name.log" 2>&1
+  local rc=$?
+  mkdir -p "$out/$name"; echo "$rc" >"$out/$name/status"
+  if [ "$rc" = 0 ]; then echo "gpu_check: $name ok"; else echo "gpu_check: $name FAILED ($rc), see $out/$name.log"; fi
+}
+
+for precision in bf16 fp16; do
+  run "ddp-$precision" +recipe=ddp "${common[@]}" "precision=$precision"
+  run "fsdp_zero3-$precision" +recipe=fsdp_zero3 "${common[@]}" "precision=$precision"
+  run "deepspeed_zero3-$precision" +recipe=deepspeed_zero3 "${common[@]}" "precision=$precision"
+done
+run deepspeed_zero3_offload-bf16 +recipe=deepspeed_zero3_offload "${common[@]}" precision=bf16
+# a saved model for evaluate / generate (ZeRO-3 gather to rank 0 on a GPU)
+run save-fsdp_zero3-bf16 +recipe=fsdp_zero3 "${common[@]}" precision=bf16 train.steps=10 \
+  train.save_model=true
+model="$out/save-fsdp_zero3-bf16/model"
+run evaluate-fsdp_zero3 +recipe=evaluate "model.pretrained_path=$model" model=gpt2 \
+  data.seq_len=1024 cluster.device=cuda cluster.gpus_per_node=1 "cluster.gpu=$gpu" precision=bf16
+run generate-fsdp_zero3 +recipe=generate "model.pretrained_path=$model" model=gpt2 \
+  cluster.device=cuda cluster.gpus_per_node=1 "cluster.gpu=$gpu" precision=bf16 \
+  "generate.prompts=[The ,def ]" generate.max_new_tokens=32
+
+"$py" scripts/gpu_table.py "$out" | tee "$out/table.md"
+[ ${#dry[@]} = 0 ] || exit 0
+echo "gpu_check: gpu tests"
+timeout 600 "$py" -m pytest -q -m gpu tests/gpu -p no:cacheprovider 2>&1 | tail -n 15 | tee "$out/pytest.txt"
+echo "gpu_check: table in $out/table.md (copy it to docs/benchmarks.md)"

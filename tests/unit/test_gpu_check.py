@@ -1,0 +1,36 @@
+"""scripts/gpu_check.sh, planned on this CPU machine: every run it makes on a GPU is a valid
+config and plans a one-GPU NCCL job, so the first GPU run spends its minutes training, not on
+a typo. (The script itself is run where a GPU is lent; see docs/benchmarks.md.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+from tests.conftest import REPO
+
+RUNS = ["ddp-bf16", "ddp-fp16", "fsdp_zero3-bf16", "fsdp_zero3-fp16", "deepspeed_zero3-bf16",
+        "deepspeed_zero3-fp16", "deepspeed_zero3_offload-bf16", "save-fsdp_zero3-bf16",
+        "evaluate-fsdp_zero3", "generate-fsdp_zero3"]
+
+
+def test_gpu_check_runs_are_valid_one_gpu_nccl_plans(tmp_path) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", str(out)], cwd=REPO, text=True,
+                          capture_output=True, timeout=600,
+                          env={**os.environ, "ORCHESTRATOR_GPU_CHECK_DRY": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(RUNS)
+    for name in RUNS:
+        assert (out / name / "status").read_text().strip() == "0", (
+            out / f"{name}.log").read_text()[-2000:]
+        plan = json.loads((out / name / "plan.json").read_text())
+        assert (plan["device"], plan["backend"], plan["world_size"]) == ("cuda", "nccl", 1)
+        precision = name.rsplit("-", 1)[1] if name.endswith(("bf16", "fp16")) else "bf16"
+        assert (plan["gpu"], plan["precision"]) == ("h100", precision)
+    offload = json.loads((out / "deepspeed_zero3_offload-bf16" / "plan.json").read_text())
+    zero = offload["deepspeed_config"]["zero_optimization"]
+    assert zero["overlap_comm"] and zero["offload_optimizer"]["pin_memory"]
+    assert int(offload["env"]["OMP_NUM_THREADS"]) == os.cpu_count()  # CPU Adam gets the cores
+    assert "| deepspeed_zero3-fp16 | 0 |" in (out / "table.md").read_text()
