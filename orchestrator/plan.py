@@ -109,7 +109,7 @@ def make_plan(job: JobConfig, device: str, cpu_count: int, python: str = sys.exe
     env = {"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
            "ORCHESTRATOR_DEVICE": device}
     p = job.parallelism
-    replicas = max(1, getattr(p, "replicate_degree", 1))
+    replicas = p.replicate_degree
     if p.backend == "deepspeed":
         from orchestrator import deepspeed_config
 
@@ -117,9 +117,9 @@ def make_plan(job: JobConfig, device: str, cpu_count: int, python: str = sys.exe
         # DeepSpeed JIT-builds a comm op on first use; cache it once for every later run.
         env["TORCH_EXTENSIONS_DIR"] = str(cache_dir() / "torch_extensions")
         zero = ds_config["zero_optimization"]
-        # ZeRO++ hpZ: replicate_degree R > 1 keeps a secondary partition within world/R ranks
-        hpz = zero.get("zero_hpz_partition_size", job.world_size // replicas if replicas > 1 else 1)
-        hpz = hpz if p.zero_stage == 3 and hpz > 1 else 1
+        # ZeRO++ hpZ (generated for replicate_degree R > 1, or passed through): a secondary
+        # partition within groups of this many ranks
+        hpz = max(1, zero.get("zero_hpz_partition_size", 1)) if p.zero_stage == 3 else 1
         mem = memory.estimate_deepspeed(
             specs, job.world_size, p.zero_stage, job.precision.name, p.offload_optimizer,
             p.offload_params, job.optim.name, job.optim.momentum,
