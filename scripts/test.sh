@@ -8,4 +8,7 @@ bash scripts/bootstrap.sh
 .venv/bin/ruff check .
 eval "$(bash scripts/start_slurm.sh)"   # exports SLURM_CONF
 trap 'bash scripts/stop_slurm.sh' EXIT
-.venv/bin/python -m pytest -m "not gpu" "$@"
+# Two pytest workers, one test file each at a time (module fixtures run once): a 2-rank run
+# keeps both cores busy only while its ranks run; its launcher's start-up and tear-down leave one
+# idle, which the other worker fills.
+.venv/bin/python -m pytest -m "not gpu" -n 2 --dist loadfile --durations=30 "$@"
