@@ -14,11 +14,13 @@ py=.venv/bin/python
 out="${1:-runs/gpu_check/$(date +%Y%m%d-%H%M%S)}"
 limit="${ORCHESTRATOR_GPU_CHECK_RUN_S:-240}"
 mkdir -p "$out"
-dry=()
+dry=0
 if [ "${ORCHESTRATOR_GPU_CHECK_DRY:-0}" = 1 ]; then
-  # CPU test of this script (tests/unit/test_gpu_check.py): every run only plans (action=plan
-  # accepts cluster.device=cuda without a GPU), the saved model is a config.json
-  gpu=h100 dry=(action=plan)
+  # CPU test of this script (tests/unit/test_gpu_check.py): every run is only planned
+  # (action=plan accepts cluster.device=cuda without a GPU), all in one process (see `plan_all`);
+  # the saved model is a config.json
+  gpu=h100 dry=1
+  : >"$out/dry_runs.txt"
   "$py" -c "import sys; from transformers import GPT2Config; GPT2Config().save_pretrained(sys.argv[1])" \
     "$out/save-fsdp_zero3-bf16/model"
 elif ! "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
@@ -39,8 +41,8 @@ common=(model=gpt2 data=text data.seq_len=1024 train.micro_batch_size=8 train.st
 
 run() {  # run NAME OVERRIDES...: one orchestrator run into $out/NAME
   local name=$1; shift
-  timeout "$limit" "$py" -m orchestrator "$@" "${dry[@]}" "hydra.run.dir=$out/$name" \
-    >"$out/$name.log" 2>&1
+  if [ "$dry" = 1 ]; then printf '%s\n' "$name" "$@" "" >>"$out/dry_runs.txt"; return; fi
+  timeout "$limit" "$py" -m orchestrator "$@" "hydra.run.dir=$out/$name" >"$out/$name.log" 2>&1
   local rc=$?
   mkdir -p "$out/$name"; echo "$rc" >"$out/$name/status"
   if [ "$rc" = 0 ]; then echo "gpu_check: $name ok"; else echo "gpu_check: $name FAILED ($rc), see $out/$name.log"; fi
@@ -62,8 +64,33 @@ run generate-fsdp_zero3 +recipe=generate "model.pretrained_path=$model" model=gp
   cluster.device=cuda cluster.gpus_per_node=1 "cluster.gpu=$gpu" precision=bf16 \
   "generate.prompts=[The ,def ]" generate.max_new_tokens=32
 
+plan_all() {  # dry mode: each recorded run's overrides + action=plan, through cli.execute
+  "$py" - "$out" <<'PY'
+import contextlib, sys
+from pathlib import Path
+from hydra import compose, initialize_config_module
+from orchestrator.cli import compose_job, execute
+from orchestrator.errors import OrchestratorError
+
+out = Path(sys.argv[1])
+with initialize_config_module("configs", version_base="1.3"):
+    for block in filter(None, (out / "dry_runs.txt").read_text().split("\n\n")):
+        name, *overrides = block.strip("\n").split("\n")
+        (out / name).mkdir(parents=True, exist_ok=True)
+        with open(out / f"{name}.log", "w") as log, contextlib.redirect_stdout(log):
+            try:
+                cfg = compose("config", overrides=[*overrides, "action=plan"])
+                rc = execute(compose_job(cfg, str(out / name)), overrides=overrides)
+            except OrchestratorError as e:
+                print(f"error: {e}", file=log)
+                rc = 2
+        (out / name / "status").write_text(f"{rc}\n")
+        print(f"gpu_check: {name} {'ok' if rc == 0 else 'FAILED, see ' + str(log.name)}")
+PY
+}
+[ "$dry" = 1 ] && plan_all
 "$py" scripts/gpu_table.py "$out" | tee "$out/table.md"
-[ ${#dry[@]} = 0 ] || exit 0
+[ "$dry" = 0 ] || exit 0
 echo "gpu_check: gpu tests"
 timeout 600 "$py" -m pytest -q -m gpu tests/gpu -p no:cacheprovider 2>&1 | tail -n 15 | tee "$out/pytest.txt"
 echo "gpu_check: table in $out/table.md (copy it to docs/benchmarks.md)"
