@@ -148,9 +148,20 @@ def _replicated(specs: list[ParamSpec], opt_numels: list[int], optimizer: str,
     return {m: MomentBytes(w * total, w * trained, opt) for m in MOMENTS}
 
 
+def _gathered_by_group(specs: list[ParamSpec], shard_size: int,
+                       trainable_only: bool = False) -> dict[str, int]:
+    """Elements of each FSDP unit once all-gathered: the padded dim-0 shards times the group."""
+    out: dict[str, int] = {}
+    for s in specs:
+        if s.trainable or not trainable_only:
+            rows_padded, _ = _chunk(s.shape[0], shard_size, 0)
+            out[s.group] = out.get(s.group, 0) + rows_padded * shard_size * (s.numel // s.shape[0])
+    return out
+
+
 def _fsdp(specs: list[ParamSpec], world_size: int, rank: int, stage: int, compute_bytes: int,
           optimizer: str, momentum: float, w: int) -> dict[str, MomentBytes]:
-    padded_shard, grad_shard, local, unsharded = 0, 0, [], {}
+    padded_shard, grad_shard, local = 0, 0, []
     for s in specs:
         rows_padded, rows_local = _chunk(s.shape[0], world_size, rank)
         inner = s.numel // s.shape[0]
@@ -158,7 +169,7 @@ def _fsdp(specs: list[ParamSpec], world_size: int, rank: int, stage: int, comput
         if s.trainable:  # frozen parameters are sharded too, but take no grad or state
             grad_shard += rows_padded * inner
             local.append(rows_local * inner)
-        unsharded[s.group] = unsharded.get(s.group, 0) + rows_padded * world_size * inner
+    unsharded = _gathered_by_group(specs, world_size)
     opt = _optimizer_bytes(local, optimizer, momentum, w)
     held = sum(unsharded.values()) if stage == 2 else unsharded.get(ROOT_GROUP, 0)
     return {
@@ -179,14 +190,8 @@ def _fsdp_working_set(specs: list[ParamSpec], shard_size: int, stage: int, compu
     - beyond `after_backward` (the end of backward): the root is still gathered while its own
       gradients are reduce-scattered, after which it is resharded.
     """
-    params: dict[str, int] = {}
-    grads: dict[str, int] = {}
-    for s in specs:
-        rows_padded, _ = _chunk(s.shape[0], shard_size, 0)
-        full = rows_padded * shard_size * (s.numel // s.shape[0])  # the all-gather output
-        params[s.group] = params.get(s.group, 0) + full
-        if s.trainable:
-            grads[s.group] = grads.get(s.group, 0) + full
+    params = _gathered_by_group(specs, shard_size)
+    grads = _gathered_by_group(specs, shard_size, trainable_only=True)
     blocks = sorted((n for g, n in params.items() if g != ROOT_GROUP), reverse=True)
     block_grads = max((n for g, n in grads.items() if g != ROOT_GROUP), default=0)
     gathered = sum(blocks[:2]) if stage == 3 else 0  # the unit computed + the prefetched next
