@@ -134,6 +134,9 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     save_model: bool = True  # write the trained model to <run_dir>/model (HF format)
     log_every: int = 1
+    # stop the run with one clear line when the loss becomes NaN or inf (checked on logged
+    # steps, where the losses reach the host anyway)
+    stop_on_nonfinite: bool = True
 
 
 @dataclass
@@ -239,6 +242,22 @@ class DebugConfig:
 
 
 @dataclass
+class RunConfig:
+    # re-use a run directory that holds an earlier, finished run of ours: its files are
+    # removed first. Without it such a directory is refused (never a silent mix of two runs);
+    # a directory that is not ours is always refused.
+    overwrite: bool = False
+
+
+@dataclass
+class DistConfig:
+    # a collective that waits longer than this fails (naming the rank it waited for) instead
+    # of hanging forever on a stalled or dead rank; generous, since the first step of a big
+    # model (compilation, allocator warm-up) can be slow
+    timeout_s: float = 1800.0
+
+
+@dataclass
 class JobConfig:
     # status / cancel act on an earlier run: `action=status run_dir=runs/...`
     action: str = choice("run", "run", "plan", "validate", "status", "cancel")
@@ -258,6 +277,8 @@ class JobConfig:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     @property
     def world_size(self) -> int:
