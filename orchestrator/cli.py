@@ -7,9 +7,12 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import re
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from orchestrator import rundir
 from orchestrator.errors import LaunchError, OrchestratorError
 from orchestrator.redact import redact, redact_override
 from orchestrator.schema import JobConfig
@@ -27,6 +31,12 @@ from orchestrator.typed import to_dict, to_job
 from orchestrator.validate import Hardware, resolve_device, validate
 
 ConfigStore.instance().store(name="orchestrator_schema", node=JobConfig)
+# `${launch_id:}` in configs/config.yaml: the default run dir is the time plus this, so two
+# launches in the same second never share one
+_LAUNCH_ID = uuid.uuid4().hex[:6]
+OmegaConf.register_new_resolver("launch_id", lambda: _LAUNCH_ID, replace=True)
+CONFIG_SHA_ENV = "ORCHESTRATOR_CONFIG_SHA256"  # ranks check the config.yaml they read
+_task_started = False
 
 
 def compose_job(cfg: DictConfig, run_dir: str) -> JobConfig:
@@ -39,9 +49,13 @@ def compose_job(cfg: DictConfig, run_dir: str) -> JobConfig:
     return to_job(data, run_dir=run_dir)
 
 
+def config_text(job: JobConfig) -> str:
+    """The resolved config with secrets redacted, as config.yaml holds it; ranks read it back."""
+    return yaml.safe_dump(redact(to_dict(job)), sort_keys=False)
+
+
 def write_config(job: JobConfig, path: Path) -> None:
-    """The resolved config with secrets redacted; ranks read it back."""
-    path.write_text(yaml.safe_dump(redact(to_dict(job)), sort_keys=False))
+    rundir.write_atomic(path, config_text(job))
 
 
 def execute(job: JobConfig, hw: Hardware | None = None,
@@ -49,7 +63,6 @@ def execute(job: JobConfig, hw: Hardware | None = None,
     """Validate, plan and (for action=run) launch `job`. Raises OrchestratorError on bad input."""
     from orchestrator import fit
     from orchestrator.plan import Plan, make_plan
-    from orchestrator.report import print_plan
 
     if job.action in ("status", "cancel"):
         return _status_or_cancel(job)
@@ -68,40 +81,55 @@ def execute(job: JobConfig, hw: Hardware | None = None,
     if job.parallelism.auto:
         job, reason = fit.choose(job, planner)
         validate(job, hw)
-    plan = dataclasses.replace(planner(job), auto_reason=reason)
+    text = config_text(job)
+    plan = planner(job)
+    plan = dataclasses.replace(plan, auto_reason=reason, env={
+        **plan.env, CONFIG_SHA_ENV: hashlib.sha256(text.encode()).hexdigest()})
     if job.action == "run":
         fit.refuse_if_too_big(job, plan, planner)
-    run_dir = Path(job.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_config(job, run_dir / "config.yaml")
+        if job.launcher.name == "slurm":  # the cluster's checks, before anything is written
+            from orchestrator.launchers.slurm import preflight
+
+            preflight(job, plan)
+    with rundir.held(job) as run_dir:
+        return _plan_and_launch(job, plan, text, run_dir, overrides)
+
+
+def _plan_and_launch(job: JobConfig, plan: Any, text: str, run_dir: rundir.RunDir,
+                     overrides: list[str] | None) -> int:
+    from orchestrator.report import print_plan
+
+    run_dir.write("config.yaml", text)
     lines = [redact_override(o) for o in overrides or []]
-    (run_dir / "overrides.txt").write_text("".join(f"{line}\n" for line in lines))
-    plan.write(run_dir / "plan.json")
+    run_dir.write("overrides.txt", "".join(f"{line}\n" for line in lines))
+    plan.write(run_dir.path / "plan.json")
     if plan.deepspeed_config is not None:
         from orchestrator.strategies.deepspeed import CONFIG_FILE
 
-        (run_dir / CONFIG_FILE).write_text(json.dumps(plan.deepspeed_config, indent=2) + "\n")
+        run_dir.write(CONFIG_FILE, json.dumps(redact(plan.deepspeed_config), indent=2) + "\n")
     print_plan(plan)
     _write_launch_artefacts(job, plan)
     if job.action == "plan":
-        print(f"plan written to {run_dir / 'plan.json'} (nothing launched)")
+        print(f"plan written to {run_dir.path / 'plan.json'} (nothing launched)")
         return 0
     from orchestrator.data import prepare_tokenizer
     from orchestrator.launchers import launch
 
     prepare_tokenizer(job)
+    run_dir.launched()
     handle = launch(plan, job)
     if job.launcher.name == "slurm" and not job.launcher.slurm.wait:
         print(f"state: {handle.status()}; follow with: python -m orchestrator action=status "
-              f"run_dir={run_dir}")
+              f"run_dir={run_dir.path}")
         return 0
     code = handle.wait()
     if code != 0:
         raise LaunchError(f"training failed with exit code {code} (the failing rank's error is "
-                          f"printed above); run dir: {run_dir}")
-    metrics = run_dir / job.logging.metrics_file
-    print(f"done. run dir: {run_dir}" + (f"; metrics: {metrics}" if metrics.exists() else ""))
-    wandb_info = run_dir / "wandb_run.json"
+                          f"printed above); run dir: {run_dir.path}")
+    metrics = run_dir.path / job.logging.metrics_file
+    print(f"done. run dir: {run_dir.path}" + (f"; metrics: {metrics}" if metrics.exists()
+                                              else ""))
+    wandb_info = run_dir.path / "wandb_run.json"
     if wandb_info.exists():
         print(f"W&B run ({job.logging.wandb.mode}): {wandb_info.read_text().strip()}")
     return 0
@@ -135,6 +163,8 @@ def _status_or_cancel(job: JobConfig) -> int:
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
 def main(cfg: DictConfig) -> Any:
+    global _task_started
+    _task_started = True
     hc = HydraConfig.get()
     try:
         job = compose_job(cfg, hc.runtime.output_dir)
@@ -149,6 +179,54 @@ def main(cfg: DictConfig) -> Any:
         code = execute(job, overrides=list(hc.overrides.task))
     except OrchestratorError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(e, "exit_code", 2))
+    finally:
+        # validate, status, cancel and refused launches write nothing: no empty run dir
+        rundir.discard_if_unused(hc.runtime.output_dir)
     if code:
         sys.exit(code)  # success returns, so a sweep goes on to its next point
+
+
+def hydra_error_line(error: BaseException) -> str:
+    """One line for an error Hydra raised while composing the config or making its output
+    directory (a bad override, an unknown group option, a YAML syntax error, a path that
+    cannot be created), with secret-looking override values hidden."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    if isinstance(error, MissingConfigException) and error.options:
+        first = str(error).splitlines()[0].removeprefix("In 'config': ")
+        group = (error.missing_cfg_file or "").rpartition("/")[0] or "the group"
+        return f"{first}; available options in '{group}': {', '.join(error.options)}"
+    if isinstance(error, OSError) and error.filename:
+        return (f"cannot create the run directory (hydra.run.dir): {error.strerror}: "
+                f"{error.filename}")
+    mark = getattr(error, "problem_mark", None)  # a YAML syntax error: where it is
+    if isinstance(error, yaml.MarkedYAMLError) and mark is not None:
+        return (f"YAML syntax error in {mark.name}, line {mark.line + 1}, column "
+                f"{mark.column + 1}: {error.context or ''} {error.problem or ''}".strip())
+    parts = [error] + ([error.__cause__] if error.__cause__ else [])
+    line = ": ".join(_one_line(str(p)) for p in parts if str(p).strip())
+    if isinstance(error, OverrideParseException):
+        line = f"override {redact_override(error.override)!r}: {line}"
+    return line or type(error).__name__
+
+
+def _one_line(text: str) -> str:
+    """A multi-line library message as one line: its own lines, without OmegaConf's indented
+    `full_key: ...` detail lines; secret-looking `key=value` words hidden."""
+    lines = text.splitlines()
+    kept = " ".join([lines[0].strip()] + [x.strip() for x in lines[1:] if not x.startswith(" ")])
+    return re.sub(r"[+~]*[\w.\-]+=\S+", lambda m: redact_override(m.group(0)), kept).strip()
+
+
+def run() -> None:
+    """`python -m orchestrator`: Hydra's own errors (they happen before `main` runs) are user
+    errors too: one line, exit 2. Once `main` has started, a bug keeps its traceback."""
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing its own report
+    try:
+        main()
+    except Exception as e:
+        if _task_started:
+            raise
+        print(f"error: {hydra_error_line(e)}", file=sys.stderr)
+        sys.exit(2)

@@ -21,6 +21,7 @@ import math
 from typing import Any
 
 from orchestrator.errors import ConfigError
+from orchestrator.redact import scrub, secret_values
 from orchestrator.schema import JobConfig
 
 NEVER_PRINT = 2**31 - 1  # DeepSpeed's own step prints: our loop logs instead
@@ -149,7 +150,8 @@ def check(cfg: dict[str, Any]) -> None:
     try:
         DeepSpeedConfig(_ReadTracker(probe, read))
     except Exception as e:  # DeepSpeed raises pydantic, assertion and its own errors alike
-        raise ConfigError("parallelism.deepspeed", _first_line(e),
+        # DeepSpeed's message may quote the input: never a secret's value (redact.py)
+        raise ConfigError("parallelism.deepspeed", scrub(_first_line(e), secret_values(cfg)),
                           "a config DeepSpeed's config model accepts") from e
     unknown = sorted(set(probe) - read)
     if unknown:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -18,20 +19,26 @@ class RankInfo:
     device: str
 
 
-def init(device: str) -> RankInfo:
+def init(device: str, timeout_s: float | None = None) -> RankInfo:
     """Join the job's process group. Under torchrun the env:// variables are set; a single
-    process without them gets a one-rank group, so every strategy runs unchanged."""
+    process without them gets a one-rank group, so every strategy runs unchanged. A collective
+    that waits longer than `timeout_s` (dist.timeout_s) fails instead of hanging."""
+    from orchestrator.launchers.lifeline import tie_rank_to_parent
+
+    tie_rank_to_parent()
     backend = "nccl" if device == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device == "cuda":
         torch.cuda.set_device(local_rank)
     if "RANK" in os.environ:
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=timeout)
     else:
         # One process, no launcher: DeepSpeed (and other libraries) read torchrun's variables
         # and assert on LOCAL_RANK, so set them as torchrun would for a one-rank job.
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timeout)
     return RankInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
@@ -57,3 +64,43 @@ def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
     gc.collect()
+
+
+def is_timeout(error: BaseException) -> bool:
+    """A collective that gave up after the process group's timeout (gloo and NCCL word it
+    differently; both say "timed out" / "Timeout")."""
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and ("timed out" in text or "timeout" in text)
+
+
+def describe_timeout(rank: int, world_size: int, timeout_s: float,
+                     window_s: float = 15.0) -> str:
+    """One line for a timed-out collective that names the ranks that stopped responding.
+
+    Every rank whose collective timed out says so in the rendezvous store (a TCP key-value
+    store that does not go through the stuck collective) and waits up to `window_s` for the
+    others: the ranks that never say so are the stalled or dead ones."""
+    import time
+
+    head = (f"a collective on rank {rank} timed out after {timeout_s:g} s "
+            f"(dist.timeout_s)")
+    host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if world_size == 1 or not host or not port:
+        return head
+    try:
+        store = dist.TCPStore(host, int(port), is_master=False,
+                              timeout=datetime.timedelta(seconds=10))
+        key = "orchestrator/timed_out/{}"
+        store.set(key.format(rank), "1")
+        deadline = time.monotonic() + min(window_s, timeout_s)
+        while True:
+            silent = [r for r in range(world_size) if not store.check([key.format(r)])]
+            if not silent or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    except (RuntimeError, OSError, ValueError):  # the store went away with its host
+        return head + "; the rendezvous store is gone too (rank 0's node or torchrun died)"
+    if not silent:
+        return head + " on every rank (a slow step or a network problem, not one stalled rank)"
+    return head + f"; stopped responding: rank{'s' if len(silent) > 1 else ''} " + \
+        ", ".join(map(str, silent))

@@ -22,6 +22,20 @@ class InjectedCrash(RuntimeError):
     """Raised by `debug.crash_at_step` to exercise the failure path."""
 
 
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite (`train.stop_on_nonfinite`): its message is one line."""
+
+
+def check_finite(step_losses: list[float], last_step: int) -> None:
+    """Raise `NonFiniteLoss` naming the first step of the interval ending at `last_step` whose
+    (all-reduced, so identical on every rank) loss is NaN or infinite."""
+    first = last_step - len(step_losses) + 1
+    for step, value in enumerate(step_losses, first):
+        if not math.isfinite(value):
+            raise NonFiniteLoss(f"loss became {value} at step {step} (train.stop_on_nonfinite="
+                                "true; lower optim.lr or check the data)")
+
+
 def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
     """Linear warmup to `lr`, then cosine decay to `lr * min_lr_ratio` (or constant)."""
     if step <= cfg.warmup_steps:
@@ -106,7 +120,8 @@ def train(engine: Engine, data: Iterator[dict[str, torch.Tensor]], job: JobConfi
 
     The host waits for the device only on logged steps (every `train.log_every`, the memory
     probe's step and the last): the losses of the interval are all-reduced in one collective,
-    and time, tokens/s and peak memory cover the whole interval."""
+    and time, tokens/s and peak memory cover the whole interval. With `train.stop_on_nonfinite`
+    a NaN or infinite loss raises `NonFiniteLoss` there, on every rank alike."""
     plan = plan or {}
     mem_plan = plan.get("memory", {})
     planned_peak_bytes = mem_plan.get("peak_bytes")
@@ -139,6 +154,8 @@ def train(engine: Engine, data: Iterator[dict[str, torch.Tensor]], job: JobConfi
         dist.all_reduce(step_losses)  # one collective for the interval, not one per step
         elapsed, steps = timer.close()
         losses.extend(v / world for v in step_losses.tolist())
+        if job.train.stop_on_nonfinite:  # every rank sees the same sums: all stop together
+            check_finite(losses[-len(pending):], step)
         pending = []
         step_time = elapsed / steps
         tps = tokens_per_step / step_time

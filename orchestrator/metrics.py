@@ -1,20 +1,73 @@
 """Rank-0 metrics: every step to `metrics.jsonl` and to W&B, plus a progress bar. Other ranks get
-`NullLogger`, which has the same interface. Nothing else in the project talks to W&B."""
+`NullLogger`, which has the same interface. Nothing else in the project talks to W&B.
+
+`metrics.jsonl` only ever grows by whole lines: a record that cannot be written completely (disk
+full, quota, file-size limit) is cut off again and the run stops with a one-line `WriteError`
+(`DiskFull` when the device is out of space)."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
+from orchestrator.errors import OrchestratorError
 from orchestrator.redact import redact
 from orchestrator.schema import JobConfig
 from orchestrator.typed import to_dict
 
 RUN_INFO = "wandb_run.json"
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class WriteError(OrchestratorError, OSError):
+    """A run file could not be written (the environment, not a bug): one line naming the path,
+    the reason and where the run stopped. Also an OSError carrying the original errno."""
+
+    def __init__(self, message: str, code: int | None) -> None:
+        OSError.__init__(self, code, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class DiskFull(WriteError):
+    """No space left on the device (or the quota is used up)."""
+
+
+def write_error(path: str | os.PathLike[str], err: OSError, where: str) -> WriteError:
+    """The one-line error for `err` raised while writing `path`; `where` says where the run
+    stopped (e.g. "at step 7")."""
+    if err.errno in NO_SPACE:
+        reason = "no space left on device" if err.errno == errno.ENOSPC else "disk quota exceeded"
+        return DiskFull(f"disk full writing {path} ({reason}); the run stopped {where}",
+                        err.errno)
+    reason = err.strerror or str(err) or type(err).__name__
+    return WriteError(f"cannot write {path} ({reason}); the run stopped {where}", err.errno)
+
+
+def append_whole(fd: int, data: bytes) -> None:
+    """Append `data` to the O_APPEND file `fd` completely or not at all: on a failed or short
+    write the file is cut back to its length before, so it still ends with a whole record."""
+    start = os.fstat(fd).st_size
+    view = memoryview(data)
+    try:
+        while view:
+            n = os.write(fd, view)
+            if n <= 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            view = view[n:]
+    except OSError:
+        with contextlib.suppress(OSError):  # e.g. /dev/full cannot be truncated
+            os.ftruncate(fd, start)
+        raise
 
 
 class NullLogger:
@@ -37,7 +90,13 @@ class NullLogger:
 class MetricsLogger(NullLogger):
     def __init__(self, job: JobConfig) -> None:
         self.run_dir = Path(job.run_dir)
-        self.file = open(self.run_dir / job.logging.metrics_file, "a")  # noqa: SIM115
+        self.path = self.run_dir / job.logging.metrics_file
+        try:
+            self.fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                                          0o644)
+        except OSError as e:
+            raise write_error(self.path, e, "before its first step") from e
+        self.step = 0  # the last step logged, for the error message
         self.bar = None
         if job.logging.progress:
             from tqdm import tqdm
@@ -56,11 +115,21 @@ class MetricsLogger(NullLogger):
             )
             info = {"id": self.wandb_run.id, "name": self.wandb_run.name, "mode": w.mode,
                     "dir": str(Path(self.wandb_run.dir).parent)}
-            (self.run_dir / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
+            try:
+                (self.run_dir / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
+            except OSError as e:
+                raise write_error(self.run_dir / RUN_INFO, e, "before its first step") from e
+
+    def _append(self, record: dict[str, Any], where: str) -> None:
+        assert self.fd is not None, "logger is closed"
+        try:
+            append_whole(self.fd, (json.dumps(record) + "\n").encode())
+        except OSError as e:
+            raise write_error(self.path, e, where) from e
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.file.flush()
+        self._append({"step": step, **metrics}, f"at step {step}")
+        self.step = step
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=step)
 
@@ -75,14 +144,16 @@ class MetricsLogger(NullLogger):
 
     def event(self, name: str, values: dict[str, Any]) -> None:
         """A non-step record (e.g. where the ranks ran) in metrics.jsonl and the W&B summary."""
-        self.file.write(json.dumps({"event": name, **values}) + "\n")
-        self.file.flush()
+        after = f" after step {self.step}" if self.step else ""
+        self._append({"event": name, **values}, f"at the '{name}' event{after}")
         self.summary(values)
 
     def close(self, failed: bool = False) -> None:
         if self.bar is not None:
             self.bar.close()
-        self.file.close()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
         if self.wandb_run is not None:
             self.wandb_run.finish(exit_code=1 if failed else 0)
 
@@ -92,9 +163,24 @@ def make_logger(job: JobConfig, rank: int) -> NullLogger:
 
 
 def read_metrics(path: str | os.PathLike[str], events: bool = False) -> list[dict[str, Any]]:
-    """The per-step records of metrics.jsonl (with `events=True`: the event records)."""
+    """The per-step records of metrics.jsonl (with `events=True`: the event records).
+
+    A last line cut off mid-record (a writer killed or out of disk space) is skipped with a
+    warning; a corrupt line anywhere else raises ValueError naming `path:line`."""
     with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+        lines = f.read().split("\n")
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines):  # no newline after it: the writer stopped mid-record
+                warnings.warn(f"{path}:{i}: skipped an incomplete last record ({line[:40]!r})",
+                              stacklevel=2)
+                break
+            raise ValueError(f"{path}:{i}: not a JSON record ({e})") from None
     return [r for r in rows if ("event" in r) == events]
 
 

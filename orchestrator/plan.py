@@ -15,6 +15,7 @@ from orchestrator.data.corpus import cache_dir
 from orchestrator.gpus import GPUS, device_memory_bytes
 from orchestrator.models import ParamSpec, param_specs
 from orchestrator.models.preference import REFERENCE
+from orchestrator.redact import redact
 from orchestrator.schema import JobConfig, LoraConfig, ModelConfig
 from orchestrator.validate import resolve_batch
 
@@ -38,11 +39,18 @@ class Plan:
     config_path: str
     memory: memory.MemoryEstimate
     compute: compute.ComputeEstimate
-    deepspeed_config: Optional[dict[str, Any]] = None  # written to <run_dir>/deepspeed.json
+    # written to <run_dir>/deepspeed.json; secrets redacted (the rank restores them, see
+    # strategies/deepspeed.py: they reach it only through its environment)
+    deepspeed_config: Optional[dict[str, Any]] = None
     gpu: Optional[str] = None  # the accelerator planned for (cluster.gpu)
     device_memory_bytes: Optional[int] = None
     auto_reason: Optional[str] = None  # set when parallelism.auto chose the strategy
     mesh: str = ""  # the data-parallel layout, e.g. "2 replicas x 4 shards" (HSDP)
+
+    def __post_init__(self) -> None:
+        # A Plan is written, printed and logged: it never holds a secret (redact.py).
+        if self.deepspeed_config is not None:
+            object.__setattr__(self, "deepspeed_config", redact(self.deepspeed_config))
 
     @property
     def fits(self) -> Optional[bool]:
@@ -61,7 +69,14 @@ class Plan:
         return d
 
     def write(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        """plan.json, with every secret-named value redacted."""
+        d = self.to_dict()
+        d["deepspeed_config"], d["env"] = redact(d["deepspeed_config"]), redact(d["env"])
+        Path(path).write_text(json.dumps(d, indent=2) + "\n")
+
+    def deepspeed_json(self) -> str:
+        """The text of <run_dir>/deepspeed.json (secrets redacted)."""
+        return json.dumps(redact(self.deepspeed_config), indent=2) + "\n"
 
 
 def rank_command(job: JobConfig, config_path: str) -> list[str]:

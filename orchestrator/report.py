@@ -1,4 +1,4 @@
-"""Human-readable views of a Plan (rich tables)."""
+"""Human-readable views of a Plan (rich tables); secrets are redacted (redact.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator.plan import Plan
+from orchestrator.redact import redact
 
 
 def human_bytes(n: float) -> str:
@@ -83,4 +84,4 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
     console.print(t)
     if plan.deepspeed_config is not None:
         console.print("DeepSpeed config (deepspeed.json):")
-        console.print_json(data=plan.deepspeed_config)
+        console.print_json(data=redact(plan.deepspeed_config))

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import yaml
 
 from orchestrator.errors import ConfigError
+from orchestrator.redact import env_secrets, restore
 from orchestrator.schema import JobConfig
 
 T = TypeVar("T")
@@ -92,6 +93,8 @@ def to_dict(job: Any) -> dict[str, Any]:
 
 
 def load_job(path: str | Path) -> JobConfig:
-    """Read a run directory's `config.yaml` back into a `JobConfig`."""
+    """Read a run directory's `config.yaml` (secrets redacted) back into a `JobConfig`, with the
+    secrets the launcher passed in this process's environment put back (`redact.secret_env`)."""
     with open(path) as f:
-        return to_job(yaml.safe_load(f))
+        data = yaml.safe_load(f)
+    return to_job(restore(data, env_secrets()))

@@ -115,6 +115,7 @@ def _check_model_source(job: JobConfig) -> None:
             raise ConfigError("model.pretrained_path", m.pretrained_path,
                               "a local Hugging Face model directory (with config.json), e.g. "
                               "an earlier run's <run_dir>/model")
+        __import__("orchestrator.models.check").models.check.check_model_dir(m.pretrained_path)
     if not 0 <= job.eval.holdout < 1:
         raise ConfigError("eval.holdout", job.eval.holdout, "a fraction in [0, 1)")
     if job.train.task == "evaluate" and job.eval.holdout == 0:
@@ -273,6 +274,9 @@ def validate(job: JobConfig, hw: Hardware) -> None:
         mount_path(job)
     if not 0 < job.launcher.rdzv_port < 65536:
         raise ConfigError("launcher.rdzv_port", job.launcher.rdzv_port, "a port in 1..65535")
+    from orchestrator.data.check import check_data
+
+    check_data(job)  # last: it reads the data file
 
     accum, global_batch = resolve_batch(job)
     _check_offload_and_deepspeed(job, accum, global_batch, resolve_device(job, hw))

@@ -19,17 +19,21 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from orchestrator.data import build_dataset, make_collate, objective_of, split
 from orchestrator.distributed import RankInfo
-from orchestrator.metrics import make_logger
+from orchestrator.metrics import make_logger, write_error
+from orchestrator.rank_main import run_rank
 from orchestrator.schema import JobConfig
 from orchestrator.strategies import run_inference
 from orchestrator.strategies.base import Engine
 from orchestrator.typed import load_job
 
 
-def main(argv: list[str]) -> int:
-    job = load_job(argv[1])
+def run(config_path: str) -> None:
+    job = load_job(config_path)
     run_inference(job, lambda engine, info: evaluate(job, engine, info))
-    return 0
+
+
+def main(argv: list[str]) -> int:
+    return run_rank(lambda: run(argv[1]))
 
 
 def evaluate(job: JobConfig, engine: Engine, info: RankInfo) -> None:
@@ -48,10 +52,18 @@ def evaluate(job: JobConfig, engine: Engine, info: RankInfo) -> None:
               "perplexity": math.exp(loss_sum / tokens), "accuracy": correct / tokens,
               "tokens": int(tokens), "model": job.model.pretrained_path}
     if info.rank == 0:
-        (Path(job.run_dir) / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+        out = Path(job.run_dir) / "eval.json"
+        try:
+            out.write_text(json.dumps(result, indent=2) + "\n")
+        except OSError as e:
+            raise write_error(out, e, "after evaluating") from e
         logger = make_logger(job, 0)
-        logger.event("eval", result)
-        logger.close()
+        failed = True
+        try:
+            logger.event("eval", result)
+            failed = False
+        finally:
+            logger.close(failed=failed)
         print(json.dumps(result), flush=True)
 
 

@@ -19,6 +19,8 @@ import torch.distributed as dist
 
 from orchestrator.data import get_tokenizer
 from orchestrator.distributed import RankInfo
+from orchestrator.metrics import write_error
+from orchestrator.rank_main import run_rank
 from orchestrator.sampling import generate_batch
 from orchestrator.schema import JobConfig
 from orchestrator.strategies import run_inference
@@ -34,10 +36,13 @@ def _all_done(done: bool, device: str) -> bool:
     return bool(flag.item())
 
 
-def main(argv: list[str]) -> int:
-    job = load_job(argv[1])
+def run(config_path: str) -> None:
+    job = load_job(config_path)
     run_inference(job, lambda engine, info: generate(job, engine, info))
-    return 0
+
+
+def main(argv: list[str]) -> int:
+    return run_rank(lambda: run(argv[1]))
 
 
 def generate(job: JobConfig, engine: Engine, info: RankInfo) -> None:
@@ -61,10 +66,13 @@ def generate(job: JobConfig, engine: Engine, info: RankInfo) -> None:
     dist.all_gather_object(gathered, rows)
     if info.rank == 0:
         out = Path(job.run_dir) / "generations.jsonl"
-        with open(out, "w") as f:
-            for row in sorted((r for part in gathered for r in part), key=lambda r: r["index"]):
-                f.write(json.dumps(row) + "\n")
-                print(f"{row['prompt']!r} -> {row['completion']!r}", flush=True)
+        rows = sorted((r for part in gathered for r in part), key=lambda r: r["index"])
+        try:
+            out.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        except OSError as e:
+            raise write_error(out, e, "after generating") from e
+        for row in rows:
+            print(f"{row['prompt']!r} -> {row['completion']!r}", flush=True)
         print(f"generations: {out}")
 
 

@@ -15,6 +15,7 @@ from orchestrator import distributed, loop
 from orchestrator.checkpoint import save_final
 from orchestrator.data import batches, build_dataset, split, tokenizer_file, uses_bpe
 from orchestrator.metrics import make_logger
+from orchestrator.rank_main import run_rank
 from orchestrator.strategies import build_for_rank
 from orchestrator.strategies import setup as setup_strategy
 from orchestrator.typed import load_job
@@ -65,8 +66,8 @@ class PretrainRecipe:
         distributed.shutdown()
 
 
-def main(argv: list[str]) -> int:
-    recipe = PretrainRecipe(argv[1])
+def run(config_path: str) -> None:
+    recipe = PretrainRecipe(config_path)
     failed = True
     try:
         recipe.setup()
@@ -74,7 +75,10 @@ def main(argv: list[str]) -> int:
         failed = False
     finally:
         recipe.cleanup(failed=failed)
-    return 0
+
+
+def main(argv: list[str]) -> int:
+    return run_rank(lambda: run(argv[1]))
 
 
 if __name__ == "__main__":

@@ -45,8 +45,11 @@ class PackedText(Dataset):
 
     def __init__(self, path: str, seq_len: int, tokenizer: Tokenizer | None = None) -> None:
         tok = tokenizer or ByteTokenizer()
-        with open(path, encoding="utf-8") as f:
-            docs = [d for d in f.read().split("\n\n") if d.strip()]
+        try:
+            with open(path, encoding="utf-8") as f:
+                docs = [d for d in f.read().split("\n\n") if d.strip()]
+        except UnicodeDecodeError as e:  # read() decodes the whole file at once
+            raise ValueError(f"{path}: not UTF-8 at byte {e.start} ({e.reason})") from None
         ids: list[int] = []
         for doc in docs:
             ids.extend(tok.encode(doc))
@@ -75,15 +78,71 @@ def prompt_response(tok: Tokenizer, prompt: str, response: str, seq_len: int
     return torch.tensor(ids + [tok.eos_id] * pad), torch.tensor(labels + [IGNORE] * pad)
 
 
-def _jsonl(path: str, keys: set[str]) -> Iterator[dict[str, str]]:
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            item = json.loads(line)
-            if not isinstance(item, dict) or keys - set(item):
-                raise ValueError(f"{path}:{line_no}: expected {{{', '.join(sorted(keys))}}} keys")
-            yield item
+def trainable_tokens(labels: torch.Tensor) -> int:
+    """Labelled positions a causal LM learns from: it predicts position t from the positions
+    before it, so a label at position 0 is never predicted (the loss shifts labels by one)."""
+    return int((labels[1:] != IGNORE).sum())
+
+
+def labelled_pair(tok: Tokenizer, prompt: str, answer: str, seq_len: int,
+                  key: str = "response") -> tuple[torch.Tensor, torch.Tensor]:
+    """`prompt_response`, refusing a row with no trainable token (its loss would be 0/0 = NaN):
+    ValueError says why."""
+    ids, labels = prompt_response(tok, prompt, answer, seq_len)
+    if trainable_tokens(labels) == 0:
+        n = len(tok.encode(prompt))
+        if n >= seq_len:
+            why = f"the prompt's {n} tokens fill data.seq_len={seq_len}, leaving no {key} token"
+        elif n == 0 and not answer:
+            why = f"prompt and {key} are both empty"
+        else:
+            why = f"no {key} token fits in data.seq_len={seq_len}"
+        raise ValueError(f"no trainable token: {why}")
+    return ids, labels
+
+
+REQUIRED_KEYS = {"jsonl_sft": ("prompt", "response"),
+                 "jsonl_pref": ("prompt", "chosen", "rejected")}
+
+
+def _type_name(value: object) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def parse_row(line: str, keys: tuple[str, ...]) -> dict[str, str]:
+    """One JSONL line as a row: a JSON object whose `keys` hold strings; ValueError says why
+    not (without the location, which the caller knows)."""
+    try:
+        item = json.loads(line.rstrip("\n"))
+    except json.JSONDecodeError as e:  # one line: the column is the position that matters
+        raise ValueError(f"invalid JSON at column {e.pos + 1}: {e.msg}") from None
+    expected = "{" + ", ".join(keys) + "}"
+    if not isinstance(item, dict):
+        raise ValueError(f"a JSON {_type_name(item)}, expected an object with keys {expected}")
+    for key in keys:
+        if key not in item:
+            raise ValueError(f"missing key {key!r}, expected keys {expected}")
+        if not isinstance(item[key], str):
+            raise ValueError(f"key {key!r} is {_type_name(item[key])}, expected a string")
+    return item
+
+
+def read_jsonl(path: str, keys: tuple[str, ...]) -> Iterator[tuple[int, dict[str, str]]]:
+    """(line number, row) for each non-blank line; ValueError names `path:line`."""
+    line_no = 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = parse_row(line, keys)
+                except ValueError as e:
+                    raise ValueError(f"{path}:{line_no}: {e}") from None
+                yield line_no, row
+    except UnicodeDecodeError as e:
+        # text mode decodes ahead of the line being read: the bad byte is at or after it
+        raise ValueError(f"{path}: not UTF-8 after line {line_no} ({e.reason})") from None
 
 
 class PromptResponse(Dataset):
@@ -92,8 +151,12 @@ class PromptResponse(Dataset):
 
     def __init__(self, path: str, seq_len: int, tokenizer: Tokenizer | None = None) -> None:
         tok = tokenizer or ByteTokenizer()
-        self.rows = [prompt_response(tok, r["prompt"], r["response"], seq_len)
-                     for r in _jsonl(path, {"prompt", "response"})]
+        self.rows = []
+        for line_no, r in read_jsonl(path, REQUIRED_KEYS["jsonl_sft"]):
+            try:
+                self.rows.append(labelled_pair(tok, r["prompt"], r["response"], seq_len))
+            except ValueError as e:
+                raise ValueError(f"{path}:{line_no}: {e}") from None
         if not self.rows:
             raise ValueError(f"{path} holds no prompt/response pairs")
 
@@ -112,9 +175,12 @@ class PreferencePairs(Dataset):
     def __init__(self, path: str, seq_len: int, tokenizer: Tokenizer | None = None) -> None:
         tok = tokenizer or ByteTokenizer()
         self.rows = []
-        for r in _jsonl(path, {"prompt", "chosen", "rejected"}):
-            chosen = prompt_response(tok, r["prompt"], r["chosen"], seq_len)
-            rejected = prompt_response(tok, r["prompt"], r["rejected"], seq_len)
+        for line_no, r in read_jsonl(path, REQUIRED_KEYS["jsonl_pref"]):
+            try:
+                chosen = labelled_pair(tok, r["prompt"], r["chosen"], seq_len, "chosen")
+                rejected = labelled_pair(tok, r["prompt"], r["rejected"], seq_len, "rejected")
+            except ValueError as e:
+                raise ValueError(f"{path}:{line_no}: {e}") from None
             self.rows.append({"chosen_input_ids": chosen[0], "chosen_labels": chosen[1],
                               "rejected_input_ids": rejected[0],
                               "rejected_labels": rejected[1]})

@@ -53,5 +53,6 @@ def launch(plan: Plan, job: JobConfig) -> Handle:
                   + shlex.join(cmd))
         return Printed()
     from orchestrator.launchers.local import launch_local
+    from orchestrator.redact import secret_env
 
-    return launch_local(plan)
+    return launch_local(plan, secret_env(job))

@@ -4,6 +4,11 @@ One pod per node (Master = node 0, Worker = nodes 1..N-1). Each pod runs torchru
 the plan's `nproc_per_node` ranks; the training operator (v1.7 or later) tells it which node it
 is and where node 0 listens. Every pod mounts the run dir from a PersistentVolumeClaim at the
 plan's own path, and /dev/shm from memory.
+
+The manifest never holds a secret: secret-named variables are left out of the pods' env, and
+config.yaml / deepspeed.json on the claim hold secrets redacted (redact.py). Ranks that need one
+(e.g. DeepSpeed's comet api_key) must get ORCHESTRATOR_SECRETS (`redact.secret_env`) from a
+Kubernetes Secret added to the pod spec by whoever applies the manifest.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import yaml
 
 from orchestrator.errors import ConfigError
 from orchestrator.plan import Plan, rank_command
+from orchestrator.redact import is_secret_key
 from orchestrator.schema import JobConfig
 
 MANIFEST = "pytorchjob.yaml"
@@ -108,7 +114,8 @@ def render(plan: Plan, job: JobConfig) -> dict[str, Any]:
     mounts = [{"name": SHM_VOLUME, "mountPath": "/dev/shm"},
               {"name": RUN_VOLUME, "mountPath": str(mount)}]
     container = {"name": CONTAINER, "image": job.launcher.image, "command": command(plan, job),
-                 "env": [{"name": k, "value": v} for k, v in sorted(plan.env.items())],
+                 "env": [{"name": k, "value": v} for k, v in sorted(plan.env.items())
+                         if not is_secret_key(k)],
                  "ports": [{"name": PORT_NAME, "containerPort": job.launcher.rdzv_port,
                             "protocol": "TCP"}],
                  "resources": resources, "volumeMounts": mounts}

@@ -8,6 +8,11 @@ Each node runs one srun task (torchrun → its ranks) that is given the node's C
 User-chosen values never reach a shell unquoted: `#SBATCH` values must match a plain charset,
 every argv word in the body goes through `shlex.quote`, and the job name and log path are
 passed to sbatch as argv, not through a shell.
+
+Secrets never enter the script: sbatch exports its own environment to the job (its default,
+--export=ALL), so they are put there (`redact.secret_env`) and reach the ranks through srun and
+torchrun. A job purged from the controller (MinJobAge) is asked of the accounting (sacct); when
+neither knows it, `SlurmHandle.wait` ends with state UNKNOWN after a few polls.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +31,15 @@ from typing import Optional
 
 from orchestrator.errors import ConfigError, LaunchError
 from orchestrator.plan import Plan
+from orchestrator.redact import is_secret_key, secret_env
 from orchestrator.schema import JobConfig
 
 SAFE = re.compile(r"^[A-Za-z0-9._:@,+=/%-]*$")
 SCRIPT, RECORD = "job.sbatch", "slurm_job.json"
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
             "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+# Consecutive polls in which neither scontrol nor sacct knows a job before `wait` gives up.
+GONE_POLLS = 5
 # Shell variables the body defines itself; only these may appear unquoted in the srun line.
 RUNTIME_VARS = ("${RDZV_HOST}", "${RDZV_PORT}", "${SLURM_JOB_ID}", "${NODE_CPUS}")
 
@@ -179,8 +188,9 @@ def render_script(plan: Plan, job: JobConfig, cpus: Optional[int] = None) -> str
                               "--reservation=NAME")
         directives.append(_checked(f"launcher.slurm.extra_sbatch[{i}]", extra))
     # OMP_NUM_THREADS comes from the CPUs Slurm allocates, not from the planning machine.
+    # Secret-named variables travel in sbatch's environment instead (`submit_env`).
     exports = [f"export {k}={shlex.quote(v)}" for k, v in sorted(plan.env.items())
-               if k != "OMP_NUM_THREADS"]
+               if k != "OMP_NUM_THREADS" and not is_secret_key(k)]
     (command,) = plan.commands  # one command, run on every node by srun
     srun = ["srun", f"--nodes={plan.nnodes}", "--ntasks-per-node=1", srun_cpus,
             "--kill-on-bad-exit=1", *command]
@@ -211,8 +221,15 @@ def submit_argv(job: JobConfig, script: Path) -> list[str]:
             str(script)]
 
 
-def _run(argv: list[str], timeout_s: float = 60) -> str:
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
+def submit_env(plan: Plan, job: JobConfig) -> dict[str, str]:
+    """sbatch's environment, which it exports to the job: this one plus the job's secrets
+    (`redact.secret_env`) and the plan's secret-named variables (left out of the script)."""
+    secret_vars = {k: v for k, v in plan.env.items() if is_secret_key(k)}
+    return {**os.environ, **secret_vars, **secret_env(job)}
+
+
+def _run(argv: list[str], timeout_s: float = 60, env: Optional[dict[str, str]] = None) -> str:
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, env=env)
     if out.returncode:
         raise LaunchError(f"{argv[0]} failed ({out.returncode}): {out.stderr.strip()}")
     return out.stdout
@@ -220,7 +237,8 @@ def _run(argv: list[str], timeout_s: float = 60) -> str:
 
 def preflight(job: JobConfig, plan: Plan) -> None:
     """Fail fast on what can be checked here instead of queueing a doomed job (one that asks
-    for GPUs, nodes or CPUs the partition does not have would wait in the queue forever)."""
+    for GPUs, nodes or CPUs the partition does not have would wait in the queue forever).
+    Writes nothing and needs no run dir yet: call it before the plan is written."""
     if shutil.which("sbatch") is None:
         raise ConfigError("launcher.name", "slurm", "a launcher whose tools are here: sbatch "
                           "is not on PATH (scripts/start_slurm.sh starts a local cluster)")
@@ -250,23 +268,67 @@ def preflight(job: JobConfig, plan: Plan) -> None:
             raise ConfigError("launcher.slurm.cpus_per_task", want,
                               f"at most {cap} (CPUs per node on {plan.nnodes} nodes of "
                               f"partition {partition})")
-    run_dir = Path(job.run_dir)
-    if not os.access(run_dir, os.W_OK):
+    run_dir = Path(job.run_dir).absolute()
+    existing = next(d for d in (run_dir, *run_dir.parents) if d.exists())  # to be created
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
         raise ConfigError("run_dir", str(run_dir), "a writable directory")
+
+
+def parse_sacct_state(out: str) -> Optional[str]:
+    """The job's state from `sacct -n -X -P -o State` output: 'CANCELLED by 0' -> 'CANCELLED';
+    None when it lists nothing."""
+    for line in out.splitlines():
+        words = line.split()
+        if words:
+            return words[0].rstrip("+")
+    return None
+
+
+def sacct_state(job_id: str, timeout_s: float = 60) -> Optional[str]:
+    """The job's state in Slurm's accounting; None when sacct is not here, accounting is off
+    ("Slurm accounting storage is disabled") or it does not know the job."""
+    if shutil.which("sacct") is None:
+        return None
+    try:
+        out = subprocess.run(["sacct", "-j", job_id, "-n", "-X", "-P", "-o", "State"],
+                             capture_output=True, text=True, timeout=timeout_s)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return parse_sacct_state(out.stdout) if out.returncode == 0 else None
 
 
 class SlurmHandle:
     def __init__(self, job_id: str, run_dir: Path, poll_s: float = 2.0) -> None:
         self.job_id, self.run_dir, self.poll_s = job_id, run_dir, poll_s
+        self.gone = False  # the last status(): neither scontrol nor sacct knew the job
 
     def status(self) -> str:
+        """The job's state: the controller's (scontrol), else the accounting's (sacct: the
+        controller forgets a finished job after MinJobAge), else UNKNOWN."""
         out = subprocess.run(["scontrol", "show", "job", "-o", self.job_id],
                              capture_output=True, text=True, timeout=60)
         found = re.search(r"JobState=(\S+)", out.stdout)
-        return found.group(1) if found else "UNKNOWN"
+        if found:
+            self.gone = False
+            return found.group(1)
+        state = sacct_state(self.job_id)
+        # "Invalid job id": the controller does not know it (a controller that cannot be
+        # reached is not evidence that the job is gone)
+        self.gone = state is None and "invalid job id" in out.stderr.lower()
+        return state or "UNKNOWN"
 
     def wait(self) -> int:
+        """0 when the job COMPLETED; 1 when it ended otherwise, or when neither scontrol nor
+        sacct has known it for GONE_POLLS polls in a row (state UNKNOWN, said on stderr)."""
+        gone = 0
         while (state := self.status()) not in TERMINAL:
+            gone = gone + 1 if self.gone else 0
+            if gone >= GONE_POLLS:
+                print(f"Slurm job {self.job_id}: neither scontrol nor sacct knows it (purged "
+                      "from the controller after MinJobAge with accounting off, or never "
+                      f"submitted); its final state is UNKNOWN; see the log in {self.run_dir}",
+                      file=sys.stderr)
+                return 1
             time.sleep(self.poll_s)
         return 0 if state == "COMPLETED" else 1
 
@@ -301,7 +363,7 @@ def launch_slurm(plan: Plan, job: JobConfig) -> SlurmHandle:
     if not script.exists():
         write_script(plan, job)
     argv = submit_argv(job, script)
-    job_id = _run(argv).strip().split(";")[0]
+    job_id = _run(argv, env=submit_env(plan, job)).strip().split(";")[0]
     record = {"job_id": job_id, "submit": argv, "script": str(script),
               "log": str(Path(job.run_dir) / f"slurm-{job_id}.out")}
     (Path(job.run_dir) / RECORD).write_text(json.dumps(record, indent=2) + "\n")

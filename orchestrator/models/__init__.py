@@ -67,18 +67,21 @@ def _model_class(family: str):  # noqa: ANN202 - a transformers auto/model class
 
 def _instantiate(cfg: ModelConfig, weights: bool = False) -> nn.Module:
     """The model from our config, or from `pretrained_path` (its config; its weights too when
-    `weights`)."""
+    `weights`). Never the directory's own code: trust_remote_code=False everywhere (an
+    `auto_map` in its config.json is refused before launch, see models/check.py)."""
     import transformers
 
     cls = _model_class(cfg.family)
     if cfg.pretrained_path:
         if weights:
             model = cls.from_pretrained(cfg.pretrained_path, local_files_only=True,
-                                        torch_dtype=torch.float32)
+                                        torch_dtype=torch.float32, trust_remote_code=False)
         else:
             hf = transformers.AutoConfig.from_pretrained(cfg.pretrained_path,
-                                                         local_files_only=True)
-            model = cls.from_config(hf) if cls is transformers.AutoModelForCausalLM else cls(hf)
+                                                         local_files_only=True,
+                                                         trust_remote_code=False)
+            model = (cls.from_config(hf, trust_remote_code=False)
+                     if cls is transformers.AutoModelForCausalLM else cls(hf))
     else:
         hf = hf_config(cfg)
         model = cls.from_config(hf) if cls is transformers.AutoModelForCausalLM else cls(hf)

@@ -1,15 +1,19 @@
 """Every ZeRO stage (0-3, optional CPU offload) on a DeepSpeed engine.
 
 The DeepSpeed config is the one the plan generated and wrote to `<run_dir>/deepspeed.json`
-(byte-for-byte what `action=plan` showed). Our optimizer is a client `torch.optim` one, so no
-fused-Adam build is needed; DeepSpeed handles accumulation boundaries, clipping and fp16 loss
-scaling itself, which is why this engine overrides the whole step.
+(byte-for-byte what `action=plan` showed), with secrets redacted: their real values come from
+the job's `parallelism.deepspeed`, which `typed.load_job` restored from this rank's environment
+(never from a file), and DeepSpeed's own logging of its config is scrubbed of them. Our
+optimizer is a client `torch.optim` one, so no fused-Adam build is needed; DeepSpeed handles
+accumulation boundaries, clipping and fp16 loss scaling itself, which is why this engine
+overrides the whole step.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from orchestrator.redact import find_secrets, restore, scrub, secret_values
 from orchestrator.schema import JobConfig
 from orchestrator.strategies.base import (
     Engine,
@@ -85,11 +90,43 @@ class DeepSpeedEngine(Engine):
                 "optimizer_bytes": [*self.optimizer_state(), *masters]}
 
 
+def load_config(job: JobConfig) -> dict[str, Any]:
+    """<run_dir>/deepspeed.json with the secrets of `parallelism.deepspeed` put back (the file
+    holds them redacted; `parallelism.deepspeed` is merged over the generated config, so its
+    paths are the file's)."""
+    config = json.loads((Path(job.run_dir) / CONFIG_FILE).read_text())
+    return restore(config, find_secrets(job.parallelism.deepspeed))
+
+
+class _Scrub(logging.Filter):
+    """Replaces secret values in log records (DeepSpeed logs its whole config on rank 0)."""
+
+    def __init__(self, values: list[str]) -> None:
+        super().__init__()
+        self.values = values
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = scrub(message, self.values)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
+def _scrub_logs(passthrough: dict[str, Any]) -> None:
+    values = secret_values(passthrough)
+    if values:
+        from deepspeed.utils import logger
+
+        logger.addFilter(_Scrub(values))
+
+
 def setup(model: nn.Module, job: JobConfig, device: str) -> Engine:
     import deepspeed
     import torch.distributed as dist
 
-    config = json.loads((Path(job.run_dir) / CONFIG_FILE).read_text())
+    config = load_config(job)
+    _scrub_logs(job.parallelism.deepspeed)
     if dist.get_world_size() > 1:
         # Ranks other than 0 built the model on the meta device: give it storage on this rank's
         # device and copy rank 0's weights and buffers into it before DeepSpeed partitions it.

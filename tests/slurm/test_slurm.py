@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -147,3 +148,68 @@ def test_gpu_job_on_a_cluster_without_gpus_is_refused_before_submission(slurm, t
     queued = subprocess.run(["squeue", "-h", "-n", job_name(str(tmp_path)), "-o", "%i"],
                             capture_output=True, text=True, check=True).stdout
     assert queued.strip() == ""
+
+
+def test_wait_ends_with_unknown_when_no_one_knows_the_job(slurm, tmp_path, capsys) -> None:
+    from orchestrator.launchers.slurm import GONE_POLLS, SlurmHandle
+
+    handle = SlurmHandle("999999", tmp_path, poll_s=0.1)  # never submitted on this cluster
+    codes: list[int] = []
+    # scontrol: invalid job id; sacct: accounting storage disabled (a daemon thread, so a
+    # wait that never ends fails the test instead of hanging it)
+    waiter = threading.Thread(target=lambda: codes.append(handle.wait()), daemon=True)
+    waiter.start()
+    waiter.join(timeout=10 + GONE_POLLS * 0.1)
+    assert not waiter.is_alive(), "wait() did not return for a job no one knows"
+    assert codes and codes[0] != 0
+    assert handle.status() == "UNKNOWN" and handle.gone
+    err = capsys.readouterr().err
+    assert "999999" in err and "UNKNOWN" in err and "MinJobAge" in err
+
+
+def test_preflight_runs_before_the_run_dir_exists_and_writes_nothing(slurm, tmp_path) -> None:
+    from orchestrator.errors import ConfigError
+    from orchestrator.launchers.slurm import preflight
+    from orchestrator.plan import make_plan
+    from tests.conftest import make_job
+
+    run_dir = tmp_path / "not" / "yet"
+    job = make_job(TWO_NODES, run_dir=str(run_dir))
+    plan = make_plan(job, "cpu", 2)
+    preflight(job, plan)
+    assert list(tmp_path.iterdir()) == []
+    bad = make_job([*TWO_NODES, "cluster.nodes=3"], run_dir=str(run_dir))
+    with pytest.raises(ConfigError, match="at most 2"):
+        preflight(bad, make_plan(bad, "cpu", 2))
+    (tmp_path / "file").write_text("")
+    blocked = make_job(TWO_NODES, run_dir=str(tmp_path / "file" / "run"))
+    with pytest.raises(ConfigError, match="run_dir"):
+        preflight(blocked, make_plan(blocked, "cpu", 2))
+
+
+def test_sbatch_hands_the_secrets_to_the_job_through_its_environment(slurm, tmp_path) -> None:
+    from orchestrator.launchers.slurm import submit_env
+    from orchestrator.plan import make_plan
+    from orchestrator.redact import ENV_VAR
+    from tests.conftest import make_job
+
+    secret = f"sk_{uuid.uuid4().hex}"
+    job = make_job([*TWO_NODES, "parallelism.backend=deepspeed",
+                    f"+parallelism.deepspeed.comet.api_key={secret}"], run_dir=str(tmp_path))
+    script = tmp_path / "probe.sbatch"  # the job echoes what the ranks would receive
+    script.write_text(f'#!/bin/bash\nprintenv {ENV_VAR} > "{tmp_path}/seen"\n')
+    out = subprocess.run(["sbatch", "--parsable", "--wait", f"--output={tmp_path}/log",
+                          str(script)], env=submit_env(make_plan(job, "cpu", 2), job),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert secret in (tmp_path / "seen").read_text()
+    assert secret not in script.read_text()
+
+
+def test_sacct_output_parses_to_the_final_state() -> None:
+    from orchestrator.launchers.slurm import parse_sacct_state
+
+    assert parse_sacct_state("CANCELLED by 0\n") == "CANCELLED"
+    assert parse_sacct_state("COMPLETED\n") == "COMPLETED"
+    assert parse_sacct_state("OUT_OF_ME+\n") == "OUT_OF_ME"
+    assert parse_sacct_state("\n") is None

@@ -83,3 +83,43 @@ def test_peak_memory_is_reset_per_interval() -> None:
     loop.reset_peak_memory("cpu")
     low = loop.peak_memory_bytes("cpu")
     assert high - low > 250e6, (high, low)
+
+
+class NaNEngine(CountingEngine):
+    """Counts like CountingEngine, but its loss is NaN from step `nan_from` on."""
+
+    def __init__(self, nan_from: int) -> None:
+        super().__init__()
+        self.nan_from = nan_from
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        loss = super().train_step(micro_batches)
+        return torch.tensor(float("nan")) if self.calls >= self.nan_from else loss
+
+
+def test_nonfinite_loss_stops_training_at_the_first_logged_step(one_rank_group) -> None:
+    job = make_job(["train.steps=12", "train.log_every=4", "optim.warmup_steps=0"])
+    assert job.train.stop_on_nonfinite  # the default
+    engine, logger = NaNEngine(nan_from=6), Recorder()
+    with pytest.raises(loop.NonFiniteLoss) as e:
+        loop.train(engine, itertools.repeat({}), job, logger, 1, 8)
+    assert str(e.value) == ("loss became nan at step 6 (train.stop_on_nonfinite=true; lower "
+                            "optim.lr or check the data)")
+    assert engine.calls == 8  # found where the interval 5..8 is all-reduced, not later
+    assert [step for step, _ in logger.rows] == [4]  # the NaN interval is not logged
+
+
+def test_infinite_loss_is_named_too() -> None:
+    with pytest.raises(loop.NonFiniteLoss, match="^loss became inf at step 3 "):
+        loop.check_finite([1.0, 2.0, float("inf"), float("nan")], last_step=4)
+    loop.check_finite([1.0, 2.0], last_step=2)
+
+
+def test_nonfinite_loss_trains_on_when_the_stop_is_off(one_rank_group) -> None:
+    job = make_job(["train.steps=12", "train.log_every=4", "optim.warmup_steps=0",
+                    "train.stop_on_nonfinite=false"])
+    engine, logger = NaNEngine(nan_from=6), Recorder()
+    losses = loop.train(engine, itertools.repeat({}), job, logger, 1, 8)
+    assert engine.calls == 12 and [step for step, _ in logger.rows] == [4, 8, 12]
+    assert losses[:5] == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert all(np.isnan(x) for x in losses[5:])

@@ -1,0 +1,139 @@
+"""Launcher-side checks of `data.path`, before any process starts: a file the ranks would fail
+on (binary, not UTF-8, malformed JSONL) or silently train nonsense on (too short for one
+sequence, rows with no trainable token, whose loss is NaN) is refused as a `ConfigError`.
+
+The file is streamed (1 MiB chunks; JSONL line by line), so a large corpus is never held in
+memory; the datasets repeat the JSONL checks on the ranks as a backstop.
+"""
+
+from __future__ import annotations
+
+import codecs
+import io
+import os
+from collections.abc import Callable, Iterator
+
+from orchestrator.data import get_tokenizer, tokenizer_file, uses_bpe
+from orchestrator.data.datasets import REQUIRED_KEYS, labelled_pair, read_jsonl
+from orchestrator.data.tokenizer import Tokenizer
+from orchestrator.errors import ConfigError
+from orchestrator.schema import JobConfig
+
+CHUNK = 1 << 20
+BINARY_WINDOW = 1 << 20  # NUL bytes in the first MiB mark a binary file
+
+# (path, size, mtime, settings) of files already checked: validate() runs twice under
+# parallelism=auto, and a passing file need not be read twice
+_passed: set[tuple[object, ...]] = set()
+
+
+def check_data(job: JobConfig) -> None:
+    """Refuse a `data.path` the job cannot train on; synthetic data and the built-in sets
+    (path null) are not checked."""
+    d = job.data
+    if d.name == "synthetic" or d.path is None:
+        return
+    path = d.path
+    bpe = uses_bpe(job)
+    tok_file = tokenizer_file(job) if bpe else None
+    tok_ready = tok_file is not None and tok_file.exists()
+    stat = os.stat(path)
+    key = (path, stat.st_size, stat.st_mtime_ns, d.name, d.seq_len, str(tok_file), tok_ready)
+    if key in _passed:
+        return
+    if stat.st_size == 0:
+        raise ConfigError("data.path", path, "a non-empty file (this one is empty)")
+    tok = get_tokenizer(job) if not bpe or tok_ready else None
+    if d.name != "text":
+        _scan(path, trains_bpe=False)
+        _check_jsonl(path, REQUIRED_KEYS[d.name], d.seq_len, tok)
+    else:
+        # byte tokens are UTF-8 bytes; a BPE still to be trained here (byte-level, no added
+        # tokens) has at most one token per byte; a tokenizer that exists is asked directly
+        tokens = _scan(path, tok is None, _byte_count if tok is None else
+                       (lambda doc: len(tok.encode(doc))), d.seq_len)
+        if tokens < d.seq_len:
+            count = (f"at most {tokens} BPE tokens" if tok is None else
+                     f"{tokens} {'BPE' if bpe else 'byte'} tokens")
+            raise ConfigError("data.path", path, f"a text of at least data.seq_len={d.seq_len} "
+                              f"tokens, one sequence (this one has {count})")
+    _passed.add(key)
+
+
+def _docs(text_chunks: Iterator[str]) -> Iterator[str]:
+    """The documents of a text split on blank lines, exactly as `str.split("\\n\\n")` splits
+    the whole text (each piece after the last separator is carried to the next chunk)."""
+    carry = ""
+    for chunk in text_chunks:
+        pieces = (carry + chunk).split("\n\n")
+        carry = pieces.pop()
+        yield from pieces
+    yield carry
+
+
+def _byte_count(doc: str) -> int:
+    return len(doc.encode("utf-8"))
+
+
+def _scan(path: str, trains_bpe: bool, doc_tokens: Callable[[str], int] | None = None,
+          enough: int = 0) -> int:
+    """Stream the file: refuse NUL bytes in the first MiB and any invalid UTF-8 (naming the
+    byte offset). Return the tokens `PackedText` gets, `doc_tokens` + one end-of-text for each
+    non-blank document (after universal-newline translation, as open() reads it), counted
+    exactly until there are `enough`, then no further (0 without `doc_tokens`). `trains_bpe`:
+    the BPE is to be trained on this file at launch (the message says so)."""
+    tokenizer = " for data.tokenizer=bpe to train on" if trains_bpe else ""
+
+    def chunks() -> Iterator[str]:
+        utf8 = codecs.getincrementaldecoder("utf-8")()
+        newlines = io.IncrementalNewlineDecoder(None, translate=True)
+        offset = 0
+        with open(path, "rb") as f:
+            while True:
+                raw = f.read(CHUNK)
+                if offset < BINARY_WINDOW and b"\0" in raw[:BINARY_WINDOW - offset]:
+                    at = offset + raw.index(b"\0")
+                    raise ConfigError("data.path", path, f"a UTF-8 text file{tokenizer} (NUL "
+                                      f"byte at offset {at}: this looks like a binary file)")
+                pending = len(utf8.getstate()[0])  # bytes of a char cut at the last chunk end
+                try:
+                    text = utf8.decode(raw, final=not raw)
+                except UnicodeDecodeError as e:
+                    at = offset - pending + e.start
+                    raise ConfigError("data.path", path, f"a UTF-8 text file{tokenizer} (byte "
+                                      f"{at} is not UTF-8: {e.reason})") from None
+                yield newlines.decode(text, final=not raw)
+                if not raw:
+                    return
+                offset += len(raw)
+
+    tokens = 0
+    for doc in _docs(chunks()):  # the whole file is decoded, however early `enough` is met
+        if doc_tokens is not None and tokens < enough and doc.strip():
+            tokens += doc_tokens(doc) + 1
+    return tokens
+
+
+def _check_jsonl(path: str, keys: tuple[str, ...], seq_len: int, tok: Tokenizer | None) -> None:
+    """Every line parses to an object whose `keys` are strings, at least one row, and every
+    answer has a trainable token: exactly with `tok`; without it (a BPE not trained yet) only
+    a row whose prompt and answer are both empty is known to have none."""
+    allowed = "JSONL with one {" + ", ".join(keys) + "} object per line"
+    rows = 0
+    try:
+        for line_no, row in read_jsonl(path, keys):
+            rows += 1
+            for answer in keys[1:]:
+                try:
+                    if tok is not None:
+                        labelled_pair(tok, row["prompt"], row[answer], seq_len, answer)
+                    elif not row["prompt"] and not row[answer]:
+                        raise ValueError(f"no trainable token: prompt and {answer} are both "
+                                         "empty")
+                except ValueError as e:
+                    raise ValueError(f"{path}:{line_no}: {e}") from None
+    except ValueError as e:
+        raise ConfigError("data.path", path, f"{allowed} ({e})") from None
+    if not rows:
+        raise ConfigError("data.path", path, f"{allowed} (this one has only blank lines)")
+
