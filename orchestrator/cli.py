@@ -27,7 +27,7 @@ from orchestrator import rundir
 from orchestrator.errors import LaunchError, OrchestratorError
 from orchestrator.redact import redact, redact_override
 from orchestrator.schema import JobConfig
-from orchestrator.typed import to_dict, to_job
+from orchestrator.typed import CONFIG_SHA_ENV, to_dict, to_job
 from orchestrator.validate import Hardware, resolve_device, validate
 
 ConfigStore.instance().store(name="orchestrator_schema", node=JobConfig)
@@ -35,7 +35,6 @@ ConfigStore.instance().store(name="orchestrator_schema", node=JobConfig)
 # launches in the same second never share one
 _LAUNCH_ID = uuid.uuid4().hex[:6]
 OmegaConf.register_new_resolver("launch_id", lambda: _LAUNCH_ID, replace=True)
-CONFIG_SHA_ENV = "ORCHESTRATOR_CONFIG_SHA256"  # ranks check the config.yaml they read
 _task_started = False
 
 
@@ -106,7 +105,7 @@ def _plan_and_launch(job: JobConfig, plan: Any, text: str, run_dir: rundir.RunDi
     if plan.deepspeed_config is not None:
         from orchestrator.strategies.deepspeed import CONFIG_FILE
 
-        run_dir.write(CONFIG_FILE, json.dumps(redact(plan.deepspeed_config), indent=2) + "\n")
+        run_dir.write(CONFIG_FILE, plan.deepspeed_json())
     print_plan(plan)
     _write_launch_artefacts(job, plan)
     if job.action == "plan":

@@ -73,34 +73,37 @@ def is_timeout(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and ("timed out" in text or "timeout" in text)
 
 
-def describe_timeout(rank: int, world_size: int, timeout_s: float,
-                     window_s: float = 15.0) -> str:
-    """One line for a timed-out collective that names the ranks that stopped responding.
+def describe_timeout(error: BaseException, window_s: float = 15.0) -> str:
+    """One line for a timed-out collective (`is_timeout`) that names the ranks that stopped
+    responding.
 
-    Every rank whose collective timed out says so in the rendezvous store (a TCP key-value
-    store that does not go through the stuck collective) and waits up to `window_s` for the
-    others: the ranks that never say so are the stalled or dead ones."""
+    Every rank whose collective timed out says so in the rendezvous store (torchrun's TCP
+    key-value store, which does not go through the stuck collective) and waits up to
+    `window_s` for the others: the ranks that never say so are the stalled or dead ones."""
+    import re
     import time
 
-    head = (f"a collective on rank {rank} timed out after {timeout_s:g} s "
-            f"(dist.timeout_s)")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    waited = re.search(r"(\d+)\s*ms", str(error))
+    after = f" after {int(waited.group(1)) / 1000:g} s" if waited else ""
+    head = f"a collective on rank {rank} timed out{after} (dist.timeout_s)"
     host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
-    if world_size == 1 or not host or not port:
+    if world == 1 or not host or not port:
         return head
     try:
         store = dist.TCPStore(host, int(port), is_master=False,
                               timeout=datetime.timedelta(seconds=10))
         key = "orchestrator/timed_out/{}"
         store.set(key.format(rank), "1")
-        deadline = time.monotonic() + min(window_s, timeout_s)
+        deadline = time.monotonic() + window_s
         while True:
-            silent = [r for r in range(world_size) if not store.check([key.format(r)])]
+            silent = [r for r in range(world) if not store.check([key.format(r)])]
             if not silent or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
     except (RuntimeError, OSError, ValueError):  # the store went away with its host
         return head + "; the rendezvous store is gone too (rank 0's node or torchrun died)"
     if not silent:
-        return head + " on every rank (a slow step or a network problem, not one stalled rank)"
-    return head + f"; stopped responding: rank{'s' if len(silent) > 1 else ''} " + \
-        ", ".join(map(str, silent))
+        return head + " on every rank (a slow step or the network, not one stalled rank)"
+    return (head + f"; stopped responding: rank{'s' if len(silent) > 1 else ''} "
+            + ", ".join(map(str, silent)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+from orchestrator.distributed import describe_timeout, is_timeout
 from orchestrator.errors import OrchestratorError
 from orchestrator.loop import NonFiniteLoss
 from orchestrator.metrics import NO_SPACE
@@ -25,6 +26,11 @@ def run_rank(body: Callable[[], object]) -> int:
         body()
     except USER_ERRORS as e:
         _say(str(e) or type(e).__name__)
+        return 1
+    except RuntimeError as e:
+        if not is_timeout(e):
+            raise
+        _say(describe_timeout(e))
         return 1
     except OSError as e:
         if e.errno not in NO_SPACE:

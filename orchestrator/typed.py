@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import os
 import types
 import typing
 from collections.abc import Mapping
@@ -92,9 +94,17 @@ def to_dict(job: Any) -> dict[str, Any]:
     return dataclasses.asdict(job)
 
 
+CONFIG_SHA_ENV = "ORCHESTRATOR_CONFIG_SHA256"  # set by the launch that wrote config.yaml
+
+
 def load_job(path: str | Path) -> JobConfig:
     """Read a run directory's `config.yaml` (secrets redacted) back into a `JobConfig`, with the
-    secrets the launcher passed in this process's environment put back (`redact.secret_env`)."""
-    with open(path) as f:
-        data = yaml.safe_load(f)
+    secrets the launcher passed in this process's environment put back (`redact.secret_env`).
+    Under a launch, the file must be the one that launch wrote (its SHA-256 is in the env)."""
+    text = Path(path).read_text()
+    want = os.environ.get(CONFIG_SHA_ENV)
+    if want and hashlib.sha256(text.encode()).hexdigest() != want:
+        raise ConfigError("config.yaml", str(path), "the file this launch wrote: it changed "
+                          "after the launch (another launch into the same run dir?)")
+    data = yaml.safe_load(text)
     return to_job(restore(data, env_secrets()))

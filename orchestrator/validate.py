@@ -115,7 +115,9 @@ def _check_model_source(job: JobConfig) -> None:
             raise ConfigError("model.pretrained_path", m.pretrained_path,
                               "a local Hugging Face model directory (with config.json), e.g. "
                               "an earlier run's <run_dir>/model")
-        __import__("orchestrator.models.check").models.check.check_model_dir(m.pretrained_path)
+        from orchestrator.models.check import check_model_dir
+
+        check_model_dir(m.pretrained_path)
     if not 0 <= job.eval.holdout < 1:
         raise ConfigError("eval.holdout", job.eval.holdout, "a fraction in [0, 1)")
     if job.train.task == "evaluate" and job.eval.holdout == 0:

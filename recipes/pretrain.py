@@ -29,7 +29,7 @@ class PretrainRecipe:
 
     def setup(self) -> None:
         device = os.environ.get("ORCHESTRATOR_DEVICE", "cpu")
-        self.info = distributed.init(device)
+        self.info = distributed.init(device, self.job.dist.timeout_s)
         model = build_for_rank(self.job, self.info)
         if self.job.train.activation_checkpointing:
             model.gradient_checkpointing_enable(

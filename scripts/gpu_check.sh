@@ -18,11 +18,11 @@ dry=0
 if [ "${ORCHESTRATOR_GPU_CHECK_DRY:-0}" = 1 ]; then
   # CPU test of this script (tests/unit/test_gpu_check.py): every run is only planned
   # (action=plan accepts cluster.device=cuda without a GPU), all in one process (see `plan_all`);
-  # the saved model is a config.json
+  # the saved model is a config.json (beside the run dirs: a run dir holds only its own run)
   gpu=h100 dry=1
   : >"$out/dry_runs.txt"
   "$py" -c "import sys; from transformers import GPT2Config; GPT2Config().save_pretrained(sys.argv[1])" \
-    "$out/save-fsdp_zero3-bf16/model"
+    "$out/dry-model"
 elif ! "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   echo "gpu_check: no CUDA device here" >&2
   exit 2
@@ -58,6 +58,7 @@ run deepspeed_zero3_offload-bf16 +recipe=deepspeed_zero3_offload "${common[@]}" 
 run save-fsdp_zero3-bf16 +recipe=fsdp_zero3 "${common[@]}" precision=bf16 train.steps=10 \
   train.save_model=true
 model="$out/save-fsdp_zero3-bf16/model"
+[ "$dry" = 1 ] && model="$out/dry-model"
 run evaluate-fsdp_zero3 +recipe=evaluate "model.pretrained_path=$model" model=gpt2 \
   data.seq_len=1024 cluster.device=cuda cluster.gpus_per_node=1 "cluster.gpu=$gpu" precision=bf16
 run generate-fsdp_zero3 +recipe=generate "model.pretrained_path=$model" model=gpt2 \

@@ -53,7 +53,7 @@ def run_inference(job: JobConfig, body: Callable[[Engine, distributed.RankInfo],
     returns, when nothing holds the engine any more (a gloo group freed during interpreter
     shutdown while DDP still holds it can abort the process)."""
     device = os.environ.get("ORCHESTRATOR_DEVICE", "cpu")
-    info = distributed.init(device)
+    info = distributed.init(device, job.dist.timeout_s)
     try:
         model = build_for_rank(job, info)
         body(setup(model, job, device), info)
