@@ -222,6 +222,9 @@ def run() -> None:
     """`python -m orchestrator`: Hydra's own errors (they happen before `main` runs) are user
     errors too: one line, exit 2. Once `main` has started, a bug keeps its traceback."""
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing its own report
+    given = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in sys.argv[1:] if "=" in a}
+    rundir.note_missing([given.get("hydra.run.dir", "runs"),
+                         given.get("hydra.sweep.dir", "multirun")])
     try:
         main()
     except Exception as e:

@@ -86,6 +86,8 @@ def describe_timeout(error: BaseException, window_s: float = 15.0) -> str:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     waited = re.search(r"(\d+)\s*ms", str(error))
     after = f" after {int(waited.group(1)) / 1000:g} s" if waited else ""
+    if waited:  # the others time out about as long after their own last step
+        window_s = min(window_s, int(waited.group(1)) / 1000)
     head = f"a collective on rank {rank} timed out{after} (dist.timeout_s)"
     host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
     if world == 1 or not host or not port:

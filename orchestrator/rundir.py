@@ -7,7 +7,7 @@ Rules (checked before anything is written):
 - one of ours that only holds a plan (`action=plan`) is re-used;
 - one of ours where a job was launched is refused unless `run.overwrite=true` (then its files
   are deleted first), and always while another launch holds its lock or its Slurm job is live;
-- a launch that fails before its job starts leaves nothing behind: a directory it created
+- a launch that fails before its job starts leaves nothing behind: the directory it created
   (Hydra creates the output directory before our code runs) is removed again.
 """
 
@@ -53,13 +53,33 @@ def _created_by_us(path: Path) -> bool:
     return False
 
 
+_MISSING_AT_START: set[Path] = set()
+
+
+def note_missing(paths: list[str]) -> None:
+    """Before Hydra runs: remember which of `paths` (where run dirs will be made, e.g. `runs`)
+    and their parents do not exist yet, so a refused launch can remove the ones Hydra makes."""
+    for path in paths:
+        p = Path(path).absolute()
+        for q in (p, *p.parents):
+            if q.exists():
+                break
+            _MISSING_AT_START.add(q)
+
+
 def discard_if_unused(path: str | Path) -> None:
-    """Remove `path`, and the parents made with it, when this process created them and left
-    them empty (validate, status and failed launches write nothing)."""
-    p, stop = Path(path).absolute(), Path.cwd()
-    while p != stop and p != p.parent and _created_by_us(p):
-        with contextlib.suppress(OSError):
+    """Remove `path` when this process created it and left it empty (validate, status and
+    refused launches write nothing), and the empty parents `note_missing` saw were missing.
+    (A directory's time changes whenever an entry is added, so it shows only for the leaf
+    whether this process made it.)"""
+    p = Path(path).absolute()
+    if not _created_by_us(p):
+        return
+    while p != p.parent and (p == Path(path).absolute() or p in _MISSING_AT_START):
+        try:
             p.rmdir()
+        except OSError:
+            return
         p = p.parent
 
 
@@ -93,7 +113,12 @@ class RunDir:
         self.release()
         if self.created:
             shutil.rmtree(self.path, ignore_errors=True)
-            discard_if_unused(self.path.parent)
+            return
+        for entry in self.path.iterdir():  # all ours: a foreign directory is never adopted
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
 
 
 def _lock(path: Path) -> int:

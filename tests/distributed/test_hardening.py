@@ -1,0 +1,107 @@
+"""A job never outlives its launcher, never shares a run dir, and never hangs on a stalled rank
+(issue 11): real 2-rank torchrun jobs with W&B offline, signalled the way users and schedulers
+do it. Every process of a job carries a mark in its environment, so the test can see exactly
+what is left of it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+MARK = "ORCHESTRATOR_TEST_MARK"
+
+
+def marked(mark: str) -> list[int]:
+    """PIDs whose environment holds MARK=mark (the launcher and everything it started)."""
+    needle = f"{MARK}={mark}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if needle in (entry / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+def until(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.2)
+
+
+def start(run_dir: Path, *overrides: str) -> tuple[subprocess.Popen[str], str]:
+    mark = uuid.uuid4().hex
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", f"hydra.run.dir={run_dir}", "train.steps=100000",
+         "train.save_model=false", "logging.progress=false", *overrides],
+        env={**os.environ, MARK: mark}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    return proc, mark
+
+
+def training(run_dir: Path) -> bool:
+    metrics = run_dir / "metrics.jsonl"
+    return metrics.exists() and '"step"' in metrics.read_text()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_signal_to_the_launcher_stops_the_whole_job(tmp_path: Path, sig: int) -> None:
+    run_dir = tmp_path / "run"
+    proc, mark = start(run_dir)
+    try:
+        until(lambda: training(run_dir), 120, "the first logged step")
+        assert len(marked(mark)) >= 5  # launcher, torchrun, 2 ranks, the W&B service
+        if sig == signal.SIGTERM:  # meanwhile, a second launch into the same dir is refused
+            second = subprocess.run(
+                [sys.executable, "-m", "orchestrator", "action=plan", "run.overwrite=true",
+                 f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=120)
+            assert second.returncode == 2
+            assert second.stderr.splitlines() == [
+                f"error: run dir {run_dir} is in use by another launch (PID {proc.pid} on "
+                f"{os.uname().nodename}); wait for it to end or choose another hydra.run.dir"]
+        os.kill(proc.pid, sig)
+        until(lambda: not marked(mark), 60, "every process of the job to exit")
+        code = proc.wait(timeout=10)
+    finally:
+        for pid in marked(mark):
+            os.kill(pid, signal.SIGKILL)
+        proc.kill()
+    if sig == signal.SIGTERM:
+        assert code == 128 + signal.SIGTERM
+        assert proc.stderr.read().splitlines()[-1] == \
+            "error: interrupted by SIGTERM: the job was stopped"
+    else:
+        assert code == -signal.SIGKILL
+
+
+@pytest.mark.slow
+def test_a_stalled_rank_fails_the_job_naming_it(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc, mark = start(run_dir, "dist.timeout_s=5", "logging=none")
+    try:
+        until(lambda: training(run_dir), 120, "the first logged step")
+        ranks = [pid for pid in marked(mark)
+                 if b"RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                 and b"recipes.pretrain" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(ranks) == 1
+        os.kill(ranks[0], signal.SIGSTOP)  # alive, holding its sockets, never answering
+        _, err = proc.communicate(timeout=180)
+    finally:
+        for pid in marked(mark):
+            os.kill(pid, signal.SIGKILL)
+        proc.kill()
+    assert proc.returncode == 2
+    assert ("error: a collective on rank 0 timed out after 5 s (dist.timeout_s); stopped "
+            "responding: rank 1") in err.splitlines()
+    until(lambda: not marked(mark), 10, "the stopped rank to be gone")

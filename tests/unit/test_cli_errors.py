@@ -1,0 +1,52 @@
+"""The error contract at the command line: what Hydra itself rejects (a bad override value, an
+unknown key or group option, a YAML syntax error, a run dir that cannot be made) is one line and
+exit 2 like our own ConfigError, and a refused launch leaves no run dir behind."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CASES = {
+    "wrong type": (["train.steps=abc"], "error: Error merging override train.steps=abc: "
+                   "Value 'abc' of type 'str' could not be converted to Integer"),
+    "not an integer": (["train.steps=2.5"], "error: Error merging override train.steps=2.5: "
+                       "Value '2.5' of type 'float' could not be converted to Integer"),
+    "typo without +": (["train.stepz=3"], "error: Could not override 'train.stepz'. To append "
+                       "to your config use +train.stepz=3: Key 'stepz' not in 'TrainConfig'"),
+    "unknown option": (["model=nope"], "error: Could not find 'model/nope'; available options "
+                       "in 'model': "),
+    "unknown recipe": (["+recipe=nope"], "error: Could not find 'recipe/nope'; available "
+                       "options in 'recipe': "),
+    "yaml syntax": (["--config-dir", "{tmp}/conf", "+recipe=broken"],
+                    "error: YAML syntax error in {tmp}/conf/recipe/broken.yaml, line 3, "
+                    "column 4: while parsing a flow sequence expected ',' or ']', but got ':'"),
+    "uncreatable run dir": (["hydra.run.dir=/proc/orchestrator-test/run"],
+                            "error: cannot create the run directory (hydra.run.dir): No such "
+                            "file or directory: /proc/orchestrator-test"),
+    "secret in a typo": (["logging.wandb.api_key=sk_TOPSECRET"],
+                         "error: Could not override 'logging.wandb.api_key'. To append to your "
+                         "config use +logging.wandb.api_key=***REDACTED***: Key 'api_key' not "
+                         "in 'WandbConfig'"),
+    "our own check": (["train.steps=0"], "error: config key 'train.steps' has value 0; "
+                      "allowed: a number > 0"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_line_exit_2_and_no_run_dir(tmp_path: Path, case: str) -> None:
+    (tmp_path / "conf" / "recipe").mkdir(parents=True)
+    (tmp_path / "conf" / "recipe" / "broken.yaml").write_text("train:\n  steps: [1, 2\n  x: : 1\n")
+    args, want = CASES[case]
+    out = subprocess.run([sys.executable, "-m", "orchestrator",
+                          *[a.format(tmp=tmp_path) for a in args]],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         stdin=subprocess.DEVNULL)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(want.format(tmp=tmp_path)), out.stderr
+    assert "TOPSECRET" not in out.stdout + out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conf"]  # no runs/<dir> left
