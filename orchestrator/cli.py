@@ -24,7 +24,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from orchestrator import rundir
-from orchestrator.errors import LaunchError, OrchestratorError
+from orchestrator.errors import ConfigError, LaunchError, OrchestratorError
 from orchestrator.redact import redact, redact_override
 from orchestrator.schema import JobConfig
 from orchestrator.typed import CONFIG_SHA_ENV, to_dict, to_job
@@ -41,7 +41,16 @@ _task_started = False
 def compose_job(cfg: DictConfig, run_dir: str) -> JobConfig:
     """The typed job; run_dir is Hydra's output dir, except for status/cancel, which name an
     earlier run's directory themselves."""
-    data = OmegaConf.to_container(cfg, resolve=True)
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        data = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:  # e.g. an interpolation to a key that does not exist
+        key = str(getattr(e, "full_key", None) or "?")
+        raw: Any = OmegaConf.to_container(cfg, resolve=False)
+        for part in key.split("."):
+            raw = raw.get(part) if isinstance(raw, dict) else None
+        raise ConfigError(key, raw, f"a value that resolves ({_one_line(str(e))})") from None
     assert isinstance(data, dict)
     if data.get("action") in ("status", "cancel") and data.get("run_dir"):
         run_dir = str(data["run_dir"])

@@ -72,7 +72,14 @@ def test_sweep_submits_one_job_per_point_and_summarises(slurm, tmp_path) -> None
     job_ids = {json.loads((tmp_path / p / "slurm_job.json").read_text())["job_id"]
                for p in ("0", "1")}
     assert len(job_ids) == 2
-    assert summary["best"] in ("0", "1") and (tmp_path / "loss_curves.svg").exists()
+    # the best point is the one whose own metrics.jsonl ends on the lowest loss
+    final = {p: [json.loads(line)["loss"] for line in
+                 (tmp_path / p / "metrics.jsonl").read_text().splitlines()
+                 if '"loss"' in line][-1] for p in ("0", "1")}
+    assert abs(final["0"] - final["1"]) > 1e-3  # distinct, so "lowest" means something
+    assert summary["best"] == min(final, key=final.get)
+    assert {p["point"]: p["final_loss"] for p in summary["points"]} == final
+    assert (tmp_path / "loss_curves.svg").exists()
     groups = {yaml.safe_load((tmp_path / p / "config.yaml").read_text())["logging"]["wandb"]
               ["group"] for p in ("0", "1")}
     assert groups == {tmp_path.name}  # one W&B group for the sweep
