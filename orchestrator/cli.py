@@ -89,7 +89,9 @@ def execute(job: JobConfig, hw: Hardware | None = None,
     if job.parallelism.auto:
         job, reason = fit.choose(job, planner)
         validate(job, hw)
-    text = config_text(job)
+    # the job as the ranks run it: a plan's files are exactly what `action=run` writes (the
+    # sbatch script carries this text's hash)
+    text = config_text(dataclasses.replace(job, action="run"))
     plan = planner(job)
     plan = dataclasses.replace(plan, auto_reason=reason, env={
         **plan.env, CONFIG_SHA_ENV: hashlib.sha256(text.encode()).hexdigest()})

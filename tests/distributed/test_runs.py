@@ -24,17 +24,10 @@ def test_mixed_precision_trains_close_to_fp32(tmp_path, recipe: str, precision: 
     got = losses(tmp_path)
     assert all(math.isfinite(v) for v in got) and got[-1] < got[0] - 0.05
     # Measured here, max |loss - fp32| over 20 steps: bf16 2.7e-4 (DDP) and 6.6e-4 (FSDP2),
-    # fp16 1.6e-4 (DDP) and 8.2e-5 (FSDP2).
-    assert max_diff_from_reference(tmp_path) < 5e-3
-
-
-@pytest.mark.parametrize("recipe", ["ddp", "fsdp_zero3"])
-def test_activation_checkpointing_recomputes_exactly(tmp_path, recipe: str) -> None:
-    proc = run_cli([f"+recipe={recipe}", "train.activation_checkpointing=true",
-                    "logging=none"], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert max_diff_from_reference(tmp_path) < 1e-5  # measured: 0 (DDP), 4.8e-7 (FSDP2)
-    assert_memory_matches_plan(tmp_path, 0.02)
+    # fp16 1.6e-4 (DDP) and 8.2e-5 (FSDP2). In fp32 the same runs differ by at most 4.8e-7,
+    # so more than 2e-5 shows the low-precision compute actually ran (the dtype itself is
+    # observed in tests/unit/test_observed_features.py).
+    assert 2e-5 < max_diff_from_reference(tmp_path) < 5e-3
 
 
 @pytest.mark.parametrize("recipe", ["ddp", "fsdp_zero3"])
@@ -61,7 +54,8 @@ def test_sgd_optimizer_state_matches_the_plan(tmp_path, momentum: float) -> None
 
 
 def test_gradient_accumulation_matches_a_larger_micro_batch(tmp_path) -> None:
-    """2 micro batches of 2 with FSDP2 (gradient sync skipped on the first) equal one of 4."""
+    """2 micro batches of 2 with FSDP2 equal one of 4 (that the first skips gradient sync is
+    observed in tests/unit/test_observed_features.py)."""
     proc = run_cli(["+recipe=fsdp_zero2", "train.micro_batch_size=2",
                     "train.global_batch_size=8", "logging=none"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -73,9 +73,11 @@ def test_sweep_submits_one_job_per_point_and_summarises(slurm, tmp_path) -> None
                for p in ("0", "1")}
     assert len(job_ids) == 2
     # the best point is the one whose own metrics.jsonl ends on the lowest loss
-    final = {p: [json.loads(line)["loss"] for line in
-                 (tmp_path / p / "metrics.jsonl").read_text().splitlines()
-                 if '"loss"' in line][-1] for p in ("0", "1")}
+    final = {}
+    for p in ("0", "1"):
+        rows = [json.loads(line) for line in (tmp_path / p / "metrics.jsonl").read_text()
+                .splitlines() if line.strip()]
+        final[p] = [r["loss"] for r in rows if "loss" in r][-1]
     assert abs(final["0"] - final["1"]) > 1e-3  # distinct, so "lowest" means something
     assert summary["best"] == min(final, key=final.get)
     assert {p["point"]: p["final_loss"] for p in summary["points"]} == final

@@ -1,7 +1,8 @@
-"""LR schedule, secret redaction and the plan's launch commands."""
+"""LR schedule, secret redaction, the plan's launch commands and the sweep summary."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from orchestrator.loop import lr_at
 from orchestrator.plan import make_plan
 from orchestrator.redact import REDACTED, redact
+from orchestrator.sweep import SUMMARY_JSON, summarize
 from tests.conftest import make_job
 
 
@@ -43,3 +45,22 @@ def test_plan_commands_are_torchrun_for_many_ranks_and_direct_for_one() -> None:
     assert len(multi.commands) == 2
     assert "--node-rank=1" in multi.commands[1]
     assert "--rdzv-endpoint=127.0.0.1:29611" in multi.commands[0]
+
+
+def test_sweep_summary_names_the_point_with_the_lowest_final_loss(tmp_path) -> None:
+    """Not the first point, nor the one whose curve dips lowest on the way; a point without
+    metrics is listed but never best."""
+    curves = {"0": [5.0, 3.0, 4.0], "1": [5.0, 4.5, 3.5], "2": [6.0, 5.0, 4.5], "3": None}
+    for name, values in curves.items():
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        (run_dir / "plan.json").write_text("{}")
+        if values is not None:
+            (run_dir / "metrics.jsonl").write_text("".join(
+                json.dumps({"step": i, "loss": v, "tokens_per_s": 100.0}) + "\n"
+                for i, v in enumerate(values, 1)))
+    summarize(tmp_path)
+    summary = json.loads((tmp_path / SUMMARY_JSON).read_text())
+    assert summary["best"] == "1"
+    assert [p["final_loss"] for p in summary["points"]] == [4.0, 3.5, 4.5, None]
+    assert "best: point 1 " in (tmp_path / "sweep_summary.md").read_text()
