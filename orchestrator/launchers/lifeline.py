@@ -1,9 +1,9 @@
 """A job's processes die with the launcher that started them.
 
 Three ties, because no single one covers every way a launcher ends:
-- the launcher's direct child (torchrun, or the one-rank recipe) gets SIGTERM from the kernel
-  when the launcher dies, even by SIGKILL (Linux's parent-death signal), so torchrun still
-  stops its workers the orderly way;
+- the launcher's direct child (torchrun, or the one-rank recipe) gets SIGKILL from the kernel
+  when the launcher dies, even by SIGKILL (Linux's parent-death signal). Not SIGTERM: torchrun
+  then waits 30 s for each worker, twice, and a stopped or hung worker outlives it all;
 - every rank asks for SIGKILL when *its* parent (torchrun) dies: torchrun starts each worker
   in a session of its own, out of reach of a signal to the launcher's process group, and a
   stopped (SIGSTOP) rank acts on nothing but SIGKILL;
@@ -25,7 +25,7 @@ TOKEN_ENV = "ORCHESTRATOR_LAUNCH_TOKEN"
 _PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent(sig: int = signal.SIGTERM) -> None:
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
     """Ask the kernel to send `sig` to this process when its parent exits (Linux only; a
     no-op elsewhere). Async-signal-safe enough for a `preexec_fn`."""
     with contextlib.suppress(OSError, AttributeError):

@@ -39,7 +39,9 @@ def scontrol(*args: str) -> str:
 
 
 def test_two_node_job_trains_and_runs_the_dry_run_script(slurm, tmp_path) -> None:
-    dry = run_cli([*TWO_NODES, "action=plan"], tmp_path, env=slurm)
+    # the same job planned, then run: the script carries the config's hash, so the two
+    # scripts are equal only when the configs are
+    dry = run_cli([*TWO_NODES, "launcher.slurm.wait=true", "action=plan"], tmp_path, env=slurm)
     assert dry.returncode == 0, dry.stderr
     planned_script = (tmp_path / "job.sbatch").read_text()
     assert not (tmp_path / "slurm_job.json").exists()  # the dry run submitted nothing
