@@ -97,12 +97,25 @@ def execute(job: JobConfig, hw: Hardware | None = None,
         **plan.env, CONFIG_SHA_ENV: hashlib.sha256(text.encode()).hexdigest()})
     if job.action == "run":
         fit.refuse_if_too_big(job, plan, planner)
+        _check_resume(job)
         if job.launcher.name == "slurm":  # the cluster's checks, before anything is written
             from orchestrator.launchers.slurm import preflight
 
             preflight(job, plan)
     with rundir.held(job) as run_dir:
         return _plan_and_launch(job, plan, text, run_dir, overrides)
+
+
+def _check_resume(job: JobConfig) -> None:
+    """The checkpoint this launch will continue from (if any) must fit its config."""
+    if job.train.task != "pretrain" or job.run.overwrite:
+        return
+    from orchestrator.checkpoint.periodic import check_compatible, to_resume
+
+    resume = to_resume(job)
+    if resume is not None:
+        check_compatible(job, resume)
+        print(f"resuming from {resume.path} (step {resume.step})")
 
 
 def _plan_and_launch(job: JobConfig, plan: Any, text: str, run_dir: rundir.RunDir,

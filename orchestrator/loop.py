@@ -114,8 +114,11 @@ class MemoryProbe:
 
 def train(engine: Engine, data: Iterator[dict[str, torch.Tensor]], job: JobConfig,
           logger: NullLogger, grad_accum: int, global_batch: int,
-          plan: dict[str, Any] | None = None) -> list[float]:
-    """Run `train.steps` optimizer steps; return the rank-averaged loss of each step.
+          plan: dict[str, Any] | None = None, start_step: int = 0,
+          checkpoint: Callable[[int], None] | None = None) -> list[float]:
+    """Run optimizer steps `start_step + 1 .. train.steps` (a resumed run starts after its
+    checkpoint's step); return the rank-averaged loss of each. `checkpoint(step)` is called
+    every `checkpoint.every_steps` and after the last step, which are logged steps too.
     With the plan (plan.json) the log also compares measured memory and speed with it.
 
     The host waits for the device only on logged steps (every `train.log_every`, the memory
@@ -136,19 +139,21 @@ def train(engine: Engine, data: Iterator[dict[str, torch.Tensor]], job: JobConfi
     probe = MemoryProbe(engine)
     reset_peak_memory(engine.device)  # set-up (model build, sharding) is not a step's peak
     timer = IntervalTimer(lambda: device_sync(engine.device))
-    for step in range(1, job.train.steps + 1):
+    every = job.checkpoint.every_steps if checkpoint is not None else 0
+    for step in range(start_step + 1, job.train.steps + 1):
         lr = lr_at(step, job.optim, job.train.steps)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
         engine.probe = probe if step == job.debug.memory_probe_step else None
         if job.debug.crash_at_step == step and job.debug.crash_rank == rank:
-            raise InjectedCrash(f"debug.crash_at_step={step} on rank {rank}")
+            _crash(job, step, rank)
         pending.append(engine.train_step([next(data) for _ in range(grad_accum)]))
         timer.tick()
         extra = {}
         if engine.probe is not None and probe.moments:
             extra = _write_probe(job, rank, step, probe.moments, planned_peak_bytes)
-        if not (extra or step % job.train.log_every == 0 or step == job.train.steps):
+        save = every > 0 and (step % every == 0 or step == job.train.steps)
+        if not (extra or save or step % job.train.log_every == 0 or step == job.train.steps):
             continue
         step_losses = torch.stack(pending)
         dist.all_reduce(step_losses)  # one collective for the interval, not one per step
@@ -171,8 +176,23 @@ def train(engine: Engine, data: Iterator[dict[str, torch.Tensor]], job: JobConfi
                           **model_metrics, **extra})
         logger.progress(step, losses[-1], tps)
         reset_peak_memory(engine.device)  # the next interval's peak is its own
-    logger.summary({"final_loss": losses[-1]})
+        if save and checkpoint is not None:
+            checkpoint(step)
+    if losses:
+        logger.summary({"final_loss": losses[-1]})
     return losses
+
+
+def _crash(job: JobConfig, step: int, rank: int) -> None:
+    """`debug.crash_at_step`, in the job's first attempt only (a torchrun restart resumes)."""
+    import os
+    import signal
+
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    if job.debug.crash_mode == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise InjectedCrash(f"debug.crash_at_step={step} on rank {rank}")
 
 
 def _rank_mean(metrics: dict[str, torch.Tensor], world: int) -> dict[str, float]:

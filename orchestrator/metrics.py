@@ -88,9 +88,14 @@ class NullLogger:
 
 
 class MetricsLogger(NullLogger):
-    def __init__(self, job: JobConfig) -> None:
+    """`resume_step`: the run continues from that step's checkpoint: records of later steps
+    (logged before the run stopped) are dropped, and the W&B run goes on under its id."""
+
+    def __init__(self, job: JobConfig, resume_step: int | None = None) -> None:
         self.run_dir = Path(job.run_dir)
         self.path = self.run_dir / job.logging.metrics_file
+        if resume_step is not None and self.path.exists():
+            keep_until(self.path, resume_step)
         try:
             self.fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
                                           0o644)
@@ -108,10 +113,14 @@ class MetricsLogger(NullLogger):
         if w.mode != "disabled":
             import wandb
 
+            prior = self.run_dir / RUN_INFO
+            resumed = (resume_step is not None and prior.exists()
+                       and {"id": json.loads(prior.read_text())["id"], "resume": "allow"} or {})
             self.wandb_run = wandb.init(
                 mode=w.mode, dir=str(self.run_dir), project=w.project, entity=w.entity,
                 name=w.name or self.run_dir.name, group=w.group, tags=list(w.tags),
                 config=redact(to_dict(job)), settings=wandb.Settings(console="off"),
+                **resumed,
             )
             info = {"id": self.wandb_run.id, "name": self.wandb_run.name, "mode": w.mode,
                     "dir": str(Path(self.wandb_run.dir).parent)}
@@ -158,8 +167,24 @@ class MetricsLogger(NullLogger):
             self.wandb_run.finish(exit_code=1 if failed else 0)
 
 
-def make_logger(job: JobConfig, rank: int) -> NullLogger:
-    return MetricsLogger(job) if rank == 0 else NullLogger()
+def make_logger(job: JobConfig, rank: int, resume_step: int | None = None) -> NullLogger:
+    return MetricsLogger(job, resume_step) if rank == 0 else NullLogger()
+
+
+def keep_until(path: Path, step: int) -> None:
+    """Rewrite metrics.jsonl (atomically) without the step records after `step`; events and a
+    cut-off last line's predecessors stay."""
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a record cut off when the run died
+        if record.get("step", 0) <= step or "event" in record:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 def read_metrics(path: str | os.PathLike[str], events: bool = False) -> list[dict[str, Any]]:

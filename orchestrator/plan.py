@@ -95,8 +95,8 @@ def node_commands(job: JobConfig, config_path: str, python: str) -> list[list[st
         return [[python, "-m", "torch.distributed.run", f"--nnodes={c.nodes}",
                  f"--nproc-per-node={c.gpus_per_node}", "--rdzv-backend=c10d",
                  "--rdzv-endpoint=${RDZV_HOST}:${RDZV_PORT}", "--rdzv-id=${SLURM_JOB_ID}",
-                 timeout, "--max-restarts=0", *program]]
-    if job.world_size == 1:
+                 timeout, f"--max-restarts={job.fault.max_restarts}", *program]]
+    if job.world_size == 1 and job.fault.max_restarts == 0:  # restarts need torchrun
         return [[python, *program]]
     if c.nodes == 1:
         rdzv = ["--standalone"]  # picks a free local port: parallel jobs never collide
@@ -107,7 +107,7 @@ def node_commands(job: JobConfig, config_path: str, python: str) -> list[list[st
     return [
         [python, "-m", "torch.distributed.run", f"--nnodes={c.nodes}",
          f"--nproc-per-node={c.gpus_per_node}", *([f"--node-rank={n}"] if c.nodes > 1 else []),
-         *rdzv, "--max-restarts=0", *program]
+         *rdzv, f"--max-restarts={job.fault.max_restarts}", *program]
         for n in range(c.nodes)
     ]
 

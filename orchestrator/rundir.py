@@ -5,8 +5,9 @@ Rules (checked before anything is written):
 - a new or empty directory becomes a run dir;
 - a directory holding files that are not ours (no marker) is refused;
 - one of ours that only holds a plan (`action=plan`) is re-used;
-- one of ours where a job was launched is refused unless `run.overwrite=true` (then its files
-  are deleted first), and always while another launch holds its lock or its Slurm job is live;
+- one of ours where a job was launched is resumed when it holds a complete checkpoint and
+  `resume=auto`; otherwise it is refused unless `run.overwrite=true` (then its files are
+  deleted first), and always while another launch holds its lock or its Slurm job is live;
 - a launch that fails before its job starts leaves nothing behind: the directory it created
   (Hydra creates the output directory before our code runs) is removed again.
 """
@@ -89,6 +90,7 @@ class RunDir:
 
     def __init__(self, path: Path, fd: int, created: bool) -> None:
         self.path, self.fd, self.created, self.started = path, fd, created, False
+        self.keep = False  # an earlier run's dir adopted to resume it: never discarded
 
     def write(self, name: str, text: str) -> Path:
         write_atomic(self.path / name, text)
@@ -111,6 +113,8 @@ class RunDir:
     def discard(self) -> None:
         """Undo a launch that failed before its job started."""
         self.release()
+        if self.keep:
+            return
         if self.created:
             shutil.rmtree(self.path, ignore_errors=True)
             return
@@ -153,6 +157,13 @@ def _live_slurm_job(path: Path) -> str | None:
     return None
 
 
+def _resumable(job: JobConfig, path: Path) -> bool:
+    """An earlier run here left a complete checkpoint, and this launch resumes (resume=auto)."""
+    from orchestrator.checkpoint.periodic import complete
+
+    return job.resume == "auto" and not job.run.overwrite and bool(complete(path))
+
+
 def _listing(entries: list[Path]) -> str:
     names = sorted(e.name + ("/" if e.is_dir() else "") for e in entries)
     return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
@@ -186,6 +197,10 @@ def open_run_dir(job: JobConfig) -> RunDir:
                 raise RunDirBusy(f"run dir {path} is in use by {live}; cancel it with "
                                  f"`python -m orchestrator action=cancel run_dir={path}` or "
                                  "choose another hydra.run.dir")
+            if _resumable(job, path):  # the same run goes on: nothing is deleted
+                run_dir = RunDir(path, fd, created=False)
+                run_dir.keep = True
+                return run_dir
             if not job.run.overwrite:
                 raise ConfigError("run.overwrite", False, f"true to replace the earlier run in "
                                   f"{path} (its files are deleted), or another hydra.run.dir")

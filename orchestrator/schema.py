@@ -237,8 +237,26 @@ class LoggingConfig:
 @dataclass
 class DebugConfig:
     crash_at_step: Optional[int] = None  # raise inside the training loop (fault-path testing)
+    # raise: an exception (the rank's error path); sigkill: the rank dies at once, as on a
+    # node failure. Either only in the job's first attempt (not after a fault.max_restarts one)
+    crash_mode: str = choice("raise", "raise", "sigkill")
     crash_rank: int = 0
     memory_probe_step: int = 2  # step at which each rank measures its model-state bytes
+
+
+@dataclass
+class CheckpointConfig:
+    # every N optimizer steps (and after the last) save a sharded checkpoint to
+    # <run_dir>/checkpoints/step-<N> (torch.distributed.checkpoint: no rank-0 gather); 0 = none
+    every_steps: int = 0
+    keep_last: int = 2  # complete checkpoints kept; older ones are deleted after a new commit
+
+
+@dataclass
+class FaultConfig:
+    # torchrun restarts every rank after one fails, up to N times; the ranks then resume from
+    # the newest complete checkpoint (with resume=auto)
+    max_restarts: int = 0
 
 
 @dataclass
@@ -279,6 +297,12 @@ class JobConfig:
     debug: DebugConfig = field(default_factory=DebugConfig)
     run: RunConfig = field(default_factory=RunConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
+    # auto: continue from the newest complete checkpoint in the run dir, if there is one;
+    # never: start fresh (a run dir holding checkpoints then needs run.overwrite=true);
+    # or the path of a checkpoint directory (checkpoints/step-N) to start from
+    resume: str = "auto"
 
     @property
     def world_size(self) -> int:

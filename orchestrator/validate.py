@@ -216,8 +216,12 @@ def validate(job: JobConfig, hw: Hardware) -> None:
         ("optim.momentum", o.momentum), ("train.grad_clip", t.grad_clip),
         ("train.seed", t.seed),
         ("debug.memory_probe_step", job.debug.memory_probe_step),
+        ("checkpoint.every_steps", job.checkpoint.every_steps),
+        ("fault.max_restarts", job.fault.max_restarts),
     ]:
         _positive(key, value, strict=False)
+    _positive("checkpoint.keep_last", job.checkpoint.keep_last)
+    _positive("dist.timeout_s", job.dist.timeout_s)
     for key, value in [("optim.beta1", o.beta1), ("optim.beta2", o.beta2),
                        ("optim.min_lr_ratio", o.min_lr_ratio), ("model.dropout", m.dropout)]:
         if not 0 <= value < 1:

@@ -12,13 +12,13 @@ import sys
 from pathlib import Path
 
 from orchestrator import distributed, loop
-from orchestrator.checkpoint import save_final
+from orchestrator.checkpoint import periodic, save_final
 from orchestrator.data import batches, build_dataset, split, tokenizer_file, uses_bpe
 from orchestrator.metrics import make_logger
 from orchestrator.rank_main import run_rank
 from orchestrator.strategies import build_for_rank
 from orchestrator.strategies import setup as setup_strategy
-from orchestrator.typed import load_job
+from orchestrator.typed import CONFIG_SHA_ENV, load_job
 from orchestrator.validate import resolve_batch
 
 
@@ -35,12 +35,24 @@ class PretrainRecipe:
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
         self.engine = setup_strategy(model, self.job, device)
+        self.resume = periodic.to_resume(self.job)  # every rank reads the same directory
+        start = 0
+        if self.resume is not None:
+            periodic.load(self.engine, self.resume)
+            start = self.resume.step
+            if self.info.rank == 0:
+                print(f"resumed from {self.resume.path} (step {start})", flush=True)
+        self.start_step = start
+        accum, _ = resolve_batch(self.job)
         dataset, _ = split(build_dataset(self.job), self.job.eval.holdout)
-        self.data = batches(dataset, self.job, self.info.rank, self.info.world_size)
+        # the stream is a pure function of (seed, rank, micro-batch index): continue it
+        self.data = batches(dataset, self.job, self.info.rank, self.info.world_size,
+                            start_step=start * accum)
         # the set-up peak (model build + sharding) per rank: with meta-device init only rank 0
         # ever holds the whole model
         ranks = distributed.gather((distributed.node_name(), loop.peak_memory_bytes(device)))
-        self.logger = make_logger(self.job, self.info.rank)
+        self.logger = make_logger(self.job, self.info.rank,
+                                  start if self.resume is not None else None)
         self.logger.event("start", {"world_size": self.info.world_size,
                                     "nodes": [node for node, _ in ranks], "device": device,
                                     "setup_peak_mem_bytes": [peak for _, peak in ranks]})
@@ -48,13 +60,24 @@ class PretrainRecipe:
     def train(self) -> list[float]:
         accum, global_batch = resolve_batch(self.job)
         losses = loop.train(self.engine, self.data, self.job, self.logger, accum, global_batch,
-                            self.plan)
+                            self.plan, start_step=self.start_step, checkpoint=self.checkpoint)
         if self.job.train.save_model:
             bpe = tokenizer_file(self.job) if uses_bpe(self.job) else None
             saved = save_final(self.engine, self.job.run_dir, self.info.rank, bpe)
             if saved is not None:
                 print(f"model saved to {saved}", flush=True)
         return losses
+
+    def checkpoint(self, step: int) -> None:
+        wandb_info = Path(self.job.run_dir) / "wandb_run.json"
+        meta = {"config_sha256": os.environ.get(CONFIG_SHA_ENV),
+                "global_batch_size": resolve_batch(self.job)[1],
+                "wandb_id": json.loads(wandb_info.read_text())["id"]
+                if wandb_info.exists() else None}
+        saved = periodic.save(self.engine, self.job, step, meta)
+        self.logger.event("checkpoint", {"step": step, "path": str(saved),
+                                         "save_s": json.loads((saved / periodic.META)
+                                                              .read_text())["save_s"]})
 
     def cleanup(self, failed: bool = False) -> None:
         logger = getattr(self, "logger", None)

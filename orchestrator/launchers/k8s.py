@@ -96,7 +96,8 @@ def command(plan: Plan, job: JobConfig) -> list[str]:
     """
     return ["python", "-m", "torch.distributed.run", f"--nnodes={plan.nnodes}",
             f"--nproc-per-node={plan.nproc_per_node}", "--rdzv-backend=static",
-            f"--rdzv-conf=timeout={job.launcher.rdzv_timeout_s}", "--max-restarts=0",
+            f"--rdzv-conf=timeout={job.launcher.rdzv_timeout_s}",
+            f"--max-restarts={job.fault.max_restarts}",
             *rank_command(job, plan.config_path)]
 
 

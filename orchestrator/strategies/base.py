@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -128,6 +129,26 @@ class Engine:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's weights on rank 0 (collective: every rank must call it)."""
         return self.hf_model().state_dict()
+
+    def save_checkpoint(self, path: Path) -> None:
+        """Every rank writes its share of the model and optimizer state to `path` with
+        torch.distributed.checkpoint (a collective; replicated tensors are written once)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model, optim = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model, "optim": optim}, checkpoint_id=str(path))
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Load `save_checkpoint`'s files, resharded to this engine's layout and world size."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model, optim = get_state_dict(self.model, self.optimizer)
+        state = {"model": model, "optim": optim}
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
 
     @torch.no_grad()
     def eval_step(self, batch: dict[str, torch.Tensor], shift: bool) -> torch.Tensor:

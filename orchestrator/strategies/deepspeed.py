@@ -32,6 +32,7 @@ from orchestrator.strategies.base import (
 )
 
 CONFIG_FILE = "deepspeed.json"
+DS_TAG = "deepspeed"  # the sub-directory of a checkpoint that holds DeepSpeed's files
 
 
 class DeepSpeedEngine(Engine):
@@ -62,6 +63,17 @@ class DeepSpeedEngine(Engine):
         if self.job.parallelism.zero_stage == 3:  # gathers the partitions onto rank 0
             return self.model._zero3_consolidated_16bit_state_dict()
         return self.model.module.state_dict()
+
+    def save_checkpoint(self, path: Path) -> None:
+        """DeepSpeed's own format (every rank writes its ZeRO partition; a collective)."""
+        self.model.save_checkpoint(str(path), tag=DS_TAG, save_latest=False)
+
+    def load_checkpoint(self, path: Path) -> None:
+        """DeepSpeed's own loader, at the same world size (elsewhere: its universal
+        checkpoint conversion, not wired yet)."""
+        loaded, _ = self.model.load_checkpoint(str(path), tag=DS_TAG)
+        if loaded is None:
+            raise ValueError(f"DeepSpeed found no checkpoint under {path / DS_TAG}")
 
     def _zero_optimizer(self) -> Any:
         return self.model.optimizer

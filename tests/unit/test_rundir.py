@@ -100,3 +100,19 @@ def test_write_atomic_replaces_whole(tmp_path: Path) -> None:
     rundir.write_atomic(target, "new")
     assert target.read_text() == "new"
     assert [p.name for p in tmp_path.iterdir()] == ["f.json"]  # no temporary left
+
+
+def test_ranks_refuse_a_config_their_launch_did_not_write(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+
+    from orchestrator.cli import config_text
+    from orchestrator.typed import CONFIG_SHA_ENV, load_job
+
+    text = config_text(job_in(tmp_path))
+    (tmp_path / "config.yaml").write_text(text)
+    monkeypatch.setenv(CONFIG_SHA_ENV, hashlib.sha256(text.encode()).hexdigest())
+    assert load_job(tmp_path / "config.yaml").run_dir == str(tmp_path)
+    (tmp_path / "config.yaml").write_text(text.replace("steps: 20", "steps: 21"))
+    with pytest.raises(ConfigError, match="changed after the launch"):
+        load_job(tmp_path / "config.yaml")

@@ -1,0 +1,243 @@
+"""Periodic training checkpoints: saved sharded by every rank, committed atomically, pruned, and
+found again to resume from.
+
+Layout: `<run_dir>/checkpoints/step-00000012/` holds the engine's state (written by
+`Engine.save_checkpoint`: torch.distributed.checkpoint shards for torch strategies), one
+`rank<r>.pt` per rank (RNG states, loss scaler) and `meta.json`. A checkpoint is written under
+`.step-00000012.tmp` and renamed into place by rank 0 after every rank finished, so a directory
+named `step-*` is always complete; a crash mid-save leaves the previous one the newest.
+Loading uses torch.distributed.checkpoint or `torch.load(weights_only=True)`: no pickle code
+runs from a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from orchestrator.errors import OrchestratorError
+from orchestrator.schema import JobConfig
+from orchestrator.strategies.base import Engine
+
+ROOT = "checkpoints"
+META = "meta.json"
+CONFIG = "config.yaml"
+PREFIX = "step-"
+# What a resumed run may not change: the shapes and meaning of the saved state and the data
+# stream. Anything else (lr, steps, logging, world size and micro batch at the same global
+# batch, the torch strategy) may change.
+FIXED = ("model", "lora", "objective", "data.name", "data.path", "data.seq_len",
+         "data.tokenizer", "data.num_samples", "data.branching", "train.seed",
+         "train.global_batch_size", "precision.name", "parallelism.backend")
+
+
+class CheckpointError(OrchestratorError):
+    """A checkpoint that cannot be used (missing, incomplete, corrupt or from another job)."""
+
+
+def step_name(step: int) -> str:
+    return f"{PREFIX}{step:08d}"
+
+
+def complete(run_dir: str | Path) -> list[Path]:
+    """The committed checkpoints of a run, oldest first."""
+    root = Path(run_dir) / ROOT
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / META).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+@dataclass(frozen=True)
+class Resume:
+    path: Path
+    step: int
+    meta: dict[str, Any]
+
+
+def to_resume(job: JobConfig) -> Resume | None:
+    """The checkpoint this run continues from: `resume=auto` the newest complete one in the
+    run dir that passes `verify` (a damaged newer one is skipped with a warning; None when
+    there is none), `never` none, else the given directory, which must pass."""
+    if job.resume == "never":
+        return None
+    if job.resume != "auto":
+        return _read(Path(job.resume), job.resume)
+    for path in reversed(complete(job.run_dir)):
+        try:
+            return _read(path, "auto")
+        except CheckpointError as e:
+            print(f"warning: {e}; trying the previous checkpoint", file=sys.stderr, flush=True)
+    return None
+
+
+class _MetadataOnly(pickle.Unpickler):
+    """DCP keeps its index (`.metadata`) as a pickle. Only its own plain classes may appear
+    in one: anything else (e.g. `os.system`) is refused instead of called."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = super().find_class(module, name) if module.startswith("torch") or \
+            module in ("pathlib", "collections") else None
+        dcp_class = module.startswith("torch.distributed.checkpoint.") and \
+            isinstance(found, type)  # its data classes, never one of its functions
+        if not (dcp_class or (module == "torch" and name in ("Size", *DTYPES))
+                or (module, name) in SAFE_NAMES):
+            raise pickle.UnpicklingError(f"refused {module}.{name}")
+        return found
+
+
+SAFE_NAMES = {("collections", "OrderedDict"), ("pathlib", "PosixPath"),
+              ("torch.serialization", "_get_layout")}  # a layout by its name
+
+
+DTYPES = tuple(n for n in dir(torch) if isinstance(getattr(torch, n, None), torch.dtype))
+
+
+def verify(path: Path, meta: dict[str, Any]) -> None:
+    """Every file the commit recorded is there at its recorded size, and DCP's pickled index
+    holds nothing but DCP's own classes (so loading it cannot run code)."""
+    for name, size in meta.get("files", {}).items():
+        f = path / name
+        if not f.is_file() or f.stat().st_size != size:
+            got = f.stat().st_size if f.is_file() else "missing"
+            raise CheckpointError(f"checkpoint file {f} is damaged ({got} bytes, "
+                                  f"{size} when saved)")
+    index = path / ".metadata"
+    if index.is_file():
+        try:
+            with open(index, "rb") as fh:
+                _MetadataOnly(fh).load()
+        except Exception as e:  # noqa: BLE001 - any failure: not DCP's own index
+            raise CheckpointError(f"checkpoint file {index} is not a plain DCP index ({e})"
+                                  ) from None
+
+
+def _read(path: Path, how: str) -> Resume:
+    meta_file = path / META
+    if not meta_file.is_file():
+        raise CheckpointError(f"resume={how}: {path} is not a complete checkpoint (no "
+                              f"{META}); complete ones: {[p.name for p in complete(path.parent)]}")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"resume={how}: cannot read {meta_file}: {e}") from None
+    verify(path, meta)
+    return Resume(path, int(meta["step"]), meta)
+
+
+def _rank_state(engine: Engine) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch_rng": torch.get_rng_state(),
+                             "python_rng": random.getstate()}
+    if torch.cuda.is_available() and engine.device == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state()
+    if engine.scaler is not None:
+        state["scaler"] = engine.scaler.state_dict()
+    return state
+
+
+def _set_rank_state(engine: Engine, state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(state["python_rng"])
+    if "cuda_rng" in state and engine.device == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"])
+    if engine.scaler is not None and "scaler" in state:
+        engine.scaler.load_state_dict(state["scaler"])
+
+
+def save(engine: Engine, job: JobConfig, step: int, meta: dict[str, Any]) -> Path:
+    """Every rank: write this step's checkpoint; rank 0 commits it and prunes old ones.
+    Returns the committed directory."""
+    rank = dist.get_rank()
+    root = Path(job.run_dir) / ROOT
+    final, tmp = root / step_name(step), root / f".{step_name(step)}.tmp"
+    started = time.perf_counter()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    engine.save_checkpoint(tmp)
+    torch.save(_rank_state(engine), tmp / f"rank{rank}.pt")
+    dist.barrier()  # every rank's files are written
+    if rank == 0:
+        info = {"step": step, "world_size": dist.get_world_size(),
+                "strategy": [job.parallelism.backend, job.parallelism.zero_stage],
+                "save_s": round(time.perf_counter() - started, 3), **meta}
+        shutil.copy(Path(job.run_dir) / CONFIG, tmp / CONFIG)  # what the run was
+        info["files"] = {str(f.relative_to(tmp)): f.stat().st_size
+                         for f in sorted(tmp.rglob("*")) if f.is_file()}
+        (tmp / META).write_text(json.dumps(info, indent=2) + "\n")
+        shutil.rmtree(final, ignore_errors=True)  # a re-run of this step after a restart
+        tmp.rename(final)  # the commit
+        for old in complete(job.run_dir)[:-job.checkpoint.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load(engine: Engine, resume: Resume) -> None:
+    """Every rank: restore the engine's state and this rank's RNG states from `resume`."""
+    try:
+        engine.load_checkpoint(resume.path)
+    except (RuntimeError, ValueError, KeyError, OSError) as e:
+        raise CheckpointError(f"cannot load checkpoint {resume.path}: "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                              ) from None
+    own = resume.path / f"rank{dist.get_rank()}.pt"
+    if own.is_file():  # at another world size, new ranks keep their seeded RNG
+        try:
+            state = torch.load(own, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling refusal is a bad file
+            raise CheckpointError(f"cannot load {own}: {str(e).splitlines()[0]}") from None
+        _set_rank_state(engine, state)
+
+
+def _get(tree: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree.get(part, {}) if isinstance(tree, dict) else {}
+    return tree
+
+
+def _first_difference(now: Any, saved: Any, key: str) -> tuple[str, Any, Any] | None:
+    """The first leaf key under `key` whose value differs, with both values."""
+    if isinstance(now, dict) and isinstance(saved, dict):
+        for k in sorted(set(now) | set(saved)):
+            found = _first_difference(now.get(k), saved.get(k), f"{key}.{k}")
+            if found:
+                return found
+        return None
+    return None if now == saved else (key, now, saved)
+
+
+def check_compatible(job: JobConfig, resume: Resume) -> None:
+    """Before launch: refuse to resume `resume` with a config that changes what it saved (the
+    first differing key is named); record nothing else."""
+    import yaml
+
+    from orchestrator.errors import ConfigError
+    from orchestrator.typed import to_dict
+    from orchestrator.validate import resolve_batch
+
+    try:
+        saved = yaml.safe_load((resume.path / CONFIG).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise CheckpointError(f"cannot read {resume.path / CONFIG}: {e}") from None
+    now = to_dict(job)
+    now["train"]["global_batch_size"] = resolve_batch(job)[1]
+    saved["train"]["global_batch_size"] = int(resume.meta.get("global_batch_size", 0)) or \
+        saved["train"]["global_batch_size"]
+    for key in FIXED:
+        found = _first_difference(_get(now, key), _get(saved, key), key)
+        if found:
+            leaf, value, before = found
+            raise ConfigError(leaf, value, f"{before!r} as in the checkpoint {resume.path} "
+                              "(resume=never, or another run dir, starts fresh)")

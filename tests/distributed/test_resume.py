@@ -1,0 +1,68 @@
+"""Checkpoints and resume (issue 12): a run killed mid-way and resumed — by torchrun's restart
+or by a new launch at another world size and strategy — continues exactly where it was. The
+expected losses are the stored 2-rank reference, which a plain single-process PyTorch loop
+reproduces (tests/distributed/test_reference_loop.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from orchestrator.metrics import read_metrics
+from tests.conftest import run_cli
+from tests.distributed.checks import losses, reference_losses
+
+QUIET = ["logging=none", "train.save_model=false"]
+
+
+def steps(run_dir: Path) -> list[int]:
+    return [m["step"] for m in read_metrics(run_dir / "metrics.jsonl")]
+
+
+@pytest.mark.parametrize("recipe", ["ddp", "zero1", "fsdp_zero3"])
+def test_a_rank_killed_after_a_checkpoint_resumes_exactly(tmp_path: Path, recipe: str) -> None:
+    """Rank 1 dies by SIGKILL at step 14 (checkpoints every 4 steps); torchrun restarts both
+    ranks once; they resume from step 12 and steps 13-20 are the uninterrupted run's."""
+    proc = run_cli([f"+recipe={recipe}", *QUIET, "checkpoint.every_steps=4",
+                    "checkpoint.keep_last=2", "fault.max_restarts=1", "debug.crash_at_step=14",
+                    "debug.crash_rank=1", "debug.crash_mode=sigkill"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from " in proc.stdout and "step-00000012 (step 12)" in proc.stdout
+    assert steps(tmp_path) == list(range(1, 21))  # steps 13-14 of the first attempt dropped
+    assert losses(tmp_path) == pytest.approx(reference_losses(), abs=1e-6)
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert kept == ["step-00000016", "step-00000020"]  # keep_last=2, no temporaries
+    meta = json.loads((tmp_path / "checkpoints" / "step-00000020" / "meta.json").read_text())
+    assert meta["step"] == 20 and meta["world_size"] == 2
+
+
+def test_a_zero3_checkpoint_resumes_at_world_1_under_ddp(tmp_path: Path) -> None:
+    """Saved sharded by FSDP2 on 2 ranks, loaded whole by DDP on 1 rank with the same global
+    batch (micro batch 8): the run goes on from step 10 as if nothing had changed."""
+    first = run_cli(["+recipe=fsdp_zero3", *QUIET, "checkpoint.every_steps=10",
+                     "debug.crash_at_step=11"], tmp_path)
+    assert first.returncode == 2 and "InjectedCrash" in first.stderr
+    second = run_cli(["+recipe=ddp", *QUIET, "checkpoint.every_steps=10",
+                      "cluster.gpus_per_node=1", "train.micro_batch_size=8"], tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert steps(tmp_path) == list(range(1, 21))
+    got, want = losses(tmp_path), reference_losses()
+    assert got[:10] == want[:10]  # the first launch's, kept
+    assert got[10] == pytest.approx(want[10], abs=1e-5)  # the first resumed step
+    assert got == pytest.approx(want, abs=1e-4)  # summed in another order from there on
+
+
+def test_a_changed_model_is_refused_before_launch(tmp_path: Path) -> None:
+    first = run_cli(["+recipe=ddp", *QUIET, "checkpoint.every_steps=5", "train.steps=5",
+                     "optim.warmup_steps=1"], tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = run_cli(["+recipe=ddp", *QUIET, "checkpoint.every_steps=5", "train.steps=10",
+                     "optim.warmup_steps=1", "model.n_layer=3"], tmp_path)
+    assert again.returncode == 2
+    assert again.stderr.splitlines() == [
+        f"error: config key 'model.n_layer' has value 3; allowed: 2 as in the checkpoint "
+        f"{tmp_path / 'checkpoints' / 'step-00000005'} (resume=never, or another run dir, "
+        "starts fresh)"]
+    assert steps(tmp_path) == [1, 2, 3, 4, 5]  # the refused launch touched nothing

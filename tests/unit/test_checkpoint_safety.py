@@ -1,0 +1,77 @@
+"""A damaged or tampered checkpoint is refused with a line naming the file, and never runs code;
+resume=auto then falls back to the previous complete checkpoint (issue 12, safety)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from orchestrator.checkpoint import periodic
+from orchestrator.schema import JobConfig
+
+
+class Bomb:
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self):  # what a tampered pickle does on load: call anything
+        return (os.mkdir, (str(self.target),))
+
+
+def committed(run_dir: Path, step: int) -> Path:
+    """A real DCP checkpoint of a small model, committed as periodic.save would."""
+    path = run_dir / periodic.ROOT / periodic.step_name(step)
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        dcp.save({"w": torch.full((4,), float(step))}, checkpoint_id=str(path))
+    finally:
+        if created:
+            dist.destroy_process_group()
+    files = {str(f.relative_to(path)): f.stat().st_size for f in path.rglob("*") if f.is_file()}
+    (path / periodic.META).write_text(json.dumps({"step": step, "files": files}))
+    return path
+
+
+def job(run_dir: Path, resume: str = "auto") -> JobConfig:
+    return dataclasses.replace(JobConfig(), run_dir=str(run_dir), resume=resume)
+
+
+def test_a_pickle_bomb_in_place_of_the_index_is_refused_without_running(tmp_path) -> None:
+    path = committed(tmp_path, 4)
+    target = tmp_path / "pwned"
+    (path / ".metadata").write_bytes(pickle.dumps(Bomb(target)))
+    meta = json.loads((path / periodic.META).read_text())
+    meta["files"][".metadata"] = (path / ".metadata").stat().st_size  # sizes fixed up too
+    (path / periodic.META).write_text(json.dumps(meta))
+    with pytest.raises(periodic.CheckpointError,
+                       match=rf"{path / '.metadata'} is not a plain DCP index \(refused "
+                             r"posix.mkdir\)"):
+        periodic.to_resume(job(tmp_path, resume=str(path)))
+    assert not target.exists()
+
+
+def test_a_truncated_shard_is_named_and_auto_falls_back(tmp_path, capsys) -> None:
+    older, newer = committed(tmp_path, 4), committed(tmp_path, 8)
+    shard = next(newer.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:10])
+    with pytest.raises(periodic.CheckpointError, match=rf"checkpoint file {shard} is damaged "
+                                                       r"\(10 bytes, \d+ when saved\)"):
+        periodic.to_resume(job(tmp_path, resume=str(newer)))
+    resume = periodic.to_resume(job(tmp_path))
+    assert resume is not None and resume.path == older and resume.step == 4
+    assert "trying the previous checkpoint" in capsys.readouterr().err
+
+
+def test_the_real_index_passes(tmp_path) -> None:
+    resume = periodic.to_resume(job(tmp_path, resume=str(committed(tmp_path, 2))))
+    assert resume is not None and resume.step == 2
