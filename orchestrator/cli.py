@@ -52,7 +52,7 @@ def compose_job(cfg: DictConfig, run_dir: str) -> JobConfig:
             raw = raw.get(part) if isinstance(raw, dict) else None
         raise ConfigError(key, raw, f"a value that resolves ({_one_line(str(e))})") from None
     assert isinstance(data, dict)
-    if data.get("action") in ("status", "cancel") and data.get("run_dir"):
+    if data.get("action") in ("status", "cancel", "export") and data.get("run_dir"):
         run_dir = str(data["run_dir"])
     return to_job(data, run_dir=run_dir)
 
@@ -74,6 +74,11 @@ def execute(job: JobConfig, hw: Hardware | None = None,
 
     if job.action in ("status", "cancel"):
         return _status_or_cancel(job)
+    if job.action == "export":
+        from orchestrator.checkpoint.export import export
+
+        print(f"exported to {export(job)}")
+        return 0
     hw = hw or Hardware.detect()
     validate(job, hw)
     if job.action == "validate":

@@ -278,8 +278,10 @@ class DistConfig:
 @dataclass
 class JobConfig:
     # status / cancel act on an earlier run: `action=status run_dir=runs/...`
-    action: str = choice("run", "run", "plan", "validate", "status", "cancel")
-    run_dir: str = ""  # filled from hydra.run.dir at the entry point (status/cancel: given)
+    # export: a Hugging Face model from a run's checkpoint (`action=export run_dir=... step=N`)
+    action: str = choice("run", "run", "plan", "validate", "status", "cancel", "export")
+    run_dir: str = ""  # filled from hydra.run.dir at the entry point (status/cancel/export: given)
+    step: Optional[int] = None  # action=export: the checkpoint's step (None = the newest)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)

@@ -72,10 +72,10 @@ def to_resume(job: JobConfig) -> Resume | None:
     if job.resume == "never":
         return None
     if job.resume != "auto":
-        return _read(Path(job.resume), job.resume)
+        return read(Path(job.resume), job.resume)
     for path in reversed(complete(job.run_dir)):
         try:
-            return _read(path, "auto")
+            return read(path, "auto")
         except CheckpointError as e:
             print(f"warning: {e}; trying the previous checkpoint", file=sys.stderr, flush=True)
     return None
@@ -122,7 +122,8 @@ def verify(path: Path, meta: dict[str, Any]) -> None:
                                   ) from None
 
 
-def _read(path: Path, how: str) -> Resume:
+def read(path: Path, how: str) -> Resume:
+    """The committed checkpoint at `path` (checked by `verify`); `how` names the caller."""
     meta_file = path / META
     if not meta_file.is_file():
         raise CheckpointError(f"resume={how}: {path} is not a complete checkpoint (no "

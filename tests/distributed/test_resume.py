@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from orchestrator.metrics import read_metrics
 from tests.conftest import run_cli
@@ -44,7 +45,7 @@ def test_a_zero3_checkpoint_resumes_at_world_1_under_ddp(tmp_path: Path) -> None
     first = run_cli(["+recipe=fsdp_zero3", *QUIET, "checkpoint.every_steps=10",
                      "debug.crash_at_step=11"], tmp_path)
     assert first.returncode == 2 and "InjectedCrash" in first.stderr
-    second = run_cli(["+recipe=ddp", *QUIET, "checkpoint.every_steps=10",
+    second = run_cli(["+recipe=ddp", "logging=none", "checkpoint.every_steps=10",
                       "cluster.gpus_per_node=1", "train.micro_batch_size=8"], tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert steps(tmp_path) == list(range(1, 21))
@@ -52,6 +53,21 @@ def test_a_zero3_checkpoint_resumes_at_world_1_under_ddp(tmp_path: Path) -> None
     assert got[:10] == want[:10]  # the first launch's, kept
     assert got[10] == pytest.approx(want[10], abs=1e-5)  # the first resumed step
     assert got == pytest.approx(want, abs=1e-4)  # summed in another order from there on
+    # export: the newest checkpoint (step 20) as a Hugging Face model equals the trained one;
+    # step 10's, saved as FSDP2 shards on 2 ranks, consolidates too
+    for step in ("", "step=10"):
+        out = run_cli(["action=export", f"run_dir={tmp_path}", *([step] if step else [])],
+                      tmp_path / "unused")
+        assert out.returncode == 0, out.stderr[-3000:]
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.arange(32).view(2, 16)
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
+    exported = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "export" / "step-00000020" / "model").eval()
+    with torch.no_grad():
+        assert torch.allclose(exported(ids).logits, trained(ids).logits, atol=1e-5)
+    assert (tmp_path / "export" / "step-00000010" / "model" / "config.json").exists()
 
 
 def test_a_changed_model_is_refused_before_launch(tmp_path: Path) -> None:

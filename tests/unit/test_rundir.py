@@ -116,3 +116,18 @@ def test_ranks_refuse_a_config_their_launch_did_not_write(tmp_path: Path,
     (tmp_path / "config.yaml").write_text(text.replace("steps: 20", "steps: 21"))
     with pytest.raises(ConfigError, match="changed after the launch"):
         load_job(tmp_path / "config.yaml")
+
+
+def test_a_run_with_a_checkpoint_is_resumed_not_refused(tmp_path: Path) -> None:
+    run = rundir.open_run_dir(job_in(tmp_path / "r"))
+    run.write("metrics.jsonl", '{"step": 1}\n')
+    (tmp_path / "r" / "checkpoints" / "step-00000004").mkdir(parents=True)
+    (tmp_path / "r" / "checkpoints" / "step-00000004" / "meta.json").write_text('{"step": 4}')
+    run.launched()
+    run.release()
+    with pytest.raises(ConfigError, match="run.overwrite"):  # resume=never: a fresh start
+        rundir.open_run_dir(job_in(tmp_path / "r", resume="never"))
+    adopted = rundir.open_run_dir(job_in(tmp_path / "r"))  # resume=auto
+    adopted.discard()  # a resumed run's launch failing never deletes the run
+    assert (tmp_path / "r" / "metrics.jsonl").exists()
+    assert (tmp_path / "r" / "checkpoints" / "step-00000004" / "meta.json").exists()
