@@ -31,7 +31,18 @@ def init(device: str, timeout_s: float | None = None) -> RankInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device == "cuda":
         torch.cuda.set_device(local_rank)
-    if "RANK" in os.environ:
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if "RANK" in os.environ and restart != "0" and \
+            os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # A torchrun restart: the agent's store still holds the failed attempt's keys (the
+        # ranks' gloo/NCCL addresses); a rank that read one would connect to a dead process.
+        # Each attempt gets keys of its own.
+        store = dist.PrefixStore(f"orchestrator/attempt{restart}", dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+            timeout=timeout or datetime.timedelta(minutes=30)))
+        dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                                world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+    elif "RANK" in os.environ:
         dist.init_process_group(backend, timeout=timeout)
     else:
         # One process, no launcher: DeepSpeed (and other libraries) read torchrun's variables

@@ -75,3 +75,33 @@ def test_a_truncated_shard_is_named_and_auto_falls_back(tmp_path, capsys) -> Non
 def test_the_real_index_passes(tmp_path) -> None:
     resume = periodic.to_resume(job(tmp_path, resume=str(committed(tmp_path, 2))))
     assert resume is not None and resume.step == 2
+
+
+def test_a_resume_that_changes_what_was_saved_is_refused(tmp_path) -> None:
+    """Before launch, in-process: the config the checkpoint was saved with against the new one.
+    Harmless edits pass; the first changed key that shapes the saved state is named."""
+    from orchestrator.cli import config_text
+    from orchestrator.errors import ConfigError
+
+    saved = job(tmp_path)
+    path = committed(tmp_path, 5)
+    (path / periodic.CONFIG).write_text(config_text(saved))
+    meta = json.loads((path / periodic.META).read_text())
+    (path / periodic.META).write_text(json.dumps({**meta, "global_batch_size": 8}))
+    resume = periodic.to_resume(saved)
+    assert resume is not None and resume.step == 5
+    harmless = dataclasses.replace(saved, optim=dataclasses.replace(saved.optim, lr=1e-4),
+                                   cluster=dataclasses.replace(saved.cluster, gpus_per_node=1),
+                                   train=dataclasses.replace(saved.train, steps=50,
+                                                             micro_batch_size=8))
+    periodic.check_compatible(harmless, resume)
+    deeper = dataclasses.replace(saved, model=dataclasses.replace(saved.model, n_layer=3))
+    with pytest.raises(ConfigError) as info:
+        periodic.check_compatible(deeper, resume)
+    assert str(info.value) == (f"config key 'model.n_layer' has value 3; allowed: 2 as in the "
+                               f"checkpoint {path} (resume=never, or another run dir, starts "
+                               "fresh)")
+    bigger = dataclasses.replace(saved, train=dataclasses.replace(saved.train,
+                                                                  micro_batch_size=8))
+    with pytest.raises(ConfigError, match="'train.global_batch_size' has value 16; allowed: 8"):
+        periodic.check_compatible(bigger, resume)
