@@ -11,6 +11,24 @@ from orchestrator.metrics import read_metrics
 from tests.conftest import LOSSES, run_cli
 
 KEYS = ("params_bytes", "grads_bytes", "optimizer_bytes", "total_bytes")
+# A 20-step run that loses rank 1 to SIGKILL at step 14, after step 12's checkpoint; torchrun
+# restarts both ranks once and they resume from it. Shared runs use it where nothing else they
+# are checked for depends on one attempt, so the resume is checked at no extra run.
+RESTARTED = ["checkpoint.every_steps=4", "checkpoint.keep_last=2", "fault.max_restarts=1",
+             "debug.crash_at_step=14", "debug.crash_rank=1", "debug.crash_mode=sigkill"]
+
+
+def assert_resumed_once(run_dir: Path) -> None:
+    """A RESTARTED run: two attempts, the second from step 12; each step logged once; the
+    newest two checkpoints kept, nothing half-written left."""
+    starts = [e for e in read_metrics(run_dir / "metrics.jsonl", events=True)
+              if e["event"] == "start"]
+    assert len(starts) == 2
+    assert [m["step"] for m in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, 21))
+    kept = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert kept == ["step-00000016", "step-00000020"]
+    meta = json.loads((run_dir / "checkpoints" / "step-00000020" / "meta.json").read_text())
+    assert meta["step"] == 20 and meta["world_size"] == 2
 
 
 def losses(run_dir: Path) -> list[float]:

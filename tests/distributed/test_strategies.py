@@ -10,9 +10,12 @@ import pytest
 
 from orchestrator.metrics import read_metrics, read_wandb_run
 from tests.distributed.checks import (
+    RESTARTED,
     assert_memory_matches_plan,
+    assert_resumed_once,
     losses,
     max_diff_from_reference,
+    reference_losses,
     run_all,
 )
 from tests.distributed.test_reference_loop import max_diff_from_plain_loop
@@ -23,13 +26,17 @@ SECRET = "sk-test-do-not-log-4242"
 # by at most 4.8e-7 (a different reduction order). 1e-5 leaves room for other CPUs' kernels.
 LOSS_TOL = 1e-5
 MEMORY_TOL = 0.02
+# These two lose a rank at step 14 and resume from step 12's checkpoint (checks.RESTARTED):
+# every loss check below then also shows the resumed run equals an uninterrupted one.
+RESUMED = ["ddp", "zero1"]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     """Run each recipe once (20 steps, 2 ranks); every test below reads these run dirs."""
     return run_all(tmp_path_factory.mktemp("strategies"),
-                   {r: [f"+recipe={r}", "train.steps=20"] for r in RECIPES},
+                   {r: [f"+recipe={r}", "train.steps=20", *(RESTARTED if r in RESUMED else [])]
+                    for r in RECIPES},
                    env={"WANDB_API_KEY": SECRET})
 
 
@@ -43,6 +50,14 @@ def test_two_ranks_train_with_falling_loss(runs, recipe: str) -> None:
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_losses_match_the_stored_reference(runs, recipe: str) -> None:
     assert max_diff_from_reference(runs[recipe]) <= LOSS_TOL
+
+
+@pytest.mark.parametrize("recipe", RESUMED)
+def test_a_rank_killed_after_a_checkpoint_resumes_exactly(runs, recipe: str) -> None:
+    """Resumed from step 12 after rank 1 died at step 14: the losses are the uninterrupted
+    reference's exactly (measured: 0.0 for both)."""
+    assert_resumed_once(runs[recipe])
+    assert losses(runs[recipe]) == reference_losses()
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
