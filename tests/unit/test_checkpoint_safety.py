@@ -105,3 +105,15 @@ def test_a_resume_that_changes_what_was_saved_is_refused(tmp_path) -> None:
                                                                   micro_batch_size=8))
     with pytest.raises(ConfigError, match="'train.global_batch_size' has value 16; allowed: 8"):
         periodic.check_compatible(bigger, resume)
+
+
+def test_a_save_cut_short_never_counts(tmp_path) -> None:
+    """A run killed while writing step 16's checkpoint leaves `.step-00000016.tmp`: it is not
+    a checkpoint, and resume=auto takes step 12, the newest complete one."""
+    committed(tmp_path, 12)
+    partial = tmp_path / periodic.ROOT / f".{periodic.step_name(16)}.tmp"
+    partial.mkdir()
+    (partial / "__0_0.distcp").write_bytes(b"half")
+    assert [p.name for p in periodic.complete(tmp_path)] == ["step-00000012"]
+    resume = periodic.to_resume(job(tmp_path))
+    assert resume is not None and resume.step == 12
