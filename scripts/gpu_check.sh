@@ -54,6 +54,10 @@ for precision in bf16 fp16; do
   run "deepspeed_zero3-$precision" +recipe=deepspeed_zero3 "${common[@]}" "precision=$precision"
 done
 run deepspeed_zero3_offload-bf16 +recipe=deepspeed_zero3_offload "${common[@]}" precision=bf16
+# checkpoint + restart over NCCL: DCP shards of a CUDA model, a SIGKILLed rank, torchrun's
+# restart with its own store prefix, resume from step 10 (losses 11-30 as uninterrupted)
+run resume-fsdp_zero3-bf16 +recipe=fsdp_zero3 "${common[@]}" precision=bf16 \
+  checkpoint.every_steps=10 fault.max_restarts=1 debug.crash_at_step=15 debug.crash_mode=sigkill
 # a saved model for evaluate / generate (ZeRO-3 gather to rank 0 on a GPU)
 run save-fsdp_zero3-bf16 +recipe=fsdp_zero3 "${common[@]}" precision=bf16 train.steps=10 \
   train.save_model=true
