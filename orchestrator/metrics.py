@@ -114,8 +114,9 @@ class MetricsLogger(NullLogger):
             import wandb
 
             prior = self.run_dir / RUN_INFO
-            resumed = (resume_step is not None and prior.exists()
-                       and {"id": json.loads(prior.read_text())["id"], "resume": "allow"} or {})
+            resumed: dict[str, str] = {}
+            if resume_step is not None and prior.exists():  # the same W&B run goes on
+                resumed = {"id": json.loads(prior.read_text())["id"], "resume": "allow"}
             self.wandb_run = wandb.init(
                 mode=w.mode, dir=str(self.run_dir), project=w.project, entity=w.entity,
                 name=w.name or self.run_dir.name, group=w.group, tags=list(w.tags),
