@@ -183,9 +183,9 @@ def keep_until(path: Path, step: int) -> None:
             continue  # a record cut off when the run died
         if record.get("step", 0) <= step or "event" in record:
             kept.append(line if line.endswith("\n") else line + "\n")
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    from orchestrator.rundir import write_atomic
+
+    write_atomic(path, "".join(kept))
 
 
 def read_metrics(path: str | os.PathLike[str], events: bool = False) -> list[dict[str, Any]]:

@@ -48,6 +48,17 @@ def write_atomic(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _clear(path: Path, keep: str | None = None) -> None:
+    """Delete everything in `path` (but `keep`); symlinks go, never what they point to."""
+    for entry in path.iterdir():
+        if entry.name == keep:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
 def _created_by_us(path: Path) -> bool:
     with contextlib.suppress(OSError):
         return path.stat().st_mtime >= PROCESS_START and not any(path.iterdir())
@@ -118,11 +129,7 @@ class RunDir:
         if self.created:
             shutil.rmtree(self.path, ignore_errors=True)
             return
-        for entry in self.path.iterdir():  # all ours: a foreign directory is never adopted
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
+        _clear(self.path)  # all ours: a foreign directory is never adopted
 
 
 def _lock(path: Path) -> int:
@@ -190,7 +197,6 @@ def open_run_dir(job: JobConfig) -> RunDir:
     _refuse_foreign(path)  # before the lock file: a directory not ours is left untouched
     fd = _lock(path)
     try:
-        entries = [e for e in path.iterdir() if e.name != LOCK]
         if marker.exists() and json.loads(marker.read_text()).get("launched"):
             live = _live_slurm_job(path)
             if live:
@@ -204,11 +210,7 @@ def open_run_dir(job: JobConfig) -> RunDir:
             if not job.run.overwrite:
                 raise ConfigError("run.overwrite", False, f"true to replace the earlier run in "
                                   f"{path} (its files are deleted), or another hydra.run.dir")
-        for e in entries:  # ours: a plan only, or an earlier run the user chose to replace
-            if e.is_dir() and not e.is_symlink():
-                shutil.rmtree(e)
-            else:
-                e.unlink()
+        _clear(path, keep=LOCK)  # ours: a plan only, or an earlier run the user replaces
         run_dir = RunDir(path, fd, created=not existed)
         run_dir._mark(launched=False)
         return run_dir

@@ -44,7 +44,12 @@ def tie_rank_to_parent() -> None:
 
 def processes_with_token(token: str) -> list[int]:
     """PIDs (other than this one) whose environment carries `token`."""
-    needle = f"{TOKEN_ENV}={token}".encode()
+    return processes_with_env(TOKEN_ENV, token)
+
+
+def processes_with_env(name: str, value: str) -> list[int]:
+    """PIDs (other than this one) whose environment holds `name=value`."""
+    needle = f"{name}={value}".encode()
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():

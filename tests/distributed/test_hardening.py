@@ -14,21 +14,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from orchestrator.launchers.lifeline import processes_with_env
+
 MARK = "ORCHESTRATOR_TEST_MARK"
 
 
 def marked(mark: str) -> list[int]:
     """PIDs whose environment holds MARK=mark (the launcher and everything it started)."""
-    needle = f"{MARK}={mark}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if needle in (entry / "environ").read_bytes().split(b"\0"):
-                    pids.append(int(entry.name))
-            except OSError:
-                pass
-    return pids
+    return processes_with_env(MARK, mark)
 
 
 def until(predicate, timeout_s: float, what: str) -> None:
