@@ -357,8 +357,8 @@ def write_script(plan: Plan, job: JobConfig) -> Path:
 
 
 def launch_slurm(plan: Plan, job: JobConfig) -> SlurmHandle:
-    """Submit exactly the script `action=plan` wrote (rendered again only if it is missing)."""
-    preflight(job, plan)
+    """Submit exactly the script `action=plan` wrote (rendered again only if it is missing).
+    The CLI has run `preflight` already, before anything was written."""
     script = Path(job.run_dir) / SCRIPT
     if not script.exists():
         write_script(plan, job)
