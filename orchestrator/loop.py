@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from orchestrator.checkpoint.stop import Stopped, StopRequest
 from orchestrator.metrics import NullLogger
 from orchestrator.schema import JobConfig, OptimConfig
 from orchestrator.strategies.base import Engine
@@ -115,10 +116,13 @@ class MemoryProbe:
 def train(engine: Engine, data: Iterator[dict[str, torch.Tensor]], job: JobConfig,
           logger: NullLogger, grad_accum: int, global_batch: int,
           plan: dict[str, Any] | None = None, start_step: int = 0,
-          checkpoint: Callable[[int], None] | None = None) -> list[float]:
+          checkpoint: Callable[[int], Path] | None = None,
+          stop: StopRequest | None = None) -> list[float]:
     """Run optimizer steps `start_step + 1 .. train.steps` (a resumed run starts after its
     checkpoint's step); return the rank-averaged loss of each. `checkpoint(step)` is called
     every `checkpoint.every_steps` and after the last step, which are logged steps too.
+    With `stop` (and `checkpoint`), the ranks agree after every step whether one got the stop
+    signal; if so, that step is logged and checkpointed and `Stopped` is raised on every rank.
     With the plan (plan.json) the log also compares measured memory and speed with it.
 
     The host waits for the device only on logged steps (every `train.log_every`, the memory
@@ -148,11 +152,15 @@ def train(engine: Engine, data: Iterator[dict[str, torch.Tensor]], job: JobConfi
         if job.debug.crash_at_step == step and job.debug.crash_rank == rank:
             _crash(job, step, rank)
         pending.append(engine.train_step([next(data) for _ in range(grad_accum)]))
+        if job.debug.step_delay_s:
+            time.sleep(job.debug.step_delay_s)
         timer.tick()
         extra = {}
         if engine.probe is not None and probe.moments:
             extra = _write_probe(job, rank, step, probe.moments, planned_peak_bytes)
-        save = every > 0 and (step % every == 0 or step == job.train.steps)
+        stopping = (stop is not None and checkpoint is not None and step < job.train.steps
+                    and stop.agreed())
+        save = stopping or (every > 0 and (step % every == 0 or step == job.train.steps))
         if not (extra or save or step % job.train.log_every == 0 or step == job.train.steps):
             continue
         step_losses = torch.stack(pending)
@@ -177,7 +185,9 @@ def train(engine: Engine, data: Iterator[dict[str, torch.Tensor]], job: JobConfi
         logger.progress(step, losses[-1], tps)
         reset_peak_memory(engine.device)  # the next interval's peak is its own
         if save and checkpoint is not None:
-            checkpoint(step)
+            saved = checkpoint(step)
+            if stopping and stop is not None:
+                raise Stopped(stop.name, step, str(saved))
     if losses:
         logger.summary({"final_loss": losses[-1]})
     return losses

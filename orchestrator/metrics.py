@@ -83,7 +83,7 @@ class NullLogger:
     def event(self, name: str, values: dict[str, Any]) -> None:
         pass
 
-    def close(self, failed: bool = False) -> None:
+    def close(self, failed: bool = False, stopped: bool = False) -> None:
         pass
 
 
@@ -158,13 +158,16 @@ class MetricsLogger(NullLogger):
         self._append({"event": name, **values}, f"at the '{name}' event{after}")
         self.summary(values)
 
-    def close(self, failed: bool = False) -> None:
+    def close(self, failed: bool = False, stopped: bool = False) -> None:
+        """`stopped`: the run stopped on a signal to be resumed (W&B shows it as preempted)."""
         if self.bar is not None:
             self.bar.close()
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
         if self.wandb_run is not None:
+            if stopped:
+                self.wandb_run.mark_preempting()
             self.wandb_run.finish(exit_code=1 if failed else 0)
 
 

@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 from orchestrator import compute, memory
 from orchestrator.activations import activation_bytes
+from orchestrator.checkpoint.stop import torchrun_flags
 from orchestrator.data.corpus import cache_dir
 from orchestrator.gpus import GPUS, device_memory_bytes
 from orchestrator.models import ParamSpec, param_specs
@@ -95,7 +96,8 @@ def node_commands(job: JobConfig, config_path: str, python: str) -> list[list[st
         return [[python, "-m", "torch.distributed.run", f"--nnodes={c.nodes}",
                  f"--nproc-per-node={c.gpus_per_node}", "--rdzv-backend=c10d",
                  "--rdzv-endpoint=${RDZV_HOST}:${RDZV_PORT}", "--rdzv-id=${SLURM_JOB_ID}",
-                 timeout, f"--max-restarts={job.fault.max_restarts}", *program]]
+                 timeout, f"--max-restarts={job.fault.max_restarts}", *torchrun_flags(job),
+                 *program]]
     if job.world_size == 1 and job.fault.max_restarts == 0:  # restarts need torchrun
         return [[python, *program]]
     if c.nodes == 1:
@@ -107,7 +109,7 @@ def node_commands(job: JobConfig, config_path: str, python: str) -> list[list[st
     return [
         [python, "-m", "torch.distributed.run", f"--nnodes={c.nodes}",
          f"--nproc-per-node={c.gpus_per_node}", *([f"--node-rank={n}"] if c.nodes > 1 else []),
-         *rdzv, f"--max-restarts={job.fault.max_restarts}", *program]
+         *rdzv, f"--max-restarts={job.fault.max_restarts}", *torchrun_flags(job), *program]
         for n in range(c.nodes)
     ]
 

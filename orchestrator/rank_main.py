@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+from orchestrator.checkpoint.stop import Stopped
 from orchestrator.distributed import describe_timeout, is_timeout
 from orchestrator.errors import OrchestratorError
 from orchestrator.loop import NonFiniteLoss
@@ -19,11 +20,14 @@ USER_ERRORS: tuple[type[BaseException], ...] = (OrchestratorError, NonFiniteLoss
 
 
 def run_rank(body: Callable[[], object]) -> int:
-    """Run `body` (one rank's whole program); the process exit code: 0, or 1 after a one-line
-    error for a user-facing condition. A disk-full OSError from code that does not name its file
-    (a library's write) counts as one too."""
+    """Run `body` (one rank's whole program); the process exit code: 0 (also after a stop on
+    the stop signal, checkpoint saved), or 1 after a one-line error for a user-facing
+    condition. A disk-full OSError from code that does not name its file (a library's write)
+    counts as one too."""
     try:
         body()
+    except Stopped:  # on the stop signal, after the checkpoint: rank 0 has said so
+        return 0
     except USER_ERRORS as e:
         _say(str(e) or type(e).__name__)
         return 1

@@ -184,9 +184,12 @@ class SlurmConfig:
     exclusive: bool = False
     constraint: Optional[str] = None
     extra_sbatch: list[str] = field(default_factory=list)  # e.g. ["--reservation=r1"]
-    # e.g. "USR1@90": sbatch --signal, sent before the time limit. None by default: nothing
-    # handles it yet (torchrun dies on SIGUSR1); checkpoint-on-signal is a separate issue.
-    signal: Optional[str] = None
+    # sbatch --signal: Slurm sends this signal this many seconds before the time limit; every
+    # rank then finishes its step, saves a checkpoint and stops (checkpoint/stop.py). It must
+    # leave time for one step and one save. None = no warning signal
+    signal: Optional[str] = "USR1@120"
+    # after such a stop the job requeues itself (scontrol requeue) and resumes in its run dir
+    requeue: bool = True
     wait: bool = False  # block until the job ends (sweeps and tests)
     poll_s: float = 2.0
 
@@ -241,6 +244,7 @@ class DebugConfig:
     # node failure. Either only in the job's first attempt (not after a fault.max_restarts one)
     crash_mode: str = choice("raise", "raise", "sigkill")
     crash_rank: int = 0
+    step_delay_s: float = 0.0  # sleep this long in every step (slow-job testing: signals, limits)
     memory_probe_step: int = 2  # step at which each rank measures its model-state bytes
 
 
@@ -257,6 +261,9 @@ class FaultConfig:
     # torchrun restarts every rank after one fails, up to N times; the ranks then resume from
     # the newest complete checkpoint (with resume=auto)
     max_restarts: int = 0
+    # on the stop signal (launcher.slurm.signal; SIGUSR1 locally) torchrun waits this long for
+    # the ranks' checkpoint before it kills them
+    stop_timeout_s: int = 120
 
 
 @dataclass

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,6 +159,19 @@ def _check_lora(job: JobConfig) -> None:
                           f"layers peft can adapt ({str(e).splitlines()[0]})") from None
 
 
+STOP_SIGNAL = re.compile(r"(R:)?(SIG)?(USR1|USR2)@([0-9]+)")
+
+
+def _check_stop_signal(job: JobConfig) -> None:
+    """`launcher.slurm.signal` goes to the job steps (torchrun passes it to the ranks, which
+    checkpoint and stop): "B:" would send it to the batch shell alone, and the ranks would never
+    see it; only USR1 and USR2 are free of other meanings to torchrun and Python."""
+    spec = job.launcher.slurm.signal
+    if spec is not None and not STOP_SIGNAL.fullmatch(spec):
+        raise ConfigError("launcher.slurm.signal", spec, "[R:]USR1@SECONDS or [R:]USR2@SECONDS "
+                          "(the warning every rank gets before the time limit), or null")
+
+
 def _check_replicas(job: JobConfig) -> None:
     """HSDP: R replicas of a parameter sharding over world/R ranks (FSDP2 stages 2/3, or
     DeepSpeed stage 3's hierarchical partition)."""
@@ -222,6 +236,9 @@ def validate(job: JobConfig, hw: Hardware) -> None:
         _positive(key, value, strict=False)
     _positive("checkpoint.keep_last", job.checkpoint.keep_last)
     _positive("dist.timeout_s", job.dist.timeout_s)
+    _positive("fault.stop_timeout_s", job.fault.stop_timeout_s)
+    _positive("debug.step_delay_s", job.debug.step_delay_s, strict=False)
+    _check_stop_signal(job)
     for key, value in [("optim.beta1", o.beta1), ("optim.beta2", o.beta2),
                        ("optim.min_lr_ratio", o.min_lr_ratio), ("model.dropout", m.dropout)]:
         if not 0 <= value < 1:

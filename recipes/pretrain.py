@@ -11,8 +11,10 @@ import os
 import sys
 from pathlib import Path
 
+import torch.distributed as dist
+
 from orchestrator import distributed, loop
-from orchestrator.checkpoint import periodic, save_final
+from orchestrator.checkpoint import periodic, save_final, stop
 from orchestrator.data import batches, build_dataset, split, tokenizer_file, uses_bpe
 from orchestrator.metrics import make_logger
 from orchestrator.rank_main import run_rank
@@ -28,6 +30,7 @@ class PretrainRecipe:
         self.plan = json.loads((Path(config_path).parent / "plan.json").read_text())
 
     def setup(self) -> None:
+        self.stop = stop.StopRequest(self.job)  # from here on the stop signal means a checkpoint
         device = os.environ.get("ORCHESTRATOR_DEVICE", "cpu")
         self.info = distributed.init(device, self.job.dist.timeout_s)
         model = build_for_rank(self.job, self.info)
@@ -59,8 +62,18 @@ class PretrainRecipe:
 
     def train(self) -> list[float]:
         accum, global_batch = resolve_batch(self.job)
-        losses = loop.train(self.engine, self.data, self.job, self.logger, accum, global_batch,
-                            self.plan, start_step=self.start_step, checkpoint=self.checkpoint)
+        try:
+            losses = loop.train(self.engine, self.data, self.job, self.logger, accum,
+                                global_batch, self.plan, start_step=self.start_step,
+                                checkpoint=self.checkpoint, stop=self.stop)
+        except stop.Stopped as stopped:
+            if self.info.rank == 0:
+                stop.record(self.job, stopped)
+                print(f"orchestrator: {stopped}", flush=True)
+            # no rank exits before the record is written: under Slurm the first node whose
+            # torchrun exits makes srun end the others
+            dist.barrier()
+            raise
         if self.job.train.save_model:
             bpe = tokenizer_file(self.job) if uses_bpe(self.job) else None
             saved = save_final(self.engine, self.job.run_dir, self.info.rank, bpe)
@@ -68,7 +81,7 @@ class PretrainRecipe:
                 print(f"model saved to {saved}", flush=True)
         return losses
 
-    def checkpoint(self, step: int) -> None:
+    def checkpoint(self, step: int) -> Path:
         wandb_info = Path(self.job.run_dir) / "wandb_run.json"
         meta = {"config_sha256": os.environ.get(CONFIG_SHA_ENV),
                 "global_batch_size": resolve_batch(self.job)[1],
@@ -78,11 +91,12 @@ class PretrainRecipe:
         self.logger.event("checkpoint", {"step": step, "path": str(saved),
                                          "save_s": json.loads((saved / periodic.META)
                                                               .read_text())["save_s"]})
+        return saved
 
-    def cleanup(self, failed: bool = False) -> None:
+    def cleanup(self, failed: bool = False, stopped: bool = False) -> None:
         logger = getattr(self, "logger", None)
         if logger is not None:
-            logger.close(failed=failed)
+            logger.close(failed=failed, stopped=stopped)
         # Drop every holder of the process group (DDP reducer, device mesh) before destroying
         # it: a gloo group freed during interpreter shutdown can abort the process.
         self.engine = self.data = None
@@ -91,13 +105,16 @@ class PretrainRecipe:
 
 def run(config_path: str) -> None:
     recipe = PretrainRecipe(config_path)
-    failed = True
+    failed, stopped = True, False
     try:
         recipe.setup()
         recipe.train()
         failed = False
+    except stop.Stopped:
+        failed, stopped = False, True
+        raise
     finally:
-        recipe.cleanup(failed=failed)
+        recipe.cleanup(failed=failed, stopped=stopped)
 
 
 def main(argv: list[str]) -> int:

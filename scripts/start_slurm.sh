@@ -72,6 +72,9 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 MinJobAge=3600
 KillWait=10
+# A requeued job may start again cred_expire+1 s after its requeue (default 120 s); the
+# checkpoint-on-signal test requeues jobs
+AuthInfo=cred_expire=10
 $node_lines
 PartitionName=debug Nodes=$node_names Default=YES MaxTime=INFINITE State=UP
 CONF

@@ -15,6 +15,8 @@ for pidfile in "$dir"/slurmd-*.pid "$dir"/slurmctld.pid; do
 done
 if [ -f "$dir/started_munge" ]; then
   pkill -x munged 2>/dev/null
+  # a munged still shutting down would make the next start_slurm.sh fail to start its own
+  for _ in $(seq 1 50); do pgrep -x munged >/dev/null || break; sleep 0.1; done
   rm -f "$dir/started_munge"
 fi
 exit 0

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from orchestrator.checkpoint.stop import torchrun_flags
 from orchestrator.errors import ConfigError
 from orchestrator.plan import Plan, rank_command
 from orchestrator.redact import is_secret_key
@@ -97,7 +98,7 @@ def command(plan: Plan, job: JobConfig) -> list[str]:
     return ["python", "-m", "torch.distributed.run", f"--nnodes={plan.nnodes}",
             f"--nproc-per-node={plan.nproc_per_node}", "--rdzv-backend=static",
             f"--rdzv-conf=timeout={job.launcher.rdzv_timeout_s}",
-            f"--max-restarts={job.fault.max_restarts}",
+            f"--max-restarts={job.fault.max_restarts}", *torchrun_flags(job),
             *rank_command(job, plan.config_path)]
 
 

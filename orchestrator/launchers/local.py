@@ -10,7 +10,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
 
 from orchestrator.errors import OrchestratorError
@@ -18,6 +18,8 @@ from orchestrator.launchers.lifeline import TOKEN_ENV, die_with_parent, kill_tok
 from orchestrator.plan import Plan
 
 FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+# passed on to the job, which saves a checkpoint and stops (checkpoint/stop.py)
+STOP = signal.SIGUSR1
 
 
 class Interrupted(OrchestratorError):
@@ -34,14 +36,18 @@ class _Signalled(BaseException):
 
 
 @contextlib.contextmanager
-def _forwarding() -> Iterator[None]:
-    """TERM, HUP and INT become an exception in the waiting launcher (main thread only)."""
+def _forwarding(pass_on: Callable[[int], None]) -> Iterator[None]:
+    """TERM, HUP and INT become an exception in the waiting launcher; USR1 is passed on to the
+    job (`pass_on`). Main thread only."""
 
     def handler(sig: int, frame: FrameType | None) -> None:
+        if sig == STOP:
+            pass_on(sig)
+            return
         raise _Signalled(sig)
 
     try:
-        old = {s: signal.signal(s, handler) for s in FORWARDED}
+        old = {s: signal.signal(s, handler) for s in (*FORWARDED, STOP)}
     except ValueError:  # not the main thread: nothing to forward from here
         yield
         return
@@ -63,10 +69,10 @@ class LocalHandle:
         return "RUNNING" if code is None else ("COMPLETED" if code == 0 else "FAILED")
 
     def wait(self) -> int:
-        """The job's exit code. A signal to the launcher stops the whole job, waits for it,
-        and raises `Interrupted`."""
+        """The job's exit code. TERM, HUP or INT to the launcher stops the whole job, waits for
+        it, and raises `Interrupted`; USR1 asks the job to checkpoint and stop."""
         try:
-            with _forwarding():
+            with _forwarding(self._signal):
                 code = self.proc.wait()
         except (_Signalled, KeyboardInterrupt) as e:
             sig = e.sig if isinstance(e, _Signalled) else signal.SIGINT

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from orchestrator.checkpoint.stop import STOP_FILE
 from orchestrator.errors import ConfigError, LaunchError
 from orchestrator.plan import Plan
 from orchestrator.redact import is_secret_key, secret_env
@@ -172,6 +173,8 @@ def render_script(plan: Plan, job: JobConfig, cpus: Optional[int] = None) -> str
                   f"--time={_checked('launcher.slurm.time', s.time)}"]
     if s.signal is not None:
         directives.append(f"--signal={_checked('launcher.slurm.signal', s.signal)}")
+    if s.requeue:  # a requeued job appends to its log, which keeps every attempt's lines
+        directives += ["--requeue", "--open-mode=append"]
     if plan.device == "cuda":
         directives.append(f"--gpus-per-node={plan.nproc_per_node}")
     for key in ("partition", "account", "qos", "mem", "constraint"):
@@ -210,9 +213,29 @@ def render_script(plan: Plan, job: JobConfig, cpus: Optional[int] = None) -> str
         f"RDZV_PORT=$(( {job.launcher.rdzv_port} + SLURM_JOB_ID % 1000 ))",
         'echo "orchestrator: job $SLURM_JOB_ID on $SLURM_JOB_NODELIST,'
         ' rendezvous $RDZV_HOST:$RDZV_PORT"',
-        " ".join(_word(a) for a in srun),
+        " ".join(_word(a) for a in srun) + " && status=0 || status=$?",
+        *_requeue_lines(job),
+        'exit "$status"',
     ]
     return "\n".join(lines) + "\n"
+
+
+def _requeue_lines(job: JobConfig) -> list[str]:
+    """After a stop on the warning signal (checkpoint/stop.py: rank 0 wrote the stop record
+    once every rank's checkpoint was saved), requeue this job: it runs this script again and
+    resumes from that checkpoint in the same run dir."""
+    if not job.launcher.slurm.requeue:
+        return []
+    record = shlex.quote(str(Path(job.run_dir).absolute() / STOP_FILE))
+    return [
+        "# On the signal before the time limit every rank saved a checkpoint and stopped: run",
+        "# again (scontrol requeue ends this attempt) and resume from it in this run dir.",
+        f"if [ -f {record} ]; then",
+        f"  echo \"orchestrator: requeueing job $SLURM_JOB_ID: $(tr -d '\\n' < {record})\"",
+        f"  rm -f {record}",
+        '  scontrol requeue "$SLURM_JOB_ID"',
+        "fi",
+    ]
 
 
 def submit_argv(job: JobConfig, script: Path) -> list[str]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,14 @@ def assert_resumed_once(run_dir: Path) -> None:
     assert kept == ["step-00000016", "step-00000020"]
     meta = json.loads((run_dir / "checkpoints" / "step-00000020" / "meta.json").read_text())
     assert meta["step"] == 20 and meta["world_size"] == 2
+
+
+def until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.2)
 
 
 def losses(run_dir: Path) -> list[float]:

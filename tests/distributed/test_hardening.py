@@ -9,12 +9,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 from orchestrator.launchers.lifeline import processes_with_env
+from tests.distributed.checks import until
 
 MARK = "ORCHESTRATOR_TEST_MARK"
 
@@ -22,14 +22,6 @@ MARK = "ORCHESTRATOR_TEST_MARK"
 def marked(mark: str) -> list[int]:
     """PIDs whose environment holds MARK=mark (the launcher and everything it started)."""
     return processes_with_env(MARK, mark)
-
-
-def until(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.2)
 
 
 def start(run_dir: Path, *overrides: str, stderr: Any = subprocess.PIPE

@@ -5,14 +5,18 @@ reproduces (tests/distributed/test_reference_loop.py)."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from orchestrator.metrics import read_metrics
-from tests.conftest import run_cli
-from tests.distributed.checks import RESTARTED, assert_resumed_once, losses, reference_losses
+from tests.conftest import REPO, run_cli
+from tests.distributed.checks import RESTARTED, assert_resumed_once, losses, reference_losses, until
 
 QUIET = ["logging=none", "train.save_model=false"]
 
@@ -62,3 +66,35 @@ def test_a_zero3_checkpoint_resumes_at_world_1_under_ddp(tmp_path: Path) -> None
     with torch.no_grad():
         assert torch.allclose(exported(ids).logits, trained(ids).logits, atol=1e-5)
     assert (tmp_path / "export" / "step-00000010" / "model" / "config.json").exists()
+
+
+def test_usr1_checkpoints_and_stops_the_job_and_the_same_command_resumes(tmp_path: Path) -> None:
+    """`kill -USR1 <launcher>`: torchrun passes it on to both ranks, which agree to stop after
+    the same step, save that step's checkpoint and exit; the launcher says where and exits
+    128+SIGUSR1. The same command resumes from it, and the 20 losses are the uninterrupted
+    reference exactly (DDP)."""
+    cmd = [sys.executable, "-m", "orchestrator", "+recipe=ddp", *QUIET, "debug.step_delay_s=0.4",
+           f"hydra.run.dir={tmp_path}", "logging.progress=false"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        until(lambda: (tmp_path / "metrics.jsonl").exists() and len(steps(tmp_path)) >= 3, 120,
+              "the third step")
+        os.kill(proc.pid, signal.SIGUSR1)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGUSR1, err[-3000:]
+    (said,) = [line for line in out.splitlines() if line.startswith("stopped by SIGUSR1")]
+    step = int(said.split()[5].rstrip(";"))
+    assert 3 <= step < 20  # stopped early, after the step the ranks agreed on
+    checkpoint = tmp_path / "checkpoints" / f"step-{step:08d}"
+    assert said == (f"stopped by SIGUSR1 after step {step}; checkpoint: {checkpoint}; to resume, "
+                    f"run the same command with hydra.run.dir={tmp_path}")
+    assert steps(tmp_path) == list(range(1, step + 1))
+    assert not (tmp_path / "stopped.json").exists()  # reported once, by the launcher
+    again = run_cli(["+recipe=ddp", *QUIET], tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {checkpoint} (step {step})" in again.stdout
+    assert steps(tmp_path) == list(range(1, 21))
+    assert losses(tmp_path) == reference_losses()

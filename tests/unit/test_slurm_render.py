@@ -44,15 +44,40 @@ def test_gpu_job_requests_gpus_and_all_cpus_of_a_node() -> None:
     assert "export ORCHESTRATOR_DEVICE=cuda" in lines
 
 
-def test_no_signal_by_default_and_the_configured_one_when_set() -> None:
+def test_the_warning_signal_reaches_the_ranks_and_a_stop_requeues_the_job() -> None:
+    """By default Slurm warns 120 s before the time limit with USR1; torchrun is told to pass
+    USR1 on to the ranks (which checkpoint and stop) and the script requeues the job when the
+    ranks recorded such a stop. Run by a real Slurm cluster in tests/slurm/test_slurm.py."""
     plan, job = gpu_plan()
-    assert job.launcher.slurm.signal is None
-    assert "--signal" not in render_script(plan, job, cpus=64)
-    plan, job = gpu_plan(["launcher.slurm.signal=USR1@90"])
-    assert "#SBATCH --signal=USR1@90" in render_script(plan, job, cpus=64).splitlines()
-    plan, job = gpu_plan(["launcher.slurm.signal='USR1@90; touch x'"])
-    with pytest.raises(ConfigError, match="launcher.slurm.signal"):
-        render_script(plan, job, cpus=64)
+    script = render_script(plan, job, cpus=64)
+    lines = script.splitlines()
+    assert {"#SBATCH --signal=USR1@120", "#SBATCH --requeue", "#SBATCH --open-mode=append"} <= \
+        set(lines)
+    assert " --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout=120 " \
+        in srun_line(script)
+    assert srun_line(script).endswith(" && status=0 || status=$?")  # set -e: go on to requeue
+    record = "/scratch/runs/big/stopped.json"
+    assert lines[-6:] == [f"if [ -f {record} ]; then",
+                          "  echo \"orchestrator: requeueing job $SLURM_JOB_ID: "
+                          f"$(tr -d '\\n' < {record})\"",
+                          f"  rm -f {record}", '  scontrol requeue "$SLURM_JOB_ID"', "fi",
+                          'exit "$status"']
+    plan, job = gpu_plan(["launcher.slurm.signal=R:USR2@300", "launcher.slurm.requeue=false"])
+    script = render_script(plan, job, cpus=64)
+    assert "#SBATCH --signal=R:USR2@300" in script.splitlines()
+    assert "SIGQUIT,SIGUSR2 " in srun_line(script) and "requeue" not in script
+    plan, job = gpu_plan(["launcher.slurm.signal=null"])
+    assert "#SBATCH --signal" not in render_script(plan, job, cpus=64)
+
+
+def test_a_signal_the_ranks_would_never_see_is_refused(tmp_path) -> None:
+    """B: would signal the batch shell alone (more bad values: tests/unit/test_validate.py)."""
+    proc = run_cli([*GPU_JOB, "launcher.slurm.signal=B:USR1@90", "action=validate"], tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        "error: config key 'launcher.slurm.signal' has value 'B:USR1@90'; allowed: "
+        "[R:]USR1@SECONDS or [R:]USR2@SECONDS (the warning every rank gets before the time "
+        "limit), or null"]
 
 
 def test_rendezvous_host_is_the_first_nodes_slurm_hostname() -> None:
@@ -115,5 +140,5 @@ def test_cli_plans_a_gpu_job_on_this_cpu_machine(tmp_path) -> None:
     # all CPUs of a node: counted by sinfo, or (no Slurm with GPUs here) whole nodes
     assert ([x for x in lines if x.startswith("#SBATCH --cpus-per-task=")]
             or "#SBATCH --exclusive" in lines)
-    assert "--cpus-per-task=" in srun_line(script) and "--signal" not in script
+    assert "--cpus-per-task=" in srun_line(script) and "--signal=USR1@120" in script
     assert not (tmp_path / "slurm_job.json").exists()

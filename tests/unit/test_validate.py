@@ -33,6 +33,11 @@ BAD = [
     (["optim.beta2=1.5"], "optim.beta2"),
     (["action=launch"], "action"),
     (["debug.crash_rank=5"], "debug.crash_rank"),
+    (["debug.step_delay_s=-1"], "debug.step_delay_s"),
+    (["fault.stop_timeout_s=0"], "fault.stop_timeout_s"),
+    (["launcher.slurm.signal=TERM@60"], "launcher.slurm.signal"),  # torchrun's own stop
+    (["launcher.slurm.signal=USR1"], "launcher.slurm.signal"),  # no lead time
+    (["launcher.slurm.signal='USR1@90; touch x'"], "launcher.slurm.signal"),
     (["lora.rank=-1"], "lora.rank"),
     (["lora.rank=4", "lora.target_modules=[c_attn,qkv]"], "lora.target_modules"),
     (["lora.rank=4", "lora.target_modules=[ln_1]"], "lora.target_modules"),  # a LayerNorm
