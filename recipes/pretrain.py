@@ -14,7 +14,8 @@ from pathlib import Path
 import torch.distributed as dist
 
 from orchestrator import distributed, loop
-from orchestrator.checkpoint import periodic, save_final, stop
+from orchestrator.checkpoint import periodic, stop
+from orchestrator.checkpoint.final import save_final
 from orchestrator.data import batches, build_dataset, split, tokenizer_file, uses_bpe
 from orchestrator.metrics import make_logger
 from orchestrator.rank_main import run_rank

@@ -1,6 +1,4 @@
-"""Saving models and training state: the final Hugging Face model (`final.py`) and periodic,
-resumable, sharded checkpoints (`periodic.py`)."""
-
-from orchestrator.checkpoint.final import ADAPTER_DIR, MODEL_DIR, TOKENIZER_FILE, save_final
-
-__all__ = ["ADAPTER_DIR", "MODEL_DIR", "TOKENIZER_FILE", "save_final"]
+"""Saving models and training state: the final Hugging Face model (`final.py`); periodic,
+resumable, sharded checkpoints (`periodic.py`); checkpoint-and-stop on a signal (`stop.py`);
+export of a checkpoint as a Hugging Face model (`export.py`). Import the module you need: this
+package imports nothing, so a rank can listen for the stop signal before it imports torch."""

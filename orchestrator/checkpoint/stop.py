@@ -42,6 +42,16 @@ def torchrun_flags(job: JobConfig) -> list[str]:
     return [f"--signals-to-handle={handled}", f"--shutdown-timeout={job.fault.stop_timeout_s}"]
 
 
+_EARLY: set[int] = set()  # stop signals that arrived before the rank's StopRequest existed
+
+
+def listen() -> None:
+    """First thing in a rank (recipes/__init__.py, before torch is imported): note USR1 and
+    USR2 instead of dying of them, so a stop signal during start-up is not lost."""
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, lambda signum, frame: _EARLY.add(signum))
+
+
 class Stopped(Exception):  # noqa: N818 - not an error: the run stopped as asked
     """Every rank stopped after `step` on `signal` and the checkpoint of that step is saved."""
 
@@ -58,7 +68,7 @@ class StopRequest:
 
     def __init__(self, job: JobConfig) -> None:
         self.name = stop_signal(job)
-        self.got = 0
+        self.got = int(getattr(signal, self.name) in _EARLY)
         self.group: Any = None
         self.voted = False
         signal.signal(getattr(signal, self.name), self._note)

@@ -16,7 +16,7 @@ import yaml
 
 from orchestrator.metrics import read_metrics
 from tests.conftest import REPO, run_cli
-from tests.distributed.checks import losses
+from tests.distributed.checks import losses, reference_losses
 
 pytestmark = pytest.mark.slurm
 TWO_NODES = ["+recipe=ddp", "launcher=slurm", "cluster.nodes=2", "cluster.gpus_per_node=1"]
@@ -48,7 +48,7 @@ def test_two_node_job_trains_and_runs_the_dry_run_script(slurm, tmp_path) -> Non
     lines = planned_script.splitlines()  # the test nodes have one CPU each (sinfo %c)
     assert "#SBATCH --cpus-per-task=1" in lines and "export OMP_NUM_THREADS=1" in lines
     assert " --cpus-per-task=1 " in next(x for x in lines if x.startswith("srun "))
-    assert "--signal" not in planned_script
+    assert "#SBATCH --signal=USR1@120" in lines and "#SBATCH --requeue" in lines
     proc = run_cli([*TWO_NODES, "launcher.slurm.wait=true"], tmp_path, env=slurm)
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((tmp_path / "slurm_job.json").read_text())
@@ -62,6 +62,27 @@ def test_two_node_job_trains_and_runs_the_dry_run_script(slurm, tmp_path) -> Non
     assert len(got) == 20 and got[-1] < got[0] - 0.1
     status = run_cli(["action=status", f"run_dir={tmp_path}"], tmp_path / "status", env=slurm)
     assert status.returncode == 0 and "COMPLETED" in status.stdout
+
+
+def test_the_time_limit_warning_checkpoints_requeues_and_the_job_finishes(slurm, tmp_path) -> None:
+    """A 1-minute job that needs more (1.8 s a step), warned 50 s before its limit with USR1:
+    both nodes' torchruns pass it on, the ranks stop after the same step with a checkpoint, the
+    script requeues the job, and the job (same id, same run dir) resumes. After one or more
+    such stops all 20 steps are done, each logged once, and the losses are the uninterrupted
+    2-rank reference exactly."""
+    proc = run_cli([*TWO_NODES, "launcher.slurm.wait=true", "launcher.slurm.time=00:01:00",
+                    "launcher.slurm.signal=USR1@50", "debug.step_delay_s=1.8", "logging=none",
+                    "train.save_model=false"], tmp_path, env=slurm)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    job_id = json.loads((tmp_path / "slurm_job.json").read_text())["job_id"]
+    log = (tmp_path / f"slurm-{job_id}.out").read_text(errors="replace")
+    requeues = log.count(f"orchestrator: requeueing job {job_id}:")
+    assert requeues >= 1, log[-3000:]
+    assert f"Restarts={requeues} " in scontrol("show", "job", job_id)
+    events = read_metrics(tmp_path / "metrics.jsonl", events=True)
+    assert len([e for e in events if e.get("event") == "start"]) == requeues + 1
+    assert [m["step"] for m in read_metrics(tmp_path / "metrics.jsonl")] == list(range(1, 21))
+    assert losses(tmp_path) == reference_losses()
 
 
 def test_sweep_submits_one_job_per_point_and_summarises(slurm, tmp_path) -> None:

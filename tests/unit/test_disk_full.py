@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from orchestrator.checkpoint import MODEL_DIR, save_final
+from orchestrator.checkpoint.final import MODEL_DIR, save_final
 from orchestrator.errors import OrchestratorError
 from orchestrator.loop import NonFiniteLoss
 from orchestrator.metrics import DiskFull, MetricsLogger, WriteError, read_metrics
