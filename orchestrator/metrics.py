@@ -213,11 +213,13 @@ def read_metrics(path: str | os.PathLike[str], events: bool = False) -> list[dic
     return [r for r in rows if ("event" in r) == events]
 
 
-def read_wandb_run(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+def read_wandb_run(run_dir: str | os.PathLike[str], attempt: str | None = None
+                   ) -> list[dict[str, Any]]:
     """The records of a run's offline W&B transaction log, read by W&B's own reader
-    (`wandb leet inspect --json`)."""
-    info = json.loads((Path(run_dir) / RUN_INFO).read_text())
+    (`wandb leet inspect --json`): the latest attempt's, or the one in `attempt` (a resumed
+    run writes one offline directory per attempt, all under the same run id)."""
+    found = attempt or json.loads((Path(run_dir) / RUN_INFO).read_text())["dir"]
     wandb_bin = Path(sys.executable).with_name("wandb")
-    out = subprocess.run([str(wandb_bin), "leet", "inspect", "--json", info["dir"]],
+    out = subprocess.run([str(wandb_bin), "leet", "inspect", "--json", found],
                          capture_output=True, text=True, check=True, timeout=120)
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
