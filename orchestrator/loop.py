@@ -117,12 +117,14 @@ def train(engine: Engine, data: Iterator[dict[str, torch.Tensor]], job: JobConfi
           logger: NullLogger, grad_accum: int, global_batch: int,
           plan: dict[str, Any] | None = None, start_step: int = 0,
           checkpoint: Callable[[int], Path] | None = None,
-          stop: StopRequest | None = None) -> list[float]:
+          stop: StopRequest | None = None,
+          poll: Callable[[], None] | None = None) -> list[float]:
     """Run optimizer steps `start_step + 1 .. train.steps` (a resumed run starts after its
     checkpoint's step); return the rank-averaged loss of each. `checkpoint(step)` is called
     every `checkpoint.every_steps` and after the last step, which are logged steps too.
     With `stop` (and `checkpoint`), the ranks agree after every step whether one got the stop
     signal; if so, that step is logged and checkpointed and `Stopped` is raised on every rank.
+    `poll()` is called on every logged step (the checkpointer commits background saves there).
     With the plan (plan.json) the log also compares measured memory and speed with it.
 
     The host waits for the device only on logged steps (every `train.log_every`, the memory
@@ -184,6 +186,8 @@ def train(engine: Engine, data: Iterator[dict[str, torch.Tensor]], job: JobConfi
                           **model_metrics, **extra})
         logger.progress(step, losses[-1], tps)
         reset_peak_memory(engine.device)  # the next interval's peak is its own
+        if poll is not None:
+            poll()
         if save and checkpoint is not None:
             saved = checkpoint(step)
             if stopping and stop is not None:

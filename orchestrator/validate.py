@@ -239,6 +239,10 @@ def validate(job: JobConfig, hw: Hardware) -> None:
     _positive("fault.stop_timeout_s", job.fault.stop_timeout_s)
     _positive("debug.step_delay_s", job.debug.step_delay_s, strict=False)
     _check_stop_signal(job)
+    if job.checkpoint.async_save and (job.parallelism.backend != "torch"
+                                      or job.parallelism.zero_stage == 1):
+        raise ConfigError("checkpoint.async_save", True, "false for DeepSpeed and ZeRO-1, "
+                          "whose checkpoints are written by their own synchronous savers")
     for key, value in [("optim.beta1", o.beta1), ("optim.beta2", o.beta2),
                        ("optim.min_lr_ratio", o.min_lr_ratio), ("model.dropout", m.dropout)]:
         if not 0 <= value < 1:

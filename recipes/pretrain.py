@@ -10,6 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch.distributed as dist
 
@@ -60,14 +61,18 @@ class PretrainRecipe:
         self.logger.event("start", {"world_size": self.info.world_size,
                                     "nodes": [node for node, _ in ranks], "device": device,
                                     "setup_peak_mem_bytes": [peak for _, peak in ranks]})
+        self.saver = periodic.Saver(self.engine, self.job, self.committed)
 
     def train(self) -> list[float]:
         accum, global_batch = resolve_batch(self.job)
         try:
             losses = loop.train(self.engine, self.data, self.job, self.logger, accum,
                                 global_batch, self.plan, start_step=self.start_step,
-                                checkpoint=self.checkpoint, stop=self.stop)
+                                checkpoint=self.checkpoint, stop=self.stop,
+                                poll=self.saver.poll)
+            self.saver.finish()  # the last checkpoint, when written in the background
         except stop.Stopped as stopped:
+            self.saver.finish()
             if self.info.rank == 0:
                 stop.record(self.job, stopped)
                 print(f"orchestrator: {stopped}", flush=True)
@@ -88,11 +93,13 @@ class PretrainRecipe:
                 "global_batch_size": resolve_batch(self.job)[1],
                 "wandb_id": json.loads(wandb_info.read_text())["id"]
                 if wandb_info.exists() else None}
-        saved = periodic.save(self.engine, self.job, step, meta)
-        self.logger.event("checkpoint", {"step": step, "path": str(saved),
-                                         "save_s": json.loads((saved / periodic.META)
-                                                              .read_text())["save_s"]})
-        return saved
+        return self.saver.save(step, meta)
+
+    def committed(self, info: dict[str, Any]) -> None:
+        """A checkpoint counts from now on: log where, and how long the loop waited for it
+        (`blocked_s`; all of `save_s` unless it was written in the background)."""
+        self.logger.event("checkpoint", {k: info[k] for k in ("step", "path", "save_s",
+                                                              "blocked_s")})
 
     def cleanup(self, failed: bool = False, stopped: bool = False) -> None:
         logger = getattr(self, "logger", None)

@@ -18,6 +18,7 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,34 +156,100 @@ def _set_rank_state(engine: Engine, state: dict[str, Any]) -> None:
         engine.scaler.load_state_dict(state["scaler"])
 
 
-def save(engine: Engine, job: JobConfig, step: int, meta: dict[str, Any]) -> Path:
-    """Every rank: write this step's checkpoint; rank 0 commits it and prunes old ones.
-    Returns the committed directory."""
-    rank = dist.get_rank()
-    root = Path(job.run_dir) / ROOT
-    final, tmp = root / step_name(step), root / f".{step_name(step)}.tmp"
-    started = time.perf_counter()
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    engine.save_checkpoint(tmp)
-    torch.save(_rank_state(engine), tmp / f"rank{rank}.pt")
-    dist.barrier()  # every rank's files are written
-    if rank == 0:
-        info = {"step": step, "world_size": dist.get_world_size(),
-                "strategy": [job.parallelism.backend, job.parallelism.zero_stage],
-                "save_s": round(time.perf_counter() - started, 3), **meta}
-        shutil.copy(Path(job.run_dir) / CONFIG, tmp / CONFIG)  # what the run was
-        info["files"] = {str(f.relative_to(tmp)): f.stat().st_size
-                         for f in sorted(tmp.rglob("*")) if f.is_file()}
-        (tmp / META).write_text(json.dumps(info, indent=2) + "\n")
-        shutil.rmtree(final, ignore_errors=True)  # a re-run of this step after a restart
-        tmp.rename(final)  # the commit
-        for old in complete(job.run_dir)[:-job.checkpoint.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-    return final
+@dataclass
+class _Pending:
+    """A save whose files are still being written in the background."""
+    step: int
+    tmp: Path
+    final: Path
+    meta: dict[str, Any]
+    started: float
+    blocked_s: float
+    future: Any
+
+
+class Saver:
+    """Every rank: writes checkpoints; rank 0 commits each once every rank's files are there,
+    and prunes old ones. With `checkpoint.async_save` the files are written in the background
+    (DCP's async_save) and committed at the first `poll` that finds every rank done (or at the
+    next `save`, or `finish`); a run that dies first leaves only the `.tmp` directory, which
+    never counts."""
+
+    def __init__(self, engine: Engine, job: JobConfig,
+                 on_commit: Callable[[dict[str, Any]], None]) -> None:
+        self.engine, self.job, self.on_commit = engine, job, on_commit
+        self.pending: _Pending | None = None
+        # DCP's background collectives get a gloo group of their own: never interleaved with
+        # the training step's on the default group
+        self.group = dist.new_group(backend="gloo") if job.checkpoint.async_save else None
+
+    def save(self, step: int, meta: dict[str, Any]) -> Path:
+        """Write this step's checkpoint (the previous background one is committed first);
+        returns the directory it is (or will be, once committed) at. `meta["blocked_s"]`:
+        how long the training loop waited."""
+        self.finish()
+        rank = dist.get_rank()
+        root = Path(self.job.run_dir) / ROOT
+        final, tmp = root / step_name(step), root / f".{step_name(step)}.tmp"
+        started = time.perf_counter()
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        future = None
+        if self.group is not None:
+            future = self.engine.async_save_checkpoint(tmp, self.group)
+        else:
+            self.engine.save_checkpoint(tmp)
+        torch.save(_rank_state(self.engine), tmp / f"rank{rank}.pt")
+        blocked = time.perf_counter() - started
+        self.pending = _Pending(step, tmp, final, meta, started, blocked, future)
+        if future is None:
+            self.finish()
+        return final
+
+    def poll(self) -> None:
+        """Every rank, at the same step: commit the background save once every rank's files
+        are written (one tiny all-reduce; the loop calls it on logged steps, where it waits
+        for the device anyway)."""
+        if self.pending is None or self.pending.future is None:
+            return
+        writing = torch.tensor([0 if self.pending.future.done() else 1],
+                               device=self.engine.device)
+        dist.all_reduce(writing, op=dist.ReduceOp.MAX)
+        if not writing.item():
+            self.finish()
+
+    def finish(self) -> None:
+        """Every rank: wait for the pending save, commit it, and pass its meta.json to
+        `on_commit`."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        if pending.future is not None:
+            pending.future.result()
+        dist.barrier()  # every rank's files are written
+        info = {"step": pending.step, "world_size": dist.get_world_size(),
+                "strategy": [self.job.parallelism.backend, self.job.parallelism.zero_stage],
+                "save_s": round(time.perf_counter() - pending.started, 3),
+                "blocked_s": round(pending.blocked_s, 3), **pending.meta}
+        if dist.get_rank() == 0:
+            _commit(self.job, pending.tmp, pending.final, info)
+        dist.barrier()
+        self.on_commit({"path": str(pending.final), **info})
+
+
+def _commit(job: JobConfig, tmp: Path, final: Path, info: dict[str, Any]) -> None:
+    """Rank 0: the config and meta.json (listing every file's size) into `tmp`, then the
+    rename that makes it count; then prune to `checkpoint.keep_last`."""
+    shutil.copy(Path(job.run_dir) / CONFIG, tmp / CONFIG)  # what the run was
+    info["files"] = {str(f.relative_to(tmp)): f.stat().st_size
+                     for f in sorted(tmp.rglob("*")) if f.is_file()}
+    (tmp / META).write_text(json.dumps(info, indent=2) + "\n")
+    shutil.rmtree(final, ignore_errors=True)  # a re-run of this step after a restart
+    tmp.rename(final)  # the commit
+    for old in complete(job.run_dir)[:-job.checkpoint.keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def load(engine: Engine, resume: Resume) -> None:

@@ -5,6 +5,7 @@ reproduces (tests/distributed/test_reference_loop.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -25,16 +26,36 @@ def steps(run_dir: Path) -> list[int]:
     return [m["step"] for m in read_metrics(run_dir / "metrics.jsonl")]
 
 
-def test_a_rank_killed_after_a_checkpoint_resumes_exactly_under_fsdp2(tmp_path: Path) -> None:
-    """Rank 1 dies by SIGKILL at step 14 (checkpoints every 4 steps); torchrun restarts both
-    ranks once; they resume from step 12's DCP shards and steps 13-20 are the uninterrupted
-    run's (FSDP2 differs from the reference by 4.8e-7 uninterrupted too). DDP, ZeRO-1 and
-    DeepSpeed ZeRO-2: the shared runs of test_strategies.py and test_deepspeed.py."""
-    proc = run_cli(["+recipe=fsdp_zero3", *QUIET, *RESTARTED], tmp_path)
+def test_a_rank_killed_after_an_async_checkpoint_resumes_exactly_under_fsdp2(
+        tmp_path: Path) -> None:
+    """FSDP2 with checkpoint.async_save: each checkpoint (every 4 steps) is written in the
+    background and committed at a later step, once every rank is done. Rank 1 dies by SIGKILL
+    at step 14; torchrun restarts both ranks once; they resume from the newest checkpoint
+    committed by then (step 12's if its files were written by step 13's end, else step 8's)
+    and the losses are the uninterrupted run's (FSDP2 differs from the reference by 4.8e-7
+    uninterrupted too). DDP, ZeRO-1 and DeepSpeed ZeRO-2 restart with synchronous saves: the
+    shared runs of test_strategies.py and test_deepspeed.py."""
+    proc = run_cli(["+recipe=fsdp_zero3", *QUIET, *RESTARTED, "checkpoint.async_save=true"],
+                   tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"resumed from {tmp_path / 'checkpoints' / 'step-00000012'} (step 12)" in proc.stdout
+    (said,) = [line for line in proc.stdout.splitlines() if line.startswith("resumed from")]
+    resumed = int(said.split("(step ")[1].rstrip(")"))
+    assert resumed in (8, 12)
+    assert said == f"resumed from {tmp_path / 'checkpoints' / f'step-{resumed:08d}'} " \
+        f"(step {resumed})"
     assert_resumed_once(tmp_path)
     assert losses(tmp_path) == pytest.approx(reference_losses(), abs=1e-6)
+    # in the background: each commit of the second attempt is logged after a later step's
+    # record than its own (a synchronous save is committed before the loop goes on; the first
+    # attempt's later records were dropped on resume), and the loop waited for part of it
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    commits = [(i, r) for i, r in enumerate(records)
+               if r.get("event") == "checkpoint" and r["step"] > resumed]
+    assert [r["step"] for _, r in commits] == list(range(resumed + 4, 21, 4))
+    for i, commit in commits:
+        assert any(r.get("step", 0) > commit["step"] and "loss" in r for r in records[:i]) \
+            or commit["step"] == 20  # the last one is committed when the loop ends
+        assert 0 < commit["blocked_s"] <= commit["save_s"]
 
 
 def test_a_zero3_checkpoint_resumes_at_world_1_under_ddp(tmp_path: Path) -> None:

@@ -34,6 +34,8 @@ BAD = [
     (["action=launch"], "action"),
     (["debug.crash_rank=5"], "debug.crash_rank"),
     (["debug.step_delay_s=-1"], "debug.step_delay_s"),
+    (["+recipe=zero1", "checkpoint.async_save=true"], "checkpoint.async_save"),
+    (["+recipe=deepspeed_zero2", "checkpoint.async_save=true"], "checkpoint.async_save"),
     (["fault.stop_timeout_s=0"], "fault.stop_timeout_s"),
     (["launcher.slurm.signal=TERM@60"], "launcher.slurm.signal"),  # torchrun's own stop
     (["launcher.slurm.signal=USR1"], "launcher.slurm.signal"),  # no lead time
