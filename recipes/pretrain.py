@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +42,11 @@ class PretrainRecipe:
                 gradient_checkpointing_kwargs={"use_reentrant": False})
         self.engine = setup_strategy(model, self.job, device)
         self.resume = periodic.to_resume(self.job)  # every rank reads the same directory
-        start = 0
+        start, load_s = 0, None
         if self.resume is not None:
+            began = time.perf_counter()
             periodic.load(self.engine, self.resume)
+            load_s = round(time.perf_counter() - began, 3)
             start = self.resume.step
             if self.info.rank == 0:
                 print(f"resumed from {self.resume.path} (step {start})", flush=True)
@@ -60,7 +63,9 @@ class PretrainRecipe:
                                   start if self.resume is not None else None)
         self.logger.event("start", {"world_size": self.info.world_size,
                                     "nodes": [node for node, _ in ranks], "device": device,
-                                    "setup_peak_mem_bytes": [peak for _, peak in ranks]})
+                                    "setup_peak_mem_bytes": [peak for _, peak in ranks],
+                                    **({"resumed_step": start, "load_s": load_s}
+                                       if self.resume is not None else {})})
         self.saver = periodic.Saver(self.engine, self.job, self.committed)
 
     def train(self) -> list[float]:
@@ -70,9 +75,9 @@ class PretrainRecipe:
                                 global_batch, self.plan, start_step=self.start_step,
                                 checkpoint=self.checkpoint, stop=self.stop,
                                 poll=self.saver.poll)
-            self.saver.finish()  # the last checkpoint, when written in the background
+            self.saver.close()  # the last checkpoint, when written in the background
         except stop.Stopped as stopped:
-            self.saver.finish()
+            self.saver.close()
             if self.info.rank == 0:
                 stop.record(self.job, stopped)
                 print(f"orchestrator: {stopped}", flush=True)

@@ -58,6 +58,9 @@ run deepspeed_zero3_offload-bf16 +recipe=deepspeed_zero3_offload "${common[@]}" 
 # restart with its own store prefix, resume from step 10 (losses 11-30 as uninterrupted)
 run resume-fsdp_zero3-bf16 +recipe=fsdp_zero3 "${common[@]}" precision=bf16 \
   checkpoint.every_steps=10 fault.max_restarts=1 debug.crash_at_step=15 debug.crash_mode=sigkill
+# async checkpoints: pinned host copies, DCP writes on a gloo group beside NCCL, commits
+run async-checkpoint-fsdp_zero3-bf16 +recipe=fsdp_zero3 "${common[@]}" precision=bf16 \
+  checkpoint.every_steps=5 checkpoint.async_save=true
 # a saved model for evaluate / generate (ZeRO-3 gather to rank 0 on a GPU)
 run save-fsdp_zero3-bf16 +recipe=fsdp_zero3 "${common[@]}" precision=bf16 train.steps=10 \
   train.save_model=true

@@ -181,7 +181,23 @@ class Saver:
         self.pending: _Pending | None = None
         # DCP's background collectives get a gloo group of their own: never interleaved with
         # the training step's on the default group
-        self.group = dist.new_group(backend="gloo") if job.checkpoint.async_save else None
+        if dist.get_rank() == 0:  # saves cut short in an earlier attempt
+            for left in (Path(job.run_dir) / ROOT).glob(f".{PREFIX}*.tmp"):
+                shutil.rmtree(left, ignore_errors=True)
+        dist.barrier()
+        self.group = self.stager = None
+        if job.checkpoint.async_save:
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+            self.group = dist.new_group(backend="gloo")
+            # one host copy of this rank's state, re-used by every save, copied before the
+            # loop goes on (the next step must not change what is being written); from a GPU
+            # into pinned memory
+            cuda = engine.device == "cuda"
+            self.stager = DefaultStager(StagingOptions(use_pinned_memory=cuda,
+                                                       use_shared_memory=False,
+                                                       use_async_staging=False,
+                                                       use_non_blocking_copy=cuda))
 
     def save(self, step: int, meta: dict[str, Any]) -> Path:
         """Write this step's checkpoint (the previous background one is committed first);
@@ -192,13 +208,10 @@ class Saver:
         root = Path(self.job.run_dir) / ROOT
         final, tmp = root / step_name(step), root / f".{step_name(step)}.tmp"
         started = time.perf_counter()
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        dist.barrier()
+        tmp.mkdir(parents=True, exist_ok=True)  # no barrier: left-overs went in __init__
         future = None
         if self.group is not None:
-            future = self.engine.async_save_checkpoint(tmp, self.group)
+            future = self.engine.async_save_checkpoint(tmp, self.group, self.stager)
         else:
             self.engine.save_checkpoint(tmp)
         torch.save(_rank_state(self.engine), tmp / f"rank{rank}.pt")
@@ -219,6 +232,13 @@ class Saver:
         dist.all_reduce(writing, op=dist.ReduceOp.MAX)
         if not writing.item():
             self.finish()
+
+    def close(self) -> None:
+        """Every rank, at the end: commit what is pending and free the host copy."""
+        self.finish()
+        if self.stager is not None:
+            self.stager.close()
+            self.stager = None
 
     def finish(self) -> None:
         """Every rank: wait for the pending save, commit it, and pass its meta.json to

@@ -140,16 +140,17 @@ class Engine:
         model, optim = get_state_dict(self.model, self.optimizer)
         dcp.save({"model": model, "optim": optim}, checkpoint_id=str(path))
 
-    def async_save_checkpoint(self, path: Path, group: Any) -> Future[Any]:
-        """`save_checkpoint` in the background (DCP's async_save): returns once the state is
-        copied to host memory; its collectives run on `group`, a gloo group of its own, so they
-        never interleave with the training step's."""
+    def async_save_checkpoint(self, path: Path, group: Any, stager: Any) -> Future[Any]:
+        """`save_checkpoint` in the background (DCP's async_save): returns once `stager` (a
+        DCP DefaultStager, kept for the run: it re-uses its host copy) has copied the state to
+        host memory; its collectives run on `group`, a gloo group of its own, so they never
+        interleave with the training step's."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model, optim = get_state_dict(self.model, self.optimizer)
         return dcp.async_save({"model": model, "optim": optim}, checkpoint_id=str(path),
-                              process_group=group)
+                              process_group=group, async_stager=stager)
 
     def load_checkpoint(self, path: Path) -> None:
         """Load `save_checkpoint`'s files, resharded to this engine's layout and world size."""
