@@ -7,13 +7,18 @@ the job's `parallelism.deepspeed`, which `typed.load_job` restored from this ran
 optimizer is a client `torch.optim` one, so no fused-Adam build is needed; DeepSpeed handles
 accumulation boundaries, clipping and fp16 loss scaling itself, which is why this engine
 overrides the whole step.
+
+Checkpoints are DeepSpeed's own (`<checkpoint>/deepspeed`); at another world size or ZeRO
+stage they reload through its universal checkpoint (checkpoint/universal.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +26,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from orchestrator.checkpoint.universal import (
+    AS_SAVED,
+    DS_TAG,
+    UNIVERSAL,
+    WEIGHTS,
+    consolidated_state_dict,
+    load_whole,
+    reload_mode,
+    resume_mode,
+    saved_layout,
+    to_universal,
+)
 from orchestrator.redact import find_secrets, restore, scrub, secret_values
 from orchestrator.schema import JobConfig
 from orchestrator.strategies.base import (
@@ -32,7 +49,6 @@ from orchestrator.strategies.base import (
 )
 
 CONFIG_FILE = "deepspeed.json"
-DS_TAG = "deepspeed"  # the sub-directory of a checkpoint that holds DeepSpeed's files
 
 
 class DeepSpeedEngine(Engine):
@@ -55,8 +71,6 @@ class DeepSpeedEngine(Engine):
         return total
 
     def autocast(self) -> Any:
-        import contextlib
-
         return contextlib.nullcontext()  # DeepSpeed casts the module itself
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
@@ -69,11 +83,51 @@ class DeepSpeedEngine(Engine):
         self.model.save_checkpoint(str(path), tag=DS_TAG, save_latest=False)
 
     def load_checkpoint(self, path: Path) -> None:
-        """DeepSpeed's own loader, at the same world size (elsewhere: its universal
-        checkpoint conversion, not wired yet)."""
-        loaded, _ = self.model.load_checkpoint(str(path), tag=DS_TAG)
+        """DeepSpeed's own loader, on the files as saved (the same world size and ZeRO stage)
+        or on their universal form (converted once by rank 0); or the weights alone where
+        that cannot carry the optimizer state (`reload_mode`)."""
+        import torch.distributed as dist
+
+        now, stage = dist.get_world_size(), self.job.parallelism.zero_stage
+        saved = saved_layout(path)
+        mode, why = reload_mode(saved, self.job, now)
+        if mode == AS_SAVED and self.model.load_universal_checkpoint():
+            mode = UNIVERSAL  # asked for in parallelism.deepspeed
+        where = (f"at world size {now} from a checkpoint saved at world size {saved.world_size}"
+                 f" (ZeRO-{stage}, saved with ZeRO-{saved.zero_stage})")
+        if mode == WEIGHTS:
+            self.load_weights(path)
+            if dist.get_rank() == 0:
+                print(f"warning: resuming DeepSpeed {where}: only the weights were loaded; the "
+                      f"optimizer state ({saved.optimizer}) was NOT carried and restarts from "
+                      f"zero ({why})", file=sys.stderr, flush=True)
+            return
+        root = path
+        if mode == UNIVERSAL:
+            if not self.model.load_universal_checkpoint():
+                raise ValueError(f"resuming {where} needs DeepSpeed's universal checkpoint, and "
+                                 "this engine was created without checkpoint.load_universal")
+            root = to_universal(path)
+            if dist.get_rank() == 0:
+                print(f"resuming DeepSpeed {where}: loading its universal form "
+                      f"{root / DS_TAG} (weights and optimizer state)", flush=True)
+        loaded, _ = self.model.load_checkpoint(str(root), tag=DS_TAG)
         if loaded is None:
-            raise ValueError(f"DeepSpeed found no checkpoint under {path / DS_TAG}")
+            raise ValueError(f"DeepSpeed found no checkpoint under {root / DS_TAG}")
+
+    def load_weights(self, path: Path) -> None:
+        """The checkpoint's consolidated fp32 weights into this engine (every rank reads them;
+        ZeRO-3 gathers its partitions to take them), and the fp32 master partitions refreshed
+        from them; the optimizer state stays as built (empty)."""
+        import deepspeed
+
+        state = consolidated_state_dict(path)
+        module = self.model.module
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
+            load_whole(module, state, path)  # stages 0-2: a no-op context, every rank loads
+        refresh = getattr(self.model.optimizer, "refresh_fp32_params", None)
+        if refresh is not None:
+            refresh()
 
     def _zero_optimizer(self) -> Any:
         return self.model.optimizer
@@ -138,6 +192,10 @@ def setup(model: nn.Module, job: JobConfig, device: str) -> Engine:
     import torch.distributed as dist
 
     config = load_config(job)
+    if resume_mode(job, dist.get_world_size()) == UNIVERSAL:
+        # only read by `load_checkpoint` (deepspeed.json, the plan's config, stays as it was)
+        config = {**config, "checkpoint": {**config.get("checkpoint", {}),
+                                           "load_universal": True}}
     _scrub_logs(job.parallelism.deepspeed)
     if dist.get_world_size() > 1:
         # Ranks other than 0 built the model on the meta device: give it storage on this rank's
