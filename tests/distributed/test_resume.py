@@ -58,12 +58,22 @@ def test_a_rank_killed_after_an_async_checkpoint_resumes_exactly_under_fsdp2(
         assert 0 < commit["blocked_s"] <= commit["save_s"]
 
 
-def test_a_zero3_checkpoint_resumes_at_world_1_under_ddp(tmp_path: Path) -> None:
-    """Saved sharded by FSDP2 on 2 ranks, loaded whole by DDP on 1 rank with the same global
-    batch (micro batch 8): the run goes on from step 10 as if nothing had changed."""
+def test_a_zero3_checkpoint_resumes_at_world_4_under_zero2_and_world_1_under_ddp(
+        tmp_path: Path) -> None:
+    """Saved sharded by FSDP2 ZeRO-3 on 2 ranks; loaded by FSDP2 ZeRO-2 on 4 ranks (micro batch
+    2) and, whole, by DDP on 1 rank (micro batch 8), both with the same global batch: the run
+    goes on from step 10 as if nothing had changed."""
     first = run_cli(["+recipe=fsdp_zero3", *QUIET, "checkpoint.every_steps=10",
                      "debug.crash_at_step=11"], tmp_path)
     assert first.returncode == 2 and "InjectedCrash" in first.stderr
+    # the same shards at world 4 under FSDP2 ZeRO-2 (micro batch 2), from a run dir of its own
+    saved = tmp_path / "checkpoints" / "step-00000010"
+    wider = run_cli(["+recipe=fsdp_zero2", *QUIET, "cluster.gpus_per_node=4",
+                     "train.micro_batch_size=2", f"resume={saved}"], tmp_path / "world4")
+    assert wider.returncode == 0, wider.stderr[-3000:]
+    assert steps(tmp_path / "world4") == list(range(11, 21))
+    assert losses(tmp_path / "world4")[0] == pytest.approx(reference_losses()[10], abs=1e-5)
+    assert losses(tmp_path / "world4") == pytest.approx(reference_losses()[10:], abs=1e-4)
     second = run_cli(["+recipe=ddp", "logging=none", "checkpoint.every_steps=10",
                       "cluster.gpus_per_node=1", "train.micro_batch_size=8"], tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
