@@ -79,24 +79,39 @@ def split(dataset: Dataset, holdout: float) -> tuple[Dataset, Dataset]:
     return Subset(dataset, range(cut)), Subset(dataset, range(cut, n))
 
 
+def stack(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One micro batch from its samples."""
+    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def with_objective(job: JobConfig, batch: dict[str, torch.Tensor],
+                   g: torch.Generator) -> dict[str, torch.Tensor]:
+    """The objective's inputs and labels for a stacked batch of token ids (MLM masks and T5
+    spans drawn from `g`); a batch the dataset labelled itself (SFT masks, DPO pairs) as is."""
+    if "input_ids" not in batch or "labels" in batch:
+        return batch
+    objective, o, ids = objective_of(job), job.objective, batch["input_ids"]
+    if objective == "mlm":
+        return objectives.mlm(ids, job.model.vocab_size, g, o.mlm_probability)
+    if objective == "span":
+        return objectives.span_corruption(ids, job.model.vocab_size, g, o.noise_density,
+                                          o.mean_span_length)
+    return objectives.causal(ids)
+
+
 def make_collate(job: JobConfig, rank: int) -> Callable[[list[dict[str, torch.Tensor]]],
                                                         dict[str, torch.Tensor]]:
-    """Stack a micro batch and apply the objective; its randomness is seeded per rank."""
-    objective, o, vocab = objective_of(job), job.objective, job.model.vocab_size
+    """Stack a micro batch and apply the objective, its randomness seeded per rank (one pass
+    over held-out data; training uses `batches`)."""
     g = torch.Generator().manual_seed(job.train.seed * 1000 + rank)
+    return lambda rows: with_objective(job, stack(rows), g)
 
-    def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        if "input_ids" not in rows[0] or "labels" in rows[0]:  # labelled by the dataset (SFT
-            return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}  # masks, DPO pairs)
-        ids = torch.stack([r["input_ids"] for r in rows])
-        if objective == "mlm":
-            return objectives.mlm(ids, vocab, g, o.mlm_probability)
-        if objective == "span":
-            return objectives.span_corruption(ids, vocab, g, o.noise_density,
-                                              o.mean_span_length)
-        return objectives.causal(ids)
 
-    return collate
+def batch_generator(seed: int, rank: int, index: int) -> torch.Generator:
+    """The objective's randomness for micro batch `index` of rank `rank`'s stream: its own, so
+    a resumed stream draws the same masks however many epochs it skipped."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + rank) * 1_000_000_007 + index)
+                                         % 2**63)
 
 
 def batches(dataset: Dataset, job: JobConfig, rank: int, world_size: int,
@@ -106,15 +121,17 @@ def batches(dataset: Dataset, job: JobConfig, rank: int, world_size: int,
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank,
                                  shuffle=job.data.shuffle, seed=job.train.seed, drop_last=True)
     loader = DataLoader(dataset, batch_size=job.train.micro_batch_size, sampler=sampler,
-                        drop_last=True, collate_fn=make_collate(job, rank))
+                        drop_last=True, collate_fn=stack)
     if len(loader) == 0:
         raise ValueError(
             f"dataset has {len(dataset)} samples: too few for micro_batch_size "
             f"{job.train.micro_batch_size} on {world_size} ranks")
     epoch, skip = divmod(start_step, len(loader))
+    index = start_step  # of the next micro batch in this rank's stream
     while True:
         sampler.set_epoch(epoch)
         for i, batch in enumerate(loader):
             if i >= skip:
-                yield batch
+                yield with_objective(job, batch, batch_generator(job.train.seed, rank, index))
+                index += 1
         epoch, skip = epoch + 1, 0

@@ -45,6 +45,21 @@ def test_resuming_the_stream_skips_exactly_the_consumed_batches() -> None:
     assert all(torch.equal(x, y) for x, y in zip(full[5:], resumed, strict=True))
 
 
+def test_a_resumed_mlm_stream_draws_the_same_masks_past_an_epoch_boundary() -> None:
+    """BERT's masks (random per micro batch) of a stream resumed in its third epoch are those
+    of the uninterrupted stream: the masks of batch k come from (seed, rank, k) alone."""
+    job = make_job(["+recipe=masked_lm", "data=synthetic", "data.num_samples=24",
+                    "train.micro_batch_size=4"])
+    ds = build_dataset(job)
+    per_epoch = 24 // 2 // 4  # samples / ranks / micro batch
+    start = 2 * per_epoch + 1
+    full = list(itertools.islice(batches(ds, job, 1, 2), start + 4))
+    resumed = list(itertools.islice(batches(ds, job, 1, 2, start_step=start), 4))
+    for want, got in zip(full[start:], resumed, strict=True):
+        assert want.keys() == got.keys() and "labels" in got
+        assert all(torch.equal(want[k], got[k]) for k in want)
+
+
 def test_text_is_packed_losslessly(tmp_path) -> None:
     text = "héllo wörld, a small text.\n\nsecond document here."
     path = tmp_path / "t.txt"
