@@ -120,8 +120,11 @@ def _check_resume(job: JobConfig) -> None:
 
     resume = to_resume(job)
     if resume is not None:
-        check_compatible(job, resume)
-        print(f"resuming from {resume.path} (step {resume.step})")
+        changed = check_compatible(job, resume)
+        print(f"resuming from {resume.path} (step {resume.step})" + (
+            "; changed since: " + ", ".join(f"{k} {before!r} -> {now!r}"
+                                             for k, (before, now) in changed.items())
+            if changed else ""))
 
 
 def _plan_and_launch(job: JobConfig, plan: Any, text: str, run_dir: rundir.RunDir,

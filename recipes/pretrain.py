@@ -64,7 +64,8 @@ class PretrainRecipe:
         self.logger.event("start", {"world_size": self.info.world_size,
                                     "nodes": [node for node, _ in ranks], "device": device,
                                     "setup_peak_mem_bytes": [peak for _, peak in ranks],
-                                    **({"resumed_step": start, "load_s": load_s}
+                                    **({"resumed_step": start, "load_s": load_s,
+                                        "changed": periodic.changes(self.job, self.resume)}
                                        if self.resume is not None else {})})
         self.saver = periodic.Saver(self.engine, self.job, self.committed)
 

@@ -18,7 +18,7 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -295,23 +295,24 @@ def _get(tree: dict[str, Any], dotted: str) -> Any:
     return tree
 
 
-def _first_difference(now: Any, saved: Any, key: str) -> tuple[str, Any, Any] | None:
-    """The first leaf key under `key` whose value differs, with both values."""
+def _differences(now: Any, saved: Any, key: str) -> Iterator[tuple[str, Any, Any]]:
+    """The leaf keys under `key` whose values differ, with both values, in key order."""
     if isinstance(now, dict) and isinstance(saved, dict):
         for k in sorted(set(now) | set(saved)):
-            found = _first_difference(now.get(k), saved.get(k), f"{key}.{k}")
-            if found:
-                return found
-        return None
-    return None if now == saved else (key, now, saved)
+            yield from _differences(now.get(k), saved.get(k), f"{key}.{k}" if key else k)
+    elif now != saved:
+        yield key, now, saved
 
 
-def check_compatible(job: JobConfig, resume: Resume) -> None:
-    """Before launch: refuse to resume `resume` with a config that changes what it saved (the
-    first differing key is named); record nothing else."""
+# set per launch, never a change of the run
+PER_LAUNCH = ("run_dir", "resume", "action", "step", "run.overwrite")
+
+
+def _configs(job: JobConfig, resume: Resume) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(this launch's config, the checkpoint's), both redacted, with the global batch."""
     import yaml
 
-    from orchestrator.errors import ConfigError
+    from orchestrator.redact import redact
     from orchestrator.typed import to_dict
     from orchestrator.validate import resolve_batch
 
@@ -319,13 +320,34 @@ def check_compatible(job: JobConfig, resume: Resume) -> None:
         saved = yaml.safe_load((resume.path / CONFIG).read_text())
     except (OSError, yaml.YAMLError) as e:
         raise CheckpointError(f"cannot read {resume.path / CONFIG}: {e}") from None
-    now = to_dict(job)
+    now = redact(to_dict(job))
     now["train"]["global_batch_size"] = resolve_batch(job)[1]
     saved["train"]["global_batch_size"] = int(resume.meta.get("global_batch_size", 0)) or \
         saved["train"]["global_batch_size"]
+    return now, saved
+
+
+def changes(job: JobConfig, resume: Resume) -> dict[str, list[Any]]:
+    """What this launch changes of the run it resumes: {key: [saved, now]} (per-launch keys
+    such as run_dir left out)."""
+    return _changed(*_configs(job, resume))
+
+
+def _changed(now: dict[str, Any], saved: dict[str, Any]) -> dict[str, list[Any]]:
+    return {key: [before, value] for key, value, before in _differences(now, saved, "")
+            if not any(key == k or key.startswith(f"{k}.") for k in PER_LAUNCH)}
+
+
+def check_compatible(job: JobConfig, resume: Resume) -> dict[str, list[Any]]:
+    """Before launch: refuse to resume `resume` with a config that changes what it saved (the
+    first differing key is named); return the harmless changes (`changes`)."""
+    from orchestrator.errors import ConfigError
+
+    now, saved = _configs(job, resume)
     for key in FIXED:
-        found = _first_difference(_get(now, key), _get(saved, key), key)
+        found = next(_differences(_get(now, key), _get(saved, key), key), None)
         if found:
             leaf, value, before = found
             raise ConfigError(leaf, value, f"{before!r} as in the checkpoint {resume.path} "
                               "(resume=never, or another run dir, starts fresh)")
+    return _changed(now, saved)

@@ -78,6 +78,12 @@ def test_a_zero3_checkpoint_resumes_at_world_4_under_zero2_and_world_1_under_ddp
                       "cluster.gpus_per_node=1", "train.micro_batch_size=8"], tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert steps(tmp_path) == list(range(1, 21))
+    # what the resumed launch changed is said and recorded
+    assert "; changed since: cluster.gpus_per_node 2 -> 1, " in second.stdout
+    start = [e for e in read_metrics(tmp_path / "metrics.jsonl", events=True)
+             if e["event"] == "start"][-1]
+    assert start["resumed_step"] == 10 and start["changed"]["cluster.gpus_per_node"] == [2, 1]
+    assert start["changed"]["train.micro_batch_size"] == [4, 8]
     got, want = losses(tmp_path), reference_losses()
     assert got[:10] == want[:10]  # the first launch's, kept
     assert got[10] == pytest.approx(want[10], abs=1e-5)  # the first resumed step

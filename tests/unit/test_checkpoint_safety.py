@@ -79,7 +79,8 @@ def test_the_real_index_passes(tmp_path) -> None:
 
 def test_a_resume_that_changes_what_was_saved_is_refused(tmp_path) -> None:
     """Before launch, in-process: the config the checkpoint was saved with against the new one.
-    Harmless edits pass; the first changed key that shapes the saved state is named."""
+    Harmless edits pass and are listed; the first changed key that shapes the saved state is
+    named."""
     from orchestrator.cli import config_text
     from orchestrator.errors import ConfigError
 
@@ -94,7 +95,9 @@ def test_a_resume_that_changes_what_was_saved_is_refused(tmp_path) -> None:
                                    cluster=dataclasses.replace(saved.cluster, gpus_per_node=1),
                                    train=dataclasses.replace(saved.train, steps=50,
                                                              micro_batch_size=8))
-    periodic.check_compatible(harmless, resume)
+    assert periodic.check_compatible(harmless, resume) == {  # recorded by the launch
+        "cluster.gpus_per_node": [2, 1], "optim.lr": [saved.optim.lr, 1e-4],
+        "train.micro_batch_size": [saved.train.micro_batch_size, 8], "train.steps": [20, 50]}
     deeper = dataclasses.replace(saved, model=dataclasses.replace(saved.model, n_layer=3))
     with pytest.raises(ConfigError) as info:
         periodic.check_compatible(deeper, resume)
