@@ -144,7 +144,7 @@ def _plan_and_launch(job: JobConfig, plan: Any, text: str, run_dir: rundir.RunDi
     if job.action == "plan":
         print(f"plan written to {run_dir.path / 'plan.json'} (nothing launched)")
         return 0
-    from orchestrator.checkpoint.stop import take as take_stop
+    from orchestrator.checkpoint.stop import take as take_attempt
     from orchestrator.data import prepare_tokenizer
     from orchestrator.launchers import launch
 
@@ -156,12 +156,14 @@ def _plan_and_launch(job: JobConfig, plan: Any, text: str, run_dir: rundir.RunDi
               f"run_dir={run_dir.path}")
         return 0
     code = handle.wait()
-    stopped = take_stop(run_dir.path) if job.launcher.name != "slurm" else None
-    if stopped is not None:
-        print(f"stopped by {stopped['signal']} after step {stopped['step']}; checkpoint: "
-              f"{stopped['checkpoint']}; to resume, run the same command with "
+    ended = take_attempt(run_dir.path) if job.launcher.name != "slurm" else None
+    if ended is not None and ended["state"] == "stopped":
+        print(f"stopped by {ended['signal']} after step {ended['step']}; checkpoint: "
+              f"{ended['checkpoint']}; to resume, run the same command with "
               f"hydra.run.dir={run_dir.path}")
-        return 128 + int(getattr(signal, stopped["signal"]))
+        return 128 + int(getattr(signal, ended["signal"]))
+    if ended is not None and ended["state"] == "finished":
+        code = 0  # every step ran: a stop signal after the last made torchrun exit non-zero
     if code != 0:
         raise LaunchError(f"training failed with exit code {code} (the failing rank's error is "
                           f"printed above); run dir: {run_dir.path}")

@@ -34,6 +34,8 @@ class PretrainRecipe:
 
     def setup(self) -> None:
         self.stop = stop.StopRequest(self.job)  # from here on the stop signal means a checkpoint
+        if os.environ.get("RANK", "0") == "0":
+            stop.take(self.job.run_dir)  # the previous attempt's record
         device = os.environ.get("ORCHESTRATOR_DEVICE", "cpu")
         self.info = distributed.init(device, self.job.dist.timeout_s)
         model = build_for_rank(self.job, self.info)
@@ -80,7 +82,7 @@ class PretrainRecipe:
         except stop.Stopped as stopped:
             self.saver.close()
             if self.info.rank == 0:
-                stop.record(self.job, stopped)
+                stop.record(self.job, stopped, stopped.step)
                 print(f"orchestrator: {stopped}", flush=True)
             # no rank exits before the record is written: under Slurm the first node whose
             # torchrun exits makes srun end the others
@@ -91,6 +93,8 @@ class PretrainRecipe:
             saved = save_final(self.engine, self.job.run_dir, self.info.rank, bpe)
             if saved is not None:
                 print(f"model saved to {saved}", flush=True)
+        if self.info.rank == 0:
+            stop.record(self.job, None, self.job.train.steps)
         return losses
 
     def checkpoint(self, step: int) -> Path:

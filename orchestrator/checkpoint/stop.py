@@ -6,9 +6,13 @@ torchrun is told to handle the signal (`--signals-to-handle`), so it passes it o
 reaches them) and waits `fault.stop_timeout_s` for them. Each rank only notes the signal; at the
 end of every step the ranks agree (one tiny all-reduce on a CPU group, never a device sync)
 whether any of them got it, and all stop after the same step: they save a checkpoint, rank 0
-writes `<run_dir>/stopped.json`, and every rank exits 0. The Slurm script then requeues the job
-(`launcher.slurm.requeue`), which resumes from that checkpoint in the same run directory; the
-local launcher reports the stop and how to resume.
+records the stop in `<run_dir>/attempt.json`, and every rank exits 0. The Slurm script then
+requeues the job (`launcher.slurm.requeue`), which resumes from that checkpoint in the same run
+directory; the local launcher reports the stop and how to resume.
+
+torchrun exits non-zero once it got the signal, even when the ranks had already finished every
+step (a signal after the last vote). So rank 0 also records a finished attempt, and both the
+Slurm script and the local launcher take a finished record over torchrun's exit code.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from typing import Any
 
 from orchestrator.schema import JobConfig
 
-STOP_FILE = "stopped.json"
+# how this attempt of the run ended, by rank 0: {"state": "stopped", "signal", "step",
+# "checkpoint"} or {"state": "finished", "step"}; removed when the next attempt starts
+ATTEMPT_FILE = "attempt.json"
 # torchrun's own default list, which it turns into a clean shutdown of its workers
 TORCHRUN_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
 
@@ -91,18 +97,22 @@ class StopRequest:
         return bool(vote.item())
 
 
-def record(job: JobConfig, stopped: Stopped) -> None:
-    """Rank 0: `<run_dir>/stopped.json`, which the Slurm script and the local launcher read."""
+def record(job: JobConfig, stopped: Stopped | None, step: int) -> None:
+    """Rank 0: how this attempt ended (`stopped`, or finished after `step`), for the Slurm
+    script and the local launcher."""
     from orchestrator.rundir import write_atomic
 
-    info = {"signal": stopped.signal_name, "step": stopped.step,
-            "checkpoint": stopped.checkpoint}
-    write_atomic(Path(job.run_dir) / STOP_FILE, json.dumps(info, indent=2) + "\n")
+    info: dict[str, Any] = {"state": "finished", "step": step}
+    if stopped is not None:
+        info = {"state": "stopped", "signal": stopped.signal_name, "step": stopped.step,
+                "checkpoint": stopped.checkpoint}
+    write_atomic(Path(job.run_dir) / ATTEMPT_FILE, json.dumps(info, indent=2) + "\n")
 
 
 def take(run_dir: str | Path) -> dict[str, Any] | None:
-    """The stop record of the last attempt, removed (each record is reported once)."""
-    path = Path(run_dir) / STOP_FILE
+    """How the last attempt ended (`record`), removed: None when it recorded nothing (it
+    failed, or has not ended)."""
+    path = Path(run_dir) / ATTEMPT_FILE
     try:
         info = json.loads(path.read_text())
     except (OSError, ValueError):

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from orchestrator.checkpoint.stop import STOP_FILE
+from orchestrator.checkpoint.stop import ATTEMPT_FILE
 from orchestrator.errors import ConfigError, LaunchError
 from orchestrator.plan import Plan
 from orchestrator.redact import is_secret_key, secret_env
@@ -221,16 +221,21 @@ def render_script(plan: Plan, job: JobConfig, cpus: Optional[int] = None) -> str
 
 
 def _requeue_lines(job: JobConfig) -> list[str]:
-    """After a stop on the warning signal (checkpoint/stop.py: rank 0 wrote the stop record
-    once every rank's checkpoint was saved), requeue this job: it runs this script again and
-    resumes from that checkpoint in the same run dir."""
+    """How the attempt ended, as rank 0 recorded it (checkpoint/stop.py): every step done
+    counts as success whatever torchrun's exit code (a stop signal after the last step makes it
+    exit 1); a stop on the warning signal, once every rank's checkpoint was saved, requeues
+    this job: it runs this script again and resumes from that checkpoint in the same run dir."""
+    record = shlex.quote(str(Path(job.run_dir).absolute() / ATTEMPT_FILE))
+    lines = [f"if grep -qs '\"state\": \"finished\"' {record}; then",
+             "  status=0  # every step ran; a signal after the last made torchrun exit 1",
+             "fi"]
     if not job.launcher.slurm.requeue:
-        return []
-    record = shlex.quote(str(Path(job.run_dir).absolute() / STOP_FILE))
+        return lines
     return [
+        *lines,
         "# On the signal before the time limit every rank saved a checkpoint and stopped: run",
         "# again (scontrol requeue ends this attempt) and resume from it in this run dir.",
-        f"if [ -f {record} ]; then",
+        f"if grep -qs '\"state\": \"stopped\"' {record}; then",
         f"  echo \"orchestrator: requeueing job $SLURM_JOB_ID: $(tr -d '\\n' < {record})\"",
         f"  rm -f {record}",
         '  scontrol requeue "$SLURM_JOB_ID"',

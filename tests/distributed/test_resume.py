@@ -129,9 +129,19 @@ def test_usr1_checkpoints_and_stops_the_job_and_the_same_command_resumes(tmp_pat
     assert said == (f"stopped by SIGUSR1 after step {step}; checkpoint: {checkpoint}; to resume, "
                     f"run the same command with hydra.run.dir={tmp_path}")
     assert steps(tmp_path) == list(range(1, step + 1))
-    assert not (tmp_path / "stopped.json").exists()  # reported once, by the launcher
-    again = run_cli(["+recipe=ddp", *QUIET], tmp_path)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert f"resumed from {checkpoint} (step {step})" in again.stdout
+    assert not (tmp_path / "attempt.json").exists()  # reported once, by the launcher
+    # the same command resumes; a USR1 once the last step is logged (no vote after it) is
+    # noted by the ranks, which finish; torchrun then exits 1, and the launcher says done
+    again = subprocess.Popen([c for c in cmd if c != "train.save_model=false"], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        until(lambda: steps(tmp_path)[-1:] == [20], 120, "the last step")
+        os.kill(again.pid, signal.SIGUSR1)
+        out, err = again.communicate(timeout=180)
+    finally:
+        again.kill()
+    assert again.returncode == 0, err[-3000:]
+    assert f"resumed from {checkpoint} (step {step})" in out
+    assert f"done. run dir: {tmp_path}" in out and (tmp_path / "model").is_dir()
     assert steps(tmp_path) == list(range(1, 21))
     assert losses(tmp_path) == reference_losses()

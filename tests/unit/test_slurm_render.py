@@ -56,16 +56,24 @@ def test_the_warning_signal_reaches_the_ranks_and_a_stop_requeues_the_job() -> N
     assert " --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout=120 " \
         in srun_line(script)
     assert srun_line(script).endswith(" && status=0 || status=$?")  # set -e: go on to requeue
-    record = "/scratch/runs/big/stopped.json"
-    assert lines[-6:] == [f"if [ -f {record} ]; then",
-                          "  echo \"orchestrator: requeueing job $SLURM_JOB_ID: "
-                          f"$(tr -d '\\n' < {record})\"",
-                          f"  rm -f {record}", '  scontrol requeue "$SLURM_JOB_ID"', "fi",
-                          'exit "$status"']
+    record = "/scratch/runs/big/attempt.json"
+    assert lines[-11:] == [
+        f"if grep -qs '\"state\": \"finished\"' {record}; then",
+        "  status=0  # every step ran; a signal after the last made torchrun exit 1",
+        "fi",
+        "# On the signal before the time limit every rank saved a checkpoint and stopped: run",
+        "# again (scontrol requeue ends this attempt) and resume from it in this run dir.",
+        f"if grep -qs '\"state\": \"stopped\"' {record}; then",
+        f"  echo \"orchestrator: requeueing job $SLURM_JOB_ID: $(tr -d '\\n' < {record})\"",
+        f"  rm -f {record}",
+        '  scontrol requeue "$SLURM_JOB_ID"',
+        "fi",
+        'exit "$status"']
     plan, job = gpu_plan(["launcher.slurm.signal=R:USR2@300", "launcher.slurm.requeue=false"])
     script = render_script(plan, job, cpus=64)
     assert "#SBATCH --signal=R:USR2@300" in script.splitlines()
     assert "SIGQUIT,SIGUSR2 " in srun_line(script) and "requeue" not in script
+    assert '"state": "finished"' in script  # success is success without requeueing too
     plan, job = gpu_plan(["launcher.slurm.signal=null"])
     assert "#SBATCH --signal" not in render_script(plan, job, cpus=64)
 
