@@ -162,14 +162,40 @@ def _check_lora(job: JobConfig) -> None:
 STOP_SIGNAL = re.compile(r"(R:)?(SIG)?(USR1|USR2)@([0-9]+)")
 
 
+def slurm_seconds(limit: str) -> int | None:
+    """A Slurm time limit ("MM", "MM:SS", "HH:MM:SS", "D-HH", "D-HH:MM", "D-HH:MM:SS") in
+    seconds; None for anything else ("UNLIMITED", a typo sbatch will name)."""
+    days, _, rest = limit.rpartition("-") if "-" in limit else ("0", "", limit)
+    parts = rest.split(":")
+    if not (days.isdigit() and all(x.isdigit() for x in parts) and 1 <= len(parts) <= 3):
+        return None
+    nums = [int(x) for x in parts]
+    if "-" in limit:  # D-HH[:MM[:SS]]
+        h, m, sec = (nums + [0, 0])[:3]
+    else:  # MM, MM:SS or HH:MM:SS
+        h, m, sec = [0, *nums] if len(nums) == 2 else ([0, nums[0], 0] if len(nums) == 1
+                                                          else nums)
+    return ((int(days) * 24 + h) * 60 + m) * 60 + sec
+
+
 def _check_stop_signal(job: JobConfig) -> None:
     """`launcher.slurm.signal` goes to the job steps (torchrun passes it to the ranks, which
     checkpoint and stop): "B:" would send it to the batch shell alone, and the ranks would never
-    see it; only USR1 and USR2 are free of other meanings to torchrun and Python."""
+    see it; only USR1 and USR2 are free of other meanings to torchrun and Python. slurmctld
+    checks time limits every 30 s and sends the warning when it is due within the next 30 s, so
+    a lead within 30 s of the limit arrives as the job starts, before torchrun can take it."""
     spec = job.launcher.slurm.signal
-    if spec is not None and not STOP_SIGNAL.fullmatch(spec):
+    if spec is None:
+        return
+    found = STOP_SIGNAL.fullmatch(spec)
+    if not found:
         raise ConfigError("launcher.slurm.signal", spec, "[R:]USR1@SECONDS or [R:]USR2@SECONDS "
                           "(the warning every rank gets before the time limit), or null")
+    limit = slurm_seconds(job.launcher.slurm.time)
+    if job.launcher.name == "slurm" and limit is not None and int(found[4]) + 30 >= limit:
+        raise ConfigError("launcher.slurm.signal", spec, f"a lead under {limit - 30} s "
+                          f"(launcher.slurm.time={job.launcher.slurm.time} less the 30 s "
+                          "early Slurm may send it)")
 
 
 def _check_replicas(job: JobConfig) -> None:

@@ -40,6 +40,7 @@ BAD = [
     (["launcher.slurm.signal=TERM@60"], "launcher.slurm.signal"),  # torchrun's own stop
     (["launcher.slurm.signal=USR1"], "launcher.slurm.signal"),  # no lead time
     (["launcher.slurm.signal='USR1@90; touch x'"], "launcher.slurm.signal"),
+    (["launcher=slurm", "launcher.slurm.time=00:02:00"], "launcher.slurm.signal"),  # 120 s
     (["lora.rank=-1"], "lora.rank"),
     (["lora.rank=4", "lora.target_modules=[c_attn,qkv]"], "lora.target_modules"),
     (["lora.rank=4", "lora.target_modules=[ln_1]"], "lora.target_modules"),  # a LayerNorm
@@ -183,3 +184,11 @@ def test_local_launcher_still_checks_this_host_and_ignores_its_gpus_for_remote_a
     job = make_job(["launcher=slurm"])
     assert resolve_device(job, Hardware(cuda_devices=8)) == "cpu"
     assert resolve_device(make_job([]), Hardware(cuda_devices=8)) == "cuda"
+
+
+def test_slurm_time_limits_in_seconds() -> None:
+    from orchestrator.validate import slurm_seconds
+
+    assert [slurm_seconds(t) for t in ("90", "1:30", "01:00:00", "2-0", "2-01:30", "1-0:0:5",
+                                       "UNLIMITED", "1:2:3:4")] == [
+        5400, 90, 3600, 172800, 178200, 86405, None, None]
