@@ -89,6 +89,11 @@ class DataConfig:
     # (saved as <run_dir>/tokenizer.json) or loaded from tokenizer_path / the pretrained model
     tokenizer: str = choice("byte", "byte", "bpe")
     tokenizer_path: Optional[str] = None
+    # action=prepare: the tokenized corpus (token file, document index, manifest); None =
+    # ~/.cache/orchestrator/data/<source>-<hash of the sources and the tokenizer>
+    cache_dir: Optional[str] = None
+    num_proc: Optional[int] = None  # action=prepare: tokenizing processes; None = CPU count
+    text_field: str = "text"  # a .jsonl source: the field holding each document
     num_samples: int = 4096  # synthetic: sequences in the dataset
     branching: int = 4  # synthetic: successors per token in the seeded Markov chain
     shuffle: bool = True
@@ -290,7 +295,8 @@ class DistConfig:
 class JobConfig:
     # status / cancel act on an earlier run: `action=status run_dir=runs/...`
     # export: a Hugging Face model from a run's checkpoint (`action=export run_dir=... step=N`)
-    action: str = choice("run", "run", "plan", "validate", "status", "cancel", "export")
+    action: str = choice("run", "run", "plan", "validate", "status", "cancel", "export",
+                         "prepare")
     run_dir: str = ""  # filled from hydra.run.dir at the entry point (status/cancel/export: given)
     step: Optional[int] = None  # action=export: the checkpoint's step (None = the newest)
     model: ModelConfig = field(default_factory=ModelConfig)
