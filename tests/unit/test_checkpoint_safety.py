@@ -27,7 +27,7 @@ class Bomb:
 
 
 def committed(run_dir: Path, step: int) -> Path:
-    """A real DCP checkpoint of a small model, committed as periodic.save would."""
+    """A real DCP checkpoint of a small model, committed as periodic.Saver would."""
     path = run_dir / periodic.ROOT / periodic.step_name(step)
     created = not dist.is_initialized()
     if created:
