@@ -179,8 +179,6 @@ class Saver:
                  on_commit: Callable[[dict[str, Any]], None]) -> None:
         self.engine, self.job, self.on_commit = engine, job, on_commit
         self.pending: _Pending | None = None
-        # DCP's background collectives get a gloo group of their own: never interleaved with
-        # the training step's on the default group
         if dist.get_rank() == 0:  # saves cut short in an earlier attempt
             for left in (Path(job.run_dir) / ROOT).glob(f".{PREFIX}*.tmp"):
                 shutil.rmtree(left, ignore_errors=True)
@@ -189,6 +187,8 @@ class Saver:
         if job.checkpoint.async_save:
             from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
+            # DCP's background collectives get a gloo group of their own: never interleaved
+            # with the training step's on the default group
             self.group = dist.new_group(backend="gloo")
             # one host copy of this rank's state, re-used by every save, copied before the
             # loop goes on (the next step must not change what is being written); from a GPU
@@ -201,8 +201,8 @@ class Saver:
 
     def save(self, step: int, meta: dict[str, Any]) -> Path:
         """Write this step's checkpoint (the previous background one is committed first);
-        returns the directory it is (or will be, once committed) at. `meta["blocked_s"]`:
-        how long the training loop waited."""
+        returns the directory it is (or will be, once committed) at. The commit's meta.json
+        adds `blocked_s`, how long the training loop waited for this call."""
         self.finish()
         rank = dist.get_rank()
         root = Path(self.job.run_dir) / ROOT
