@@ -155,6 +155,10 @@ def _plan_and_launch(job: JobConfig, plan: Any, text: str, run_dir: rundir.RunDi
     from orchestrator.launchers import launch
 
     prepare_tokenizer(job)
+    if job.data.name == "text":  # tokenized here once, not by every rank
+        from orchestrator.data.prepare import prepare_job
+
+        prepare_job(job)
     run_dir.launched()
     handle = launch(plan, job)
     if job.launcher.name == "slurm" and not job.launcher.slurm.wait:

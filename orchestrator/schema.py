@@ -89,8 +89,9 @@ class DataConfig:
     # (saved as <run_dir>/tokenizer.json) or loaded from tokenizer_path / the pretrained model
     tokenizer: str = choice("byte", "byte", "bpe")
     tokenizer_path: Optional[str] = None
-    # action=prepare: the tokenized corpus (token file, document index, manifest); None =
-    # ~/.cache/orchestrator/data/<source>-<hash of the sources and the tokenizer>
+    # text: the tokenized corpus (token file, document index, manifest), made by the launch or
+    # action=prepare; None = <$ORCHESTRATOR_CACHE or ~/.cache/orchestrator>/data/<source>-<hash
+    # of the sources and the tokenizer>
     cache_dir: Optional[str] = None
     num_proc: Optional[int] = None  # action=prepare: tokenizing processes; None = CPU count
     text_field: str = "text"  # a .jsonl source: the field holding each document

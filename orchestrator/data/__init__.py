@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from orchestrator.data import objectives
 from orchestrator.data.corpus import build_corpus, build_preferences, build_sft
-from orchestrator.data.datasets import MarkovTokens, PackedText, PreferencePairs, PromptResponse
+from orchestrator.data.datasets import MarkovTokens, PreferencePairs, PromptResponse
 from orchestrator.data.tokenizer import TOKENIZER_JSON, BPETokenizer, ByteTokenizer, Tokenizer
 from orchestrator.schema import JobConfig
 
@@ -69,7 +69,10 @@ def build_dataset(job: JobConfig) -> Dataset:
         return PromptResponse(d.path or str(build_sft()), d.seq_len, get_tokenizer(job))
     if d.name == "jsonl_pref":
         return PreferencePairs(d.path or str(build_preferences()), d.seq_len, get_tokenizer(job))
-    return PackedText(d.path or str(build_corpus()), d.seq_len, get_tokenizer(job))
+    from orchestrator.data.memmap import MemmapTokens
+    from orchestrator.data.prepare import prepared
+
+    return MemmapTokens(prepared(job), d.seq_len)  # tokenized once, before the ranks started
 
 
 def split(dataset: Dataset, holdout: float) -> tuple[Dataset, Dataset]:

@@ -95,14 +95,16 @@ def tokenizer_key(kind: str, tokenizer_file: Path | None) -> dict[str, Any]:
     return {"kind": kind, "sha256": file_sha256(tokenizer_file) if tokenizer_file else None}
 
 
-def cache_dir(job: JobConfig, sources: list[Path], tokenizer: dict[str, Any]) -> Path:
-    """`data.cache_dir`, else `~/.cache/orchestrator/data/<first source>-<key>` (the key hashes
-    the source paths and the tokenizer)."""
+def prepared_dir(job: JobConfig, sources: list[Path], tokenizer: dict[str, Any]) -> Path:
+    """`data.cache_dir`, else `<cache>/data/<first source>-<key>` under the project's cache
+    (`$ORCHESTRATOR_CACHE`, else ~/.cache/orchestrator); the key hashes the source paths and
+    the tokenizer."""
+    from orchestrator.data.corpus import cache_dir
+
     if job.data.cache_dir is not None:
         return Path(job.data.cache_dir)
     key = hashlib.sha256(json.dumps([[str(p) for p in sources], tokenizer]).encode())
-    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "orchestrator"
-    return root / "data" / f"{sources[0].stem}-{key.hexdigest()[:12]}"
+    return cache_dir() / "data" / f"{sources[0].stem}-{key.hexdigest()[:12]}"
 
 
 def is_current(out: Path, sources: list[Path], tokenizer: dict[str, Any]) -> bool:
@@ -167,9 +169,8 @@ def _report(tokens: int, docs: int, started: float, total_bytes: int) -> None:
           f"tokens/s ({total_bytes / 2**20:.1f} MiB of sources)", file=sys.stderr, flush=True)
 
 
-def prepare_job(job: JobConfig) -> tuple[Path, bool]:
-    """`action=prepare`: the job's text source (`data.path`, else the built-in corpus) with its
-    tokenizer (bytes, or BPE from an existing tokenizer.json) into its cache directory."""
+def _job_inputs(job: JobConfig) -> tuple[list[Path], Path | None, dict[str, Any]]:
+    """(sources, BPE tokenizer file or None, tokenizer key) of a `data=text` job."""
     from orchestrator.data import tokenizer_file, uses_bpe
     from orchestrator.data.corpus import build_corpus
     from orchestrator.errors import ConfigError
@@ -181,8 +182,33 @@ def prepare_job(job: JobConfig) -> tuple[Path, bool]:
     if bpe is not None and not bpe.is_file():
         raise ConfigError("data.tokenizer_path", job.data.tokenizer_path,
                           "an existing tokenizer.json for data.tokenizer=bpe with action=prepare")
-    sources = [Path(job.data.path) if job.data.path else build_corpus()]
-    tokenizer = tokenizer_key("bpe" if bpe else "byte", bpe)
-    out = cache_dir(job, [p.absolute() for p in sources], tokenizer)
-    return prepare(sources, out, tokenizer["kind"], bpe, job.data.text_field,
-                   job.data.num_proc, job.logging.progress)
+    sources = [(Path(job.data.path) if job.data.path else build_corpus()).absolute()]
+    return sources, bpe, tokenizer_key("bpe" if bpe else "byte", bpe)
+
+
+def prepare_job(job: JobConfig) -> tuple[Path, bool]:
+    """`action=prepare`, and every launch of a `data=text` job before its ranks start: the
+    text source (`data.path`, else the built-in corpus) with the job's tokenizer (bytes, or
+    BPE from its tokenizer.json) into its cache directory, unless that is current. One launch
+    at a time builds a cache directory (a lock beside it); the others wait and find it done."""
+    import fcntl
+
+    sources, bpe, tokenizer = _job_inputs(job)
+    out = prepared_dir(job, sources, tokenizer)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(f".{out.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return prepare(sources, out, tokenizer["kind"], bpe, job.data.text_field,
+                       job.data.num_proc, job.logging.progress)
+
+
+def prepared(job: JobConfig) -> Path:
+    """In a rank: the job's prepared corpus, which its launch made current before the ranks
+    started (ranks never tokenize: eight ranks per node would do it eight times)."""
+    sources, _, tokenizer = _job_inputs(job)
+    out = prepared_dir(job, sources, tokenizer)
+    if not is_current(out, sources, tokenizer):
+        raise ValueError(f"the corpus {sources[0]} is not prepared in {out} for this tokenizer "
+                         "(or changed since): launch through python -m orchestrator, or run "
+                         "action=prepare with the same data settings first")
+    return out
