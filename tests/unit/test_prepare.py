@@ -101,3 +101,20 @@ def test_action_prepare_from_the_command_line(tmp_path) -> None:
     assert wrong.stderr.splitlines() == [
         "error: config key 'data.name' has value 'synthetic'; allowed: 'text' (action=prepare "
         "tokenizes text files; the other sets are built in memory)"]
+
+
+def test_a_rank_never_tokenizes_and_refuses_a_corpus_not_prepared(tmp_path) -> None:
+    """Ranks only map what the launch prepared: an unprepared (or changed) corpus is refused
+    with the way out, instead of every rank tokenizing it."""
+    from orchestrator.data import build_dataset
+    from orchestrator.data.prepare import prepare_job
+    from tests.conftest import make_job
+
+    source = tmp_path / "text.txt"
+    source.write_text("a first document\n\na second one\n" * 50, encoding="utf-8")
+    job = make_job(["data=text", f"data.path={source}", f"data.cache_dir={tmp_path / 'c'}",
+                    "data.seq_len=16", "data.num_proc=1"])
+    with pytest.raises(ValueError, match="is not prepared in .*action=prepare"):
+        build_dataset(job)
+    prepare_job(job)
+    assert len(build_dataset(job)) == len(PackedText(str(source), 16))
