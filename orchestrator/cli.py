@@ -85,8 +85,8 @@ def execute(job: JobConfig, hw: Hardware | None = None,
     if job.action == "prepare":
         from orchestrator.data.prepare import prepare_job
 
-        out, built = prepare_job(job)
-        print(f"{'prepared' if built else 'up to date, nothing to do'}: {out}")
+        for out, built in prepare_job(job):
+            print(f"{'prepared' if built else 'up to date, nothing to do'}: {out}")
         return 0
     if job.action == "validate":
         print(f"config OK: {job.world_size} ranks, zero_stage {job.parallelism.zero_stage}, "

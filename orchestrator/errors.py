@@ -23,5 +23,10 @@ class ConfigError(OrchestratorError):
         super().__init__(f"config key '{key}' has value {value!r}; allowed: {allowed}")
 
 
+class DataError(OrchestratorError):
+    """A data source the job cannot use, found before launch: the message names the file and
+    the line (or row) of the first bad record."""
+
+
 class LaunchError(OrchestratorError):
     """The job was launched but did not finish successfully."""

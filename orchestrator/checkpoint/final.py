@@ -15,7 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
-from orchestrator.data.tokenizer import TOKENIZER_JSON, ByteTokenizer
+from orchestrator.data.tokenizer import TOKENIZER_JSON, ByteTokenizer, HFTokenizer, hf_dir
 from orchestrator.metrics import NO_SPACE, DiskFull
 from orchestrator.models.lora import is_lora, merged_state_dict
 from orchestrator.models.preference import policy_only
@@ -61,7 +61,9 @@ def _write(engine: Engine, state: dict, tmp: Path, tokenizer_json: Path | None) 
         model.save_pretrained(tmp / ADAPTER_DIR, state_dict=state)
     else:
         model.save_pretrained(tmp, state_dict=state)
-    if tokenizer_json is not None:  # BPE: the model travels with its vocabulary
+    if tokenizer_json is not None and hf_dir(tokenizer_json) is not None:
+        HFTokenizer(hf_dir(tokenizer_json)).tok.save_pretrained(tmp)  # AutoTokenizer reads it
+    elif tokenizer_json is not None:  # BPE: the model travels with its vocabulary
         shutil.copy(tokenizer_json, tmp / TOKENIZER_JSON)
     else:
         tok = ByteTokenizer()

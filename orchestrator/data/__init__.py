@@ -11,7 +11,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from orchestrator.data import objectives
 from orchestrator.data.corpus import build_corpus, build_preferences, build_sft
 from orchestrator.data.datasets import MarkovTokens, PreferencePairs, PromptResponse
-from orchestrator.data.tokenizer import TOKENIZER_JSON, BPETokenizer, ByteTokenizer, Tokenizer
+from orchestrator.data.tokenizer import (
+    TOKENIZER_JSON,
+    BPETokenizer,
+    ByteTokenizer,
+    Tokenizer,
+    load_tokenizer,
+)
 from orchestrator.schema import JobConfig
 
 FAMILY_OBJECTIVE = {"gpt2": "causal", "llama": "causal", "bert": "mlm", "t5": "span"}
@@ -32,8 +38,9 @@ def data_vocab(job: JobConfig) -> int:
 
 
 def tokenizer_file(job: JobConfig) -> Path:
-    """Where the job's BPE tokenizer is: the configured path, the pretrained model's, or the
-    one trained at launch into the run directory."""
+    """Where the job's tokenizer is: the configured path (a tokenizer.json, or for
+    data.tokenizer=hf a Hugging Face tokenizer directory), the pretrained model's, or the BPE
+    trained at launch into the run directory."""
     d, m = job.data, job.model
     if d.tokenizer_path:
         return Path(d.tokenizer_path)
@@ -43,21 +50,38 @@ def tokenizer_file(job: JobConfig) -> Path:
 
 
 def uses_bpe(job: JobConfig) -> bool:
-    """BPE when asked for, or when the pretrained model carries its own tokenizer.json."""
+    """A tokenizer file rather than bytes: a BPE (trained at launch or given), a Hugging Face
+    tokenizer, or the pretrained model's own tokenizer.json."""
     pretrained = job.model.pretrained_path
-    return job.data.tokenizer == "bpe" or bool(
+    return job.data.tokenizer != "byte" or bool(
         pretrained and (Path(pretrained) / TOKENIZER_JSON).exists())
 
 
 def prepare_tokenizer(job: JobConfig) -> None:
     """Before launch: train the BPE on the corpus once, so every rank loads the same one."""
-    if uses_bpe(job) and not tokenizer_file(job).exists():
-        BPETokenizer.train(job.data.path if job.data.name == "text" and job.data.path
-                           else build_corpus(), data_vocab(job), tokenizer_file(job))
+    if job.data.tokenizer != "bpe" or not uses_bpe(job) or tokenizer_file(job).exists():
+        return
+    if job.data.name == "text":
+        from orchestrator.data.prepare import all_documents
+
+        corpus: Path | Iterator[str] = all_documents(job)
+    else:
+        corpus = build_corpus()
+    BPETokenizer.train(corpus, data_vocab(job), tokenizer_file(job))
 
 
 def get_tokenizer(job: JobConfig) -> Tokenizer:
-    return BPETokenizer(tokenizer_file(job)) if uses_bpe(job) else ByteTokenizer()
+    return load_tokenizer(tokenizer_file(job)) if uses_bpe(job) else ByteTokenizer()
+
+
+def ids_needed(job: JobConfig) -> int:
+    """Token ids the data uses: the Markov chain's, the tokenizer's (one still to be trained
+    has at least the 256 bytes and end-of-text), or the byte tokenizer's."""
+    if job.data.name == "synthetic":
+        return job.data.branching
+    if uses_bpe(job) and tokenizer_file(job).exists():
+        return get_tokenizer(job).vocab_size
+    return ByteTokenizer.vocab_size
 
 
 def build_dataset(job: JobConfig) -> Dataset:
@@ -70,9 +94,11 @@ def build_dataset(job: JobConfig) -> Dataset:
     if d.name == "jsonl_pref":
         return PreferencePairs(d.path or str(build_preferences()), d.seq_len, get_tokenizer(job))
     from orchestrator.data.memmap import MemmapTokens
+    from orchestrator.data.mixture import Mixture
     from orchestrator.data.prepare import prepared
 
-    return MemmapTokens(prepared(job), d.seq_len)  # tokenized once, before the ranks started
+    parts = [MemmapTokens(p, d.seq_len) for p in prepared(job)]  # tokenized before launch
+    return parts[0] if not d.sources else Mixture(parts, [s.weight for s in d.sources])
 
 
 def split(dataset: Dataset, holdout: float) -> tuple[Dataset, Dataset]:

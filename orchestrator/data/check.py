@@ -27,11 +27,66 @@ BINARY_WINDOW = 1 << 20  # NUL bytes in the first MiB mark a binary file
 _passed: set[tuple[object, ...]] = set()
 
 
+def check_tokenizer(job: JobConfig) -> None:
+    """data.tokenizer=bpe: text to train on, and a given tokenizer_path is a tokenizer.json;
+    data.tokenizer=hf: tokenizer_path is a tokenizer directory or tokenizer.json."""
+    d = job.data
+    if d.tokenizer == "byte":
+        return
+    if d.name == "synthetic" and job.train.task != "generate":
+        raise ConfigError("data.tokenizer", d.tokenizer,
+                          "'byte' for synthetic data (it has no text)")
+    if d.tokenizer == "bpe" and d.tokenizer_path and not os.path.isfile(d.tokenizer_path):
+        raise ConfigError("data.tokenizer_path", d.tokenizer_path,
+                          "an existing tokenizer.json, or null to train one at launch")
+    if d.tokenizer == "hf" and not (d.tokenizer_path and os.path.exists(d.tokenizer_path)):
+        raise ConfigError("data.tokenizer_path", d.tokenizer_path, "a local Hugging Face "
+                          "tokenizer directory (or tokenizer.json) for data.tokenizer=hf")
+    if d.tokenizer == "hf":
+        try:
+            get_tokenizer(job)
+        except (OSError, ValueError) as e:
+            raise ConfigError("data.tokenizer_path", d.tokenizer_path,
+                              f"a tokenizer AutoTokenizer can load ({e})") from None
+
+
+def check_sources(job: JobConfig) -> None:
+    """Every configured source names something: `data.path` (text: a file, glob, directory
+    or save_to_disk dataset) or each of `data.sources`, with positive weights."""
+    from orchestrator.data.sources import resolve
+
+    d = job.data
+    if d.sources and (d.name != "text" or d.path is not None):
+        raise ConfigError("data.sources", [s.path for s in d.sources],
+                          "empty unless data.name='text' and data.path is null (one or "
+                          "the other)")
+    where = "an existing file, glob, directory or datasets save_to_disk directory"
+    for i, s in enumerate(d.sources):
+        if not s.weight > 0:
+            raise ConfigError(f"data.sources[{i}].weight", s.weight, "a positive number")
+        try:
+            resolve(s.path)
+        except FileNotFoundError:
+            raise ConfigError(f"data.sources[{i}].path", s.path, where) from None
+    if d.name == "synthetic" or d.path is None:
+        return
+    try:
+        if d.name != "text" and not os.path.isfile(d.path):
+            raise FileNotFoundError(d.path)
+        resolve(d.path)
+    except FileNotFoundError:
+        raise ConfigError("data.path", d.path, (where if d.name == "text" else
+                                                "an existing file") +
+                          ", or null for the built-in set") from None
+
+
 def check_data(job: JobConfig) -> None:
     """Refuse a `data.path` the job cannot train on; synthetic data and the built-in sets
-    (path null) are not checked."""
+    (path null) are not checked, nor text sources other than one plain file (globs,
+    directories, datasets, several sources): `action=prepare`, run by every launch, reads
+    those and names the file and line of a bad record."""
     d = job.data
-    if d.name == "synthetic" or d.path is None:
+    if d.name == "synthetic" or d.path is None or not os.path.isfile(d.path):
         return
     path = d.path
     bpe = uses_bpe(job)

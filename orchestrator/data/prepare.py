@@ -1,8 +1,9 @@
 """Tokenize once (`action=prepare`): text sources → one flat memory-mapped token file, an index
 of document ends and a manifest, in `data.cache_dir`.
 
-Documents are those `PackedText` packs (a text file split at blank lines; a JSONL file's
-`data.text_field` per line), each followed by end-of-text. They are tokenized by
+Documents are those `PackedText` packs (a text file split at blank lines; a record's
+`data.text_field` in JSONL, JSON, Parquet or a `save_to_disk` dataset: data/sources.py), each
+followed by end-of-text. They are tokenized by
 `data.num_proc` worker processes in order, so the token file equals a single-process
 tokenization exactly. The files are written into a temporary directory and renamed into place:
 a cache directory holding a manifest is complete. Re-running with unchanged sources (size and
@@ -24,58 +25,51 @@ from typing import Any
 
 import numpy as np
 
+from orchestrator.data.sources import BadRecord, Skipped, documents, resolve
 from orchestrator.schema import JobConfig
 
 MANIFEST, TOKENS, INDEX = "manifest.json", "tokens.bin", "docs.idx"
-CHUNK_CHARS = 1 << 20  # a text file is read this many characters at a time
 BATCH_DOCS = 256  # documents per task sent to a worker
-
-
-def documents(path: Path, text_field: str) -> Iterator[str]:
-    """The documents of one source, streamed: a `.jsonl` file's `text_field` per line, any other
-    file split at blank lines exactly as `str.split("\\n\\n")` would (empty ones dropped)."""
-    with open(path, encoding="utf-8") as f:
-        if path.suffix == ".jsonl":
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    text = json.loads(line).get(text_field)
-                    if not isinstance(text, str):
-                        raise ValueError(f"{path}:{n}: no string field {text_field!r}")
-                    yield text
-            return
-        rest = ""
-        while chunk := f.read(CHUNK_CHARS):
-            rest += chunk
-            *whole, rest = rest.split("\n\n")
-            yield from (d for d in whole if d.strip())
-        if rest.strip():
-            yield rest
-
 
 _tokenizer: Any = None
 
 
-def _start_worker(kind: str, path: str | None) -> None:
+def _start_worker(path: str | None) -> None:
     global _tokenizer
-    from orchestrator.data.tokenizer import BPETokenizer, ByteTokenizer
+    from orchestrator.data.tokenizer import load_tokenizer
 
-    _tokenizer = BPETokenizer(path) if kind == "bpe" else ByteTokenizer()
+    _tokenizer = load_tokenizer(path)
 
 
 def _encode(docs: list[str]) -> list[list[int]]:
     return [_tokenizer.encode(d) + [_tokenizer.eos_id] for d in docs]
 
 
-def _batches(paths: list[Path], text_field: str) -> Iterator[list[str]]:
-    batch: list[str] = []
-    for path in paths:
-        for doc in documents(path, text_field):
-            batch.append(doc)
-            if len(batch) == BATCH_DOCS:
-                yield batch
-                batch = []
-    if batch:
-        yield batch
+class _Reader:
+    """The documents of all files in order, in batches for the workers; counts what was read
+    (characters, for the progress line) and what was skipped; refuses an empty file."""
+
+    def __init__(self, files: list[Path], text_field: str, skip: bool) -> None:
+        self.files, self.text_field = files, text_field
+        self.skipped = Skipped() if skip else None
+        self.chars = 0
+
+    def __iter__(self) -> Iterator[list[str]]:
+        batch: list[str] = []
+        for path in self.files:
+            found = 0
+            for doc in documents(path, self.text_field, self.skipped):
+                found += 1
+                self.chars += len(doc)
+                batch.append(doc)
+                if len(batch) == BATCH_DOCS:
+                    yield batch
+                    batch = []
+            if not found:
+                raise BadRecord(f"{path}:1: no documents (the source is empty, blank, or "
+                                "every record was skipped)")
+        if batch:
+            yield batch
 
 
 def file_sha256(path: Path) -> str:
@@ -86,25 +80,27 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _files_of(sources: list[Path]) -> list[Path]:
+    """The files whose size and mtime say whether `sources` changed (a `save_to_disk`
+    directory's own files)."""
+    return [f for p in sources for f in (sorted(x for x in p.rglob("*") if x.is_file())
+                                         if p.is_dir() else [p])]
+
+
 def _source_info(path: Path) -> dict[str, Any]:
     st = path.stat()
     return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def tokenizer_key(kind: str, tokenizer_file: Path | None) -> dict[str, Any]:
-    return {"kind": kind, "sha256": file_sha256(tokenizer_file) if tokenizer_file else None}
-
-
-def prepared_dir(job: JobConfig, sources: list[Path], tokenizer: dict[str, Any]) -> Path:
-    """`data.cache_dir`, else `<cache>/data/<first source>-<key>` under the project's cache
-    (`$ORCHESTRATOR_CACHE`, else ~/.cache/orchestrator); the key hashes the source paths and
-    the tokenizer."""
-    from orchestrator.data.corpus import cache_dir
-
-    if job.data.cache_dir is not None:
-        return Path(job.data.cache_dir)
-    key = hashlib.sha256(json.dumps([[str(p) for p in sources], tokenizer]).encode())
-    return cache_dir() / "data" / f"{sources[0].stem}-{key.hexdigest()[:12]}"
+def tokenizer_key(tokenizer: Path | None) -> dict[str, Any]:
+    """What the prepared tokens depend on: bytes, or the tokenizer's files' contents."""
+    if tokenizer is None:
+        return {"kind": "byte", "sha256": None}
+    files = _files_of([tokenizer])
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.name}\0{file_sha256(f)}\0".encode())
+    return {"kind": "hf" if tokenizer.is_dir() else "bpe", "sha256": h.hexdigest()}
 
 
 def is_current(out: Path, sources: list[Path], tokenizer: dict[str, Any]) -> bool:
@@ -114,44 +110,49 @@ def is_current(out: Path, sources: list[Path], tokenizer: dict[str, Any]) -> boo
         return False
     return (manifest.get("tokenizer") == tokenizer and
             [{k: s[k] for k in ("path", "size", "mtime_ns")} for s in manifest["sources"]]
-            == [_source_info(p) for p in sources])
+            == [_source_info(p) for p in _files_of(sources)])
 
 
-def prepare(sources: list[Path], out: Path, kind: str, tokenizer_file: Path | None,
-            text_field: str = "text", num_proc: int | None = None,
-            progress: bool = True) -> tuple[Path, bool]:
-    """Tokenize `sources` into `out` unless it is current; returns (out, whether it was built).
-    `kind`: "byte" or "bpe" (then `tokenizer_file` is its tokenizer.json)."""
+def prepare(sources: list[Path], out: Path, tokenizer: Path | None = None,
+            text_field: str = "text", num_proc: int | None = None, progress: bool = True,
+            on_error: str = "raise") -> tuple[Path, bool]:
+    """Tokenize `sources` (files, or `save_to_disk` directories) into `out` unless it is
+    current; returns (out, whether it was built). `tokenizer`: None for bytes, a tokenizer.json
+    or a Hugging Face tokenizer directory. A bad record raises `BadRecord` (file:line), or
+    under `on_error="skip"` is counted in the manifest (`skipped`)."""
+    from orchestrator.data.tokenizer import load_tokenizer
+
     sources = [p.absolute() for p in sources]
-    tokenizer = tokenizer_key(kind, tokenizer_file)
-    if is_current(out, sources, tokenizer):
+    key = tokenizer_key(tokenizer)
+    if is_current(out, sources, key):
         return out, False
-    from orchestrator.data.tokenizer import BPETokenizer, ByteTokenizer
-
-    vocab = (BPETokenizer(tokenizer_file) if kind == "bpe" else ByteTokenizer()).vocab_size
+    vocab = load_tokenizer(tokenizer).vocab_size
     dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.uint32
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    total = sum(p.stat().st_size for p in sources)
+    total = sum(p.stat().st_size for p in _files_of(sources))
+    reader = _Reader(sources, text_field, on_error == "skip")
     started, tokens, ends = time.perf_counter(), 0, []
     workers = max(1, num_proc or os.cpu_count() or 1)
     try:
         with open(tmp / TOKENS, "wb") as f, get_context("spawn").Pool(
-                workers, _start_worker, (kind, str(tokenizer_file) if tokenizer_file else None)
-        ) as pool:
-            for i, encoded in enumerate(pool.imap(_encode, _batches(sources, text_field))):
+                workers, _start_worker, (str(tokenizer) if tokenizer else None,)) as pool:
+            for i, encoded in enumerate(pool.imap(_encode, reader)):
                 for ids in encoded:
                     f.write(np.asarray(ids, dtype=dtype).tobytes())
                     tokens += len(ids)
                     ends.append(tokens)
                 if progress and i % 64 == 0:
-                    _report(tokens, len(ends), started, total)
+                    _report(tokens, len(ends), started, reader.chars, total)
         np.asarray(ends, dtype=np.int64).tofile(tmp / INDEX)
-        manifest = {"sources": [{**_source_info(p), "sha256": file_sha256(p)} for p in sources],
-                    "tokenizer": tokenizer, "dtype": np.dtype(dtype).name, "vocab_size": vocab,
-                    "num_tokens": tokens, "num_docs": len(ends), "text_field": text_field}
+        skipped = reader.skipped or Skipped()
+        manifest = {"sources": [{**_source_info(p), "sha256": file_sha256(p)}
+                                for p in _files_of(sources)],
+                    "tokenizer": key, "dtype": np.dtype(dtype).name, "vocab_size": vocab,
+                    "num_tokens": tokens, "num_docs": len(ends), "text_field": text_field,
+                    "skipped": skipped.count, "first_skipped": skipped.first}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
@@ -159,56 +160,120 @@ def prepare(sources: list[Path], out: Path, kind: str, tokenizer_file: Path | No
         shutil.rmtree(tmp, ignore_errors=True)
     if progress:
         print(f"prepared {tokens} tokens of {len(ends)} documents into {out} in "
-              f"{time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+              f"{time.perf_counter() - started:.1f} s" +
+              (f"; skipped {skipped.count} bad records (first: {skipped.first})"
+               if skipped.count else ""), file=sys.stderr, flush=True)
     return out, True
 
 
-def _report(tokens: int, docs: int, started: float, total_bytes: int) -> None:
+def _report(tokens: int, docs: int, started: float, chars: int, total_bytes: int) -> None:
+    """One progress line: documents, tokens, rate, and the ETA from the share of the sources
+    read so far (characters for bytes: exact for ASCII text, an estimate otherwise)."""
     elapsed = time.perf_counter() - started
+    done = min(chars / max(total_bytes, 1), 0.999)
+    eta = f", ETA {elapsed * (1 - done) / done:.0f} s" if done > 0.01 else ""
     print(f"prepare: {docs} documents, {tokens} tokens, {tokens / max(elapsed, 1e-9):,.0f} "
-          f"tokens/s ({total_bytes / 2**20:.1f} MiB of sources)", file=sys.stderr, flush=True)
+          f"tokens/s, {100 * done:.0f}% of {total_bytes / 2**20:.1f} MiB{eta}",
+          file=sys.stderr, flush=True)
 
 
-def _job_inputs(job: JobConfig) -> tuple[list[Path], Path | None, dict[str, Any]]:
-    """(sources, BPE tokenizer file or None, tokenizer key) of a `data=text` job."""
-    from orchestrator.data import tokenizer_file, uses_bpe
+def job_sources(job: JobConfig) -> list[list[Path]]:
+    """The files of each of a `data=text` job's sources: `data.sources`, else `data.path`,
+    else the built-in corpus. A path naming nothing is refused (`DataError`)."""
     from orchestrator.data.corpus import build_corpus
-    from orchestrator.errors import ConfigError
+    from orchestrator.errors import ConfigError, DataError
 
     if job.data.name != "text":
         raise ConfigError("data.name", job.data.name, "'text' (action=prepare tokenizes text "
                           "files; the other sets are built in memory)")
-    bpe = tokenizer_file(job) if uses_bpe(job) else None
-    if bpe is not None and not bpe.is_file():
+    specs = ([s.path for s in job.data.sources] or
+             [job.data.path or str(build_corpus())])
+    try:
+        return [resolve(spec) for spec in specs]
+    except FileNotFoundError as e:
+        raise DataError(f"data: {e}") from None
+
+
+def _tokenizer_of(job: JobConfig) -> Path | None:
+    from orchestrator.data import tokenizer_file, uses_bpe
+    from orchestrator.errors import ConfigError
+
+    tok = tokenizer_file(job) if uses_bpe(job) else None
+    if tok is not None and not tok.exists():
         raise ConfigError("data.tokenizer_path", job.data.tokenizer_path,
-                          "an existing tokenizer.json for data.tokenizer=bpe with action=prepare")
-    sources = [(Path(job.data.path) if job.data.path else build_corpus()).absolute()]
-    return sources, bpe, tokenizer_key("bpe" if bpe else "byte", bpe)
+                          "an existing tokenizer.json or tokenizer directory for "
+                          f"data.tokenizer={job.data.tokenizer} with action=prepare")
+    return tok
 
 
-def prepare_job(job: JobConfig) -> tuple[Path, bool]:
-    """`action=prepare`, and every launch of a `data=text` job before its ranks start: the
-    text source (`data.path`, else the built-in corpus) with the job's tokenizer (bytes, or
-    BPE from its tokenizer.json) into its cache directory, unless that is current. One launch
-    at a time builds a cache directory (a lock beside it); the others wait and find it done."""
+def prepared_dirs(job: JobConfig, tokenizer: dict[str, Any]) -> list[tuple[list[Path], Path]]:
+    """(files, cache directory) of each source: `data.cache_dir` (its `source-i` for several
+    sources), else `<cache>/data/<first file>-<hash of the files and the tokenizer>` under
+    the project's cache (`$ORCHESTRATOR_CACHE`, else ~/.cache/orchestrator)."""
+    from orchestrator.data.corpus import cache_dir
+
+    out = []
+    every = job_sources(job)
+    for i, files in enumerate(every):
+        if job.data.cache_dir is not None:
+            where = Path(job.data.cache_dir)
+            out.append((files, where if len(every) == 1 else where / f"source-{i}"))
+            continue
+        key = hashlib.sha256(json.dumps([[str(p) for p in files], tokenizer,
+                                         job.data.text_field]).encode())
+        out.append((files, cache_dir() / "data" / f"{files[0].stem}-{key.hexdigest()[:12]}"))
+    return out
+
+
+def prepare_job(job: JobConfig) -> list[tuple[Path, bool]]:
+    """`action=prepare`, and every launch of a `data=text` job before its ranks start: each
+    source with the job's tokenizer into its cache directory, unless that is current. One
+    launch at a time builds a cache directory (a lock beside it); the others wait and find it
+    done. A bad record, an empty source or one shorter than a sequence is a `DataError`."""
     import fcntl
 
-    sources, bpe, tokenizer = _job_inputs(job)
-    out = prepared_dir(job, sources, tokenizer)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_name(f".{out.name}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        return prepare(sources, out, tokenizer["kind"], bpe, job.data.text_field,
-                       job.data.num_proc, job.logging.progress)
+    from orchestrator.errors import DataError
+
+    tok = _tokenizer_of(job)
+    done = []
+    for files, out in prepared_dirs(job, tokenizer_key(tok)):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out.with_name(f".{out.name}.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                done.append(prepare(files, out, tok, job.data.text_field, job.data.num_proc,
+                                    job.logging.progress, job.data.on_error))
+            except BadRecord as e:
+                raise DataError(f"data: {e}") from None
+        tokens = json.loads((out / MANIFEST).read_text())["num_tokens"]
+        if tokens < job.data.seq_len:
+            raise DataError(f"data: {files[0]}: {tokens} tokens, fewer than one sequence of "
+                            f"data.seq_len={job.data.seq_len}")
+    return done
 
 
-def prepared(job: JobConfig) -> Path:
-    """In a rank: the job's prepared corpus, which its launch made current before the ranks
+def all_documents(job: JobConfig) -> Iterator[str]:
+    """Every document of a `data=text` job's sources, in order (to train its BPE on); a bad
+    record stops it as in `prepare` (or is passed over under data.on_error=skip)."""
+    from orchestrator.errors import DataError
+
+    skipped = Skipped() if job.data.on_error == "skip" else None
+    try:
+        for files in job_sources(job):
+            for path in files:
+                yield from documents(path, job.data.text_field, skipped)
+    except BadRecord as e:
+        raise DataError(f"data: {e}") from None
+
+
+def prepared(job: JobConfig) -> list[Path]:
+    """In a rank: the job's prepared sources, which its launch made current before the ranks
     started (ranks never tokenize: eight ranks per node would do it eight times)."""
-    sources, _, tokenizer = _job_inputs(job)
-    out = prepared_dir(job, sources, tokenizer)
-    if not is_current(out, sources, tokenizer):
-        raise ValueError(f"the corpus {sources[0]} is not prepared in {out} for this tokenizer "
-                         "(or changed since): launch through python -m orchestrator, or run "
-                         "action=prepare with the same data settings first")
-    return out
+    key = tokenizer_key(_tokenizer_of(job))
+    for files, out in prepared_dirs(job, key):
+        if not is_current(out, files, key):
+            raise ValueError(f"the source {files[0]} is not prepared in {out} for this "
+                             "tokenizer (or changed since): launch through python -m "
+                             "orchestrator, or run action=prepare with the same data settings "
+                             "first")
+    return [out for _, out in prepared_dirs(job, key)]

@@ -45,7 +45,7 @@ def plain_tokens(path: Path, encode, eos: int) -> list[int]:
 
 
 def test_two_workers_write_exactly_the_single_process_tokens(corpus, tmp_path) -> None:
-    out, built = prepare([corpus], tmp_path / "bytes", "byte", None, num_proc=2, progress=False)
+    out, built = prepare([corpus], tmp_path / "bytes", None, num_proc=2, progress=False)
     assert built
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["dtype"] == "uint16" and manifest["sources"][0]["size"] == \
@@ -65,7 +65,7 @@ def test_two_workers_write_exactly_the_single_process_tokens(corpus, tmp_path) -
 
 def test_a_bpe_corpus_matches_hugging_faces_own_encoding(corpus, tmp_path) -> None:
     bpe = BPETokenizer.train(build_corpus(), 512, tmp_path / "tokenizer.json")
-    out, _ = prepare([corpus], tmp_path / "bpe", "bpe", tmp_path / "tokenizer.json",
+    out, _ = prepare([corpus], tmp_path / "bpe", tmp_path / "tokenizer.json",
                      num_proc=2, progress=False)
     tokens = np.fromfile(out / TOKENS, dtype=np.uint16).tolist()
     assert tokens == plain_tokens(corpus, lambda d: bpe.tok.encode(d).ids, bpe.eos_id)
@@ -74,14 +74,14 @@ def test_a_bpe_corpus_matches_hugging_faces_own_encoding(corpus, tmp_path) -> No
 def test_unchanged_sources_are_not_prepared_again_and_changed_ones_are(corpus, tmp_path) -> None:
     source = tmp_path / "small.txt"
     source.write_text("one document\n\nand another\n", encoding="utf-8")
-    out, built = prepare([source], tmp_path / "cache", "byte", None, num_proc=2,
+    out, built = prepare([source], tmp_path / "cache", None, num_proc=2,
                          progress=False)
     stamp = (out / TOKENS).stat().st_mtime_ns
-    assert built and not prepare([source], out, "byte", None, progress=False)[1]
+    assert built and not prepare([source], out, progress=False)[1]
     assert (out / TOKENS).stat().st_mtime_ns == stamp  # a no-op: not even rewritten
     source.write_text("one document\n\nand another, edited\n", encoding="utf-8")
     os.utime(source, ns=(stamp + 10**9, stamp + 10**9))
-    assert prepare([source], out, "byte", None, progress=False)[1]
+    assert prepare([source], out, progress=False)[1]
     assert bytes(np.fromfile(out / TOKENS, dtype=np.uint16)[-10:-1].tolist()) == b", edited\n"
 
 
@@ -114,7 +114,7 @@ def test_a_rank_never_tokenizes_and_refuses_a_corpus_not_prepared(tmp_path) -> N
     source.write_text("a first document\n\na second one\n" * 50, encoding="utf-8")
     job = make_job(["data=text", f"data.path={source}", f"data.cache_dir={tmp_path / 'c'}",
                     "data.seq_len=16", "data.num_proc=1"])
-    with pytest.raises(ValueError, match="is not prepared in .*action=prepare"):
+    with pytest.raises(ValueError, match="not prepared in .*action=prepare"):
         build_dataset(job)
     prepare_job(job)
     assert len(build_dataset(job)) == len(PackedText(str(source), 16))

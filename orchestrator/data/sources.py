@@ -1,0 +1,210 @@
+"""Text sources for `action=prepare`: what a configured path names, and its documents, streamed.
+
+A path is a file, a glob (`shards/*.jsonl`), a directory (every supported file under it, sorted)
+or a Hugging Face `datasets.save_to_disk` directory. Files by suffix: `.txt` and other text is
+split at blank lines; `.jsonl` has one object per line and `.json` is JSON lines or one array of
+objects (the `data.text_field` of each); `.parquet` rows give the text column. A record the job
+cannot use (a malformed line, a missing or non-string field, bytes that are not UTF-8) raises
+`BadRecord` naming the file and line (or row), unless `on_error="skip"` counts it instead.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+TEXT_SUFFIXES = (".txt", ".text", ".md")
+RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
+CHUNK_BYTES = 1 << 20  # a text file is read this many bytes at a time
+HF_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+class BadRecord(ValueError):
+    """A record of a source the job cannot use; the message starts with `file:line:`."""
+
+
+@dataclass
+class Skipped:
+    """Bad records passed over under `data.on_error=skip`: how many, and the first one."""
+
+    count: int = 0
+    first: str | None = None
+
+    def add(self, message: str) -> None:
+        self.count += 1
+        self.first = self.first or message
+
+
+def is_hf_disk(path: Path) -> bool:
+    """A directory written by `datasets`' `save_to_disk` (one split, or a DatasetDict)."""
+    return path.is_dir() and any((path / m).is_file() for m in HF_DISK_MARKERS)
+
+
+def resolve(spec: str) -> list[Path]:
+    """The files (or one `save_to_disk` directory) a configured path names, sorted; raises
+    `FileNotFoundError` naming the path when it names nothing."""
+    if glob.has_magic(spec):
+        found = sorted(Path(p).absolute() for p in glob.glob(spec, recursive=True))
+        files = [p for p in found if p.is_file()]
+    else:
+        path = Path(spec).absolute()
+        if is_hf_disk(path):
+            return [path]
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and
+                           p.suffix in TEXT_SUFFIXES + RECORD_SUFFIXES)
+        else:
+            files = [path] if path.is_file() else []
+    if not files:
+        raise FileNotFoundError(f"{spec}: no such file, or no .txt/.jsonl/.json/.parquet "
+                                "file under it")
+    return files
+
+
+def documents(path: Path, text_field: str, skipped: Skipped | None = None) -> Iterator[str]:
+    """The documents of one source, streamed. Bad records raise `BadRecord`, or are counted
+    in `skipped` when it is given."""
+    if is_hf_disk(path):
+        yield from _hf_disk(path, text_field, skipped)
+    elif path.suffix == ".parquet":
+        yield from _parquet(path, text_field, skipped)
+    elif path.suffix in (".jsonl", ".json"):
+        yield from _json_lines(path, text_field, skipped)
+    else:
+        yield from _text(path, skipped)
+
+
+def _bad(message: str, skipped: Skipped | None) -> None:
+    if skipped is None:
+        raise BadRecord(message)
+    skipped.add(message)
+
+
+def _field(row: object, text_field: str, where: str, skipped: Skipped | None) -> str | None:
+    text = row.get(text_field) if isinstance(row, dict) else None
+    if isinstance(text, str):
+        return text
+    _bad(f"{where}: no string field {text_field!r}", skipped)
+    return None
+
+
+def _json_lines(path: Path, text_field: str, skipped: Skipped | None) -> Iterator[str]:
+    with open(path, "rb") as f:
+        if path.suffix == ".json" and _starts_array(f):
+            yield from _json_array(path, text_field, skipped)
+            return
+        for n, raw in enumerate(f, 1):
+            where = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                _bad(f"{where}: not UTF-8 ({e.reason} at byte {e.start} of the line)", skipped)
+                continue
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                _bad(f"{where}: not a JSON object ({e})", skipped)
+                continue
+            text = _field(row, text_field, where, skipped)
+            if text is not None:
+                yield text
+
+
+def _starts_array(f) -> bool:  # noqa: ANN001 - a binary file object
+    head = f.read(4096).lstrip()
+    f.seek(0)
+    return head.startswith(b"[")
+
+
+def _json_array(path: Path, text_field: str, skipped: Skipped | None) -> Iterator[str]:
+    """A `.json` file holding one array of objects (read whole: such files are small; large
+    data comes as JSON lines or Parquet). Records are numbered from 1."""
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRecord(f"{path}:1: not a JSON array of objects ({e})") from None
+    for n, row in enumerate(rows, 1):
+        text = _field(row, text_field, f"{path}: record {n}", skipped)
+        if text is not None:
+            yield text
+
+
+def _parquet(path: Path, text_field: str, skipped: Skipped | None) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    f = pq.ParquetFile(path)
+    if text_field not in f.schema_arrow.names:
+        raise BadRecord(f"{path}: row 1: no column {text_field!r} (columns: "
+                        f"{', '.join(f.schema_arrow.names)})")
+    row = 0
+    for batch in f.iter_batches(columns=[text_field], batch_size=4096):
+        for text in batch.column(0).to_pylist():
+            row += 1
+            if isinstance(text, str):
+                yield text
+            else:
+                _bad(f"{path}: row {row}: {text_field!r} is {type(text).__name__}, not text",
+                     skipped)
+
+
+def _hf_disk(path: Path, text_field: str, skipped: Skipped | None) -> Iterator[str]:
+    """A `save_to_disk` dataset (its "train" split when it is a DatasetDict), read through its
+    memory-mapped Arrow files a batch at a time."""
+    from datasets import DatasetDict, load_from_disk
+
+    data = load_from_disk(str(path))
+    if isinstance(data, DatasetDict):
+        if "train" not in data:
+            raise BadRecord(f"{path}: row 1: a DatasetDict without a 'train' split "
+                            f"(splits: {', '.join(data)})")
+        data = data["train"]
+    if text_field not in data.column_names:
+        raise BadRecord(f"{path}: row 1: no column {text_field!r} (columns: "
+                        f"{', '.join(data.column_names)})")
+    row = 0
+    for batch in data.select_columns([text_field]).iter(batch_size=4096):
+        for text in batch[text_field]:
+            row += 1
+            if isinstance(text, str):
+                yield text
+            else:
+                _bad(f"{path}: row {row}: {text_field!r} is {type(text).__name__}, not text",
+                     skipped)
+
+
+def _text(path: Path, skipped: Skipped | None) -> Iterator[str]:
+    """Documents split at blank lines exactly as `text.split("\\n\\n")` splits the whole
+    decoded text, with universal newlines as `open()` reads it (empty ones dropped). The file
+    is read in binary chunks cut at blank lines, so each piece decodes whole and a bad byte is
+    located by line; under `skip` the document holding it is dropped."""
+    line = 1  # of the first byte of `rest`
+    rest = b""
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(CHUNK_BYTES)
+            if chunk.endswith(b"\r"):  # keep a CR LF pair in one chunk
+                chunk += f.read(1)
+            rest += chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+            pieces = rest.split(b"\n\n")
+            rest = pieces.pop() if chunk else b""
+            for piece in pieces:
+                doc = _decode(piece, path, line, skipped)
+                if doc is not None and doc.strip():
+                    yield doc
+                line += piece.count(b"\n") + 2
+            if not chunk:
+                return
+
+
+def _decode(piece: bytes, path: Path, line: int, skipped: Skipped | None) -> str | None:
+    try:
+        return piece.decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = line + piece[:e.start].count(b"\n")
+        _bad(f"{path}:{at}: not UTF-8 ({e.reason}: byte {piece[e.start]:#04x})", skipped)
+        return None
