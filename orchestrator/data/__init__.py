@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -149,8 +150,11 @@ def batches(dataset: Dataset, job: JobConfig, rank: int, world_size: int,
     disjoint samples, and the stream is a pure function of (seed, rank, micro-batch index)."""
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank,
                                  shuffle=job.data.shuffle, seed=job.train.seed, drop_last=True)
+    workers = job.data.num_workers
     loader = DataLoader(dataset, batch_size=job.train.micro_batch_size, sampler=sampler,
-                        drop_last=True, collate_fn=stack)
+                        drop_last=True, collate_fn=stack, num_workers=workers,
+                        persistent_workers=workers > 0,
+                        pin_memory=os.environ.get("ORCHESTRATOR_DEVICE") == "cuda")
     if len(loader) == 0:
         raise ValueError(
             f"dataset has {len(dataset)} samples: too few for micro_batch_size "

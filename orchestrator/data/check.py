@@ -56,6 +56,9 @@ def check_sources(job: JobConfig) -> None:
     from orchestrator.data.sources import resolve
 
     d = job.data
+    if d.num_workers < 0:
+        raise ConfigError("data.num_workers", d.num_workers, "a number >= 0 (0 = read in the "
+                          "training process)")
     if d.sources and (d.name != "text" or d.path is not None):
         raise ConfigError("data.sources", [s.path for s in d.sources],
                           "empty unless data.name='text' and data.path is null (one or "

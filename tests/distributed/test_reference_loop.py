@@ -55,11 +55,11 @@ def markov_tokens() -> torch.Tensor:
     return tokens
 
 
-def rank_indices(rank: int, epoch: int = 0) -> list[int]:
+def rank_indices(rank: int, epoch: int = 0, samples: int = SAMPLES) -> list[int]:
     """DistributedSampler(shuffle=True, seed=SEED, drop_last=True) as documented."""
     g = torch.Generator().manual_seed(SEED + epoch)
-    order = torch.randperm(SAMPLES, generator=g).tolist()
-    order = order[: SAMPLES - SAMPLES % WORLD]
+    order = torch.randperm(samples, generator=g).tolist()
+    order = order[: samples - samples % WORLD]
     return order[rank::WORLD]
 
 
@@ -92,10 +92,16 @@ def plain_loop_losses() -> tuple[float, ...]:
 
 
 def _plain_loop() -> tuple[float, ...]:
+    return plain_loop(markov_tokens())[0]
+
+
+def plain_loop(tokens: torch.Tensor, held_out: torch.Tensor | None = None,
+               eval_every: int = 0) -> tuple[tuple[float, ...], dict[int, float]]:
+    """The 20 logged losses of training on the sequences `tokens` as above; and every
+    `eval_every` steps the mean next-token loss per token over all of `held_out`."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    tokens = markov_tokens()
-    shards = [rank_indices(r) for r in range(WORLD)]
+    shards = [rank_indices(r, samples=len(tokens)) for r in range(WORLD)]
     config = GPT2Config(vocab_size=VOCAB, n_layer=2, n_embd=64, n_head=4, n_positions=128,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                         tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
@@ -104,7 +110,7 @@ def _plain_loop() -> tuple[float, ...]:
     model = GPT2LMHeadModel(config)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), eps=1e-8,
                             weight_decay=0.0)
-    out = []
+    out, val = [], {}
     for step in range(1, STEPS + 1):
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
@@ -119,7 +125,12 @@ def _plain_loop() -> tuple[float, ...]:
         opt.zero_grad()
         # the ranks' float32 losses are summed in float32 (one all-reduce), then divided
         out.append(torch.stack(rank_losses).sum().item() / WORLD)
-    return tuple(out)
+        if eval_every and step % eval_every == 0:
+            with torch.no_grad():
+                logits = model(input_ids=held_out).logits.float()
+                val[step] = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB),
+                                            held_out[:, 1:].reshape(-1)).item()
+    return tuple(out), val
 
 
 def max_diff_from_plain_loop(got: list[float]) -> float:

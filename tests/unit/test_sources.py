@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from orchestrator.data import batches, build_dataset
 from orchestrator.data.prepare import MANIFEST, TOKENS, prepare, prepare_job
@@ -168,3 +169,40 @@ def test_a_hugging_face_tokenizer_directory_prepares_as_transformers_encodes(
     assert small.stderr.splitlines() == [
         "error: config key 'model.vocab_size' has value 299; allowed: at least 300 (the data's "
         "300 ids plus the causal objective's special ids)"]
+
+
+class _WhoReads(torch.utils.data.Dataset):
+    """The prepared windows, noting which DataLoader worker read each one."""
+
+    def __init__(self, inner: torch.utils.data.Dataset) -> None:
+        self.inner = inner
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        info = torch.utils.data.get_worker_info()
+        ids = self.inner[i]["input_ids"]  # labelled here, so the batch is passed on as it is
+        return {"input_ids": ids, "labels": ids,
+                "worker": torch.tensor(-1 if info is None else info.id)}
+
+
+def test_worker_processes_read_the_same_memmap_stream_and_resume_it(tmp_path: Path) -> None:
+    """data.num_workers=2: the windows are read in two worker processes, and the stream (also
+    resumed at a micro batch past an epoch) is the one the training process reads itself."""
+    import itertools
+
+    src = letters_corpus(tmp_path / "a.txt", "abcdefgh", 300, 3)
+    common = ["data=text", f"data.path={src}", "data.seq_len=16", "data.num_proc=1",
+              f"data.cache_dir={tmp_path / 'cache'}", "logging.progress=false",
+              "train.micro_batch_size=4"]
+    inline, workers = make_job(common), make_job([*common, "data.num_workers=2"])
+    prepare_job(inline)
+    data = _WhoReads(build_dataset(inline))
+    per_epoch = len(data) // 2 // 4
+    want = list(itertools.islice(batches(data, inline, 1, 2), per_epoch + 6))
+    got = list(itertools.islice(batches(data, workers, 1, 2, start_step=per_epoch - 2), 8))
+    assert all(torch.equal(w["input_ids"], g["input_ids"])
+               for w, g in zip(want[per_epoch - 2:], got, strict=True))
+    assert {int(w) for b in want for w in b["worker"]} == {-1}
+    assert {int(w) for b in got for w in b["worker"]} == {0, 1}
