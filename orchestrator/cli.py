@@ -83,9 +83,9 @@ def execute(job: JobConfig, hw: Hardware | None = None,
     hw = hw or Hardware.detect()
     validate(job, hw)
     if job.action == "prepare":
-        from orchestrator.data.prepare import prepare_job
+        from orchestrator.data import prepare_data
 
-        for out, built in prepare_job(job):
+        for out, built in prepare_data(job):
             print(f"{'prepared' if built else 'up to date, nothing to do'}: {out}")
         return 0
     if job.action == "validate":
@@ -155,10 +155,10 @@ def _plan_and_launch(job: JobConfig, plan: Any, text: str, run_dir: rundir.RunDi
     from orchestrator.launchers import launch
 
     prepare_tokenizer(job)
-    if job.data.name == "text":  # tokenized here once, not by every rank
-        from orchestrator.data.prepare import prepare_job
+    if job.data.name != "synthetic" and job.train.task != "generate":
+        from orchestrator.data import prepare_data
 
-        prepare_job(job)
+        prepare_data(job)  # tokenized here once, not by every rank
     run_dir.launched()
     handle = launch(plan, job)
     if job.launcher.name == "slurm" and not job.launcher.slurm.wait:

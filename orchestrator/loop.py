@@ -99,6 +99,12 @@ class IntervalTimer:
         self.start, self.steps = now, 0
         return out
 
+    def restart(self) -> None:
+        """Start the interval anew (after waiting for the device): the time since the last
+        close (held-out evaluation) counts for no step."""
+        self.sync()
+        self.start = time.perf_counter()
+
 
 class MemoryProbe:
     """Records this rank's model-state bytes at each probed moment of one step."""
@@ -118,10 +124,14 @@ def train(engine: Engine, data: Iterator[dict[str, torch.Tensor]], job: JobConfi
           plan: dict[str, Any] | None = None, start_step: int = 0,
           checkpoint: Callable[[int], Path] | None = None,
           stop: StopRequest | None = None,
-          poll: Callable[[], None] | None = None) -> list[float]:
+          poll: Callable[[], None] | None = None,
+          evaluate: Callable[[], dict[str, float]] | None = None) -> list[float]:
     """Run optimizer steps `start_step + 1 .. train.steps` (a resumed run starts after its
     checkpoint's step); return the rank-averaged loss of each. `checkpoint(step)` is called
     every `checkpoint.every_steps` and after the last step, which are logged steps too.
+    `evaluate()` (a collective returning e.g. `val/loss`) is called every `eval.every_steps`,
+    which are logged steps too: its metrics join that step's record, and its time counts in
+    no step's time or tokens/s, nor its memory in any interval's peak.
     With `stop` (and `checkpoint`), the ranks agree after every step whether one got the stop
     signal; if so, that step is logged and checkpointed and `Stopped` is raised on every rank.
     `poll()` is called on every logged step (the checkpointer commits background saves there).
@@ -146,6 +156,7 @@ def train(engine: Engine, data: Iterator[dict[str, torch.Tensor]], job: JobConfi
     reset_peak_memory(engine.device)  # set-up (model build, sharding) is not a step's peak
     timer = IntervalTimer(lambda: device_sync(engine.device))
     every = job.checkpoint.every_steps if checkpoint is not None else 0
+    eval_every = job.eval.every_steps if evaluate is not None else 0
     for step in range(start_step + 1, job.train.steps + 1):
         lr = lr_at(step, job.optim, job.train.steps)
         for group in engine.optimizer.param_groups:
@@ -163,7 +174,9 @@ def train(engine: Engine, data: Iterator[dict[str, torch.Tensor]], job: JobConfi
         stopping = (stop is not None and checkpoint is not None and step < job.train.steps
                     and stop.agreed())
         save = stopping or (every > 0 and (step % every == 0 or step == job.train.steps))
-        if not (extra or save or step % job.train.log_every == 0 or step == job.train.steps):
+        evaluating = eval_every > 0 and step % eval_every == 0
+        if not (extra or save or evaluating or step % job.train.log_every == 0
+                or step == job.train.steps):
             continue
         step_losses = torch.stack(pending)
         dist.all_reduce(step_losses)  # one collective for the interval, not one per step
@@ -181,6 +194,9 @@ def train(engine: Engine, data: Iterator[dict[str, torch.Tensor]], job: JobConfi
         if planned_total > 0 and engine.device == "cuda":  # RSS on CPU is not comparable
             extra["peak_mem_planned_bytes"] = planned_total
             extra["peak_mem_error_pct"] = 100.0 * (peak_mem / planned_total - 1)
+        if evaluating and evaluate is not None:  # measured above: not this interval's
+            extra.update(evaluate())
+            timer.restart()
         logger.log(step, {"loss": losses[-1], "lr": lr, "tokens_per_s": tps,
                           "step_time_s": step_time, "peak_mem_bytes": peak_mem,
                           **model_metrics, **extra})

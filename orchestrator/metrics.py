@@ -102,6 +102,7 @@ class MetricsLogger(NullLogger):
         except OSError as e:
             raise write_error(self.path, e, "before its first step") from e
         self.step = 0  # the last step logged, for the error message
+        self.val_loss: float | None = None  # the last `val/loss` (eval.every_steps), if any
         self.bar = None
         if job.logging.progress:
             from tqdm import tqdm
@@ -140,12 +141,15 @@ class MetricsLogger(NullLogger):
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self._append({"step": step, **metrics}, f"at step {step}")
         self.step = step
+        self.val_loss = metrics.get("val/loss", self.val_loss)
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=step)
 
     def progress(self, step: int, loss: float, tokens_per_s: float) -> None:
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+            val = {} if self.val_loss is None else {"val_loss": f"{self.val_loss:.4f}"}
+            self.bar.set_postfix(loss=f"{loss:.4f}", **val, tok_s=f"{tokens_per_s:,.0f}",
+                                 refresh=False)
             self.bar.update(step - self.bar.n)  # called on logged steps only
 
     def summary(self, values: dict[str, Any]) -> None:

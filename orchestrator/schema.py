@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from omegaconf import MISSING
+
 
 def choice(default: Any, *choices: Any) -> Any:
     """A field whose value must be one of `choices` (checked by `validate`)."""
@@ -79,6 +81,12 @@ class ParallelismConfig:
 
 
 @dataclass
+class SourceConfig:
+    path: str = MISSING
+    weight: float = 1.0
+
+
+@dataclass
 class DataConfig:
     name: str = choice("synthetic", "synthetic", "text", "jsonl_sft", "jsonl_pref")
     seq_len: int = 64
@@ -86,15 +94,25 @@ class DataConfig:
     # "chosen", "rejected"} lines (DPO); None = the built-in set
     path: Optional[str] = None
     # byte: 258 ids, no vocabulary file; bpe: byte-level BPE trained on the corpus at launch
-    # (saved as <run_dir>/tokenizer.json) or loaded from tokenizer_path / the pretrained model
-    tokenizer: str = choice("byte", "byte", "bpe")
+    # (saved as <run_dir>/tokenizer.json) or loaded from tokenizer_path / the pretrained model;
+    # hf: the local Hugging Face tokenizer directory (AutoTokenizer) at tokenizer_path
+    tokenizer: str = choice("byte", "byte", "bpe", "hf")
     tokenizer_path: Optional[str] = None
     # text: the tokenized corpus (token file, document index, manifest), made by the launch or
     # action=prepare; None = <$ORCHESTRATOR_CACHE or ~/.cache/orchestrator>/data/<source>-<hash
     # of the sources and the tokenizer>
     cache_dir: Optional[str] = None
     num_proc: Optional[int] = None  # action=prepare: tokenizing processes; None = CPU count
-    text_field: str = "text"  # a .jsonl source: the field holding each document
+    text_field: str = "text"  # a .jsonl/.json/.parquet/save_to_disk source: the text field
+    # text: several sources sampled by weight, [{path: a, weight: 0.7}, {path: b, weight: 0.3}]
+    # (a path is a file, glob, directory or datasets.save_to_disk directory); empty = data.path
+    sources: list[SourceConfig] = field(default_factory=list)
+    on_error: str = choice("raise", "raise", "skip")  # a bad record: stop there, or count it
+    # DataLoader worker processes per rank reading the windows (0 = in the training process);
+    # batches are pinned for the copy to the GPU on CUDA
+    num_workers: int = 0
+    # jsonl_sft / jsonl_pref: each prompt in the tokenizer's chat template (data.tokenizer=hf)
+    chat_template: bool = False
     num_samples: int = 4096  # synthetic: sequences in the dataset
     branching: int = 4  # synthetic: successors per token in the seeded Markov chain
     shuffle: bool = True
@@ -114,9 +132,12 @@ class ObjectiveConfig:
 
 @dataclass
 class EvalConfig:
-    # share of the dataset (its last samples) kept out of training, for evaluate
+    # share of the dataset (its last samples) kept out of training, for evaluate and every_steps
     holdout: float = 0.0
-    max_batches: int = 50  # evaluate: micro batches per rank at most
+    max_batches: int = 50  # evaluate and every_steps: micro batches per rank at most
+    # pretrain: loss and perplexity on the held-out share every N optimizer steps (logged as
+    # val/loss, val/perplexity at that step); 0 = off
+    every_steps: int = 0
 
 
 @dataclass

@@ -70,8 +70,8 @@ def resolve_batch(job: JobConfig) -> tuple[int, int]:
 
 
 def _check_objective(job: JobConfig) -> None:
-    from orchestrator.data import FAMILY_OBJECTIVE, data_vocab, objective_of
-    from orchestrator.data.tokenizer import ByteTokenizer
+    from orchestrator.data import FAMILY_OBJECTIVE, data_vocab, ids_needed, objective_of
+    from orchestrator.data.check import check_tokenizer
 
     o, family = job.objective, job.model.family
     causal = FAMILY_OBJECTIVE[family] == "causal"
@@ -95,13 +95,8 @@ def _check_objective(job: JobConfig) -> None:
             raise ConfigError(key, value, "a fraction in (0, 1)")
     if o.mean_span_length < 1:
         raise ConfigError("objective.mean_span_length", o.mean_span_length, "a number >= 1")
-    if job.data.tokenizer == "bpe":
-        if job.data.name == "synthetic" and job.train.task != "generate":
-            raise ConfigError("data.tokenizer", "bpe", "'byte' for synthetic data (it has no text)")
-        if job.data.tokenizer_path and not os.path.isfile(job.data.tokenizer_path):
-            raise ConfigError("data.tokenizer_path", job.data.tokenizer_path,
-                              "an existing tokenizer.json, or null to train one at launch")
-    need = job.data.branching if job.data.name == "synthetic" else ByteTokenizer.vocab_size
+    check_tokenizer(job)
+    need = ids_needed(job)
     if data_vocab(job) < need:
         raise ConfigError("model.vocab_size", job.model.vocab_size,
                           f"at least {job.model.vocab_size - data_vocab(job) + need} (the data's "
@@ -290,8 +285,9 @@ def validate(job: JobConfig, hw: Hardware) -> None:
         _positive("model.d_ff", m.d_ff)
     if d.seq_len > m.max_seq_len:
         raise ConfigError("data.seq_len", d.seq_len, f"at most model.max_seq_len={m.max_seq_len}")
-    if d.name != "synthetic" and d.path is not None and not os.path.isfile(d.path):
-        raise ConfigError("data.path", d.path, "an existing file, or null for the built-in set")
+    from orchestrator.data.check import check_sources
+
+    check_sources(job)
     if d.name == "jsonl_sft" and m.family not in ("gpt2", "llama"):
         raise ConfigError("data.name", d.name, "'synthetic' or 'text' unless model.family is "
                           "'gpt2' or 'llama' (SFT is for causal LMs)")
@@ -300,6 +296,9 @@ def validate(job: JobConfig, hw: Hardware) -> None:
                           f"a rank in 0..{job.world_size - 1}")
     _check_objective(job)
     _check_model_source(job)
+    from orchestrator.evaluation import check_config as check_eval
+
+    check_eval(job)  # eval.max_batches, eval.every_steps (needs eval.holdout > 0)
     _check_lora(job)
     if not 0 <= job.plan.mfu <= 1 or job.plan.mfu == 0:
         raise ConfigError("plan.mfu", job.plan.mfu, "a fraction in (0, 1]")

@@ -9,16 +9,12 @@ pre-training with the same `eval.holdout` never sees.
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler
-
-from orchestrator.data import build_dataset, make_collate, objective_of, split
+from orchestrator.data import build_dataset, objective_of, split
 from orchestrator.distributed import RankInfo
+from orchestrator.evaluation import eval_mode, held_out_sums, summarize
 from orchestrator.metrics import make_logger, write_error
 from orchestrator.rank_main import run_rank
 from orchestrator.schema import JobConfig
@@ -38,19 +34,10 @@ def main(argv: list[str]) -> int:
 
 def evaluate(job: JobConfig, engine: Engine, info: RankInfo) -> None:
     _, held_out = split(build_dataset(job), job.eval.holdout)
-    sampler = DistributedSampler(held_out, info.world_size, info.rank, shuffle=False)
-    loader = DataLoader(held_out, batch_size=job.train.micro_batch_size, sampler=sampler,
-                        collate_fn=make_collate(job, info.rank))
-    total = torch.zeros(3, device=engine.device)
-    for i, batch in enumerate(loader):
-        if i >= job.eval.max_batches:
-            break
-        total += engine.eval_step(batch, shift=objective_of(job) == "causal")
-    dist.all_reduce(total)
-    loss_sum, tokens, correct = total.tolist()
-    result = {"objective": objective_of(job), "loss": loss_sum / tokens,
-              "perplexity": math.exp(loss_sum / tokens), "accuracy": correct / tokens,
-              "tokens": int(tokens), "model": job.model.pretrained_path}
+    with eval_mode(engine.model):
+        total = held_out_sums(engine, held_out, job, info.rank, info.world_size)
+    result = {"objective": objective_of(job), **summarize(total),
+              "model": job.model.pretrained_path}
     if info.rank == 0:
         out = Path(job.run_dir) / "eval.json"
         try:

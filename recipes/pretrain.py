@@ -15,7 +15,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from orchestrator import distributed, loop
+from orchestrator import distributed, evaluation, loop
 from orchestrator.checkpoint import periodic, stop
 from orchestrator.checkpoint.final import save_final
 from orchestrator.data import batches, build_dataset, split, tokenizer_file, uses_bpe
@@ -54,7 +54,8 @@ class PretrainRecipe:
                 print(f"resumed from {self.resume.path} (step {start})", flush=True)
         self.start_step = start
         accum, _ = resolve_batch(self.job)
-        dataset, _ = split(build_dataset(self.job), self.job.eval.holdout)
+        # the held-out share is never trained on; eval.every_steps evaluates on it
+        dataset, self.held_out = split(build_dataset(self.job), self.job.eval.holdout)
         # the stream is a pure function of (seed, rank, micro-batch index): continue it
         self.data = batches(dataset, self.job, self.info.rank, self.info.world_size,
                             start_step=start * accum)
@@ -77,7 +78,8 @@ class PretrainRecipe:
             losses = loop.train(self.engine, self.data, self.job, self.logger, accum,
                                 global_batch, self.plan, start_step=self.start_step,
                                 checkpoint=self.checkpoint, stop=self.stop,
-                                poll=self.saver.poll)
+                                poll=self.saver.poll,
+                                evaluate=self.evaluate if self.job.eval.every_steps else None)
             self.saver.close()  # the last checkpoint, when written in the background
         except stop.Stopped as stopped:
             self.saver.close()
@@ -96,6 +98,12 @@ class PretrainRecipe:
         if self.info.rank == 0:
             stop.record(self.job, None, self.job.train.steps)
         return losses
+
+    def evaluate(self) -> dict[str, float]:
+        """`eval.every_steps`: `val/loss` and `val/perplexity` on the held-out share (a
+        collective; the training that follows is unaffected)."""
+        return evaluation.evaluate_during_training(self.engine, self.held_out, self.job,
+                                                   self.info.rank, self.info.world_size)
 
     def checkpoint(self, step: int) -> Path:
         wandb_info = Path(self.job.run_dir) / "wandb_run.json"

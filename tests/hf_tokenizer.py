@@ -10,7 +10,8 @@ from pathlib import Path
 EOS = "</s>"
 
 
-def build_hf_tokenizer(texts: Iterable[str], out: Path, vocab_size: int = 300) -> Path:
+def build_hf_tokenizer(texts: Iterable[str], out: Path, vocab_size: int = 300,
+                       chat_template: str | None = None) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -20,5 +21,6 @@ def build_hf_tokenizer(texts: Iterable[str], out: Path, vocab_size: int = 300) -
     tok.train_from_iterator(texts, trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS).save_pretrained(out)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS,
+                            chat_template=chat_template).save_pretrained(out)
     return out

@@ -38,8 +38,10 @@ PREFIX = "step-"
 # stream. Anything else (lr, steps, logging, world size and micro batch at the same global
 # batch, the torch strategy) may change.
 FIXED = ("model", "lora", "objective", "data.name", "data.path", "data.seq_len",
-         "data.tokenizer", "data.num_samples", "data.branching", "train.seed",
-         "train.global_batch_size", "precision.name", "parallelism.backend")
+         "data.tokenizer", "data.tokenizer_path", "data.sources", "data.text_field",
+         "data.on_error", "data.chat_template", "data.num_samples", "data.branching",
+         "data.shuffle", "eval.holdout", "train.seed", "train.global_batch_size",
+         "precision.name", "parallelism.backend")
 
 
 class CheckpointError(OrchestratorError):

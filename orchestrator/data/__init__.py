@@ -10,8 +10,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from orchestrator.data import objectives
-from orchestrator.data.corpus import build_corpus, build_preferences, build_sft
-from orchestrator.data.datasets import MarkovTokens, PreferencePairs, PromptResponse
+from orchestrator.data.corpus import build_corpus
+from orchestrator.data.datasets import MarkovTokens
 from orchestrator.data.tokenizer import (
     TOKENIZER_JSON,
     BPETokenizer,
@@ -90,16 +90,28 @@ def build_dataset(job: JobConfig) -> Dataset:
     if d.name == "synthetic":
         return MarkovTokens(d.num_samples, d.seq_len, data_vocab(job), d.branching,
                             seed=job.train.seed)
-    if d.name == "jsonl_sft":
-        return PromptResponse(d.path or str(build_sft()), d.seq_len, get_tokenizer(job))
-    if d.name == "jsonl_pref":
-        return PreferencePairs(d.path or str(build_preferences()), d.seq_len, get_tokenizer(job))
+    if d.name in ("jsonl_sft", "jsonl_pref"):
+        from orchestrator.data.pairs import PreparedRows
+
+        return PreparedRows(job)  # tokenized before launch
     from orchestrator.data.memmap import MemmapTokens
     from orchestrator.data.mixture import Mixture
     from orchestrator.data.prepare import prepared
 
     parts = [MemmapTokens(p, d.seq_len) for p in prepared(job)]  # tokenized before launch
     return parts[0] if not d.sources else Mixture(parts, [s.weight for s in d.sources])
+
+
+def prepare_data(job: JobConfig) -> list[tuple[Path, bool]]:
+    """Before launch (and `action=prepare`): tokenize the job's text, SFT or preference data
+    once into its cache; (directory, whether it was built) for each source."""
+    if job.data.name in ("jsonl_sft", "jsonl_pref"):
+        from orchestrator.data.pairs import prepare_pairs
+
+        return [prepare_pairs(job)]
+    from orchestrator.data.prepare import prepare_job
+
+    return prepare_job(job)
 
 
 def split(dataset: Dataset, holdout: float) -> tuple[Dataset, Dataset]:

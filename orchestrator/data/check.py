@@ -31,9 +31,9 @@ def check_tokenizer(job: JobConfig) -> None:
     """data.tokenizer=bpe: text to train on, and a given tokenizer_path is a tokenizer.json;
     data.tokenizer=hf: tokenizer_path is a tokenizer directory or tokenizer.json."""
     d = job.data
-    if d.tokenizer == "byte":
+    if d.tokenizer == "byte" and not d.chat_template:
         return
-    if d.name == "synthetic" and job.train.task != "generate":
+    if d.tokenizer != "byte" and d.name == "synthetic" and job.train.task != "generate":
         raise ConfigError("data.tokenizer", d.tokenizer,
                           "'byte' for synthetic data (it has no text)")
     if d.tokenizer == "bpe" and d.tokenizer_path and not os.path.isfile(d.tokenizer_path):
@@ -42,12 +42,18 @@ def check_tokenizer(job: JobConfig) -> None:
     if d.tokenizer == "hf" and not (d.tokenizer_path and os.path.exists(d.tokenizer_path)):
         raise ConfigError("data.tokenizer_path", d.tokenizer_path, "a local Hugging Face "
                           "tokenizer directory (or tokenizer.json) for data.tokenizer=hf")
+    tok = None
     if d.tokenizer == "hf":
         try:
-            get_tokenizer(job)
+            tok = get_tokenizer(job)
         except (OSError, ValueError) as e:
             raise ConfigError("data.tokenizer_path", d.tokenizer_path,
                               f"a tokenizer AutoTokenizer can load ({e})") from None
+    if d.chat_template and (d.name not in ("jsonl_sft", "jsonl_pref") or
+                            getattr(getattr(tok, "tok", None), "chat_template", None) is None):
+        raise ConfigError("data.chat_template", True, "false unless data.name is jsonl_sft or "
+                          "jsonl_pref and data.tokenizer=hf names a tokenizer with a chat "
+                          "template")
 
 
 def check_sources(job: JobConfig) -> None:

@@ -184,8 +184,8 @@ def job_sources(job: JobConfig) -> list[list[Path]]:
     from orchestrator.errors import ConfigError, DataError
 
     if job.data.name != "text":
-        raise ConfigError("data.name", job.data.name, "'text' (action=prepare tokenizes text "
-                          "files; the other sets are built in memory)")
+        raise ConfigError("data.name", job.data.name, "'text', 'jsonl_sft' or 'jsonl_pref' "
+                          "(action=prepare tokenizes them; synthetic data is made in memory)")
     specs = ([s.path for s in job.data.sources] or
              [job.data.path or str(build_corpus())])
     try:

@@ -99,8 +99,8 @@ def test_action_prepare_from_the_command_line(tmp_path) -> None:
     wrong = run_cli(["action=prepare"], tmp_path / "run")
     assert wrong.returncode == 2
     assert wrong.stderr.splitlines() == [
-        "error: config key 'data.name' has value 'synthetic'; allowed: 'text' (action=prepare "
-        "tokenizes text files; the other sets are built in memory)"]
+        "error: config key 'data.name' has value 'synthetic'; allowed: 'text', 'jsonl_sft' or "
+        "'jsonl_pref' (action=prepare tokenizes them; synthetic data is made in memory)"]
 
 
 def test_a_rank_never_tokenizes_and_refuses_a_corpus_not_prepared(tmp_path) -> None:

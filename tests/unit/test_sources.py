@@ -17,7 +17,7 @@ import torch
 from orchestrator.data import batches, build_dataset
 from orchestrator.data.prepare import MANIFEST, TOKENS, prepare, prepare_job
 from orchestrator.data.sources import resolve
-from orchestrator.errors import DataError
+from orchestrator.errors import ConfigError, DataError
 from orchestrator.validate import Hardware, validate
 from tests.conftest import make_job, run_cli
 from tests.hf_tokenizer import build_hf_tokenizer
@@ -206,3 +206,58 @@ def test_worker_processes_read_the_same_memmap_stream_and_resume_it(tmp_path: Pa
                for w, g in zip(want[per_epoch - 2:], got, strict=True))
     assert {int(w) for b in want for w in b["worker"]} == {-1}
     assert {int(w) for b in got for w in b["worker"]} == {0, 1}
+
+
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+
+
+def test_sft_rows_are_prepared_in_the_chat_template_as_transformers_renders_it(
+        tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from orchestrator.data import prepare_data
+
+    rows = [{"prompt": f"what is {i} plus {i}?", "response": f"it is {2 * i}."} for i in range(6)]
+    src = tmp_path / "sft.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok_dir = build_hf_tokenizer([f"{r['prompt']} {r['response']}" for r in rows] * 5,
+                                 tmp_path / "tok", chat_template=TEMPLATE)
+    common = ["data=jsonl_sft", f"data.path={src}", "data.tokenizer=hf", "data.seq_len=64",
+              f"data.tokenizer_path={tok_dir}", f"data.cache_dir={tmp_path / 'c'}"]
+    job = make_job([*common, "data.chat_template=true"])
+    validate(job, Hardware())
+    assert prepare_data(job)[0][1] and not prepare_data(job)[0][1]  # built once
+    dataset = build_dataset(job)
+    hf = AutoTokenizer.from_pretrained(str(tok_dir))
+    for i, row in enumerate(rows):
+        prompt = hf.encode(hf.apply_chat_template([{"role": "user", "content": row["prompt"]}],
+                                                  tokenize=False, add_generation_prompt=True),
+                           add_special_tokens=False)
+        answer = [*hf.encode(row["response"], add_special_tokens=False), hf.eos_token_id]
+        pad = 64 - len(prompt) - len(answer)
+        assert dataset[i]["input_ids"].tolist() == prompt + answer + [hf.eos_token_id] * pad
+        assert dataset[i]["labels"].tolist() == [-100] * len(prompt) + answer + [-100] * pad
+        assert hf.decode(prompt).startswith("<|user|> what is")
+    plain = make_job([*common, f"data.cache_dir={tmp_path / 'plain'}"])
+    prepare_data(plain)
+    assert build_dataset(plain)[0]["input_ids"].tolist() != dataset[0]["input_ids"].tolist()
+    byte = make_job(["data=jsonl_sft", f"data.path={src}", "data.chat_template=true"])
+    with pytest.raises(ConfigError, match="^config key 'data.chat_template' has value True"):
+        validate(byte, Hardware())
+
+
+def test_preference_pairs_are_prepared_as_the_in_memory_pairs(tmp_path: Path) -> None:
+    from orchestrator.data import prepare_data
+    from orchestrator.data.corpus import build_preferences
+    from orchestrator.data.datasets import PreferencePairs
+    from orchestrator.data.tokenizer import ByteTokenizer
+
+    job = make_job(["data=jsonl_pref", "data.seq_len=96", f"data.cache_dir={tmp_path}"])
+    prepare_data(job)
+    prepared = build_dataset(job)
+    in_memory = PreferencePairs(str(build_preferences()), 96, ByteTokenizer())
+    assert len(prepared) == len(in_memory)
+    for i in (0, len(prepared) // 2, len(prepared) - 1):
+        assert prepared[i].keys() == in_memory[i].keys()
+        assert all(torch.equal(prepared[i][k], in_memory[i][k]) for k in prepared[i])
