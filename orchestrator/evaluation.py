@@ -44,10 +44,10 @@ def check_config(job: JobConfig) -> None:
     if job.dpo_beta is not None:
         raise ConfigError("eval.every_steps", n, "0 for DPO (its preference pairs have no "
                           "per-token held-out loss to evaluate)")
-    if e.holdout == 0:
+    if e.holdout == 0 and e.path is None:
         raise ConfigError("eval.holdout", e.holdout, f"a fraction in (0, 1) with "
                           f"eval.every_steps={n} (the held-out share evaluated during "
-                          "training, e.g. eval.holdout=0.1)")
+                          "training, e.g. eval.holdout=0.1), or set eval.path")
 
 
 def held_out_sums(engine: Engine, held_out: Dataset, job: JobConfig, rank: int,

@@ -138,6 +138,9 @@ class EvalConfig:
     # pretrain: loss and perplexity on the held-out share every N optimizer steps (logged as
     # val/loss, val/perplexity at that step); 0 = off
     every_steps: int = 0
+    # data=text: evaluate on this source (file, glob, directory or dataset, prepared like
+    # data.path) instead of the held-out share
+    path: Optional[str] = None
 
 
 @dataclass

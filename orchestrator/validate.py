@@ -116,8 +116,9 @@ def _check_model_source(job: JobConfig) -> None:
         check_model_dir(m.pretrained_path)
     if not 0 <= job.eval.holdout < 1:
         raise ConfigError("eval.holdout", job.eval.holdout, "a fraction in [0, 1)")
-    if job.train.task == "evaluate" and job.eval.holdout == 0:
-        raise ConfigError("eval.holdout", 0.0, "a fraction in (0, 1) for train.task=evaluate")
+    if job.train.task == "evaluate" and job.eval.holdout == 0 and job.eval.path is None:
+        raise ConfigError("eval.holdout", 0.0, "a fraction in (0, 1) for train.task=evaluate, "
+                          "or set eval.path")
     if job.train.task != "generate":
         return
     if m.family not in ("gpt2", "llama"):

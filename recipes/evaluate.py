@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from orchestrator.data import build_dataset, objective_of, split
+from orchestrator.data import objective_of, train_and_held_out
 from orchestrator.distributed import RankInfo
 from orchestrator.evaluation import eval_mode, held_out_sums, summarize
 from orchestrator.metrics import make_logger, write_error
@@ -33,7 +33,7 @@ def main(argv: list[str]) -> int:
 
 
 def evaluate(job: JobConfig, engine: Engine, info: RankInfo) -> None:
-    _, held_out = split(build_dataset(job), job.eval.holdout)
+    _, held_out = train_and_held_out(job)
     with eval_mode(engine.model):
         total = held_out_sums(engine, held_out, job, info.rank, info.world_size)
     result = {"objective": objective_of(job), **summarize(total),

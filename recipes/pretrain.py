@@ -18,7 +18,7 @@ import torch.distributed as dist
 from orchestrator import distributed, evaluation, loop
 from orchestrator.checkpoint import periodic, stop
 from orchestrator.checkpoint.final import save_final
-from orchestrator.data import batches, build_dataset, split, tokenizer_file, uses_bpe
+from orchestrator.data import batches, tokenizer_file, train_and_held_out, uses_bpe
 from orchestrator.metrics import make_logger
 from orchestrator.rank_main import run_rank
 from orchestrator.strategies import build_for_rank
@@ -54,8 +54,9 @@ class PretrainRecipe:
                 print(f"resumed from {self.resume.path} (step {start})", flush=True)
         self.start_step = start
         accum, _ = resolve_batch(self.job)
-        # the held-out share is never trained on; eval.every_steps evaluates on it
-        dataset, self.held_out = split(build_dataset(self.job), self.job.eval.holdout)
+        # the held-out share is never trained on; eval.every_steps evaluates on it (or on
+        # eval.path)
+        dataset, self.held_out = train_and_held_out(self.job)
         # the stream is a pure function of (seed, rank, micro-batch index): continue it
         self.data = batches(dataset, self.job, self.info.rank, self.info.world_size,
                             start_step=start * accum)

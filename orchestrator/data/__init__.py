@@ -111,7 +111,22 @@ def prepare_data(job: JobConfig) -> list[tuple[Path, bool]]:
         return [prepare_pairs(job)]
     from orchestrator.data.prepare import prepare_job
 
-    return prepare_job(job)
+    return prepare_job(job) + (prepare_job(eval_job(job)) if job.eval.path else [])
+
+
+def eval_job(job: JobConfig) -> JobConfig:
+    """The job reading `eval.path` as its (only) text source: how it is prepared and read."""
+    import dataclasses
+
+    return dataclasses.replace(job, data=dataclasses.replace(
+        job.data, path=job.eval.path, sources=[], cache_dir=None))
+
+
+def train_and_held_out(job: JobConfig) -> tuple[Dataset, Dataset]:
+    """(training samples, evaluation samples): the dataset less its held-out share, and that
+    share, or the prepared `eval.path` when one is set."""
+    train, held_out = split(build_dataset(job), job.eval.holdout)
+    return train, held_out if job.eval.path is None else build_dataset(eval_job(job))
 
 
 def split(dataset: Dataset, holdout: float) -> tuple[Dataset, Dataset]:

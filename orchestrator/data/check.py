@@ -77,6 +77,14 @@ def check_sources(job: JobConfig) -> None:
             resolve(s.path)
         except FileNotFoundError:
             raise ConfigError(f"data.sources[{i}].path", s.path, where) from None
+    if job.eval.path is not None:
+        if d.name != "text":
+            raise ConfigError("eval.path", job.eval.path, "null unless data.name='text' (the "
+                              "other sets evaluate on their held-out share)")
+        try:
+            resolve(job.eval.path)
+        except FileNotFoundError:
+            raise ConfigError("eval.path", job.eval.path, where) from None
     if d.name == "synthetic" or d.path is None:
         return
     try:

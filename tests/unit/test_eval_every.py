@@ -58,7 +58,7 @@ def test_cli_refuses_every_steps_without_a_holdout_in_one_line(tmp_path) -> None
     assert proc.stderr.strip().splitlines() == [
         "error: config key 'eval.holdout' has value 0.0; allowed: a fraction in (0, 1) with "
         "eval.every_steps=5 (the held-out share evaluated during training, e.g. "
-        "eval.holdout=0.1)"]
+        "eval.holdout=0.1), or set eval.path"]
     assert not run_dir.exists() or not any(run_dir.iterdir())
 
 

@@ -261,3 +261,29 @@ def test_preference_pairs_are_prepared_as_the_in_memory_pairs(tmp_path: Path) ->
     for i in (0, len(prepared) // 2, len(prepared) - 1):
         assert prepared[i].keys() == in_memory[i].keys()
         assert all(torch.equal(prepared[i][k], in_memory[i][k]) for k in prepared[i])
+
+
+def test_eval_path_is_prepared_with_the_data_and_evaluated_instead_of_a_held_out_share(
+        tmp_path: Path) -> None:
+    from orchestrator.data import prepare_data, train_and_held_out
+
+    train = letters_corpus(tmp_path / "train.txt", "abcdefgh", 200, 4)
+    held = letters_corpus(tmp_path / "held.txt", "ABCDEFGH", 40, 5)
+    job = make_job(["data=text", f"data.path={train}", f"eval.path={held}", "data.seq_len=16",
+                    "data.num_proc=1", "eval.every_steps=5", "logging.progress=false"],
+                   run_dir=str(tmp_path / "run"))
+    validate(job, Hardware())  # no eval.holdout needed with eval.path
+    assert len(prepare_data(job)) == 2
+    training, evaluated = train_and_held_out(job)
+    want = byte_tokens([d for d in held.read_text().split("\n\n")])
+    assert [t for i in range(len(evaluated)) for t in evaluated[i]["input_ids"].tolist()] == \
+        want[: len(want) // 16 * 16]
+    assert len(training) == len(build_dataset(job))  # nothing held out of the training text
+    for over, key in [(["data=synthetic"], "eval.path"), ([f"eval.path={tmp_path}/no"],
+                                                           "eval.path")]:
+        with pytest.raises(ConfigError, match=f"^config key '{key}'"):
+            validate(make_job([*job_overrides(train, held), *over]), Hardware())
+
+
+def job_overrides(train: Path, held: Path) -> list[str]:
+    return ["data=text", f"data.path={train}", f"eval.path={held}", "eval.every_steps=5"]
