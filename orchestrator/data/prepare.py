@@ -25,7 +25,15 @@ from typing import Any
 
 import numpy as np
 
-from orchestrator.data.sources import BadRecord, Skipped, documents, resolve
+from orchestrator.data.sources import (
+    BadRecord,
+    Skipped,
+    Source,
+    documents,
+    open_binary,
+    resolve,
+    stat,
+)
 from orchestrator.schema import JobConfig
 
 MANIFEST, TOKENS, INDEX = "manifest.json", "tokens.bin", "docs.idx"
@@ -49,7 +57,7 @@ class _Reader:
     """The documents of all files in order, in batches for the workers; counts what was read
     (characters, for the progress line) and what was skipped; refuses an empty file."""
 
-    def __init__(self, files: list[Path], text_field: str, skip: bool) -> None:
+    def __init__(self, files: list[Source], text_field: str, skip: bool) -> None:
         self.files, self.text_field = files, text_field
         self.skipped = Skipped() if skip else None
         self.chars = 0
@@ -72,24 +80,24 @@ class _Reader:
             yield batch
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: Source) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_binary(path) as f:
         while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()
 
 
-def _files_of(sources: list[Path]) -> list[Path]:
+def _files_of(sources: list[Source]) -> list[Source]:
     """The files whose size and mtime say whether `sources` changed (a `save_to_disk`
     directory's own files)."""
     return [f for p in sources for f in (sorted(x for x in p.rglob("*") if x.is_file())
-                                         if p.is_dir() else [p])]
+                                         if isinstance(p, Path) and p.is_dir() else [p])]
 
 
-def _source_info(path: Path) -> dict[str, Any]:
-    st = path.stat()
-    return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+def _source_info(path: Source) -> dict[str, Any]:
+    size, mtime_ns = stat(path)
+    return {"path": str(path), "size": size, "mtime_ns": mtime_ns}
 
 
 def tokenizer_key(tokenizer: Path | None) -> dict[str, Any]:
@@ -103,7 +111,7 @@ def tokenizer_key(tokenizer: Path | None) -> dict[str, Any]:
     return {"kind": "hf" if tokenizer.is_dir() else "bpe", "sha256": h.hexdigest()}
 
 
-def is_current(out: Path, sources: list[Path], tokenizer: dict[str, Any]) -> bool:
+def is_current(out: Path, sources: list[Source], tokenizer: dict[str, Any]) -> bool:
     try:
         manifest = json.loads((out / MANIFEST).read_text())
     except (OSError, ValueError):
@@ -113,7 +121,7 @@ def is_current(out: Path, sources: list[Path], tokenizer: dict[str, Any]) -> boo
             == [_source_info(p) for p in _files_of(sources)])
 
 
-def prepare(sources: list[Path], out: Path, tokenizer: Path | None = None,
+def prepare(sources: list[Source], out: Path, tokenizer: Path | None = None,
             text_field: str = "text", num_proc: int | None = None, progress: bool = True,
             on_error: str = "raise") -> tuple[Path, bool]:
     """Tokenize `sources` (files, or `save_to_disk` directories) into `out` unless it is
@@ -122,7 +130,7 @@ def prepare(sources: list[Path], out: Path, tokenizer: Path | None = None,
     under `on_error="skip"` is counted in the manifest (`skipped`)."""
     from orchestrator.data.tokenizer import load_tokenizer
 
-    sources = [p.absolute() for p in sources]
+    sources = [p.absolute() if isinstance(p, Path) else p for p in sources]
     key = tokenizer_key(tokenizer)
     if is_current(out, sources, key):
         return out, False
@@ -132,7 +140,7 @@ def prepare(sources: list[Path], out: Path, tokenizer: Path | None = None,
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    total = sum(p.stat().st_size for p in _files_of(sources))
+    total = sum(stat(p)[0] for p in _files_of(sources))
     reader = _Reader(sources, text_field, on_error == "skip")
     started, tokens, ends = time.perf_counter(), 0, []
     workers = max(1, num_proc or os.cpu_count() or 1)
@@ -177,7 +185,7 @@ def _report(tokens: int, docs: int, started: float, chars: int, total_bytes: int
           file=sys.stderr, flush=True)
 
 
-def job_sources(job: JobConfig) -> list[list[Path]]:
+def job_sources(job: JobConfig) -> list[list[Source]]:
     """The files of each of a `data=text` job's sources: `data.sources`, else `data.path`,
     else the built-in corpus. A path naming nothing is refused (`DataError`)."""
     from orchestrator.data.corpus import build_corpus
@@ -206,7 +214,8 @@ def _tokenizer_of(job: JobConfig) -> Path | None:
     return tok
 
 
-def prepared_dirs(job: JobConfig, tokenizer: dict[str, Any]) -> list[tuple[list[Path], Path]]:
+def prepared_dirs(job: JobConfig, tokenizer: dict[str, Any]
+                  ) -> list[tuple[list[Source], Path]]:
     """(files, cache directory) of each source: `data.cache_dir` (its `source-i` for several
     sources), else `<cache>/data/<first file>-<hash of the files and the tokenizer>` under
     the project's cache (`$ORCHESTRATOR_CACHE`, else ~/.cache/orchestrator)."""

@@ -1,7 +1,9 @@
 """Text sources for `action=prepare`: what a configured path names, and its documents, streamed.
 
 A path is a file, a glob (`shards/*.jsonl`), a directory (every supported file under it, sorted)
-or a Hugging Face `datasets.save_to_disk` directory. Files by suffix: `.txt` and other text is
+or a Hugging Face `datasets.save_to_disk` directory; files may also be fsspec URLs
+(`s3://bucket/shards/*.parquet`, `gcs://…`, `file://…`), read through fsspec with whatever
+filesystem package the URL needs installed. Files by suffix: `.txt` and other text is
 split at blank lines; `.jsonl` has one object per line and `.json` is JSON lines or one array of
 objects (the `data.text_field` of each); `.parquet` rows give the text column. A record the job
 cannot use (a malformed line, a missing or non-string field, bytes that are not UTF-8) raises
@@ -14,12 +16,60 @@ import glob
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from datetime import datetime
+from pathlib import Path, PurePosixPath
+from typing import IO
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
 CHUNK_BYTES = 1 << 20  # a text file is read this many bytes at a time
 HF_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+@dataclass(frozen=True)
+class Remote:
+    """A source file named by an fsspec URL (its path-like parts, for naming and suffixes)."""
+
+    url: str
+
+    @property
+    def suffix(self) -> str:
+        return PurePosixPath(self.url).suffix
+
+    @property
+    def stem(self) -> str:
+        return PurePosixPath(self.url).stem
+
+    def __str__(self) -> str:
+        return self.url
+
+
+Source = Path | Remote
+
+
+def open_binary(path: Source) -> IO[bytes]:
+    """A source file opened for reading bytes, locally or through fsspec."""
+    if isinstance(path, Remote):
+        import fsspec
+
+        return fsspec.open(path.url, "rb").open()
+    return open(path, "rb")
+
+
+def stat(path: Source) -> tuple[int, int]:
+    """(size, mtime in ns) of a source file; a remote one's modification time as its
+    filesystem reports it (0 where it reports none: then only the size tells a change)."""
+    if isinstance(path, Path):
+        st = path.stat()
+        return st.st_size, st.st_mtime_ns
+    from fsspec.core import url_to_fs
+
+    fs, inner = url_to_fs(path.url)
+    info = fs.info(inner)
+    when = info.get("mtime") or info.get("LastModified") or info.get("updated") or 0
+    if not isinstance(when, (int, float)):
+        when = datetime.fromisoformat(str(when)).timestamp()
+    return int(info["size"]), int(float(when) * 1e9)
 
 
 class BadRecord(ValueError):
@@ -43,10 +93,13 @@ def is_hf_disk(path: Path) -> bool:
     return path.is_dir() and any((path / m).is_file() for m in HF_DISK_MARKERS)
 
 
-def resolve(spec: str) -> list[Path]:
+def resolve(spec: str) -> list[Source]:
     """The files (or one `save_to_disk` directory) a configured path names, sorted; raises
     `FileNotFoundError` naming the path when it names nothing."""
-    if glob.has_magic(spec):
+    files: list[Source]
+    if "://" in spec:
+        files = _resolve_url(spec)
+    elif glob.has_magic(spec):
         found = sorted(Path(p).absolute() for p in glob.glob(spec, recursive=True))
         files = [p for p in found if p.is_file()]
     else:
@@ -64,10 +117,24 @@ def resolve(spec: str) -> list[Path]:
     return files
 
 
-def documents(path: Path, text_field: str, skipped: Skipped | None = None) -> Iterator[str]:
+def _resolve_url(spec: str) -> list[Source]:
+    from fsspec.core import url_to_fs
+
+    fs, inner = url_to_fs(spec)
+    if glob.has_magic(inner):
+        found = [p for p in fs.glob(inner) if fs.isfile(p)]
+    elif fs.isdir(inner):
+        found = [p for p in fs.find(inner)
+                 if PurePosixPath(p).suffix in TEXT_SUFFIXES + RECORD_SUFFIXES]
+    else:
+        found = [inner] if fs.isfile(inner) else []
+    return [Remote(fs.unstrip_protocol(p)) for p in sorted(found)]
+
+
+def documents(path: Source, text_field: str, skipped: Skipped | None = None) -> Iterator[str]:
     """The documents of one source, streamed. Bad records raise `BadRecord`, or are counted
     in `skipped` when it is given."""
-    if is_hf_disk(path):
+    if isinstance(path, Path) and is_hf_disk(path):
         yield from _hf_disk(path, text_field, skipped)
     elif path.suffix == ".parquet":
         yield from _parquet(path, text_field, skipped)
@@ -91,8 +158,8 @@ def _field(row: object, text_field: str, where: str, skipped: Skipped | None) ->
     return None
 
 
-def _json_lines(path: Path, text_field: str, skipped: Skipped | None) -> Iterator[str]:
-    with open(path, "rb") as f:
+def _json_lines(path: Source, text_field: str, skipped: Skipped | None) -> Iterator[str]:
+    with open_binary(path) as f:
         if path.suffix == ".json" and _starts_array(f):
             yield from _json_array(path, text_field, skipped)
             return
@@ -121,11 +188,12 @@ def _starts_array(f) -> bool:  # noqa: ANN001 - a binary file object
     return head.startswith(b"[")
 
 
-def _json_array(path: Path, text_field: str, skipped: Skipped | None) -> Iterator[str]:
+def _json_array(path: Source, text_field: str, skipped: Skipped | None) -> Iterator[str]:
     """A `.json` file holding one array of objects (read whole: such files are small; large
     data comes as JSON lines or Parquet). Records are numbered from 1."""
     try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        with open_binary(path) as f:
+            rows = json.loads(f.read().decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRecord(f"{path}:1: not a JSON array of objects ({e})") from None
     for n, row in enumerate(rows, 1):
@@ -134,10 +202,10 @@ def _json_array(path: Path, text_field: str, skipped: Skipped | None) -> Iterato
             yield text
 
 
-def _parquet(path: Path, text_field: str, skipped: Skipped | None) -> Iterator[str]:
+def _parquet(path: Source, text_field: str, skipped: Skipped | None) -> Iterator[str]:
     import pyarrow.parquet as pq
 
-    f = pq.ParquetFile(path)
+    f = pq.ParquetFile(open_binary(path))
     if text_field not in f.schema_arrow.names:
         raise BadRecord(f"{path}: row 1: no column {text_field!r} (columns: "
                         f"{', '.join(f.schema_arrow.names)})")
@@ -177,14 +245,14 @@ def _hf_disk(path: Path, text_field: str, skipped: Skipped | None) -> Iterator[s
                      skipped)
 
 
-def _text(path: Path, skipped: Skipped | None) -> Iterator[str]:
+def _text(path: Source, skipped: Skipped | None) -> Iterator[str]:
     """Documents split at blank lines exactly as `text.split("\\n\\n")` splits the whole
     decoded text, with universal newlines as `open()` reads it (empty ones dropped). The file
     is read in binary chunks cut at blank lines, so each piece decodes whole and a bad byte is
     located by line; under `skip` the document holding it is dropped."""
     line = 1  # of the first byte of `rest`
     rest = b""
-    with open(path, "rb") as f:
+    with open_binary(path) as f:
         while True:
             chunk = f.read(CHUNK_BYTES)
             if chunk.endswith(b"\r"):  # keep a CR LF pair in one chunk
@@ -201,7 +269,7 @@ def _text(path: Path, skipped: Skipped | None) -> Iterator[str]:
                 return
 
 
-def _decode(piece: bytes, path: Path, line: int, skipped: Skipped | None) -> str | None:
+def _decode(piece: bytes, path: Source, line: int, skipped: Skipped | None) -> str | None:
     try:
         return piece.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -287,3 +287,33 @@ def test_eval_path_is_prepared_with_the_data_and_evaluated_instead_of_a_held_out
 
 def job_overrides(train: Path, held: Path) -> list[str]:
     return ["data=text", f"data.path={train}", f"eval.path={held}", "eval.every_steps=5"]
+
+
+def test_fsspec_urls_are_sources(tmp_path: Path) -> None:
+    """A glob over fsspec's in-memory filesystem (not a local path at all) and a file:// URL
+    prepare the same documents as the local files; a changed remote file rebuilds."""
+    import fsspec
+
+    docs = [f"remote document {i} \u00e9" for i in range(6)]
+    fs = fsspec.filesystem("memory")
+    for i in range(3):
+        with fs.open(f"/bench/shard-{i}.jsonl", "w") as f:
+            f.write("".join(json.dumps({"text": d}) + "\n" for d in docs[2 * i: 2 * i + 2]))
+    files = resolve("memory://bench/*.jsonl")
+    assert [str(f) for f in files] == [f"memory:///bench/shard-{i}.jsonl" for i in range(3)]
+    out, built = prepare(files, tmp_path / "mem", None, num_proc=1, progress=False)
+    assert built and tokens_of(out) == byte_tokens(docs)
+    assert not prepare(files, out, None, progress=False)[1]
+    with fs.open("/bench/shard-2.jsonl", "a") as f:
+        f.write(json.dumps({"text": "one more"}) + "\n")
+    assert prepare(resolve("memory://bench/*.jsonl"), out, None, progress=False)[1]
+    assert tokens_of(out) == byte_tokens([*docs, "one more"])
+
+    local = tmp_path / "local.txt"
+    local.write_text("\n\n".join(docs))
+    job = make_job(["data=text", f"data.path=file://{local}", "data.seq_len=8",
+                    "data.num_proc=1", f"data.cache_dir={tmp_path / 'url'}",
+                    "logging.progress=false"])
+    validate(job, Hardware())
+    [(url_out, _)] = prepare_job(job)
+    assert tokens_of(url_out) == byte_tokens(docs)
