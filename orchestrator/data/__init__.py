@@ -7,11 +7,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from orchestrator.data import objectives
 from orchestrator.data.corpus import build_corpus
 from orchestrator.data.datasets import MarkovTokens
+from orchestrator.data.sampler import RankSampler
 from orchestrator.data.tokenizer import (
     TOKENIZER_JSON,
     BPETokenizer,
@@ -174,24 +175,25 @@ def batch_generator(seed: int, rank: int, index: int) -> torch.Generator:
 def batches(dataset: Dataset, job: JobConfig, rank: int, world_size: int,
             start_step: int = 0) -> Iterator[dict[str, torch.Tensor]]:
     """Endless micro batches for this rank: each epoch reshuffles with seed + epoch, ranks see
-    disjoint samples, and the stream is a pure function of (seed, rank, micro-batch index)."""
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank,
-                                 shuffle=job.data.shuffle, seed=job.train.seed, drop_last=True)
-    workers = job.data.num_workers
-    loader = DataLoader(dataset, batch_size=job.train.micro_batch_size, sampler=sampler,
-                        drop_last=True, collate_fn=stack, num_workers=workers,
-                        persistent_workers=workers > 0,
-                        pin_memory=os.environ.get("ORCHESTRATOR_DEVICE") == "cuda")
-    if len(loader) == 0:
+    disjoint samples (`DistributedSampler`'s order, data/sampler.py), and the stream is a pure
+    function of (seed, rank, micro-batch index); a resumed one reads nothing it skips."""
+    micro = job.train.micro_batch_size
+    sampler = RankSampler(len(dataset), world_size, rank, job.train.seed, job.data.shuffle)
+    per_epoch = sampler.per_rank // micro
+    if per_epoch == 0:
         raise ValueError(
             f"dataset has {len(dataset)} samples: too few for micro_batch_size "
-            f"{job.train.micro_batch_size} on {world_size} ranks")
-    epoch, skip = divmod(start_step, len(loader))
+            f"{micro} on {world_size} ranks")
+    workers = job.data.num_workers
+    loader = DataLoader(dataset, batch_size=micro, sampler=sampler, drop_last=True,
+                        collate_fn=stack, num_workers=workers,
+                        persistent_workers=workers > 0,
+                        pin_memory=os.environ.get("ORCHESTRATOR_DEVICE") == "cuda")
+    epoch, skip = divmod(start_step, per_epoch)
     index = start_step  # of the next micro batch in this rank's stream
     while True:
-        sampler.set_epoch(epoch)
-        for i, batch in enumerate(loader):
-            if i >= skip:
-                yield with_objective(job, batch, batch_generator(job.train.seed, rank, index))
-                index += 1
+        sampler.set_epoch(epoch, start=skip * micro)
+        for batch in loader:
+            yield with_objective(job, batch, batch_generator(job.train.seed, rank, index))
+            index += 1
         epoch, skip = epoch + 1, 0

@@ -168,9 +168,10 @@ def prepare(sources: list[Source], out: Path, tokenizer: Path | None = None,
         shutil.rmtree(tmp, ignore_errors=True)
     if progress:
         print(f"prepared {tokens} tokens of {len(ends)} documents into {out} in "
-              f"{time.perf_counter() - started:.1f} s" +
-              (f"; skipped {skipped.count} bad records (first: {skipped.first})"
-               if skipped.count else ""), file=sys.stderr, flush=True)
+              f"{time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+    if skipped.count:  # always said: data.on_error=skip must not hide how much was dropped
+        print(f"prepare: skipped {skipped.count} bad records of {out.name}'s sources (first: "
+              f"{skipped.first})", file=sys.stderr, flush=True)
     return out, True
 
 

@@ -85,7 +85,7 @@ def test_a_bad_record_is_named_by_file_and_line(tmp_path: Path, case: str) -> No
     assert not (tmp_path / "cache").exists()  # nothing half-written
 
 
-def test_skipped_records_are_counted_and_the_rest_prepared(tmp_path: Path) -> None:
+def test_skipped_records_are_counted_and_the_rest_prepared(tmp_path: Path, capsys) -> None:
     src = tmp_path / "x.jsonl"
     src.write_bytes(b'{"text": "one"}\nnot json\n{"body": 2}\n{"text": "fo\xffur"}\n'
                     b'{"text": "five"}\n')
@@ -96,6 +96,8 @@ def test_skipped_records_are_counted_and_the_rest_prepared(tmp_path: Path) -> No
     manifest = json.loads((out / MANIFEST).read_text())
     assert tokens_of(out) == byte_tokens(["one", "five"])
     assert manifest["skipped"] == 3 and manifest["first_skipped"].startswith(f"{src}:2: ")
+    assert f"prepare: skipped 3 bad records of cache's sources (first: {src}:2: " in \
+        capsys.readouterr().err
 
 
 def test_cli_refuses_a_bad_record_and_a_too_short_corpus_with_exit_2(tmp_path: Path) -> None:
