@@ -143,6 +143,19 @@ def _docs(text_chunks: Iterator[str]) -> Iterator[str]:
     yield carry
 
 
+def _line_of(path: str, offset: int) -> int:
+    """The line (from 1) holding byte `offset` of the file."""
+    newlines = 0
+    with open(path, "rb") as f:
+        while offset > 0:
+            block = f.read(min(CHUNK, offset))
+            if not block:
+                break
+            newlines += block.count(b"\n")
+            offset -= len(block)
+    return newlines + 1
+
+
 def _byte_count(doc: str) -> int:
     return len(doc.encode("utf-8"))
 
@@ -172,8 +185,9 @@ def _scan(path: str, trains_bpe: bool, doc_tokens: Callable[[str], int] | None =
                     text = utf8.decode(raw, final=not raw)
                 except UnicodeDecodeError as e:
                     at = offset - pending + e.start
-                    raise ConfigError("data.path", path, f"a UTF-8 text file{tokenizer} (byte "
-                                      f"{at} is not UTF-8: {e.reason})") from None
+                    raise ConfigError("data.path", path, f"a UTF-8 text file{tokenizer} (line "
+                                      f"{_line_of(path, at)}, byte {at} is not UTF-8: "
+                                      f"{e.reason})") from None
                 yield newlines.decode(text, final=not raw)
                 if not raw:
                     return

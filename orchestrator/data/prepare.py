@@ -13,11 +13,13 @@ mtime as in the manifest) and the same tokenizer does nothing; anything else reb
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
 import sys
 import time
+from collections import deque
 from collections.abc import Iterator
 from multiprocessing import get_context
 from pathlib import Path
@@ -37,20 +39,31 @@ from orchestrator.data.sources import (
 from orchestrator.schema import JobConfig
 
 MANIFEST, TOKENS, INDEX = "manifest.json", "tokens.bin", "docs.idx"
-BATCH_DOCS = 256  # documents per task sent to a worker
+BATCH_DOCS, BATCH_CHARS = 4096, 1 << 20  # a task for a worker: this many documents at most
 
 _tokenizer: Any = None
+_dtype: np.dtype = np.dtype(np.uint16)
 
 
-def _start_worker(path: str | None) -> None:
-    global _tokenizer
+def _start_worker(path: str | None, dtype: str) -> None:
+    global _tokenizer, _dtype
     from orchestrator.data.tokenizer import load_tokenizer
 
-    _tokenizer = load_tokenizer(path)
+    _tokenizer, _dtype = load_tokenizer(path), np.dtype(dtype)
 
 
-def _encode(docs: list[str]) -> list[list[int]]:
-    return [_tokenizer.encode(d) + [_tokenizer.eos_id] for d in docs]
+def _encode(docs: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """A batch of documents as (their tokens back to back, each followed by end-of-text; each
+    one's length): two arrays, cheap to send back to the writing process."""
+    encoded = _tokenizer.encode_batch(docs)
+    lengths = np.fromiter((len(ids) + 1 for ids in encoded), np.int64, len(encoded))
+    flat = np.empty(int(lengths.sum()), dtype=_dtype)
+    ends = np.cumsum(lengths)
+    for ids, end in zip(encoded, ends, strict=True):
+        flat[end - len(ids) - 1: end - 1] = (np.frombuffer(ids, np.uint8)
+                                             if isinstance(ids, bytes) else ids)
+    flat[ends - 1] = _tokenizer.eos_id
+    return flat, lengths
 
 
 class _Reader:
@@ -64,15 +77,17 @@ class _Reader:
 
     def __iter__(self) -> Iterator[list[str]]:
         batch: list[str] = []
+        chars = 0
         for path in self.files:
             found = 0
             for doc in documents(path, self.text_field, self.skipped):
                 found += 1
                 self.chars += len(doc)
                 batch.append(doc)
-                if len(batch) == BATCH_DOCS:
+                chars += len(doc)
+                if len(batch) == BATCH_DOCS or chars >= BATCH_CHARS:
                     yield batch
-                    batch = []
+                    batch, chars = [], 0
             if not found:
                 raise BadRecord(f"{path}:1: no documents (the source is empty, blank, or "
                                 "every record was skipped)")
@@ -142,24 +157,30 @@ def prepare(sources: list[Source], out: Path, tokenizer: Path | None = None,
     tmp.mkdir()
     total = sum(stat(p)[0] for p in _files_of(sources))
     reader = _Reader(sources, text_field, on_error == "skip")
-    started, tokens, ends = time.perf_counter(), 0, []
+    started, tokens, docs = time.perf_counter(), 0, 0
     workers = max(1, num_proc or os.cpu_count() or 1)
     try:
-        with open(tmp / TOKENS, "wb") as f, get_context("spawn").Pool(
-                workers, _start_worker, (str(tokenizer) if tokenizer else None,)) as pool:
-            for i, encoded in enumerate(pool.imap(_encode, reader)):
-                for ids in encoded:
-                    f.write(np.asarray(ids, dtype=dtype).tobytes())
-                    tokens += len(ids)
-                    ends.append(tokens)
-                if progress and i % 64 == 0:
-                    _report(tokens, len(ends), started, reader.chars, total)
-        np.asarray(ends, dtype=np.int64).tofile(tmp / INDEX)
+        with open(tmp / TOKENS, "wb") as f, open(tmp / INDEX, "wb") as index, \
+                get_context("spawn").Pool(workers, _start_worker, (
+                    str(tokenizer) if tokenizer else None, np.dtype(dtype).name)) as pool:
+            # in order, with a bounded number of batches in flight: memory stays flat however
+            # far the reading runs ahead of the tokenizing
+            pending: deque[Any] = deque()
+            for i, batch in enumerate(itertools.chain(reader, [None])):
+                if batch is not None:
+                    pending.append(pool.apply_async(_encode, (batch,)))
+                while pending and (batch is None or len(pending) > 2 * workers):
+                    flat, lengths = pending.popleft().get()
+                    f.write(flat.tobytes())
+                    (tokens + np.cumsum(lengths)).tofile(index)
+                    tokens, docs = tokens + len(flat), docs + len(lengths)
+                if progress and i % 16 == 0:
+                    _report(tokens, docs, started, reader.chars, total)
         skipped = reader.skipped or Skipped()
         manifest = {"sources": [{**_source_info(p), "sha256": file_sha256(p)}
                                 for p in _files_of(sources)],
                     "tokenizer": key, "dtype": np.dtype(dtype).name, "vocab_size": vocab,
-                    "num_tokens": tokens, "num_docs": len(ends), "text_field": text_field,
+                    "num_tokens": tokens, "num_docs": docs, "text_field": text_field,
                     "skipped": skipped.count, "first_skipped": skipped.first}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         shutil.rmtree(out, ignore_errors=True)
@@ -167,7 +188,7 @@ def prepare(sources: list[Source], out: Path, tokenizer: Path | None = None,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if progress:
-        print(f"prepared {tokens} tokens of {len(ends)} documents into {out} in "
+        print(f"prepared {tokens} tokens of {docs} documents into {out} in "
               f"{time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
     if skipped.count:  # always said: data.on_error=skip must not hide how much was dropped
         print(f"prepare: skipped {skipped.count} bad records of {out.name}'s sources (first: "

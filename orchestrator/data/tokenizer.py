@@ -6,7 +6,7 @@ tokenizer directory (`AutoTokenizer`), e.g. a pretrained model's."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -20,6 +20,7 @@ class Tokenizer(Protocol):
     vocab_size: int
 
     def encode(self, text: str) -> list[int]: ...
+    def encode_batch(self, texts: list[str]) -> Sequence[Sequence[int]]: ...
     def decode(self, ids: list[int]) -> str: ...
 
 
@@ -33,6 +34,9 @@ class ByteTokenizer:
     def encode(self, text: str, add_special: bool = False) -> list[int]:
         ids = list(text.encode("utf-8"))
         return [self.bos_id, *ids, self.eos_id] if add_special else ids
+
+    def encode_batch(self, texts: list[str]) -> list[bytes]:
+        return [t.encode("utf-8") for t in texts]  # bytes are their own ids
 
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
@@ -50,6 +54,9 @@ class BPETokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(texts)]
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode([i for i in ids if i < self.vocab_size])
@@ -96,6 +103,9 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.tok(texts, add_special_tokens=False)["input_ids"]
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode([i for i in ids if i < self.vocab_size])

@@ -102,7 +102,8 @@ def test_non_utf8_is_refused_with_the_byte_offset(
     path = tmp_path / "latin1.txt"
     path.write_bytes(good.encode() + b"caf\xe9 au lait" + b"x" * 200)
     message = refused("text", path, "data.seq_len=8")
-    assert f"byte {len(good.encode()) + 3} is not UTF-8: invalid continuation byte" in message
+    assert f"(line 7, byte {len(good.encode()) + 3} is not UTF-8: invalid continuation " \
+        "byte)" in message
     path.write_bytes(good.encode())
     accepted("text", path, "data.seq_len=8")
     path.write_bytes(good.encode() + "€".encode()[:2])  # a character cut off at the end
