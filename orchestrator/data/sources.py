@@ -206,12 +206,20 @@ def _parquet(path: Source, text_field: str, skipped: Skipped | None) -> Iterator
     import pyarrow.parquet as pq
 
     f = pq.ParquetFile(open_binary(path))
-    if text_field not in f.schema_arrow.names:
+    batches = (b.column(0).to_pylist()
+               for b in f.iter_batches(columns=[text_field], batch_size=4096))
+    yield from _column(path, text_field, f.schema_arrow.names, batches, skipped)
+
+
+def _column(path: Source, text_field: str, columns: list[str],
+            batches: Iterator[list[object]], skipped: Skipped | None) -> Iterator[str]:
+    """The text of a table's `text_field` column, read in batches; rows are numbered from 1."""
+    if text_field not in columns:
         raise BadRecord(f"{path}: row 1: no column {text_field!r} (columns: "
-                        f"{', '.join(f.schema_arrow.names)})")
+                        f"{', '.join(columns)})")
     row = 0
-    for batch in f.iter_batches(columns=[text_field], batch_size=4096):
-        for text in batch.column(0).to_pylist():
+    for batch in batches:
+        for text in batch:
             row += 1
             if isinstance(text, str):
                 yield text
@@ -231,18 +239,9 @@ def _hf_disk(path: Path, text_field: str, skipped: Skipped | None) -> Iterator[s
             raise BadRecord(f"{path}: row 1: a DatasetDict without a 'train' split "
                             f"(splits: {', '.join(data)})")
         data = data["train"]
-    if text_field not in data.column_names:
-        raise BadRecord(f"{path}: row 1: no column {text_field!r} (columns: "
-                        f"{', '.join(data.column_names)})")
-    row = 0
-    for batch in data.select_columns([text_field]).iter(batch_size=4096):
-        for text in batch[text_field]:
-            row += 1
-            if isinstance(text, str):
-                yield text
-            else:
-                _bad(f"{path}: row {row}: {text_field!r} is {type(text).__name__}, not text",
-                     skipped)
+    batches = (b[text_field] for b in data.select_columns([text_field]).iter(batch_size=4096)) \
+        if text_field in data.column_names else iter(())
+    yield from _column(path, text_field, data.column_names, batches, skipped)
 
 
 def _text(path: Source, skipped: Skipped | None) -> Iterator[str]:

@@ -16,7 +16,7 @@ import torch
 
 from orchestrator.data import batches, build_dataset
 from orchestrator.data.prepare import MANIFEST, TOKENS, prepare, prepare_job
-from orchestrator.data.sources import resolve
+from orchestrator.data.sources import BadRecord, resolve
 from orchestrator.errors import ConfigError, DataError
 from orchestrator.validate import Hardware, validate
 from tests.conftest import make_job, run_cli
@@ -59,6 +59,9 @@ def test_every_source_kind_prepares_its_documents_in_order(tmp_path: Path) -> No
     assert built and tokens_of(out) == byte_tokens(docs[:10] + docs[10:])
     assert json.loads((out / MANIFEST).read_text())["skipped"] == 0
     assert not prepare([*files, disk], out, None, "content", progress=False)[1]
+    for source in (src / "sub" / "d.parquet", disk):  # a table without the text column
+        with pytest.raises(BadRecord, match=f"^{source}: row 1: no column 'text' "):
+            prepare([source], tmp_path / "none", None, "text", num_proc=1, progress=False)
 
 
 BAD = {
