@@ -53,7 +53,7 @@ def compose_job(cfg: DictConfig, run_dir: str) -> JobConfig:
             raw = raw.get(part) if isinstance(raw, dict) else None
         raise ConfigError(key, raw, f"a value that resolves ({_one_line(str(e))})") from None
     assert isinstance(data, dict)
-    if data.get("action") in ("status", "cancel", "export") and data.get("run_dir"):
+    if data.get("action") in ("status", "cancel", "export", "report") and data.get("run_dir"):
         run_dir = str(data["run_dir"])
     return to_job(data, run_dir=run_dir)
 
@@ -79,6 +79,12 @@ def execute(job: JobConfig, hw: Hardware | None = None,
         from orchestrator.checkpoint.export import export
 
         print(f"exported to {export(job)}")
+        return 0
+    if job.action == "report":  # charts + report.md of a run or sweep dir, in <dir>/report/
+        from orchestrator.plots import report
+
+        for path in report(job.run_dir):
+            print(f"wrote {path}")
         return 0
     hw = hw or Hardware.detect()
     validate(job, hw)

@@ -320,8 +320,9 @@ class DistConfig:
 class JobConfig:
     # status / cancel act on an earlier run: `action=status run_dir=runs/...`
     # export: a Hugging Face model from a run's checkpoint (`action=export run_dir=... step=N`)
+    # report: PNG charts + report.md of a run or sweep dir, in <run_dir>/report/
     action: str = choice("run", "run", "plan", "validate", "status", "cancel", "export",
-                         "prepare")
+                         "prepare", "report")
     run_dir: str = ""  # filled from hydra.run.dir at the entry point (status/cancel/export: given)
     step: Optional[int] = None  # action=export: the checkpoint's step (None = the newest)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -1,5 +1,6 @@
 """Sweep summary: after a Hydra multirun (`-m`), a table of every point's final loss and
-tokens/s, the best point, and an SVG of the loss curves, written to the sweep directory.
+tokens/s, the best point, and a PNG of the loss curves (orchestrator/plots.py), written to the
+sweep directory. `action=report run_dir=<sweep dir>` draws more charts from the same points.
 
 Registered as a Hydra callback in configs/config.yaml. Points submitted to Slurm are waited
 for first (their run directories hold slurm_job.json).
@@ -8,16 +9,16 @@ for first (their run directories hold slurm_job.json).
 from __future__ import annotations
 
 import json
-import statistics
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 
 from orchestrator.metrics import read_metrics
+from orchestrator.plots import loss_curves, median_tokens_per_s
 
-SUMMARY_MD, SUMMARY_JSON, PLOT = "sweep_summary.md", "sweep_summary.json", "loss_curves.svg"
-COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2")
+SUMMARY_MD, SUMMARY_JSON, PLOT = "sweep_summary.md", "sweep_summary.json", "loss_curves.png"
+NO_METRICS = "NO METRICS"
 
 
 def _wait_for_slurm(run_dir: Path) -> str | None:
@@ -30,70 +31,64 @@ def _wait_for_slurm(run_dir: Path) -> str | None:
     return handle.status()
 
 
+def read_point(run_dir: Path, state: str | None = None) -> dict[str, Any]:
+    """One point of a sweep, from its run directory: overrides, state (`state`, else
+    COMPLETED when it logged a loss), final loss, median tokens/s and its loss curve."""
+    overrides = (run_dir / "overrides.txt").read_text().split() if (
+        run_dir / "overrides.txt").exists() else []
+    metrics_file = run_dir / "metrics.jsonl"
+    records = read_metrics(metrics_file) if metrics_file.exists() else []
+    curve = [(m.get("step", i), m["loss"]) for i, m in enumerate(records, 1) if "loss" in m]
+    losses = [loss for _, loss in curve]
+    return {
+        "point": run_dir.name, "overrides": overrides, "run_dir": str(run_dir),
+        "state": state or ("COMPLETED" if losses else NO_METRICS),
+        "final_loss": losses[-1] if losses else None,
+        "tokens_per_s": median_tokens_per_s(records), "losses": losses,
+        "steps": [step for step, _ in curve],
+    }
+
+
 def collect(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Every point (a subdirectory holding plan.json) in Hydra's job-number order, each
+    Slurm job waited for."""
     points = []
     for run_dir in sorted((p for p in sweep_dir.iterdir() if p.is_dir()),
                           key=lambda p: (len(p.name), p.name)):
-        if not (run_dir / "plan.json").exists():
-            continue
-        state = _wait_for_slurm(run_dir)
-        overrides = (run_dir / "overrides.txt").read_text().split() if (
-            run_dir / "overrides.txt").exists() else []
-        metrics_file = run_dir / "metrics.jsonl"
-        steps = read_metrics(metrics_file) if metrics_file.exists() else []
-        losses = [m["loss"] for m in steps if "loss" in m]
-        speeds = [m["tokens_per_s"] for m in steps[1:] if "tokens_per_s" in m]
-        points.append({
-            "point": run_dir.name, "overrides": overrides, "run_dir": str(run_dir),
-            "state": state or ("COMPLETED" if losses else "NO METRICS"),
-            "final_loss": losses[-1] if losses else None,
-            "tokens_per_s": statistics.median(speeds) if speeds else None, "losses": losses,
-        })
+        if (run_dir / "plan.json").exists():
+            points.append(read_point(run_dir, _wait_for_slurm(run_dir)))
     return points
 
 
-def _svg(points: list[dict[str, Any]]) -> str:
-    w, h, pad = 640, 360, 40
-    curves = [p for p in points if p["losses"]]
-    all_losses = [v for p in curves for v in p["losses"]]
-    if not all_losses:
-        return f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}"/>\n'
-    lo, hi = min(all_losses), max(all_losses)
-    steps = max(len(p["losses"]) for p in curves)
-    sx = (w - 2 * pad) / max(1, steps - 1)
-    sy = (h - 2 * pad) / ((hi - lo) or 1)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}">',
-             f'<text x="{pad}" y="20" font-size="14">loss vs step ({lo:.3f} to {hi:.3f})</text>',
-             f'<rect x="{pad}" y="{pad}" width="{w - 2 * pad}" height="{h - 2 * pad}" '
-             'fill="none" stroke="#999"/>']
-    for i, p in enumerate(curves):
-        color = COLORS[i % len(COLORS)]
-        xy = " ".join(f"{pad + j * sx:.1f},{h - pad - (v - lo) * sy:.1f}"
-                      for j, v in enumerate(p["losses"]))
-        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{xy}"/>')
-        label = " ".join(p["overrides"]).replace("&", "&amp;").replace("<", "&lt;")
-        parts.append(f'<text x="{pad + 5}" y="{pad + 16 * (i + 1)}" font-size="11" '
-                     f'fill="{color}">{p["point"]}: {label}</text>')
-    return "\n".join([*parts, "</svg>"]) + "\n"
-
-
-def summarize(sweep_dir: Path) -> list[dict[str, Any]]:
-    points = collect(sweep_dir)
+def best_point(points: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The point with the lowest final loss (points without metrics never are)."""
     done = [p for p in points if p["final_loss"] is not None]
-    best = min(done, key=lambda p: p["final_loss"]) if done else None
+    return min(done, key=lambda p: p["final_loss"]) if done else None
+
+
+def summary_rows(points: list[dict[str, Any]]) -> list[str]:
+    """The markdown table of the points, then the best one."""
     rows = ["| point | overrides | state | final loss | tokens/s |", "|---|---|---|---|---|"]
     for p in points:
         loss = f"{p['final_loss']:.4f}" if p["final_loss"] is not None else "-"
         tps = f"{p['tokens_per_s']:,.0f}" if p["tokens_per_s"] is not None else "-"
         rows.append(f"| {p['point']} | {' '.join(p['overrides'])} | {p['state']} | {loss} | "
                     f"{tps} |")
+    best = best_point(points)
     if best:
         rows += ["", f"best: point {best['point']} ({' '.join(best['overrides'])}), final loss "
                  f"{best['final_loss']:.4f}"]
+    return rows
+
+
+def summarize(sweep_dir: Path) -> list[dict[str, Any]]:
+    points = collect(sweep_dir)
+    best = best_point(points)
+    rows = summary_rows(points)
     (sweep_dir / SUMMARY_MD).write_text("\n".join(rows) + "\n")
     (sweep_dir / SUMMARY_JSON).write_text(json.dumps(
         {"best": best and best["point"], "points": points}, indent=2) + "\n")
-    (sweep_dir / PLOT).write_text(_svg(points))
+    loss_curves(sweep_dir / PLOT, points)
     print("\n".join(rows))
     print(f"sweep summary: {sweep_dir / SUMMARY_MD}, curves: {sweep_dir / PLOT}")
     return points

@@ -105,7 +105,7 @@ def test_sweep_submits_one_job_per_point_and_summarises(slurm, tmp_path) -> None
     assert abs(final["0"] - final["1"]) > 1e-3  # distinct, so "lowest" means something
     assert summary["best"] == min(final, key=final.get)
     assert {p["point"]: p["final_loss"] for p in summary["points"]} == final
-    assert (tmp_path / "loss_curves.svg").exists()
+    assert (tmp_path / "loss_curves.png").read_bytes().startswith(b"\x89PNG")
     groups = {yaml.safe_load((tmp_path / p / "config.yaml").read_text())["logging"]["wandb"]
               ["group"] for p in ("0", "1")}
     assert groups == {tmp_path.name}  # one W&B group for the sweep
