@@ -106,7 +106,10 @@ def test_gpu_config_uses_deepspeed_defaults_raised_to_a_block_and_cpu_keeps_smal
         assert zero["offload_optimizer"]["pin_memory"] and zero["offload_param"]["pin_memory"]
         deepspeed_config.check(json.loads(json.dumps(gpu)))
         cpu = deepspeed_config.generate(job, *resolve_batch(job), "cpu")["zero_optimization"]
-        assert cpu["overlap_comm"] is False and cpu["reduce_bucket_size"] < block
+        # CPU: one block per collective and per prefetch (bucket_elements), three live
+        assert cpu["overlap_comm"] is False and cpu["reduce_bucket_size"] == block
+        assert cpu["allgather_bucket_size"] == cpu["stage3_prefetch_bucket_size"] == block
+        assert cpu["stage3_max_live_parameters"] == 3 * block
         assert not cpu["offload_optimizer"]["pin_memory"]
 
 
