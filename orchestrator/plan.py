@@ -114,6 +114,17 @@ def node_commands(job: JobConfig, config_path: str, python: str) -> list[list[st
     ]
 
 
+def extensions_dir(python: str = sys.executable, torch_version: str | None = None) -> Path:
+    """Where JIT-built torch extensions (DeepSpeed's comm op) are cached: keyed by the torch
+    version and the interpreter the ranks run, so two virtualenvs or torch versions on one
+    machine never rebuild, or load, each other's build. Read without importing torch."""
+    import hashlib
+    from importlib.metadata import version
+
+    key = hashlib.sha256(str(Path(python).absolute()).encode()).hexdigest()[:10]
+    return cache_dir() / "torch_extensions" / f"torch-{torch_version or version('torch')}-{key}"
+
+
 def make_plan(job: JobConfig, device: str, cpu_count: int, python: str = sys.executable) -> Plan:
     """Everything a launcher needs, computed without allocating the model."""
     accum, global_batch = resolve_batch(job)
@@ -132,7 +143,7 @@ def make_plan(job: JobConfig, device: str, cpu_count: int, python: str = sys.exe
 
         ds_config = deepspeed_config.generate(job, accum, global_batch, device)
         # DeepSpeed JIT-builds a comm op on first use; cache it once for every later run.
-        env["TORCH_EXTENSIONS_DIR"] = str(cache_dir() / "torch_extensions")
+        env["TORCH_EXTENSIONS_DIR"] = str(extensions_dir(python))
         zero = ds_config["zero_optimization"]
         # ZeRO++ hpZ (generated for replicate_degree R > 1, or passed through): a secondary
         # partition within groups of this many ranks

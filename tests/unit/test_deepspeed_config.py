@@ -122,3 +122,23 @@ def test_hsdp_maps_to_deepspeed_hierarchical_partitioning() -> None:
     flat = make_job(["+recipe=deepspeed_zero3"])
     assert "zero_hpz_partition_size" not in deepspeed_config.generate(
         flat, *resolve_batch(flat))["zero_optimization"]
+
+
+def test_the_jit_cache_is_keyed_by_the_torch_version_and_the_interpreter(
+        tmp_path, monkeypatch) -> None:
+    """Two virtualenvs (or torch versions) on one machine get their own DeepSpeed op builds."""
+    from importlib.metadata import version
+    from pathlib import Path
+
+    from orchestrator.plan import extensions_dir, make_plan
+
+    monkeypatch.setenv("ORCHESTRATOR_CACHE", str(tmp_path))
+    job = make_job(["+recipe=deepspeed_zero3"])
+    validate(job, Hardware())
+    cache = Path(make_plan(job, "cpu", 2, python="/venvs/a/bin/python").env[
+        "TORCH_EXTENSIONS_DIR"])
+    assert cache.parent == tmp_path / "torch_extensions"
+    assert cache.name.startswith(f"torch-{version('torch')}-")
+    assert cache == extensions_dir("/venvs/a/bin/python")
+    assert extensions_dir("/venvs/b/bin/python") != cache
+    assert extensions_dir("/venvs/a/bin/python", "2.99.0") != cache
