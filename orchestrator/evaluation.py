@@ -20,34 +20,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from orchestrator.data import make_collate, objective_of
-from orchestrator.errors import ConfigError
 from orchestrator.schema import JobConfig
 from orchestrator.strategies.base import Engine
 
 VAL_PREFIX = "val/"  # during training: the metrics' names in metrics.jsonl and W&B
-
-
-def check_config(job: JobConfig) -> None:
-    """The `eval` keys' own checks (called by `validate`, after `eval.holdout`'s range)."""
-    e = job.eval
-    if e.max_batches <= 0:
-        raise ConfigError("eval.max_batches", e.max_batches, "a number > 0")
-    n = e.every_steps
-    if n < 0:
-        raise ConfigError("eval.every_steps", n, "a number >= 0 (0 = no evaluation during "
-                          "training)")
-    if n == 0:
-        return
-    if job.train.task != "pretrain":
-        raise ConfigError("eval.every_steps", n, f"0 for train.task={job.train.task} (it "
-                          "evaluates during training, train.task=pretrain)")
-    if job.dpo_beta is not None:
-        raise ConfigError("eval.every_steps", n, "0 for DPO (its preference pairs have no "
-                          "per-token held-out loss to evaluate)")
-    if e.holdout == 0 and e.path is None:
-        raise ConfigError("eval.holdout", e.holdout, f"a fraction in (0, 1) with "
-                          f"eval.every_steps={n} (the held-out share evaluated during "
-                          "training, e.g. eval.holdout=0.1), or set eval.path")
 
 
 def held_out_sums(engine: Engine, held_out: Dataset, job: JobConfig, rank: int,

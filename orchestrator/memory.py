@@ -36,7 +36,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from orchestrator.models import ROOT_GROUP, ParamSpec
+from orchestrator.specs import ROOT_GROUP, ParamSpec
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "bf16_pure": 2}  # compute dtype
 

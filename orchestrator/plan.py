@@ -14,10 +14,9 @@ from orchestrator.activations import activation_bytes
 from orchestrator.checkpoint.stop import torchrun_flags
 from orchestrator.data.corpus import cache_dir
 from orchestrator.gpus import GPUS, device_memory_bytes
-from orchestrator.models import ParamSpec, param_specs
-from orchestrator.models.preference import REFERENCE
 from orchestrator.redact import redact
-from orchestrator.schema import JobConfig, LoraConfig, ModelConfig
+from orchestrator.schema import JobConfig
+from orchestrator.specs import REFERENCE, cached_specs
 from orchestrator.validate import resolve_batch
 
 
@@ -203,16 +202,3 @@ def make_plan(job: JobConfig, device: str, cpu_count: int, python: str = sys.exe
         device_memory_bytes=(device_memory_bytes(job.cluster.gpu) if local else gpu.memory_bytes)
         if gpu else None,
     )
-
-
-_SPECS: dict[str, tuple[ParamSpec, ...]] = {}
-
-
-def cached_specs(model: ModelConfig, lora: LoraConfig | None = None,
-                 dpo_beta: float | None = None) -> list[ParamSpec]:
-    """Parameter shapes from the meta device, built once per model (LoRA, DPO) config per
-    process (`parallelism.auto` plans many candidates of the same model)."""
-    key = repr((model, lora if lora is not None and lora.rank > 0 else None, dpo_beta))
-    if key not in _SPECS:
-        _SPECS[key] = tuple(param_specs(model, lora, dpo_beta))
-    return list(_SPECS[key])

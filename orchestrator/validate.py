@@ -23,6 +23,9 @@ class Hardware:
 
     @staticmethod
     def detect() -> Hardware:
+        if not any(os.path.exists(p) for p in ("/proc/driver/nvidia", "/dev/nvidiactl",
+                                               "/dev/kfd")):
+            return Hardware()  # no GPU driver: no CUDA device, and no torch import to say so
         import torch
 
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -297,7 +300,7 @@ def validate(job: JobConfig, hw: Hardware) -> None:
                           f"a rank in 0..{job.world_size - 1}")
     _check_objective(job)
     _check_model_source(job)
-    from orchestrator.evaluation import check_config as check_eval
+    from orchestrator.data.check import check_eval
 
     check_eval(job)  # eval.max_batches, eval.every_steps (needs eval.holdout > 0)
     _check_lora(job)
@@ -327,8 +330,10 @@ def validate(job: JobConfig, hw: Hardware) -> None:
         mount_path(job)
     if not 0 < job.launcher.rdzv_port < 65536:
         raise ConfigError("launcher.rdzv_port", job.launcher.rdzv_port, "a port in 1..65535")
+    from orchestrator.compiling import check as check_compile
     from orchestrator.data.check import check_data
 
+    check_compile(job, resolve_device(job, hw))  # train.compile: strategy, task, C++ compiler
     check_data(job)  # last: it reads the data file
 
     accum, global_batch = resolve_batch(job)

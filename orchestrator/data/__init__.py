@@ -1,18 +1,14 @@
-"""Datasets and the rank-aware, resumable batch stream that feeds the training loop."""
+"""The job's data settings: objective, tokenizer, what is prepared before launch. The datasets and
+the batch stream (data/stream.py, torch) are importable from here too, loaded on first use."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-
-import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from typing import Any
 
 from orchestrator.data import objectives
 from orchestrator.data.corpus import build_corpus
-from orchestrator.data.datasets import MarkovTokens
-from orchestrator.data.sampler import RankSampler
 from orchestrator.data.tokenizer import (
     TOKENIZER_JSON,
     BPETokenizer,
@@ -86,23 +82,6 @@ def ids_needed(job: JobConfig) -> int:
     return ByteTokenizer.vocab_size
 
 
-def build_dataset(job: JobConfig) -> Dataset:
-    d = job.data
-    if d.name == "synthetic":
-        return MarkovTokens(d.num_samples, d.seq_len, data_vocab(job), d.branching,
-                            seed=job.train.seed)
-    if d.name in ("jsonl_sft", "jsonl_pref"):
-        from orchestrator.data.pairs import PreparedRows
-
-        return PreparedRows(job)  # tokenized before launch
-    from orchestrator.data.memmap import MemmapTokens
-    from orchestrator.data.mixture import Mixture
-    from orchestrator.data.prepare import prepared
-
-    parts = [MemmapTokens(p, d.seq_len) for p in prepared(job)]  # tokenized before launch
-    return parts[0] if not d.sources else Mixture(parts, [s.weight for s in d.sources])
-
-
 def prepare_data(job: JobConfig) -> list[tuple[Path, bool]]:
     """Before launch (and `action=prepare`): tokenize the job's text, SFT or preference data
     once into its cache; (directory, whether it was built) for each source."""
@@ -123,77 +102,14 @@ def eval_job(job: JobConfig) -> JobConfig:
         job.data, path=job.eval.path, sources=[], cache_dir=None))
 
 
-def train_and_held_out(job: JobConfig) -> tuple[Dataset, Dataset]:
-    """(training samples, evaluation samples): the dataset less its held-out share, and that
-    share, or the prepared `eval.path` when one is set."""
-    train, held_out = split(build_dataset(job), job.eval.holdout)
-    return train, held_out if job.eval.path is None else build_dataset(eval_job(job))
+STREAM = ("build_dataset", "train_and_held_out", "split", "stack", "with_objective",
+          "make_collate", "batch_generator", "batches")
 
 
-def split(dataset: Dataset, holdout: float) -> tuple[Dataset, Dataset]:
-    """(train, held-out): the last `holdout` share of the samples is never trained on."""
-    n = len(dataset)
-    cut = n - max(1, int(n * holdout)) if holdout > 0 else n
-    return Subset(dataset, range(cut)), Subset(dataset, range(cut, n))
+def __getattr__(name: str) -> Any:
+    """The torch side (data/stream.py), imported when one of its names is first asked for."""
+    if name in STREAM:
+        from orchestrator.data import stream
 
-
-def stack(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """One micro batch from its samples."""
-    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
-
-
-def with_objective(job: JobConfig, batch: dict[str, torch.Tensor],
-                   g: torch.Generator) -> dict[str, torch.Tensor]:
-    """The objective's inputs and labels for a stacked batch of token ids (MLM masks and T5
-    spans drawn from `g`); a batch the dataset labelled itself (SFT masks, DPO pairs) as is."""
-    if "input_ids" not in batch or "labels" in batch:
-        return batch
-    objective, o, ids = objective_of(job), job.objective, batch["input_ids"]
-    if objective == "mlm":
-        return objectives.mlm(ids, job.model.vocab_size, g, o.mlm_probability)
-    if objective == "span":
-        return objectives.span_corruption(ids, job.model.vocab_size, g, o.noise_density,
-                                          o.mean_span_length)
-    return objectives.causal(ids)
-
-
-def make_collate(job: JobConfig, rank: int) -> Callable[[list[dict[str, torch.Tensor]]],
-                                                        dict[str, torch.Tensor]]:
-    """Stack a micro batch and apply the objective, its randomness seeded per rank (one pass
-    over held-out data; training uses `batches`)."""
-    g = torch.Generator().manual_seed(job.train.seed * 1000 + rank)
-    return lambda rows: with_objective(job, stack(rows), g)
-
-
-def batch_generator(seed: int, rank: int, index: int) -> torch.Generator:
-    """The objective's randomness for micro batch `index` of rank `rank`'s stream: its own, so
-    a resumed stream draws the same masks however many epochs it skipped."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + rank) * 1_000_000_007 + index)
-                                         % 2**63)
-
-
-def batches(dataset: Dataset, job: JobConfig, rank: int, world_size: int,
-            start_step: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless micro batches for this rank: each epoch reshuffles with seed + epoch, ranks see
-    disjoint samples (`DistributedSampler`'s order, data/sampler.py), and the stream is a pure
-    function of (seed, rank, micro-batch index); a resumed one reads nothing it skips."""
-    micro = job.train.micro_batch_size
-    sampler = RankSampler(len(dataset), world_size, rank, job.train.seed, job.data.shuffle)
-    per_epoch = sampler.per_rank // micro
-    if per_epoch == 0:
-        raise ValueError(
-            f"dataset has {len(dataset)} samples: too few for micro_batch_size "
-            f"{micro} on {world_size} ranks")
-    workers = job.data.num_workers
-    loader = DataLoader(dataset, batch_size=micro, sampler=sampler, drop_last=True,
-                        collate_fn=stack, num_workers=workers,
-                        persistent_workers=workers > 0,
-                        pin_memory=os.environ.get("ORCHESTRATOR_DEVICE") == "cuda")
-    epoch, skip = divmod(start_step, per_epoch)
-    index = start_step  # of the next micro batch in this rank's stream
-    while True:
-        sampler.set_epoch(epoch, start=skip * micro)
-        for batch in loader:
-            yield with_objective(job, batch, batch_generator(job.train.seed, rank, index))
-            index += 1
-        epoch, skip = epoch + 1, 0
+        return getattr(stream, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,7 +14,6 @@ import os
 from collections.abc import Callable, Iterator
 
 from orchestrator.data import get_tokenizer, tokenizer_file, uses_bpe
-from orchestrator.data.datasets import REQUIRED_KEYS, labelled_pair, read_jsonl
 from orchestrator.data.tokenizer import Tokenizer
 from orchestrator.errors import ConfigError
 from orchestrator.schema import JobConfig
@@ -25,6 +24,29 @@ BINARY_WINDOW = 1 << 20  # NUL bytes in the first MiB mark a binary file
 # (path, size, mtime, settings) of files already checked: validate() runs twice under
 # parallelism=auto, and a passing file need not be read twice
 _passed: set[tuple[object, ...]] = set()
+
+
+def check_eval(job: JobConfig) -> None:
+    """The `eval` keys' own checks (called by `validate`, after `eval.holdout`'s range)."""
+    e = job.eval
+    if e.max_batches <= 0:
+        raise ConfigError("eval.max_batches", e.max_batches, "a number > 0")
+    n = e.every_steps
+    if n < 0:
+        raise ConfigError("eval.every_steps", n, "a number >= 0 (0 = no evaluation during "
+                          "training)")
+    if n == 0:
+        return
+    if job.train.task != "pretrain":
+        raise ConfigError("eval.every_steps", n, f"0 for train.task={job.train.task} (it "
+                          "evaluates during training, train.task=pretrain)")
+    if job.dpo_beta is not None:
+        raise ConfigError("eval.every_steps", n, "0 for DPO (its preference pairs have no "
+                          "per-token held-out loss to evaluate)")
+    if e.holdout == 0 and e.path is None:
+        raise ConfigError("eval.holdout", e.holdout, f"a fraction in (0, 1) with "
+                          f"eval.every_steps={n} (the held-out share evaluated during "
+                          "training, e.g. eval.holdout=0.1), or set eval.path")
 
 
 def check_tokenizer(job: JobConfig) -> None:
@@ -118,6 +140,8 @@ def check_data(job: JobConfig) -> None:
     tok = get_tokenizer(job) if not bpe or tok_ready else None
     if d.name != "text":
         _scan(path, trains_bpe=False)
+        from orchestrator.data.datasets import REQUIRED_KEYS  # torch: only for such files
+
         _check_jsonl(path, REQUIRED_KEYS[d.name], d.seq_len, tok)
     else:
         # byte tokens are UTF-8 bytes; a BPE still to be trained here (byte-level, no added
@@ -204,6 +228,8 @@ def _check_jsonl(path: str, keys: tuple[str, ...], seq_len: int, tok: Tokenizer 
     """Every line parses to an object whose `keys` are strings, at least one row, and every
     answer has a trainable token: exactly with `tok`; without it (a BPE not trained yet) only
     a row whose prompt and answer are both empty is known to have none."""
+    from orchestrator.data.datasets import labelled_pair, read_jsonl
+
     allowed = "JSONL with one {" + ", ".join(keys) + "} object per line"
     rows = 0
     try:

@@ -14,7 +14,10 @@ is `vocab_size - 1`; sentinels count down from `vocab_size - 1`, as T5's extra i
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where a batch is built: validation only needs the ids
+    import torch
 
 IGNORE = -100
 MAX_SENTINELS = 100
@@ -37,6 +40,8 @@ def causal(input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def mlm(input_ids: torch.Tensor, vocab_size: int, g: torch.Generator,
         probability: float = 0.15) -> dict[str, torch.Tensor]:
+    import torch
+
     mask_id = vocab_size - 1
     selected = torch.rand(input_ids.shape, generator=g) < probability
     labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE))
@@ -57,6 +62,8 @@ def span_lengths(length: int, density: float, mean_span: float) -> tuple[int, in
 
 def _split(total: int, parts: int, g: torch.Generator) -> list[int]:
     """A random split of `total` into `parts` positive lengths."""
+    import torch
+
     cuts = sorted(torch.randperm(total - 1, generator=g)[: parts - 1].add(1).tolist())
     edges = [0, *cuts, total]
     return [b - a for a, b in zip(edges, edges[1:], strict=False)]
@@ -75,6 +82,8 @@ def noise_mask(length: int, density: float, mean_span: float, g: torch.Generator
 
 def span_corruption(input_ids: torch.Tensor, vocab_size: int, g: torch.Generator,
                     density: float = 0.15, mean_span: float = 3.0) -> dict[str, torch.Tensor]:
+    import torch
+
     spans = span_lengths(input_ids.shape[1], density, mean_span)[1]
     eos_id = vocab_size - 1 - spans
     inputs, targets = [], []

@@ -7,14 +7,14 @@ device so the planner can count parameters and shard shapes without allocating a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from orchestrator.schema import LoraConfig, ModelConfig
+from orchestrator.specs import ROOT_GROUP, ParamSpec
 
-ROOT_GROUP = "root"
+__all__ = ["ROOT_GROUP", "ParamSpec"]  # their home is orchestrator/specs.py (no torch)
+
 
 
 def hf_config(cfg: ModelConfig):  # noqa: ANN201 - a transformers PretrainedConfig
@@ -133,22 +133,6 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     if not blocks:
         raise ValueError(f"no list of {n} blocks in {type(model).__name__}")
     return blocks
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    name: str
-    shape: tuple[int, ...]
-    group: str  # FSDP unit: "block.<i>" or "root"
-    head: bool = False  # the output projection (tied embeddings: the shared weight)
-    trainable: bool = True  # False: frozen (LoRA base weights): no gradient, no optimizer state
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
 
 
 def param_specs(cfg: ModelConfig, lora: LoraConfig | None = None,

@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from orchestrator.specs import POLICY
+
 IGNORE = -100
-POLICY, REFERENCE = "policy.", "reference."
 
 
 @dataclass

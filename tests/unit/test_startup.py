@@ -1,0 +1,64 @@
+"""Start-up (issue 14): planning and validating a job import neither torch nor transformers once
+the model's parameter shapes are cached on disk, and that cache holds exactly what the meta
+device counts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from orchestrator import specs
+from orchestrator.models import param_specs
+from tests.conftest import REPO, make_job
+
+PROBE = """
+import sys
+from orchestrator.cli import run
+sys.argv = ["orchestrator", "+recipe=fsdp_zero3", "model=gpt2_small_cpu", "action=plan",
+            "hydra.run.dir=" + sys.argv[1]]
+try:
+    run()  # what python -m orchestrator runs
+except SystemExit as e:
+    assert not e.code, e.code
+print({m for m in ("torch", "transformers", "peft", "deepspeed", "matplotlib", "datasets")
+       if m in sys.modules})
+"""
+
+
+def test_a_plan_imports_no_framework_once_the_shapes_are_cached(tmp_path, monkeypatch) -> None:
+    env = {"ORCHESTRATOR_CACHE": str(tmp_path / "cache")}
+    first, again = (subprocess.run([sys.executable, "-c", PROBE, str(tmp_path / f"run{i}")],
+                                   cwd=REPO, env={**os.environ, **env},
+                                   capture_output=True, text=True, timeout=300)
+                    for i in range(2))
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "'transformers'" in first.stdout.splitlines()[-1]  # counted once on the meta device
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.splitlines()[-1] == "set()"
+    assert list((tmp_path / "cache" / "specs").glob("*.json"))
+
+
+def test_cached_shapes_are_the_meta_device_count_and_keyed_by_versions(
+        tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("ORCHESTRATOR_CACHE", str(tmp_path))
+    monkeypatch.setattr(specs, "_SPECS", {})
+    job = make_job(["model=llama_tiny", "+recipe=finetune_lora"])
+    want = param_specs(job.model, job.lora)
+    assert specs.cached_specs(job.model, job.lora) == want  # counted and written
+    monkeypatch.setattr(specs, "_SPECS", {})
+
+    def refuse(*_: object) -> None:
+        raise AssertionError("counted again instead of read from disk")
+
+    monkeypatch.setattr("orchestrator.models.param_specs", refuse)
+    assert specs.cached_specs(job.model, job.lora) == want  # read back
+    key = specs.spec_key(job.model, job.lora)
+    assert json.loads((tmp_path / "specs" / f"{key}.json").read_text())[0][0] == want[0].name
+    monkeypatch.setattr(specs, "_version", lambda package: f"{package}-9.9")
+    assert specs.spec_key(job.model, job.lora) != key  # another transformers or peft: recount
+    with pytest.raises(AssertionError, match="counted again"):
+        specs.cached_specs(job.model, job.lora)
