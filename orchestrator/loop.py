@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import time
@@ -140,8 +141,14 @@ def train(engine: Engine, data: Iterator[dict[str, torch.Tensor]], job: JobConfi
     The host waits for the device only on logged steps (every `train.log_every`, the memory
     probe's step and the last): the losses of the interval are all-reduced in one collective,
     and time, tokens/s and peak memory cover the whole interval. With `train.stop_on_nonfinite`
-    a NaN or infinite loss raises `NonFiniteLoss` there, on every rank alike."""
+    a NaN or infinite loss raises `NonFiniteLoss` there, on every rank alike.
+
+    With compiled blocks (`train.compile`) the first batch is run once before the first step
+    (`Engine.warm_up`, which keeps nothing of it) and the time that took is logged as the
+    `compile` event's `compile_s`: compilation counts in no step's time or tokens/s."""
     plan = plan or {}
+    if engine.compiled_blocks and start_step < job.train.steps:
+        data = _warm_up(engine, data, logger)
     mem_plan = plan.get("memory", {})
     planned_peak_bytes = mem_plan.get("peak_bytes")
     # the device peak the plan predicts, without its stated allowance for fragmentation
@@ -211,6 +218,25 @@ def train(engine: Engine, data: Iterator[dict[str, torch.Tensor]], job: JobConfi
     if losses:
         logger.summary({"final_loss": losses[-1]})
     return losses
+
+
+def _warm_up(engine: Engine, data: Iterator[dict[str, torch.Tensor]],
+             logger: NullLogger) -> Iterator[dict[str, torch.Tensor]]:
+    """Compile before the first step on its first micro batch; log the `compile` event
+    (`compile_s`: the warm-up's wall time, i.e. compilation plus one forward and backward;
+    `compiled_blocks`; `compiled_graphs`: dynamo's graphs in this rank, 0 if nothing was
+    compiled). Returns the stream with that batch put back in front."""
+    from orchestrator.compiling import compiled_graphs
+
+    first = next(data)
+    began = time.perf_counter()
+    engine.warm_up(first)
+    device_sync(engine.device)
+    compile_s = time.perf_counter() - began
+    logger.event("compile", {"compiled_blocks": engine.compiled_blocks,
+                             "compiled_graphs": compiled_graphs(),
+                             "compile_s": round(compile_s, 3)})
+    return itertools.chain([first], data)
 
 
 def _crash(job: JobConfig, step: int, rank: int) -> None:

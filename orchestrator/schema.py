@@ -162,6 +162,7 @@ class TrainConfig:
     seed: int = 1234
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     activation_checkpointing: bool = False  # recompute each block's activations in backward
+    compile: bool = False  # torch.compile each transformer block (DDP, ZeRO-1, FSDP2)
     save_model: bool = True  # write the trained model to <run_dir>/model (HF format)
     log_every: int = 1
     # stop the run with one clear line when the loss becomes NaN or inf (checked on logged

@@ -14,7 +14,13 @@ from orchestrator.strategies.base import Engine
 
 def setup(model: nn.Module, job: JobConfig, device: str) -> Engine:
     """Pick the strategy for `parallelism.zero_stage` (ZeRO: 1 optimizer state, 2 + gradients,
-    3 + parameters)."""
+    3 + parameters). With `train.compile` each transformer block is compiled in place first
+    (orchestrator/compiling.py), so DDP and FSDP2 wrap the compiled blocks."""
+    compiled = 0
+    if job.train.compile:
+        from orchestrator.compiling import compile_blocks
+
+        compiled = compile_blocks(model)
     stage = job.parallelism.zero_stage
     if job.parallelism.backend == "deepspeed":
         from orchestrator.strategies.deepspeed import setup as chosen
@@ -24,7 +30,9 @@ def setup(model: nn.Module, job: JobConfig, device: str) -> Engine:
         from orchestrator.strategies.zero1 import setup as chosen
     else:
         from orchestrator.strategies.fsdp import setup as chosen
-    return chosen(model, job, device)
+    engine = chosen(model, job, device)
+    engine.compiled_blocks = compiled
+    return engine
 
 
 def build_for_rank(job: JobConfig, info: distributed.RankInfo) -> nn.Module:

@@ -102,6 +102,7 @@ class Engine:
         self.probe: Probe | None = None  # called at "after_forward" / "after_backward"
         # the model output's own `metrics` (e.g. DPO reward accuracy), mean over micro batches
         self.step_metrics: dict[str, torch.Tensor] = {}
+        self.compiled_blocks = 0  # transformer blocks compiled in place (`train.compile`)
 
     # -- strategy hooks -------------------------------------------------------------------
     def no_sync(self, sync: bool) -> contextlib.AbstractContextManager[Any]:
@@ -189,6 +190,24 @@ class Engine:
     def model_state_bytes(self) -> dict[str, int]:
         """Measured bytes of parameters, gradients and optimizer state held by this rank now."""
         return storage_bytes(self.held_tensors())
+
+    def warm_up(self, batch: dict[str, torch.Tensor]) -> None:
+        """One forward and backward of `batch` as in `train_step`, with its gradient
+        communication, then nothing of it kept: gradients zeroed, no optimizer step, the RNG
+        state restored. Compiled blocks compile their forward and backward graphs here, so
+        the first train step runs already compiled (a collective: every rank must call it)."""
+        cuda = self.device == "cuda"
+        rng = torch.random.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if cuda else None
+        inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        with self.no_sync(True):
+            with self.autocast():
+                loss = self.model(**inputs).loss
+            loss.backward()
+        self.optimizer.zero_grad(set_to_none=self.set_to_none)
+        torch.random.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
         """Forward + backward over the micro batches, then clip and step. Returns the mean loss."""
