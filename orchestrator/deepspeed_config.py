@@ -8,12 +8,12 @@ stage, for the device the job runs on:
   1e9 live parameters, persistence threshold 1e5), raised to one transformer block where a block
   is larger, with communication overlapped with compute; offload uses pinned host memory.
 - cpu: those defaults (2 GB per fp32 bucket) are far too large for the small models a CPU trains,
-  so buckets are one transformer block (at least d² elements, the rule of thumb Hugging Face's
-  integration uses): reduce-scatter and all-gather move a block per collective, ZeRO-3
-  prefetches the next block and keeps up to three live. Smaller buckets (d² alone, a twelfth of
-  a GPT-2 block) split every block into many collectives and starved the ranks: 35
-  reduce-scatters and 74 all-gathers per step of gpt2_small_cpu. Overlap is off (gloo gains
-  nothing from a second stream).
+  so reduce-scatter and all-gather buckets are one transformer block (at least d² elements, the
+  rule of thumb Hugging Face's integration uses): a block moves in one collective. Buckets of d²
+  alone (a twelfth of a GPT-2 block) split every block into many collectives and starved the
+  ranks: 35 reduce-scatters and 74 all-gathers per step of gpt2_small_cpu. ZeRO-3's prefetch and
+  live limits stay at the d² rule (see `_zero_section`). Overlap is off (gloo gains nothing from
+  a second stream).
 
 `parallelism.deepspeed` is merged over the result.
 """
@@ -78,10 +78,13 @@ def _zero_section(job: JobConfig, device: str) -> dict[str, Any]:
         zero.update({"overlap_comm": False, "reduce_bucket_size": bucket,
                      "allgather_bucket_size": bucket})
         if p.zero_stage == 3:
-            zero.update({"stage3_prefetch_bucket_size": bucket,
+            # prefetch stays below a block: a block-sized prefetch was no faster here and made
+            # DeepSpeed hold about two more blocks at the end of forward than the plan models
+            d2 = max(job.model.d_model ** 2, 4096)
+            zero.update({"stage3_prefetch_bucket_size": int(0.9 * d2),
                          "stage3_param_persistence_threshold": 10 * job.model.d_model,
-                         "stage3_max_live_parameters": 3 * bucket,
-                         "stage3_max_reuse_distance": 3 * bucket})
+                         "stage3_max_live_parameters": 4 * d2,
+                         "stage3_max_reuse_distance": 4 * d2})
     if p.zero_stage == 3 and p.replicate_degree > 1:
         # ZeRO++ hpZ: a secondary copy of the parameters partitioned within each group of
         # world/R ranks (a node), so forward/backward all-gathers stay inside it
