@@ -129,9 +129,9 @@ class PreparedRows(Dataset):
     as int64 tensors (labels keep their ignore index)."""
 
     def __init__(self, job: JobConfig) -> None:
-        out = pairs_dir(job)
-        if not is_current(out, [_source(job)], _key(job)):
-            raise ValueError(f"{_source(job)} is not prepared in {out} for these settings (or "
+        out, source = pairs_dir(job), _source(job)
+        if not is_current(out, [source], _key(job)):
+            raise ValueError(f"{source} is not prepared in {out} for these settings (or "
                              "changed since): launch through python -m orchestrator, or run "
                              "action=prepare with the same data settings first")
         self.arrays = {n: np.load(out / f"{n}.npy", mmap_mode="r")

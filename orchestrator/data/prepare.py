@@ -301,10 +301,11 @@ def prepared(job: JobConfig) -> list[Path]:
     """In a rank: the job's prepared sources, which its launch made current before the ranks
     started (ranks never tokenize: eight ranks per node would do it eight times)."""
     key = tokenizer_key(_tokenizer_of(job))
-    for files, out in prepared_dirs(job, key):
+    dirs = prepared_dirs(job, key)  # resolves every glob (remote ones too): once
+    for files, out in dirs:
         if not is_current(out, files, key):
             raise ValueError(f"the source {files[0]} is not prepared in {out} for this "
                              "tokenizer (or changed since): launch through python -m "
                              "orchestrator, or run action=prepare with the same data settings "
                              "first")
-    return [out for _, out in prepared_dirs(job, key)]
+    return [out for _, out in dirs]
