@@ -61,6 +61,11 @@ run resume-fsdp_zero3-bf16 +recipe=fsdp_zero3 "${common[@]}" precision=bf16 \
 # async checkpoints: pinned host copies, DCP writes on a gloo group beside NCCL, commits
 run async-checkpoint-fsdp_zero3-bf16 +recipe=fsdp_zero3 "${common[@]}" precision=bf16 \
   checkpoint.every_steps=5 checkpoint.async_save=true
+# torch.compile per block on CUDA (inductor/triton), FSDP2; compile_s in the compile event
+run compile-fsdp_zero3-bf16 +recipe=fsdp_zero3 "${common[@]}" precision=bf16 train.compile=true
+# memmap data read by DataLoader workers into pinned batches, val/loss every 10 steps on CUDA
+run workers-ddp-bf16 +recipe=ddp "${common[@]}" precision=bf16 data.num_workers=2 \
+  eval.holdout=0.05 eval.every_steps=10
 # a saved model for evaluate / generate (ZeRO-3 gather to rank 0 on a GPU)
 run save-fsdp_zero3-bf16 +recipe=fsdp_zero3 "${common[@]}" precision=bf16 train.steps=10 \
   train.save_model=true

@@ -13,7 +13,7 @@ from tests.conftest import REPO
 RUNS = ["ddp-bf16", "ddp-fp16", "fsdp_zero3-bf16", "fsdp_zero3-fp16", "deepspeed_zero3-bf16",
         "deepspeed_zero3-fp16", "deepspeed_zero3_offload-bf16", "save-fsdp_zero3-bf16",
         "evaluate-fsdp_zero3", "generate-fsdp_zero3", "resume-fsdp_zero3-bf16",
-        "async-checkpoint-fsdp_zero3-bf16"]
+        "async-checkpoint-fsdp_zero3-bf16", "compile-fsdp_zero3-bf16", "workers-ddp-bf16"]
 
 
 def test_gpu_check_runs_are_valid_one_gpu_nccl_plans(tmp_path) -> None:
