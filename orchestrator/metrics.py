@@ -21,6 +21,7 @@ from orchestrator.errors import OrchestratorError
 from orchestrator.redact import redact
 from orchestrator.schema import JobConfig
 from orchestrator.typed import to_dict
+from orchestrator.wandb_run import WandbRun
 
 RUN_INFO = "wandb_run.json"
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -86,6 +87,9 @@ class NullLogger:
     def close(self, failed: bool = False, stopped: bool = False) -> None:
         pass
 
+    def wandb_id(self) -> str | None:
+        return None
+
 
 class MetricsLogger(NullLogger):
     """`resume_step`: the run continues from that step's checkpoint: records of later steps
@@ -109,27 +113,43 @@ class MetricsLogger(NullLogger):
 
             self.bar = tqdm(total=job.train.steps, desc="train", unit="step", file=sys.stderr,
                             dynamic_ncols=True)
-        self.wandb_run = None
+        # W&B starts in the background (wandb_run.py): the model build and the first steps
+        # do not wait for it; wandb_run.json is written once it is up
+        self.wandb: WandbRun | None = None
+        self.info_written = False
         w = job.logging.wandb
+        self.wandb_mode = w.mode
         if w.mode != "disabled":
-            import wandb
-
             prior = self.run_dir / RUN_INFO
             resumed: dict[str, str] = {}
             if resume_step is not None and prior.exists():  # the same W&B run goes on
                 resumed = {"id": json.loads(prior.read_text())["id"], "resume": "allow"}
-            self.wandb_run = wandb.init(
+            self.wandb = WandbRun(dict(
                 mode=w.mode, dir=str(self.run_dir), project=w.project, entity=w.entity,
                 name=w.name or self.run_dir.name, group=w.group, tags=list(w.tags),
-                config=redact(to_dict(job)), settings=wandb.Settings(console="off"),
-                **resumed,
-            )
-            info = {"id": self.wandb_run.id, "name": self.wandb_run.name, "mode": w.mode,
-                    "dir": str(Path(self.wandb_run.dir).parent)}
+                config=redact(to_dict(job)), **resumed))
+
+    def _wandb_up(self, wait: bool = False) -> bool:
+        """Whether the W&B run is up (with `wait`: once it is); writes wandb_run.json the first
+        time it is."""
+        if self.wandb is None or not (self.wandb.wait() if wait else self.wandb.ready()):
+            return False
+        if not self.info_written:
+            self.info_written = True
+            run = self.wandb.run
+            info = {"id": run.id, "name": run.name, "mode": self.wandb_mode,
+                    "dir": str(Path(run.dir).parent)}
+            path = self.run_dir / RUN_INFO
             try:
-                (self.run_dir / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
+                path.write_text(json.dumps(info, indent=2) + "\n")
             except OSError as e:
-                raise write_error(self.run_dir / RUN_INFO, e, "before its first step") from e
+                raise write_error(path, e, f"at step {self.step}" if self.step
+                                  else "before its first step") from e
+        return True
+
+    def wandb_id(self) -> str | None:
+        """The W&B run's id (waits for it to be up); None without W&B."""
+        return self.wandb.run.id if self._wandb_up(wait=True) and self.wandb else None
 
     def _append(self, record: dict[str, Any], where: str) -> None:
         assert self.fd is not None, "logger is closed"
@@ -142,8 +162,9 @@ class MetricsLogger(NullLogger):
         self._append({"step": step, **metrics}, f"at step {step}")
         self.step = step
         self.val_loss = metrics.get("val/loss", self.val_loss)
-        if self.wandb_run is not None:
-            self.wandb_run.log(metrics, step=step)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+            self._wandb_up()
 
     def progress(self, step: int, loss: float, tokens_per_s: float) -> None:
         if self.bar is not None:
@@ -153,8 +174,8 @@ class MetricsLogger(NullLogger):
             self.bar.update(step - self.bar.n)  # called on logged steps only
 
     def summary(self, values: dict[str, Any]) -> None:
-        if self.wandb_run is not None:
-            self.wandb_run.summary.update(values)
+        if self.wandb is not None:
+            self.wandb.update_summary(values)
 
     def event(self, name: str, values: dict[str, Any]) -> None:
         """A non-step record (e.g. where the ranks ran) in metrics.jsonl and the W&B summary."""
@@ -169,10 +190,14 @@ class MetricsLogger(NullLogger):
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-        if self.wandb_run is not None:
-            if stopped:
-                self.wandb_run.mark_preempting()
-            self.wandb_run.finish(exit_code=1 if failed else 0)
+        if self.wandb is not None:
+            try:
+                self._wandb_up(wait=True)
+            except Exception:
+                if failed:  # the run's own error is the one to report
+                    return
+                raise
+            self.wandb.finish(exit_code=1 if failed else 0, preempting=stopped)
 
 
 def make_logger(job: JobConfig, rank: int, resume_step: int | None = None) -> NullLogger:

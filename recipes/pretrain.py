@@ -38,12 +38,15 @@ class PretrainRecipe:
             stop.take(self.job.run_dir)  # the previous attempt's record
         device = os.environ.get("ORCHESTRATOR_DEVICE", "cpu")
         self.info = distributed.init(device, self.job.dist.timeout_s)
+        self.resume = periodic.to_resume(self.job)  # every rank reads the same directory
+        # before the model build: W&B starts in the background meanwhile (rank 0)
+        self.logger = make_logger(self.job, self.info.rank,
+                                  self.resume.step if self.resume is not None else None)
         model = build_for_rank(self.job, self.info)
         if self.job.train.activation_checkpointing:
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
         self.engine = setup_strategy(model, self.job, device)
-        self.resume = periodic.to_resume(self.job)  # every rank reads the same directory
         start, load_s = 0, None
         if self.resume is not None:
             began = time.perf_counter()
@@ -63,8 +66,6 @@ class PretrainRecipe:
         # the set-up peak (model build + sharding) per rank: with meta-device init only rank 0
         # ever holds the whole model
         ranks = distributed.gather((distributed.node_name(), loop.peak_memory_bytes(device)))
-        self.logger = make_logger(self.job, self.info.rank,
-                                  start if self.resume is not None else None)
         self.logger.event("start", {"world_size": self.info.world_size,
                                     "nodes": [node for node, _ in ranks], "device": device,
                                     "setup_peak_mem_bytes": [peak for _, peak in ranks],
@@ -107,11 +108,9 @@ class PretrainRecipe:
                                                    self.info.rank, self.info.world_size)
 
     def checkpoint(self, step: int) -> Path:
-        wandb_info = Path(self.job.run_dir) / "wandb_run.json"
         meta = {"config_sha256": os.environ.get(CONFIG_SHA_ENV),
                 "global_batch_size": resolve_batch(self.job)[1],
-                "wandb_id": json.loads(wandb_info.read_text())["id"]
-                if wandb_info.exists() else None}
+                "wandb_id": self.logger.wandb_id()}  # rank 0's counts: it writes meta.json
         return self.saver.save(step, meta)
 
     def committed(self, info: dict[str, Any]) -> None:
