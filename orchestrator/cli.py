@@ -128,7 +128,7 @@ def _check_resume(job: JobConfig) -> None:
     """The checkpoint this launch will continue from (if any) must fit its config."""
     if job.train.task != "pretrain" or job.run.overwrite:
         return
-    from orchestrator.checkpoint.periodic import check_compatible, to_resume
+    from orchestrator.checkpoint.resume import check_compatible, to_resume
 
     resume = to_resume(job)
     if resume is not None:

@@ -166,7 +166,7 @@ def _live_slurm_job(path: Path) -> str | None:
 
 def _resumable(job: JobConfig, path: Path) -> bool:
     """An earlier run here left a complete checkpoint, and this launch resumes (resume=auto)."""
-    from orchestrator.checkpoint.periodic import complete
+    from orchestrator.checkpoint.resume import complete
 
     return job.resume == "auto" and not job.run.overwrite and bool(complete(path))
 

@@ -62,3 +62,29 @@ def test_cached_shapes_are_the_meta_device_count_and_keyed_by_versions(
     assert specs.spec_key(job.model, job.lora) != key  # another transformers or peft: recount
     with pytest.raises(AssertionError, match="counted again"):
         specs.cached_specs(job.model, job.lora)
+
+
+LAUNCH = """
+import sys
+from orchestrator.cli import run
+sys.argv = ["orchestrator", "+recipe=ddp", "model=gpt2_tiny", "train.steps=3", "logging=none",
+            "logging.progress=false", "train.save_model=false", "hydra.run.dir=" + sys.argv[1]]
+try:
+    run()  # a real local launch: torchrun and its two ranks import torch, the launcher not
+except SystemExit as e:
+    assert not e.code, e.code
+print({m for m in ("torch", "transformers", "numpy", "deepspeed", "datasets") if m in sys.modules})
+"""
+
+
+def test_the_launcher_of_a_run_imports_no_torch(tmp_path, monkeypatch) -> None:
+    """Importing torch in the launcher (e.g. to look for a checkpoint to resume) would add
+    seconds before torchrun starts, which imports it anyway."""
+    monkeypatch.setenv("ORCHESTRATOR_CACHE", str(tmp_path / "cache"))
+    job = make_job(["model=gpt2_tiny"])
+    specs.cached_specs(job.model, job.lora)  # the shapes are cached, as after a first launch
+    got = subprocess.run([sys.executable, "-c", LAUNCH, str(tmp_path / "run")], cwd=REPO,
+                         env=dict(os.environ), capture_output=True, text=True, timeout=300)
+    assert got.returncode == 0, got.stderr[-2000:]
+    assert got.stdout.splitlines()[-1] == "set()"
+    assert (tmp_path / "run" / "metrics.jsonl").exists()
