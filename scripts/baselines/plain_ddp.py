@@ -112,6 +112,8 @@ def main() -> None:
             "median_tokens_per_s": statistics.median(timed) if timed else None,
             "steps_time_s": sum(r["time_s"] for r in records), "steps": records,
         }, indent=2) + "\n")
+    dist.barrier()  # no rank tears gloo down while another still uses it (a rank whose
+    # peer had closed its connections aborted with SIGABRT at exit, seen once)
     # Free what holds the process group before destroying it: freeing a DDP reducer (or an
     # FSDP mesh) after destroy_process_group can hang a gloo rank at exit (seen once in 10).
     del model, optimizer
