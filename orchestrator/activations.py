@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from orchestrator.schema import JobConfig
 
-ACT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "bf16_pure": 2}
+ACT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "bf16_pure": 2, "fp8": 2}  # fp8: bf16 activations
 
 
 def activation_bytes(job: JobConfig, micro_batch: int | None = None) -> int:

@@ -148,7 +148,7 @@ def _plan_and_launch(job: JobConfig, plan: Any, text: str, run_dir: rundir.RunDi
     run_dir.write("overrides.txt", "".join(f"{line}\n" for line in lines))
     plan.write(run_dir.path / "plan.json")
     if plan.deepspeed_config is not None:
-        from orchestrator.strategies.deepspeed import CONFIG_FILE
+        from orchestrator.deepspeed_config import CONFIG_FILE
 
         run_dir.write(CONFIG_FILE, plan.deepspeed_json())
     print_plan(plan)

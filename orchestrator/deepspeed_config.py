@@ -31,6 +31,9 @@ from orchestrator.schema import JobConfig
 NEVER_PRINT = 2**31 - 1  # DeepSpeed's own step prints: our loop logs instead
 
 
+CONFIG_FILE = "deepspeed.json"  # in the run dir: what every rank loads
+
+
 def bucket_elements(job: JobConfig) -> int:
     """A CPU bucket: one transformer block, at least d² (and 4096) elements."""
     d = job.model.d_model
@@ -117,7 +120,10 @@ def generate(job: JobConfig, grad_accum: int, global_batch: int,
     if job.precision.name == "fp16":
         cfg["fp16"] = {"enabled": True, "loss_scale": 0,  # 0 = dynamic
                        "initial_scale_power": int(math.log2(job.precision.init_scale)),
-                       "loss_scale_window": job.precision.growth_interval}
+                       "loss_scale_window": job.precision.growth_interval,
+                       # halve on the first overflow, as torch's GradScaler does (DeepSpeed's
+                       # default 2 keeps the scale after one)
+                       "hysteresis": 1}
     elif job.precision.name == "bf16":
         cfg["bf16"] = {"enabled": True}
     return _merge(cfg, job.parallelism.deepspeed)
@@ -146,14 +152,19 @@ class _ReadTracker(dict):
         return _ReadTracker(dict(self), self.read)
 
 
-def check(cfg: dict[str, Any]) -> None:
+def check(cfg: dict[str, Any], parse: bool = True) -> None:
     """Validate `cfg` with DeepSpeed's own `DeepSpeedConfig` (pydantic models for its sections).
-    A top-level key that DeepSpeed's parser never reads is unknown to it, and an error."""
-    try:
-        from deepspeed.runtime.config import DeepSpeedConfig
-    except ImportError as e:  # pragma: no cover - bootstrap installs it
+    A top-level key that DeepSpeed's parser never reads is unknown to it, and an error.
+    `parse=False` (no `parallelism.deepspeed` passthrough: the config is all generated here)
+    only checks that DeepSpeed is installed, without importing it (about 2 s)."""
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
         raise ConfigError("parallelism.backend", "deepspeed",
-                          "'torch' (deepspeed is not installed: run scripts/bootstrap.sh)") from e
+                          "'torch' (deepspeed is not installed: run scripts/bootstrap.sh)")
+    if not parse:
+        return
+    from deepspeed.runtime.config import DeepSpeedConfig
     probe = {k: v for k, v in cfg.items() if k != "train_batch_size"}  # needs the real world size
     read: set[str] = set()
     try:

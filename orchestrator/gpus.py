@@ -31,7 +31,8 @@ class GPU:
     fp8: Optional[float]
 
     def peak_flops(self, precision: str) -> Optional[float]:
-        key = {"bf16": "bf16", "bf16_pure": "bf16", "fp16": "fp16", "fp32": "fp32"}[precision]
+        key = {"bf16": "bf16", "bf16_pure": "bf16", "fp16": "fp16", "fp32": "fp32",
+               "fp8": "fp8"}[precision]
         return getattr(self, key)
 
 

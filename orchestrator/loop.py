@@ -169,6 +169,7 @@ def train(engine: Engine, data: Iterator[dict[str, torch.Tensor]], job: JobConfi
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
         engine.probe = probe if step == job.debug.memory_probe_step else None
+        engine.step = step
         if job.debug.crash_at_step == step and job.debug.crash_rank == rank:
             _crash(job, step, rank)
         pending.append(engine.train_step([next(data) for _ in range(grad_accum)]))
@@ -195,6 +196,7 @@ def train(engine: Engine, data: Iterator[dict[str, torch.Tensor]], job: JobConfi
         step_time = elapsed / steps
         tps = tokens_per_step / step_time
         model_metrics = _rank_mean(engine.step_metrics, world)  # only on logged steps
+        model_metrics.update(engine.precision_metrics())  # fp16: loss scale, skipped steps
         peak_mem = peak_memory_bytes(engine.device)
         if peak_flops and flops_per_token:  # measured MFU against the GPU table's peak
             extra["mfu"] = tps * flops_per_token / (world * peak_flops)

@@ -38,7 +38,9 @@ from dataclasses import dataclass, field
 
 from orchestrator.specs import ROOT_GROUP, ParamSpec
 
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "bf16_pure": 2}  # compute dtype
+# compute dtype; fp8 computes in bf16 outside its linear layers' float8 matmuls, whose float8
+# copies of inputs and weights live only within one layer's forward/backward
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "bf16_pure": 2, "fp8": 2}
 
 
 def master_bytes(precision: str) -> int:
@@ -208,13 +210,15 @@ def strategy_name(zero_stage: int) -> str:
 
 def estimate(specs: list[ParamSpec], world_size: int, zero_stage: int, precision: str,
              optimizer: str = "adamw", momentum: float = 0.9,
-             shard_size: int | None = None) -> MemoryEstimate:
+             shard_size: int | None = None, param_dtype: str = "auto") -> MemoryEstimate:
     """Model-state bytes on the most loaded rank at each modelled moment of a training step.
 
     `shard_size`: FSDP2 (stages 2/3) shards over groups of this many ranks and replicates over
     world_size / shard_size groups (HSDP); default: all ranks. A rank then holds exactly what
-    it would in a `shard_size`-rank job."""
+    it would in a `shard_size`-rank job. `param_dtype`: FSDP2's `precision.param_dtype`, the
+    dtype units are gathered in (auto: the compute dtype)."""
     w = master_bytes(precision)
+    gathered = DTYPE_BYTES[param_dtype if param_dtype != "auto" else precision]
     working: dict[str, int] = {}
     shard = 0
     if zero_stage in (0, 1):
@@ -228,10 +232,9 @@ def estimate(specs: list[ParamSpec], world_size: int, zero_stage: int, precision
     else:
         rank = 0  # dim-0 chunks are largest on rank 0; padded shards are equal everywhere
         shard = shard_size or world_size
-        moments = _fsdp(specs, shard, rank, zero_stage, DTYPE_BYTES[precision], optimizer,
-                        momentum, w)
+        moments = _fsdp(specs, shard, rank, zero_stage, gathered, optimizer, momentum, w)
         # precision.fsdp_policy reduces in fp32 for bf16/fp16, in the param dtype otherwise
-        working = _fsdp_working_set(specs, shard, zero_stage, DTYPE_BYTES[precision], w)
+        working = _fsdp_working_set(specs, shard, zero_stage, gathered, w)
     peak = max(MOMENTS, key=lambda m: moments[m].total_bytes)
     return MemoryEstimate(strategy_name(zero_stage), rank, peak, moments,
                           working_set_by_moment=working,

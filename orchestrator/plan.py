@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from orchestrator import compute, memory
+from orchestrator import compute, memory, quantize_config
 from orchestrator.activations import activation_bytes
 from orchestrator.checkpoint.stop import torchrun_flags
 from orchestrator.data.corpus import cache_dir
@@ -46,6 +46,8 @@ class Plan:
     device_memory_bytes: Optional[int] = None
     auto_reason: Optional[str] = None  # set when parallelism.auto chose the strategy
     mesh: str = ""  # the data-parallel layout, e.g. "2 replicas x 4 shards" (HSDP)
+    # int8 PTQ (quantize.method, or a quantized model): quantize_config.QuantizedSize's fields
+    quantize: Optional[dict[str, Any]] = None
 
     def __post_init__(self) -> None:
         # A Plan is written, printed and logged: it never holds a secret (redact.py).
@@ -161,7 +163,8 @@ def make_plan(job: JobConfig, device: str, cpu_count: int, python: str = sys.exe
         # HSDP: FSDP2 shards over world/R ranks and replicates over R
         shard = job.world_size // replicas if p.zero_stage in (2, 3) else None
         mem = memory.estimate(specs, job.world_size, p.zero_stage, job.precision.name,
-                              job.optim.name, job.optim.momentum, shard_size=shard)
+                              job.optim.name, job.optim.momentum, shard_size=shard,
+                              param_dtype=job.precision.param_dtype)
         strategy = memory.strategy_name(p.zero_stage)
     psi = sum(s.numel for s in specs)
     # DPO: the frozen reference copy is memory, not model size
@@ -197,6 +200,7 @@ def make_plan(job: JobConfig, device: str, cpu_count: int, python: str = sys.exe
             reference=job.dpo_beta is not None),
         deepspeed_config=ds_config,
         mesh=memory.describe_mesh(strategy, job.world_size, p.zero_stage, mem.shard_size, hpz),
+        quantize=quantize_config.plan_entry(job, specs),
         gpu=job.cluster.gpu if gpu else None,
         # on the machine itself (launcher=local) the device's own total_memory, if it is one
         device_memory_bytes=(device_memory_bytes(job.cluster.gpu) if local else gpu.memory_bytes)

@@ -1,6 +1,7 @@
 """Precision policies: autocast for replicated strategies, FSDP2 `MixedPrecisionPolicy` for
 sharded ones, and dynamic loss scaling for fp16. Master weights and optimizer state stay fp32,
-except `bf16_pure`, where the model itself is bf16 (and so are its grads and Adam moments)."""
+except `bf16_pure`, where the model itself is bf16 (and so are its grads and Adam moments).
+`fp8` is bf16 mixed precision whose linear layers are torchao `Float8Linear`s (`to_float8`)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from typing import Any
 import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
-          "bf16_pure": torch.bfloat16}
-MIXED = ("bf16", "fp16")
+          "bf16_pure": torch.bfloat16, "fp8": torch.bfloat16}  # the compute dtype
+MIXED = ("bf16", "fp16", "fp8")
 
 
 def model_dtype(precision: str) -> torch.dtype:
@@ -25,13 +26,17 @@ def autocast(precision: str, device_type: str) -> contextlib.AbstractContextMana
     return torch.autocast(device_type=device_type, dtype=DTYPES[precision])
 
 
-def fsdp_policy(precision: str) -> Any:
-    """Compute in the low-precision dtype; reduce gradients in fp32 for stable accumulation."""
+def fsdp_policy(precision: str, param_dtype: str = "auto", reduce_dtype: str = "auto") -> Any:
+    """Compute in the low-precision dtype; reduce gradients in fp32 for stable accumulation
+    (`precision.param_dtype` / `precision.reduce_dtype` override either; auto keeps these)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    if precision not in MIXED:
-        return MixedPrecisionPolicy()
-    return MixedPrecisionPolicy(param_dtype=DTYPES[precision], reduce_dtype=torch.float32)
+    mixed = precision in MIXED
+    param = DTYPES[param_dtype] if param_dtype != "auto" else (DTYPES[precision] if mixed
+                                                               else None)
+    reduce = DTYPES[reduce_dtype] if reduce_dtype != "auto" else (torch.float32 if mixed
+                                                                  else None)
+    return MixedPrecisionPolicy(param_dtype=param, reduce_dtype=reduce)
 
 
 def grad_scaler(precision: str, device_type: str, sharded: bool, init_scale: float,
@@ -45,3 +50,33 @@ def grad_scaler(precision: str, device_type: str, sharded: bool, init_scale: flo
 
         return ShardedGradScaler(device=device_type, **kwargs)
     return torch.amp.GradScaler(device_type, **kwargs)
+
+
+def loss_scale_metrics(scaler: Any, optimizer: torch.optim.Optimizer, steps: int
+                       ) -> dict[str, float]:
+    """fp16: the scaler's current `loss_scale` and `overflow_steps`, the steps it skipped so
+    far: of `steps` optimizer steps taken, those the optimizer did not count (GradScaler skips
+    `optimizer.step()` on an inf/NaN gradient; torch's optimizers count their own steps in
+    `state[p]["step"]`, which a checkpoint restores with them). Read on logged steps only."""
+    counted = 0
+    for state in optimizer.state.values():
+        if "step" in state:
+            counted = max(counted, int(state["step"]))
+    return {"loss_scale": float(scaler.get_scale()), "overflow_steps": float(steps - counted)}
+
+
+def to_float8(model: torch.nn.Module) -> int:
+    """`precision=fp8`: swap the model's linear layers (both dimensions multiples of 16, as
+    the float8 kernels need, and not the output head, whose logits stay bf16) for torchao's
+    `Float8Linear` with dynamic tensorwise scaling; returns how many were swapped."""
+    from torchao.float8 import convert_to_float8_training
+    from torchao.float8.float8_linear import Float8Linear
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+
+    def wanted(module: torch.nn.Module, fqn: str) -> bool:
+        return (isinstance(module, torch.nn.Linear) and module is not head
+                and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+
+    convert_to_float8_training(model, module_filter_fn=wanted)
+    return sum(isinstance(m, Float8Linear) for m in model.modules())

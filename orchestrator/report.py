@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -67,12 +68,25 @@ def plan_rows(plan: Plan) -> list[tuple[str, str]]:
             ("GPU-hours / cost", f"{c.gpu_hours:,.1f} GPU-h"
              + (f", ${c.cost_usd:,.0f}" if c.cost_usd is not None else "")),
         ]
+    if plan.quantize:
+        rows += quantize_rows(plan.quantize)
     if plan.auto_reason:
         rows.append(("parallelism=auto", plan.auto_reason))
     rows.append(("node 0 command", shlex.join(plan.commands[0])))
     if len(plan.commands) > 1:
         rows.append((f"nodes 1..{len(plan.commands) - 1}", "the same with --node-rank=N"))
     return rows
+
+
+def quantize_rows(q: dict[str, Any]) -> list[tuple[str, str]]:
+    """The plan's int8 PTQ rows: linear-weight and whole-model bytes, fp32 -> int8."""
+    return [
+        (f"{q['method']}: linear weights", f"{human_bytes(q['linear_fp32_bytes'])} fp32 -> "
+         f"{human_bytes(q['linear_int8_bytes'])} int8 ({q['linear_ratio']:.2f}x smaller; "
+         f"{q['linear_layers']} layers, an fp32 scale + int8 zero point per output row)"),
+        (f"{q['method']}: model weights", f"{human_bytes(q['weight_fp32_bytes'])} -> "
+         f"{human_bytes(q['weight_int8_bytes'])} (embeddings, norms and biases stay fp32)"),
+    ]
 
 
 def print_plan(plan: Plan, console: Console | None = None) -> None:

@@ -51,10 +51,16 @@ class LoraConfig:
 @dataclass
 class PrecisionConfig:
     # bf16/fp16: mixed precision with fp32 master weights; bf16_pure: weights, grads and
-    # optimizer state all bf16 (half the model-state memory, no fp32 master)
-    name: str = choice("fp32", "fp32", "bf16", "fp16", "bf16_pure")
+    # optimizer state all bf16 (half the model-state memory, no fp32 master); fp8: bf16 mixed
+    # precision whose linear layers multiply in float8 (torchao float8 training; CUDA GPUs of
+    # compute capability >= 8.9, e.g. H100/H200/L4)
+    name: str = choice("fp32", "fp32", "bf16", "fp16", "bf16_pure", "fp8")
     init_scale: float = 65536.0  # fp16 dynamic loss scaling: initial scale
     growth_interval: int = 2000  # fp16: steps without overflow before the scale doubles
+    # FSDP2 only (its MixedPrecisionPolicy): the dtype parameters are all-gathered and computed
+    # in, and the dtype gradients are reduce-scattered in; auto = the compute dtype, and fp32
+    param_dtype: str = choice("auto", "auto", "fp32", "bf16", "fp16")
+    reduce_dtype: str = choice("auto", "auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -153,8 +159,19 @@ class GenerateConfig:
 
 
 @dataclass
+class QuantizeConfig:
+    # int8 post-training quantization (torchao) of a trained causal LM's linear layers, one
+    # process: int8_weight_only = int8 weights with an fp32 scale per output row (dequantized in
+    # the matmul); int8_dynamic = also each token's activations to int8 at run time (an int8
+    # matmul). +recipe=quantize saves the quantized model; on evaluate/generate the loaded model
+    # is quantized before use. none = off
+    method: str = choice("none", "none", "int8_weight_only", "int8_dynamic")
+
+
+@dataclass
 class TrainConfig:
-    task: str = choice("pretrain", "pretrain", "evaluate", "generate")  # program in recipes/
+    task: str = choice("pretrain", "pretrain", "evaluate", "generate",
+                       "quantize")  # program in recipes/
     steps: int = 20
     micro_batch_size: int = 4
     grad_accum_steps: Optional[int] = None  # None = derived from global_batch_size (or 1)
@@ -277,6 +294,9 @@ class DebugConfig:
     crash_rank: int = 0
     step_delay_s: float = 0.0  # sleep this long in every step (slow-job testing: signals, limits)
     memory_probe_step: int = 2  # step at which each rank measures its model-state bytes
+    # fp16 overflow testing: this step's backward runs on the loss times inf, so every gradient
+    # is non-finite and the loss scaler must skip the step (the logged loss stays finite)
+    inf_grad_at_step: Optional[int] = None
 
 
 @dataclass
@@ -334,6 +354,7 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)

@@ -20,7 +20,7 @@ from orchestrator.schema import LoraConfig, ModelConfig
 ROOT_GROUP = "root"
 # DPO: the policy's and the frozen reference's parameters, prefixed (models/preference.py)
 POLICY, REFERENCE = "policy.", "reference."
-FORMAT = 1  # bump when ParamSpec or the way specs are counted changes
+FORMAT = 2  # bump when ParamSpec or the way specs are counted changes
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,9 @@ class ParamSpec:
     group: str  # FSDP unit: "block.<i>" or "root"
     head: bool = False  # the output projection (tied embeddings: the shared weight)
     trainable: bool = True  # False: frozen (LoRA base weights): no gradient, no optimizer state
+    # the weight of a linear layer (nn.Linear, GPT-2's Conv1D; not a head tied to the input
+    # embedding): its output features, the rows int8 quantization scales one by one; 0 otherwise
+    out_features: int = 0
 
     @property
     def numel(self) -> int:
@@ -79,7 +82,7 @@ def _path(key: str) -> Path:
 def _from_disk(key: str) -> list[ParamSpec] | None:
     try:
         rows = json.loads(_path(key).read_text())
-        return [ParamSpec(r[0], tuple(r[1]), r[2], r[3], r[4]) for r in rows]
+        return [ParamSpec(r[0], tuple(r[1]), r[2], r[3], r[4], r[5]) for r in rows]
     except (OSError, ValueError, TypeError, IndexError):
         return None
 
@@ -93,8 +96,8 @@ def _count(model: ModelConfig, lora: LoraConfig | None, dpo_beta: float | None,
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps([[s.name, list(s.shape), s.group, s.head, s.trainable]
-                                   for s in specs]))
+        tmp.write_text(json.dumps([[s.name, list(s.shape), s.group, s.head, s.trainable,
+                                    s.out_features] for s in specs]))
         os.replace(tmp, path)
     except OSError:
         pass  # a read-only cache only costs the next plan the count

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.errors import ConfigError
+from orchestrator.quantize_config import check as check_quantize
 from orchestrator.schema import JobConfig
 
 
@@ -20,6 +21,7 @@ class Hardware:
 
     cuda_devices: int = 0
     bf16_supported: bool = False
+    capability: tuple[int, int] = (0, 0)  # CUDA compute capability of device 0
 
     @staticmethod
     def detect() -> Hardware:
@@ -29,7 +31,8 @@ class Hardware:
         import torch
 
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        return Hardware(cuda_devices=n, bf16_supported=bool(n and torch.cuda.is_bf16_supported()))
+        return Hardware(cuda_devices=n, bf16_supported=bool(n and torch.cuda.is_bf16_supported()),
+                        capability=tuple(torch.cuda.get_device_capability(0)) if n else (0, 0))
 
 
 def _check_choices(obj: Any, prefix: str = "") -> None:
@@ -303,6 +306,7 @@ def validate(job: JobConfig, hw: Hardware) -> None:
     from orchestrator.data.check import check_eval
 
     check_eval(job)  # eval.max_batches, eval.every_steps (needs eval.holdout > 0)
+    check_quantize(job)  # quantize.method, +recipe=quantize, quantized model directories
     _check_lora(job)
     if not 0 <= job.plan.mfu <= 1 or job.plan.mfu == 0:
         raise ConfigError("plan.mfu", job.plan.mfu, "a fraction in (0, 1]")
@@ -311,9 +315,6 @@ def validate(job: JobConfig, hw: Hardware) -> None:
         _positive("plan.budget_flops", job.plan.budget_flops)
     if c.gpu_hour_usd is not None:
         _positive("cluster.gpu_hour_usd", c.gpu_hour_usd, strict=False)
-    if job.precision.name == "bf16_pure" and job.parallelism.backend == "deepspeed":
-        raise ConfigError("precision.name", "bf16_pure", "'fp32', 'bf16' or 'fp16' with "
-                          "DeepSpeed (it always keeps an fp32 master copy)")
     if job.launcher.name == "k8s" and job.action == "run":
         raise ConfigError("action", "run", "'plan' with launcher=k8s (it renders a PyTorchJob "
                           "manifest for kubectl; it does not submit)")
@@ -330,10 +331,12 @@ def validate(job: JobConfig, hw: Hardware) -> None:
         mount_path(job)
     if not 0 < job.launcher.rdzv_port < 65536:
         raise ConfigError("launcher.rdzv_port", job.launcher.rdzv_port, "a port in 1..65535")
+    from orchestrator.check_precision import check_precision
     from orchestrator.compiling import check as check_compile
     from orchestrator.data.check import check_data
 
     check_compile(job, resolve_device(job, hw))  # train.compile: strategy, task, C++ compiler
+    check_precision(job, resolve_device(job, hw), hw)  # precision × strategy × device
     check_data(job)  # last: it reads the data file
 
     accum, global_batch = resolve_batch(job)
@@ -379,7 +382,8 @@ def _check_offload_and_deepspeed(job: JobConfig, accum: int, global_batch: int,
                           "unset: it is generated from parallelism.zero_stage")
     from orchestrator import deepspeed_config
 
-    deepspeed_config.check(deepspeed_config.generate(job, accum, global_batch, device))
+    generated = deepspeed_config.generate(job, accum, global_batch, device)
+    deepspeed_config.check(generated, parse=bool(p.deepspeed))
 
 
 def _check_hardware(job: JobConfig, hw: Hardware) -> None:
@@ -394,5 +398,3 @@ def _check_hardware(job: JobConfig, hw: Hardware) -> None:
         if job.cluster.gpus_per_node > hw.cuda_devices:
             raise ConfigError("cluster.gpus_per_node", job.cluster.gpus_per_node,
                               f"at most {hw.cuda_devices} (CUDA devices visible here)")
-        if job.precision.name == "bf16" and not hw.bf16_supported:
-            raise ConfigError("precision.name", "bf16", "'fp16' or 'fp32' (this GPU has no bf16)")

@@ -16,9 +16,10 @@ from orchestrator.data import objective_of, train_and_held_out
 from orchestrator.distributed import RankInfo
 from orchestrator.evaluation import eval_mode, held_out_sums, summarize
 from orchestrator.metrics import make_logger, write_error
+from orchestrator.quantize import run_inference  # quantized models: one process
+from orchestrator.quantize_config import job_method
 from orchestrator.rank_main import run_rank
 from orchestrator.schema import JobConfig
-from orchestrator.strategies import run_inference
 from orchestrator.strategies.base import Engine
 from orchestrator.typed import load_job
 
@@ -36,8 +37,9 @@ def evaluate(job: JobConfig, engine: Engine, info: RankInfo) -> None:
     _, held_out = train_and_held_out(job)
     with eval_mode(engine.model):
         total = held_out_sums(engine, held_out, job, info.rank, info.world_size)
+    method = job_method(job)
     result = {"objective": objective_of(job), **summarize(total),
-              "model": job.model.pretrained_path}
+              "model": job.model.pretrained_path, **({"quantized": method} if method else {})}
     if info.rank == 0:
         out = Path(job.run_dir) / "eval.json"
         try:

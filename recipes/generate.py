@@ -20,10 +20,10 @@ import torch.distributed as dist
 from orchestrator.data import get_tokenizer
 from orchestrator.distributed import RankInfo
 from orchestrator.metrics import write_error
+from orchestrator.quantize import run_inference  # quantized models: one process
 from orchestrator.rank_main import run_rank
 from orchestrator.sampling import generate_batch
 from orchestrator.schema import JobConfig
-from orchestrator.strategies import run_inference
 from orchestrator.strategies.base import Engine
 from orchestrator.typed import load_job
 

@@ -2,6 +2,7 @@
 # The GPU check: run where a CUDA GPU is lent (never a CI dependency). One command, a few
 # minutes on one H100/H200-class GPU: world size 1 (NCCL) for DDP, FSDP2 ZeRO-3 and DeepSpeed
 # ZeRO-3 in bf16 and fp16, DeepSpeed ZeRO-3 with CPU offload (DeepSpeedCPUAdam, pinned memory),
+# fp8 (torchao float8) against bf16 on a Llama shape under FSDP2 and DDP,
 # then evaluate and generate on the saved model; prints one table (loss first -> last,
 # tokens/s, MFU, planned vs max_memory_allocated peak) and runs the `gpu` tests.
 #   bash scripts/gpu_check.sh [OUT_DIR]      (default runs/gpu_check/<time>)
@@ -54,6 +55,17 @@ for precision in bf16 fp16; do
   run "deepspeed_zero3-$precision" +recipe=deepspeed_zero3 "${common[@]}" "precision=$precision"
 done
 run deepspeed_zero3_offload-bf16 +recipe=deepspeed_zero3_offload "${common[@]}" precision=bf16
+# precision=fp8 (torchao float8 linears; compute capability >= 8.9) needs nn.Linear layers,
+# so a Llama shape of about GPT-2's size, against its bf16 twin: loss and tokens/s side by side
+llama=(model=llama_tiny model.d_model=1024 model.n_layer=8 model.n_head=16 model.n_kv_head=8
+       model.d_ff=2816 model.vocab_size=32768 model.max_seq_len=1024 data=text
+       data.seq_len=1024 train.micro_batch_size=8 train.steps=30 train.log_every=5
+       cluster.device=cuda cluster.gpus_per_node=1 "cluster.gpu=$gpu" logging=none
+       logging.progress=false train.save_model=false)
+for precision in bf16 fp8; do
+  run "llama-fsdp_zero3-$precision" +recipe=fsdp_zero3 "${llama[@]}" "precision=$precision"
+done
+run llama-ddp-fp8 +recipe=ddp "${llama[@]}" precision=fp8
 # checkpoint + restart over NCCL: DCP shards of a CUDA model, a SIGKILLed rank, torchrun's
 # restart with its own store prefix, resume from step 10 (losses 11-30 as uninterrupted)
 run resume-fsdp_zero3-bf16 +recipe=fsdp_zero3 "${common[@]}" precision=bf16 \

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from orchestrator.quantize_config import saved_method
 from orchestrator.schema import LoraConfig, ModelConfig
 from orchestrator.specs import ROOT_GROUP, ParamSpec
 
@@ -73,7 +74,11 @@ def _instantiate(cfg: ModelConfig, weights: bool = False) -> nn.Module:
 
     cls = _model_class(cfg.family)
     if cfg.pretrained_path:
-        if weights:
+        if weights and saved_method(cfg.pretrained_path):  # int8 PTQ's own format
+            from orchestrator.quantize import load_quantized
+
+            model = load_quantized(cfg.pretrained_path)
+        elif weights:
             model = cls.from_pretrained(cfg.pretrained_path, local_files_only=True,
                                         torch_dtype=torch.float32, trust_remote_code=False)
         else:
@@ -147,8 +152,23 @@ def param_specs(cfg: ModelConfig, lora: LoraConfig | None = None,
             owner[id(p)] = f"block.{i}"
     out = model.get_output_embeddings()
     head = out.weight if out is not None else None
+    rows = linear_rows(model)
     return [
         ParamSpec(name, tuple(p.shape), owner.get(id(p), ROOT_GROUP), head=p is head,
-                  trainable=p.requires_grad)
+                  trainable=p.requires_grad, out_features=rows.get(id(p), 0))
         for name, p in model.named_parameters()
     ]
+
+
+def linear_rows(model: nn.Module) -> dict[int, int]:
+    """id(weight) -> output features, for the weight of every linear layer (nn.Linear, or
+    GPT-2's Conv1D, whose weight is stored transposed) that is not also an embedding's weight
+    (a head tied to the input embedding): the weights int8 quantization replaces."""
+    from transformers.pytorch_utils import Conv1D
+
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    rows = {}
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, Conv1D)) and id(m.weight) not in embeddings:
+            rows[id(m.weight)] = m.out_features if isinstance(m, nn.Linear) else m.nf
+    return rows

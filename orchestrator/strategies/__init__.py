@@ -15,7 +15,12 @@ from orchestrator.strategies.base import Engine
 def setup(model: nn.Module, job: JobConfig, device: str) -> Engine:
     """Pick the strategy for `parallelism.zero_stage` (ZeRO: 1 optimizer state, 2 + gradients,
     3 + parameters). With `train.compile` each transformer block is compiled in place first
-    (orchestrator/compiling.py), so DDP and FSDP2 wrap the compiled blocks."""
+    (orchestrator/compiling.py), so DDP and FSDP2 wrap the compiled blocks; with
+    `precision=fp8` the linear layers become float8 ones before that."""
+    if job.precision.name == "fp8":  # before compiling and wrapping: they see Float8Linear
+        from orchestrator.precision import to_float8
+
+        to_float8(model)
     compiled = 0
     if job.train.compile:
         from orchestrator.compiling import compile_blocks

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -73,6 +74,22 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t._local_tensor if isinstance(t, DTensor) else t
 
 
+def _plain(t: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The plain tensors holding `t`'s data: itself, a DTensor's local shard, or the inner
+    tensors of a wrapper subclass such as torchao's int8 tensors (int8 data, scale, zero
+    point), whose own storage is a placeholder without a data pointer."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    t = _local(t)
+    if not is_traceable_wrapper_subclass(t):
+        yield t
+        return
+    names, _ = t.__tensor_flatten__()  # type: ignore[attr-defined]
+    for inner in (getattr(t, n) for n in names):
+        if inner is not None:
+            yield from _plain(inner)
+
+
 def storage_bytes(categories: dict[str, Iterable[torch.Tensor]]) -> dict[str, int]:
     """Bytes of the distinct storages behind each category's tensors (views count once, a
     freed FSDP buffer counts zero), so buckets and flat shards are measured as allocated."""
@@ -83,10 +100,11 @@ def storage_bytes(categories: dict[str, Iterable[torch.Tensor]]) -> dict[str, in
         for t in tensors:
             if t.device.type == "meta":  # shape-only bookkeeping tensors hold no memory
                 continue
-            storage = _local(t).untyped_storage()
-            if storage.nbytes() and storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                total += storage.nbytes()
+            for plain in _plain(t):
+                storage = plain.untyped_storage()
+                if storage.nbytes() and storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    total += storage.nbytes()
         out[name] = total
     return out
 
@@ -103,6 +121,7 @@ class Engine:
         # the model output's own `metrics` (e.g. DPO reward accuracy), mean over micro batches
         self.step_metrics: dict[str, torch.Tensor] = {}
         self.compiled_blocks = 0  # transformer blocks compiled in place (`train.compile`)
+        self.step = 0  # the optimizer step being taken (set by the loop)
 
     # -- strategy hooks -------------------------------------------------------------------
     def no_sync(self, sync: bool) -> contextlib.AbstractContextManager[Any]:
@@ -111,6 +130,21 @@ class Engine:
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         return prec.autocast(self.job.precision.name, self.device)
+
+    def precision_metrics(self) -> dict[str, float]:
+        """fp16: `loss_scale` and `overflow_steps` (the steps skipped on an inf/NaN gradient so
+        far), the same on every rank; nothing for other precisions."""
+        if self.scaler is None:
+            return {}
+        return prec.loss_scale_metrics(self.scaler, self.local_optimizer(), self.step)
+
+    def local_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer that steps this rank's parameters (ZeRO-1 wraps one)."""
+        return self.optimizer
+
+    def backward_scale(self) -> float:
+        """1, or inf on `debug.inf_grad_at_step` (every gradient becomes non-finite)."""
+        return math.inf if self.job.debug.inf_grad_at_step == self.step else 1.0
 
     def optimizer_state(self) -> Iterator[torch.Tensor]:
         for state in self.optimizer.state.values():
@@ -224,7 +258,9 @@ class Engine:
                 self.collect(output, n)
                 if last and self.probe:
                     self.probe("after_forward")
-                (self.scaler.scale(loss) if self.scaler else loss).backward()
+                scale = self.backward_scale()
+                scaled = loss if scale == 1 else loss * scale
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             total += loss.detach().float()
         if self.probe:
             self.probe("after_backward")

@@ -19,6 +19,7 @@ import itertools
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from orchestrator.checkpoint.universal import (
     saved_layout,
     to_universal,
 )
+from orchestrator.deepspeed_config import CONFIG_FILE
 from orchestrator.redact import find_secrets, restore, scrub, secret_values
 from orchestrator.schema import JobConfig
 from orchestrator.strategies.base import (
@@ -47,8 +49,6 @@ from orchestrator.strategies.base import (
     materialize,
     trainable,
 )
-
-CONFIG_FILE = "deepspeed.json"
 
 
 class DeepSpeedEngine(Engine):
@@ -63,7 +63,9 @@ class DeepSpeedEngine(Engine):
             self.collect(output, n)
             if last and self.probe:
                 self.probe("after_forward")
-            self.model.backward(loss)  # scales by 1/accum; reduces at the boundary
+            scale = self.backward_scale()
+            # DeepSpeed scales by 1/accum and reduces at the accumulation boundary
+            self.model.backward(loss if scale == 1 else loss * scale)
             if last and self.probe:
                 self.probe("after_backward")
             self.model.step()  # steps the optimizer only at the accumulation boundary
@@ -72,6 +74,14 @@ class DeepSpeedEngine(Engine):
 
     def autocast(self) -> Any:
         return contextlib.nullcontext()  # DeepSpeed casts the module itself
+
+    def precision_metrics(self) -> dict[str, float]:
+        """fp16: DeepSpeed's own count of skipped steps and its optimizer's current scale
+        (`engine.loss_scale()` is the configured static scale, 0 for dynamic scaling)."""
+        if self.job.precision.name != "fp16":
+            return {}
+        return {"loss_scale": float(self.model.optimizer.loss_scale),
+                "overflow_steps": float(self.model.skipped_steps)}
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         if self.job.parallelism.zero_stage == 3:  # gathers the partitions onto rank 0
@@ -197,6 +207,10 @@ def setup(model: nn.Module, job: JobConfig, device: str) -> Engine:
         config = {**config, "checkpoint": {**config.get("checkpoint", {}),
                                            "load_universal": True}}
     _scrub_logs(job.parallelism.deepspeed)
+    # DeepSpeed's ZeRO calls torch's deprecated names for its collectives, and every call
+    # printed torch's FutureWarning: nothing the user can act on
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\."
+                            r"(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
     if dist.get_world_size() > 1:
         # Ranks other than 0 built the model on the meta device: give it storage on this rank's
         # device and copy rank 0's weights and buffers into it before DeepSpeed partitions it.

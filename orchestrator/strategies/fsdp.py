@@ -98,7 +98,7 @@ def setup(model: nn.Module, job: JobConfig, device: str) -> Engine:
     full = model.state_dict() if world > 1 and not on_meta(model) else {}
     mesh = device_mesh(device, world, job.parallelism.replicate_degree)
     p = job.precision
-    kwargs = {"mesh": mesh, "mp_policy": prec.fsdp_policy(p.name)}
+    kwargs = {"mesh": mesh, "mp_policy": prec.fsdp_policy(p.name, p.param_dtype, p.reduce_dtype)}
     for block in transformer_blocks(model):
         fully_shard(block, reshard_after_forward=job.parallelism.zero_stage == 3, **kwargs)
     fully_shard(model, reshard_after_forward=False, **kwargs)

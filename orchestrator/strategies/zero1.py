@@ -19,6 +19,9 @@ OPTIM_FILE = "zero1_optimizer.pt"
 
 
 class Zero1Engine(DDPEngine):
+    def local_optimizer(self) -> torch.optim.Optimizer:
+        return self.optimizer.optim  # steps only this rank's partition
+
     def optimizer_state(self) -> Iterator[torch.Tensor]:
         for state in self.optimizer.optim.state.values():  # only this rank's partition
             yield from (v for v in state.values() if isinstance(v, torch.Tensor))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from orchestrator.models import build_model
 from orchestrator.plan import make_plan
 from orchestrator.validate import Hardware, validate
 from tests.conftest import REPO, make_job
@@ -14,15 +17,20 @@ OPTIONS = sorted(
 )
 
 
-def _overrides(group: str, option: str) -> list[str]:
+def _overrides(group: str, option: str, tmp_path: Path) -> list[str]:
+    if (group, option) == ("recipe", "quantize"):  # PTQ needs a model to quantize
+        build_model(make_job([]).model, seed=0).save_pretrained(tmp_path / "model")
+        return ["+recipe=quantize", f"model.pretrained_path={tmp_path / 'model'}"]
+    if (group, option) == ("precision", "fp8"):  # float8 tensor cores and nn.Linear layers
+        return ["precision=fp8", "model=llama_tiny", "cluster.device=cuda", "cluster.gpu=h100"]
     return [f"+recipe={option}"] if group == "recipe" else [f"{group}={option}"]
 
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}/{o}" for g, o in OPTIONS])
-def test_config_composes_validates_and_plans(group: str, option: str) -> None:
-    job = make_job([*_overrides(group, option), "action=plan"], run_dir="/tmp/unused")
+def test_config_composes_validates_and_plans(group: str, option: str, tmp_path: Path) -> None:
+    job = make_job([*_overrides(group, option, tmp_path), "action=plan"], run_dir="/tmp/unused")
     validate(job, Hardware())
-    plan = make_plan(job, device="cpu", cpu_count=2)
+    plan = make_plan(job, device=job.cluster.device.replace("auto", "cpu"), cpu_count=2)
     assert plan.world_size == job.cluster.nodes * job.cluster.gpus_per_node
     assert plan.compute.params > 0 and plan.memory.peak_bytes > 0
     if group != "recipe":

@@ -18,7 +18,7 @@ from tests.conftest import REPO, make_job
 PROBE = """
 import sys
 from orchestrator.cli import run
-sys.argv = ["orchestrator", "+recipe=fsdp_zero3", "model=gpt2_small_cpu", "action=plan",
+sys.argv = ["orchestrator", "+recipe=" + sys.argv[2], "model=gpt2_small_cpu", "action=plan",
             "hydra.run.dir=" + sys.argv[1]]
 try:
     run()  # what python -m orchestrator runs
@@ -29,9 +29,13 @@ print({m for m in ("torch", "transformers", "peft", "deepspeed", "matplotlib", "
 """
 
 
-def test_a_plan_imports_no_framework_once_the_shapes_are_cached(tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("recipe", ["fsdp_zero3", "deepspeed_zero3"])
+def test_a_plan_imports_no_framework_once_the_shapes_are_cached(tmp_path, recipe) -> None:
+    """DeepSpeed's plan too: its generated config is checked without importing deepspeed
+    (its own parser runs only on a `parallelism.deepspeed` passthrough)."""
     env = {"ORCHESTRATOR_CACHE": str(tmp_path / "cache")}
-    first, again = (subprocess.run([sys.executable, "-c", PROBE, str(tmp_path / f"run{i}")],
+    first, again = (subprocess.run([sys.executable, "-c", PROBE, str(tmp_path / f"run{i}"),
+                                    recipe],
                                    cwd=REPO, env={**os.environ, **env},
                                    capture_output=True, text=True, timeout=300)
                     for i in range(2))
@@ -81,6 +85,7 @@ def test_the_launcher_of_a_run_imports_no_torch(tmp_path, monkeypatch) -> None:
     """Importing torch in the launcher (e.g. to look for a checkpoint to resume) would add
     seconds before torchrun starts, which imports it anyway."""
     monkeypatch.setenv("ORCHESTRATOR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(specs, "_SPECS", {})  # counted by an earlier test: write it here too
     job = make_job(["model=gpt2_tiny"])
     specs.cached_specs(job.model, job.lora)  # the shapes are cached, as after a first launch
     got = subprocess.run([sys.executable, "-c", LAUNCH, str(tmp_path / "run")], cwd=REPO,

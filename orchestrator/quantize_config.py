@@ -1,0 +1,167 @@
+"""Post-training quantization before launch, without torch: which int8 method a job runs its
+model with (`quantize.method`, or the one a quantized model directory was saved with), the checks
+that refuse a job that cannot quantize, and the quantized size the plan shows.
+
+A quantized model runs on one process, unwrapped, in fp32: torchao's int8 tensors implement
+the inference ops (linear, the copies `Module.to` makes), not what DDP, FSDP2 or DeepSpeed do
+to a parameter (views into flat buffers, broadcasts, sharding), so there is nothing to shard and
+no strategy to choose. The int8 weights carry fp32 scales; activations stay fp32.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from orchestrator.errors import ConfigError
+from orchestrator.schema import JobConfig
+from orchestrator.specs import ParamSpec
+
+METHODS = ("int8_weight_only", "int8_dynamic")
+FAMILIES = ("gpt2", "llama")  # causal LMs, what PTQ is built and tested for
+MARKER = "orchestrator_quantized.json"  # in a quantized model directory: method, torchao version
+WEIGHTS = "quantized.safetensors"  # not model.safetensors: a plain from_pretrained must not
+# mistake the int8 tensors' flattened parts for a model's weights
+# bytes torchao keeps per output row of an int8 weight: an fp32 scale and an int8 zero point
+# (stored even for symmetric quantization), beside one int8 per weight
+ROW_BYTES = 4 + 1
+FP32_BYTES = 4
+ONE_PROCESS = "cluster.gpus_per_node=1 parallelism=ddp"
+
+
+def saved_marker(path: Optional[str]) -> Optional[dict[str, Any]]:
+    """The marker of a quantized model directory (method, torchao version, source model); None
+    for any other directory, or none at all."""
+    if not path:
+        return None
+    try:
+        marker = json.loads((Path(path) / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and marker.get("method") in METHODS else None
+
+
+def saved_method(path: Optional[str]) -> Optional[str]:
+    """The method a quantized model directory was saved with; None for any other directory."""
+    marker = saved_marker(path)
+    return None if marker is None else str(marker["method"])
+
+
+def job_method(job: JobConfig) -> Optional[str]:
+    """The int8 method the job's model runs with: `quantize.method`, else the method of the
+    quantized directory at `model.pretrained_path`; None when the model is not quantized."""
+    method = job.quantize.method
+    return method if method != "none" else saved_method(job.model.pretrained_path)
+
+
+def _family(job: JobConfig) -> str:
+    """The model's family: the `model_type` of a pretrained directory's config.json (what
+    transformers builds from it), else `model.family`."""
+    path = job.model.pretrained_path
+    if path:
+        try:
+            return str(json.loads((Path(path) / "config.json").read_text())["model_type"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # models/check.py has refused an unreadable config.json already
+    return job.model.family
+
+
+def check(job: JobConfig) -> None:
+    """Refuse, in one line, a job that quantizes what it cannot: `+recipe=quantize` without a
+    trained model or a method, a method on a training run or on a model quantized already,
+    training from a quantized model, a model other than a causal LM, and more than one
+    process, a strategy or a precision other than fp32 for a quantized model."""
+    method, task, path = job.quantize.method, job.train.task, job.model.pretrained_path
+    saved = saved_method(path)
+    if task == "quantize":
+        if path is None:
+            raise ConfigError("model.pretrained_path", None, "a trained model directory for "
+                              "train.task=quantize, e.g. an earlier run's <run_dir>/model (PTQ "
+                              "quantizes a trained model)")
+        if saved is not None:
+            raise ConfigError("model.pretrained_path", path, "a full-precision model for "
+                              f"train.task=quantize (this one is quantized already: {saved})")
+        if method == "none":
+            raise ConfigError("quantize.method", method, "'int8_weight_only' or "
+                              "'int8_dynamic' for train.task=quantize")
+        if job.eval.holdout == 0 and job.eval.path is None:
+            raise ConfigError("eval.holdout", 0.0, "a fraction in (0, 1) for train.task="
+                              "quantize (perplexity is measured on it before and after), or "
+                              "set eval.path")
+    if task == "pretrain" and method != "none":
+        raise ConfigError("quantize.method", method, "'none' for train.task=pretrain (PTQ "
+                          "quantizes a trained model: +recipe=quantize, or quantize.method on "
+                          "evaluate and generate)")
+    if saved is not None and task == "pretrain":
+        source = (saved_marker(path) or {}).get("source")
+        raise ConfigError("model.pretrained_path", path, f"a full-precision model for train."
+                          f"task=pretrain (this one is quantized, {saved}, and cannot be "
+                          "trained: start from the model it was quantized from"
+                          + (f", {source})" if source else ")"))
+    if saved is not None and method != "none":
+        raise ConfigError("quantize.method", method, f"'none' for a model quantized already "
+                          f"({path} holds an {saved} model)")
+    if saved is None and method == "none":
+        return
+    _check_one_process(job, method if method != "none" else str(saved))
+
+
+def _check_one_process(job: JobConfig, method: str) -> None:
+    family, c, p = _family(job), job.cluster, job.parallelism
+    if family not in FAMILIES:
+        raise ConfigError("model.family", family, f"'gpt2' or 'llama' for quantize.method="
+                          f"{method} (int8 PTQ is built for causal LMs)")
+    why = ("for a quantized model (it runs on one process, unwrapped: int8 weights are not "
+           f"sharded); set {ONE_PROCESS}")
+    if c.nodes != 1:
+        raise ConfigError("cluster.nodes", c.nodes, f"1 {why}")
+    if c.gpus_per_node != 1:
+        raise ConfigError("cluster.gpus_per_node", c.gpus_per_node, f"1 {why}")
+    if p.backend != "torch":
+        raise ConfigError("parallelism.backend", p.backend, f"'torch' {why}")
+    if p.zero_stage != 0:
+        raise ConfigError("parallelism.zero_stage", p.zero_stage, f"0 {why}")
+    if job.precision.name != "fp32":
+        raise ConfigError("precision.name", job.precision.name, "'fp32' for a quantized model "
+                          "(its int8 weights carry fp32 scales and compute against fp32 "
+                          "activations)")
+
+
+@dataclass(frozen=True)
+class QuantizedSize:
+    """What int8 PTQ makes of a model's weights, counted from its parameter shapes."""
+
+    method: str
+    linear_layers: int  # weights quantized
+    linear_fp32_bytes: int
+    linear_int8_bytes: int  # int8 data + ROW_BYTES per output row
+    weight_fp32_bytes: int  # every parameter (tied ones once)
+    weight_int8_bytes: int  # the same with the linear weights quantized
+
+    @property
+    def linear_ratio(self) -> float:
+        return self.linear_fp32_bytes / max(1, self.linear_int8_bytes)
+
+
+def quantized_size(specs: list[ParamSpec], method: str) -> QuantizedSize:
+    """Bytes of the linear weights and of all weights, fp32 and after int8 PTQ: each linear
+    weight becomes int8 data plus an fp32 scale and an int8 zero point per output row, as
+    torchao's Int8Tensor stores it; every other parameter (embeddings, norms, biases) stays
+    fp32. The model's own parameters only (not a DPO reference)."""
+    linear = [s for s in specs if s.out_features]
+    fp32 = sum(s.numel for s in linear) * FP32_BYTES
+    int8 = sum(s.numel + s.out_features * ROW_BYTES for s in linear)
+    total = sum(s.numel for s in specs) * FP32_BYTES
+    return QuantizedSize(method, len(linear), fp32, int8, total, total - fp32 + int8)
+
+
+def plan_entry(job: JobConfig, specs: list[ParamSpec]) -> Optional[dict[str, Any]]:
+    """The plan's `quantize` entry (plan.json; a row of the printed plan): the quantized size
+    of the job's model, or None when the job does not quantize."""
+    method = job_method(job)
+    if method is None:
+        return None
+    size = quantized_size(specs, method)
+    return {**size.__dict__, "linear_ratio": size.linear_ratio}
