@@ -72,5 +72,5 @@ def test_float8_conversion_swaps_the_linear_layers_and_still_trains() -> None:
         want = reference(input_ids=ids, labels=ids).loss
     loss.backward()
     assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
-    # float8 rounding changes the loss, but not by much (measured: about 1e-3 here)
+    # float8 rounding changes the loss, but not by much (measured: 6.9e-4 of 6.246 here)
     assert 1e-6 < abs(loss.item() - want.item()) < 0.05 * want.item()
