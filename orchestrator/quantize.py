@@ -104,9 +104,9 @@ def quantize_model(model: nn.Module, method: str) -> int:
 
 def is_quantized(t: torch.Tensor) -> bool:
     """Whether `t` is a torchao int8 tensor (its data lives in inner tensors)."""
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+    from orchestrator.strategies.base import wrapper_subclass
 
-    return is_traceable_wrapper_subclass(t) and hasattr(t, "qdata")
+    return wrapper_subclass(t) and hasattr(t, "qdata")
 
 
 def linear_weight_bytes(model: nn.Module) -> tuple[int, int]:
@@ -126,10 +126,12 @@ def weight_bytes(model: nn.Module) -> int:
     return storage_bytes({"w": model.parameters()})["w"]
 
 
-def save_quantized(model: nn.Module, out: str | Path, method: str, source: str | None) -> Path:
+def save_quantized(model: nn.Module, out: str | Path, method: str, source: str | None,
+                   extra: Callable[[Path], None] | None = None) -> Path:
     """Write the quantized `model` to the directory `out` (created whole or not at all): its
     config.json, the weights (torchao's flattened int8 tensors) in safetensors, the marker and
-    the tokenizer files of `source`, the directory it was loaded from."""
+    the tokenizer files of `source`, the directory it was loaded from; `extra(directory)` adds
+    files before the marker (QAT: the run's own tokenizer)."""
     from safetensors.torch import save_file
 
     ao = torchao()
@@ -149,6 +151,8 @@ def save_quantized(model: nn.Module, out: str | Path, method: str, source: str |
         state = {k: v for k, v in model.state_dict().items() if k not in aliases}
         tensors, metadata = flatten_tensor_state_dict(state)
         save_file(tensors, str(tmp / WEIGHTS), metadata=metadata)
+        if extra is not None:
+            extra(tmp)
         (tmp / MARKER).write_text(json.dumps({  # last: a directory with it is complete
             "method": method, "torchao": ao.__version__, "torch": torch.__version__,
             "source": source, "linear_layers": linear_weight_bytes(model)[1]}, indent=2) + "\n")

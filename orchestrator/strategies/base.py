@@ -74,14 +74,18 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t._local_tensor if isinstance(t, DTensor) else t
 
 
+def wrapper_subclass(t: torch.Tensor) -> bool:
+    """Whether `t` is a tensor subclass that keeps its data in inner tensors it names with
+    `__tensor_flatten__` (the protocol torch.compile and torchao use)."""
+    return type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__")
+
+
 def _plain(t: torch.Tensor) -> Iterator[torch.Tensor]:
     """The plain tensors holding `t`'s data: itself, a DTensor's local shard, or the inner
     tensors of a wrapper subclass such as torchao's int8 tensors (int8 data, scale, zero
     point), whose own storage is a placeholder without a data pointer."""
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
     t = _local(t)
-    if not is_traceable_wrapper_subclass(t):
+    if not wrapper_subclass(t):
         yield t
         return
     names, _ = t.__tensor_flatten__()  # type: ignore[attr-defined]
