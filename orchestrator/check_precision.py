@@ -14,6 +14,15 @@ refused here, before launch, with the reason (docs/precision.md lists the refuse
   `precision=fp16` (fp16 gradients need the loss scaler that precision brings).
 - bf16 on a GPU without bf16.
 - `debug.inf_grad_at_step` unless fp16: only the fp16 loss scaler skips a non-finite step.
+- `precision.qat` (int8 QAT, orchestrator/qat.py) under DeepSpeed (its engine flattens the
+  parameters and its ZeRO-3 gathers them itself: neither is tested with torchao's fake-quantized
+  layers, and the end-of-run convert needs the full state dict the torch strategies give); with
+  `bf16_pure` (untested: the weights QAT rounds would themselves be bf16) or `fp8` (both swap
+  the same linear layers); on a task other than training (`train.task=pretrain`, which also
+  fine-tunes); with LoRA (the frozen base weights are what QAT would round, and peft wraps the
+  fake-quantized layers; untested) or DPO (a reference copy); without a held-out set
+  (`eval.holdout` 0 and no `eval.path`: the report's perplexities need one); for a model other
+  than GPT-2 or Llama (causal LMs, what the int8 convert and its report are built for).
 """
 
 from __future__ import annotations
@@ -47,6 +56,8 @@ def check_precision(job: JobConfig, device: str, hw: Hardware) -> None:
                           "optimizer wrapper mis-scales its updates (deepspeed PR #8393)")
     if p.name == "fp8":
         _check_fp8(job, device, hw)
+    if p.qat != "none":
+        _check_qat(job)
     fsdp = backend == "torch" and job.parallelism.zero_stage >= 2
     for key in ("param_dtype", "reduce_dtype"):
         value = getattr(p, key)
@@ -84,3 +95,38 @@ def _check_fp8(job: JobConfig, device: str, hw: Hardware) -> None:
         have = ".".join(map(str, hw.capability))
         raise ConfigError("precision.name", "fp8", f"'bf16' here: fp8 needs {need}; this "
                           f"GPU has {have}")
+
+
+def _check_qat(job: JobConfig) -> None:
+    from orchestrator.quantize_config import FAMILIES, model_family
+
+    p, value = job.precision, job.precision.qat
+    if job.parallelism.backend == "deepspeed":
+        raise ConfigError("precision.qat", value, "'none' with DeepSpeed: int8 QAT runs under "
+                          "DDP, ZeRO-1 and FSDP2 (backend=torch), whose full state dict the "
+                          "end-of-run int8 convert reads")
+    if p.name in ("bf16_pure", "fp8"):
+        why = ("fp8 swaps the same linear layers for float8 ones" if p.name == "fp8" else
+               "untested: the weights QAT rounds would themselves be bf16")
+        raise ConfigError("precision.qat", value, f"'none' with precision={p.name} ({why}); "
+                          "use fp32, bf16 or fp16")
+    if job.train.task != "pretrain":
+        raise ConfigError("precision.qat", value, f"'none' for train.task={job.train.task} "
+                          "(QAT is a way of training: pre-training or fine-tuning; +recipe="
+                          "quantize is post-training quantization)")
+    if job.lora.rank > 0:
+        raise ConfigError("precision.qat", value, "'none' with lora.rank > 0 (LoRA + QAT is "
+                          "not supported: train every weight, or quantize the merged model "
+                          "with +recipe=quantize)")
+    if job.dpo_beta is not None:
+        raise ConfigError("precision.qat", value, "'none' for DPO (not supported: its frozen "
+                          "reference copy would be fake-quantized too)")
+    if job.eval.holdout == 0 and job.eval.path is None:
+        raise ConfigError("eval.holdout", 0.0, "a fraction in (0, 1) with precision.qat (the "
+                          "report measures held-out perplexity before and after the int8 "
+                          "convert; +recipe=finetune holds none out by default), or set "
+                          "eval.path")
+    family = model_family(job)
+    if family not in FAMILIES:
+        raise ConfigError("precision.qat", value, f"'none' for model family {family} (int8 "
+                          "QAT is built for the causal LMs gpt2 and llama)")

@@ -62,7 +62,9 @@ def estimate(params: int, global_batch: int, seq_len: int, steps: int, layers: i
              mfu: Optional[float] = None, budget_flops: Optional[float] = None,
              gpu_hour_usd: Optional[float] = None,
              trainable_params: Optional[int] = None,
-             reference: bool = False) -> ComputeEstimate:
+             reference: bool = False, extra_flops_per_token: float = 0.0) -> ComputeEstimate:
+    """Training FLOPs and time; `extra_flops_per_token`: work besides the matmuls (QAT's fake
+    quantization, quantize_config.qat_overhead)."""
     tokens_per_step = global_batch * seq_len
     tokens = tokens_per_step * steps
     trained = params if trainable_params is None else trainable_params
@@ -70,6 +72,7 @@ def estimate(params: int, global_batch: int, seq_len: int, steps: int, layers: i
     per_token = 4.0 * params + 2.0 * trained + 3 * attention
     if reference:  # DPO: chosen and rejected, each also through the reference (forward)
         per_token = 2 * (per_token + 2.0 * params + attention)
+    per_token += extra_flops_per_token
     chinchilla = CHINCHILLA_TOKENS_PER_PARAM * params
     ratio = tokens / chinchilla
     optimum = chinchilla_optimum(budget_flops) if budget_flops else (None, None)

@@ -204,6 +204,27 @@ def make_logger(job: JobConfig, rank: int, resume_step: int | None = None) -> Nu
     return MetricsLogger(job, resume_step) if rank == 0 else NullLogger()
 
 
+def write_record(path: Path, record: dict[str, Any], where: str) -> None:
+    """A result file (eval.json, quantize.json): `record` as indented JSON, or a one-line
+    `WriteError` saying the run stopped `where`."""
+    try:
+        path.write_text(json.dumps(record, indent=2) + "\n")
+    except OSError as e:
+        raise write_error(path, e, where) from e
+
+
+def log_event(job: JobConfig, name: str, values: dict[str, Any]) -> None:
+    """One event in metrics.jsonl and the W&B summary from a process that logs nothing else
+    (evaluate, quantize): its own rank-0 logger, closed again."""
+    logger = make_logger(job, 0)
+    failed = True
+    try:
+        logger.event(name, values)
+        failed = False
+    finally:
+        logger.close(failed=failed)
+
+
 def keep_until(path: Path, step: int) -> None:
     """Rewrite metrics.jsonl (atomically) without the step records after `step`; events and a
     cut-off last line's predecessors stay."""

@@ -169,7 +169,9 @@ def make_plan(job: JobConfig, device: str, cpu_count: int, python: str = sys.exe
     psi = sum(s.numel for s in specs)
     # DPO: the frozen reference copy is memory, not model size
     n_model = sum(s.numel for s in specs if not s.name.startswith(REFERENCE))
-    mem = memory.with_activations(mem, activation_bytes(job), job.plan.memory_overhead, psi,
+    qat_bytes, qat_flops = quantize_config.qat_overhead(job, specs)  # precision.qat
+    mem = memory.with_activations(mem, activation_bytes(job) + qat_bytes,
+                                  job.plan.memory_overhead, psi,
                                   mem.shard_size or job.world_size, p.zero_stage,
                                   job.precision.name)
     gpu = GPUS.get(job.cluster.gpu)
@@ -197,7 +199,7 @@ def make_plan(job: JobConfig, device: str, cpu_count: int, python: str = sys.exe
             job.world_size, gpu.peak_flops(job.precision.name) if gpu else None, job.plan.mfu,
             job.plan.budget_flops, job.cluster.gpu_hour_usd,
             trainable_params=sum(s.numel for s in specs if s.trainable),
-            reference=job.dpo_beta is not None),
+            reference=job.dpo_beta is not None, extra_flops_per_token=qat_flops),
         deepspeed_config=ds_config,
         mesh=memory.describe_mesh(strategy, job.world_size, p.zero_stage, mem.shard_size, hpz),
         quantize=quantize_config.plan_entry(job, specs),

@@ -20,6 +20,8 @@ from orchestrator.schema import JobConfig
 from orchestrator.specs import ParamSpec
 
 METHODS = ("int8_weight_only", "int8_dynamic")
+QAT_METHOD = "qat_int8"  # the marker of a model QAT converted (orchestrator/qat.py): int8
+# weight-only per output row like int8_weight_only, as torchao's IntxUnpackedToInt8Tensor
 FAMILIES = ("gpt2", "llama")  # causal LMs, what PTQ is built and tested for
 MARKER = "orchestrator_quantized.json"  # in a quantized model directory: method, torchao version
 WEIGHTS = "quantized.safetensors"  # not model.safetensors: a plain from_pretrained must not
@@ -40,7 +42,8 @@ def saved_marker(path: Optional[str]) -> Optional[dict[str, Any]]:
         marker = json.loads((Path(path) / MARKER).read_text())
     except (OSError, ValueError):
         return None
-    return marker if isinstance(marker, dict) and marker.get("method") in METHODS else None
+    saved = (*METHODS, QAT_METHOD)
+    return marker if isinstance(marker, dict) and marker.get("method") in saved else None
 
 
 def saved_method(path: Optional[str]) -> Optional[str]:
@@ -56,7 +59,7 @@ def job_method(job: JobConfig) -> Optional[str]:
     return method if method != "none" else saved_method(job.model.pretrained_path)
 
 
-def _family(job: JobConfig) -> str:
+def model_family(job: JobConfig) -> str:
     """The model's family: the `model_type` of a pretrained directory's config.json (what
     transformers builds from it), else `model.family`."""
     path = job.model.pretrained_path
@@ -109,7 +112,7 @@ def check(job: JobConfig) -> None:
 
 
 def _check_one_process(job: JobConfig, method: str) -> None:
-    family, c, p = _family(job), job.cluster, job.parallelism
+    family, c, p = model_family(job), job.cluster, job.parallelism
     if family not in FAMILIES:
         raise ConfigError("model.family", family, f"'gpt2' or 'llama' for quantize.method="
                           f"{method} (int8 PTQ is built for causal LMs)")
@@ -159,9 +162,32 @@ def quantized_size(specs: list[ParamSpec], method: str) -> QuantizedSize:
 
 def plan_entry(job: JobConfig, specs: list[ParamSpec]) -> Optional[dict[str, Any]]:
     """The plan's `quantize` entry (plan.json; a row of the printed plan): the quantized size
-    of the job's model, or None when the job does not quantize."""
-    method = job_method(job)
+    of the job's model (QAT: the model it converts to at the end), or None when the job does not
+    quantize."""
+    method = job_method(job) or (QAT_METHOD if job.precision.qat != "none" else None)
     if method is None:
         return None
     size = quantized_size(specs, method)
     return {**size.__dict__, "linear_ratio": size.linear_ratio}
+
+
+# QAT's fake quantization, per weight and forward: abs-max, divide, round, clamp (2), shift,
+# multiply, and the straight-through backward's one: elementwise ops counted as FLOPs
+QAT_FLOPS_PER_WEIGHT = 8
+
+
+def qat_overhead(job: JobConfig, specs: list[ParamSpec]) -> tuple[int, float]:
+    """`precision.qat`'s (bytes, FLOPs per token) on top of plain training, for the plan.
+    Bytes: every fake-quantized linear weight, fp32 and whole (computed from the gathered
+    weight under FSDP2), which autograd keeps from forward until backward for the input's
+    gradient: 4 bytes per linear weight, counted with the activations. Measured (saved-tensor
+    hooks on a prepared nn.Linear, torch 2.13 CPU): 4.03 bytes per weight in fp32; under
+    bf16/fp16 autocast the copy replaces the low-precision weight cast the plain run keeps, so
+    this is an upper bound there; with activation checkpointing only the recomputed layer's
+    copy is alive, so it is an upper bound there too. FLOPs: QAT_FLOPS_PER_WEIGHT per linear
+    weight, once per micro batch on each rank, spread over that micro batch's tokens."""
+    if job.precision.qat == "none":
+        return 0, 0.0
+    linear = sum(s.numel for s in specs if s.out_features)
+    tokens = job.train.micro_batch_size * job.data.seq_len
+    return linear * FP32_BYTES, QAT_FLOPS_PER_WEIGHT * linear / tokens

@@ -61,6 +61,10 @@ class PrecisionConfig:
     # in, and the dtype gradients are reduce-scattered in; auto = the compute dtype, and fp32
     param_dtype: str = choice("auto", "auto", "fp32", "bf16", "fp16")
     reduce_dtype: str = choice("auto", "auto", "fp32", "bf16", "fp16")
+    # quantization-aware training (orchestrator/qat.py): int8 = train with every linear weight
+    # fake-quantized to int8 (symmetric, per output row; torchao QAT), convert at the end and
+    # save the int8 model to <run_dir>/model with a before/after report; none = off
+    qat: str = choice("none", "none", "int8")
 
 
 @dataclass

@@ -15,7 +15,7 @@ from pathlib import Path
 from orchestrator.data import objective_of, train_and_held_out
 from orchestrator.distributed import RankInfo
 from orchestrator.evaluation import eval_mode, held_out_sums, summarize
-from orchestrator.metrics import make_logger, write_error
+from orchestrator.metrics import log_event, write_record
 from orchestrator.quantize import run_inference  # quantized models: one process
 from orchestrator.quantize_config import job_method
 from orchestrator.rank_main import run_rank
@@ -41,18 +41,8 @@ def evaluate(job: JobConfig, engine: Engine, info: RankInfo) -> None:
     result = {"objective": objective_of(job), **summarize(total),
               "model": job.model.pretrained_path, **({"quantized": method} if method else {})}
     if info.rank == 0:
-        out = Path(job.run_dir) / "eval.json"
-        try:
-            out.write_text(json.dumps(result, indent=2) + "\n")
-        except OSError as e:
-            raise write_error(out, e, "after evaluating") from e
-        logger = make_logger(job, 0)
-        failed = True
-        try:
-            logger.event("eval", result)
-            failed = False
-        finally:
-            logger.close(failed=failed)
+        write_record(Path(job.run_dir) / "eval.json", result, "after evaluating")
+        log_event(job, "eval", result)
         print(json.dumps(result), flush=True)
 
 

@@ -92,8 +92,15 @@ class PretrainRecipe:
             # torchrun exits makes srun end the others
             dist.barrier()
             raise
-        if self.job.train.save_model:
-            bpe = tokenizer_file(self.job) if uses_bpe(self.job) else None
+        bpe = tokenizer_file(self.job) if uses_bpe(self.job) else None
+        if self.job.precision.qat != "none":  # convert to int8, measure, save that
+            from orchestrator.qat import finish
+            from recipes.quantize import summary
+
+            report = finish(self.engine, self.job, self.info, self.held_out, self.logger, bpe)
+            if report is not None:
+                print(summary(report), flush=True)
+        elif self.job.train.save_model:
             saved = save_final(self.engine, self.job.run_dir, self.info.rank, bpe)
             if saved is not None:
                 print(f"model saved to {saved}", flush=True)

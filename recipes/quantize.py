@@ -11,7 +11,6 @@ Held-out perplexity (the evaluate recipe's pass over the last `eval.holdout` sha
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -25,7 +24,7 @@ from orchestrator import distributed
 from orchestrator.checkpoint.final import MODEL_DIR
 from orchestrator.data import train_and_held_out
 from orchestrator.evaluation import eval_mode, held_out_sums, summarize
-from orchestrator.metrics import make_logger, write_error
+from orchestrator.metrics import log_event, write_record
 from orchestrator.quantize import (
     inference_engine,
     linear_weight_bytes,
@@ -90,18 +89,8 @@ def quantize(job: JobConfig, engine: Engine) -> dict[str, Any]:
         **{f"{k}_{when}": m[k] for when, m in (("before", before), ("after", after))
            for k in ("loss", "perplexity", "accuracy")},
     }
-    path = Path(job.run_dir) / REPORT
-    try:
-        path.write_text(json.dumps(report, indent=2) + "\n")
-    except OSError as e:
-        raise write_error(path, e, "after quantizing") from e
-    logger = make_logger(job, 0)
-    failed = True
-    try:
-        logger.event("quantize", report)
-        failed = False
-    finally:
-        logger.close(failed=failed)
+    write_record(Path(job.run_dir) / REPORT, report, "after quantizing")
+    log_event(job, "quantize", report)
     print(summary(report), flush=True)
     return report
 

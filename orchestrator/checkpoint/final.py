@@ -61,13 +61,18 @@ def _write(engine: Engine, state: dict, tmp: Path, tokenizer_json: Path | None) 
         model.save_pretrained(tmp / ADAPTER_DIR, state_dict=state)
     else:
         model.save_pretrained(tmp, state_dict=state)
+    write_tokenizer(tmp, tokenizer_json)
+
+
+def write_tokenizer(out: Path, tokenizer_json: Path | None) -> None:
+    """The run's tokenizer files into the model directory `out` (also QAT's int8 model)."""
     if tokenizer_json is not None and hf_dir(tokenizer_json) is not None:
-        HFTokenizer(hf_dir(tokenizer_json)).tok.save_pretrained(tmp)  # AutoTokenizer reads it
+        HFTokenizer(hf_dir(tokenizer_json)).tok.save_pretrained(out)  # AutoTokenizer reads it
     elif tokenizer_json is not None:  # BPE: the model travels with its vocabulary
-        shutil.copy(tokenizer_json, tmp / TOKENIZER_JSON)
+        shutil.copy(tokenizer_json, out / TOKENIZER_JSON)
     else:
         tok = ByteTokenizer()
-        (tmp / TOKENIZER_FILE).write_text(json.dumps(
+        (out / TOKENIZER_FILE).write_text(json.dumps(
             {"type": "byte", "vocab_size": tok.vocab_size, "bos_id": tok.bos_id,
              "eos_id": tok.eos_id}) + "\n")
 

@@ -29,7 +29,7 @@ FIXED = ("model", "lora", "objective", "data.name", "data.path", "data.seq_len",
          "data.tokenizer", "data.tokenizer_path", "data.sources", "data.text_field",
          "data.on_error", "data.chat_template", "data.num_samples", "data.branching",
          "data.shuffle", "eval.holdout", "train.seed", "train.global_batch_size",
-         "precision.name", "parallelism.backend")
+         "precision.name", "precision.qat", "parallelism.backend")
 
 
 class CheckpointError(OrchestratorError):

@@ -16,7 +16,12 @@ def setup(model: nn.Module, job: JobConfig, device: str) -> Engine:
     """Pick the strategy for `parallelism.zero_stage` (ZeRO: 1 optimizer state, 2 + gradients,
     3 + parameters). With `train.compile` each transformer block is compiled in place first
     (orchestrator/compiling.py), so DDP and FSDP2 wrap the compiled blocks; with
-    `precision=fp8` the linear layers become float8 ones before that."""
+    `precision=fp8` the linear layers become float8 ones before that, with `precision.qat`
+    fake-quantized ones (orchestrator/qat.py)."""
+    if job.precision.qat != "none":  # before compiling and wrapping, on meta ranks too
+        from orchestrator.qat import prepare
+
+        prepare(model)
     if job.precision.name == "fp8":  # before compiling and wrapping: they see Float8Linear
         from orchestrator.precision import to_float8
 
