@@ -88,6 +88,9 @@ run evaluate-fsdp_zero3 +recipe=evaluate "model.pretrained_path=$model" model=gp
 run generate-fsdp_zero3 +recipe=generate "model.pretrained_path=$model" model=gpt2 \
   cluster.device=cuda cluster.gpus_per_node=1 "cluster.gpu=$gpu" precision=bf16 \
   "generate.prompts=[The ,def ]" generate.max_new_tokens=32
+# int8 PTQ of that model on the GPU (torchao int8 weights, one process, fp32 activations)
+run quantize-int8-fp32 +recipe=quantize "model.pretrained_path=$model" model=gpt2 \
+  data.seq_len=1024 cluster.device=cuda "cluster.gpu=$gpu" precision=fp32
 
 plan_all() {  # dry mode: each recorded run's overrides + action=plan, through cli.execute
   "$py" - "$out" <<'PY'

@@ -8,7 +8,7 @@ within the CI budget (one torchrun start instead of 28).
 
 Per pair rank 0 writes: rejected (the one-line reason) or the per-step losses, the dtype of a
 transformer block's attention output and of the LM head's logits in the first forward (hooks),
-and the loss scaler's metrics after the last step.
+and the loss scaler's metrics in the last record of the pair's metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from orchestrator.cli import compose_job
 from orchestrator.data import batches, train_and_held_out
 from orchestrator.deepspeed_config import CONFIG_FILE
 from orchestrator.errors import ConfigError
-from orchestrator.metrics import NullLogger
+from orchestrator.metrics import make_logger, read_metrics
 from orchestrator.plan import make_plan
 from orchestrator.strategies import build_for_rank
 from orchestrator.strategies import setup as setup_strategy
@@ -38,14 +38,6 @@ from orchestrator.validate import Hardware, resolve_batch, validate
 STEPS = 6
 COMMON = ["model=gpt2_tiny", f"train.steps={STEPS}", "optim.warmup_steps=1", "logging=none",
           "logging.progress=false", "train.save_model=false", "action=run"]
-
-
-class Records(NullLogger):
-    def __init__(self) -> None:
-        self.records: list[dict[str, Any]] = []
-
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        self.records.append({"step": step, **metrics})
 
 
 def dtype_hooks(model: torch.nn.Module, seen: dict[str, Any]) -> list[Any]:
@@ -90,14 +82,16 @@ def run_pair(overrides: list[str], run_dir: str, info: distributed.RankInfo) -> 
     accum, global_batch = resolve_batch(job)
     dataset, _ = train_and_held_out(job)
     data = batches(dataset, job, info.rank, info.world_size)
-    logger = Records()
+    logger = make_logger(job, info.rank)  # rank 0 writes the run's metrics.jsonl
     job_losses = loop.train(engine, data, job, logger, accum, global_batch)
+    logger.close()
     for h in handles:
         h.remove()
     sums = seen.pop("c_attn_sums")
     out = {"losses": job_losses, "dtypes": seen, "c_attn_sums": sums,
-           "last": {k: v for k, v in logger.records[-1].items()
-                    if k in ("loss_scale", "overflow_steps")}}
+           # the last record of metrics.jsonl, read back from the file
+           "last": {k: v for k, v in read_metrics(Path(run_dir) / "metrics.jsonl")[-1].items()
+                    if k in ("loss_scale", "overflow_steps")} if info.rank == 0 else {}}
     del engine, model, data
     gc.collect()
     dist.barrier()

@@ -1,8 +1,8 @@
 """Every precision under every strategy (issue 15): each pair either trains on 2 real gloo ranks
 with a falling loss, really computing in its format, or is refused at validation with its
 reason. fp16's loss scaler skips a step whose gradients are not finite, leaves the weights
-alone, halves the scale and counts the step, under every strategy. One torchrun start runs the
-whole matrix (tests/distributed/precision_matrix.py)."""
+alone, halves the scale and counts the step in metrics.jsonl, under every strategy. One
+torchrun start runs the whole matrix (tests/distributed/precision_matrix.py)."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ RUNS = ["ddp-bf16", "ddp-fp16", "fsdp_zero3-bf16", "fsdp_zero3-fp16", "deepspeed
         "deepspeed_zero3-fp16", "deepspeed_zero3_offload-bf16", "save-fsdp_zero3-bf16",
         "evaluate-fsdp_zero3", "generate-fsdp_zero3", "resume-fsdp_zero3-bf16",
         "async-checkpoint-fsdp_zero3-bf16", "compile-fsdp_zero3-bf16", "workers-ddp-bf16",
-        "llama-fsdp_zero3-bf16", "llama-fsdp_zero3-fp8", "llama-ddp-fp8"]
+        "llama-fsdp_zero3-bf16", "llama-fsdp_zero3-fp8", "llama-ddp-fp8", "quantize-int8-fp32"]
 
 
 def test_gpu_check_runs_are_valid_one_gpu_nccl_plans(tmp_path) -> None:
@@ -30,7 +30,8 @@ def test_gpu_check_runs_are_valid_one_gpu_nccl_plans(tmp_path) -> None:
             out / f"{name}.log").read_text()[-2000:]
         plan = json.loads((out / name / "plan.json").read_text())
         assert (plan["device"], plan["backend"], plan["world_size"]) == ("cuda", "nccl", 1)
-        precision = name.rsplit("-", 1)[1] if name.endswith(("bf16", "fp16", "fp8")) else "bf16"
+        precision = (name.rsplit("-", 1)[1] if name.endswith(("bf16", "fp16", "fp8", "fp32"))
+                     else "bf16")
         assert (plan["gpu"], plan["precision"]) == ("h100", precision)
     offload = json.loads((out / "deepspeed_zero3_offload-bf16" / "plan.json").read_text())
     zero = offload["deepspeed_config"]["zero_optimization"]
