@@ -58,10 +58,10 @@ def loss_scale_metrics(scaler: Any, optimizer: torch.optim.Optimizer, steps: int
     far: of `steps` optimizer steps taken, those the optimizer did not count (GradScaler skips
     `optimizer.step()` on an inf/NaN gradient; torch's optimizers count their own steps in
     `state[p]["step"]`, which a checkpoint restores with them). Read on logged steps only."""
-    counted = 0
-    for state in optimizer.state.values():
-        if "step" in state:
-            counted = max(counted, int(state["step"]))
+    # the largest count (a parameter without a gradient in some step lags), read in one
+    # transfer: a fused optimizer keeps its counts on the device
+    counts = [torch.as_tensor(s["step"]) for s in optimizer.state.values() if "step" in s]
+    counted = int(torch.stack(counts).max()) if counts else 0
     return {"loss_scale": float(scaler.get_scale()), "overflow_steps": float(steps - counted)}
 
 
