@@ -7,6 +7,7 @@ Layout: see `periodic.py`.
 
 from __future__ import annotations
 
+import enum
 import json
 import pickle
 import sys
@@ -76,7 +77,13 @@ class _MetadataOnly(pickle.Unpickler):
     """DCP keeps its index (`.metadata`) as a pickle. Only its own plain classes may appear
     in one: anything else (e.g. `os.system`) is refused instead of called."""
 
+    def __init__(self, file: Any) -> None:
+        super().__init__(file)
+        self._classes: list[type] = []  # the classes this index named, all allowed below
+
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("builtins", "getattr"):
+            return self._enum_member
         found = super().find_class(module, name) if module.startswith("torch") or \
             module in ("pathlib", "collections") else None
         dcp_class = module.startswith("torch.distributed.checkpoint.") and \
@@ -84,7 +91,18 @@ class _MetadataOnly(pickle.Unpickler):
         if not (dcp_class or (module == "torch" and name in ("Size", *_dtypes()))
                 or (module, name) in SAFE_NAMES):
             raise pickle.UnpicklingError(f"refused {module}.{name}")
+        if isinstance(found, type):
+            self._classes.append(found)
         return found
+
+    def _enum_member(self, cls: Any, name: Any) -> Any:
+        """Some interpreters (Debian 12's Python 3.11.2) pickle an `Enum` member as
+        `getattr(EnumClass, "NAME")`, and DCP's index holds enums: look up exactly a member of
+        an enum class this index already named through `find_class`, nothing else."""
+        if any(cls is c for c in self._classes) and issubclass(cls, enum.Enum) \
+                and isinstance(name, str) and name in cls.__members__:
+            return cls[name]
+        raise pickle.UnpicklingError(f"refused builtins.getattr({cls!r}, {name!r})")
 
 
 SAFE_NAMES = {("collections", "OrderedDict"), ("pathlib", "PosixPath"),
