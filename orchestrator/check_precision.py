@@ -6,6 +6,9 @@ refused here, before launch, with the reason (docs/precision.md lists the refuse
   (`FP16_UnfusedOptimizer`) never scales the fp16 loss yet unscales the gradients (updates
   65536 times too small; upstream PR #8393), and takes one Adam step on zero gradients while
   it is built (both formats). DDP is the same strategy and runs both correctly.
+- `fp16` under DeepSpeed on a CPU without oneDNN's fp16 kernels (AVX512-FP16 / AMX-FP16), for a
+  local run: DeepSpeed's CPU accelerator refuses it inside `deepspeed.initialize`, on every
+  rank. CPUs of one machine kind differ, so DeepSpeed itself is asked (`Hardware`).
 - `fp8` under DeepSpeed: torchao's float8 training swaps modules DeepSpeed does not know.
 - `fp8` off CUDA, or on a GPU below compute capability 8.9 (no float8 tensor cores), or for
   GPT-2, whose transformers `Conv1D` layers are not `nn.Linear` (none would be converted).
@@ -54,6 +57,13 @@ def check_precision(job: JobConfig, device: str, hw: Hardware) -> None:
         raise ConfigError("precision.name", p.name, "'fp32' with DeepSpeed stage 0, or the same "
                           f"{p.name} under DDP (+recipe=ddp): DeepSpeed's stage-0 fp16/bf16 "
                           "optimizer wrapper mis-scales its updates (deepspeed PR #8393)")
+    local = job.action == "run" and job.launcher.name == "local"
+    if local and device == "cpu" and backend == "deepspeed" and p.name == "fp16" \
+            and not hw.deepspeed_cpu_fp16():
+        raise ConfigError("precision.name", "fp16", "'fp32' or 'bf16' with DeepSpeed on this "
+                          "CPU (DeepSpeed's CPU accelerator runs fp16 only with oneDNN's fp16 "
+                          "kernels, which this CPU lacks), or fp16 under DDP or FSDP2 "
+                          "(backend=torch)")
     if p.name == "fp8":
         _check_fp8(job, device, hw)
     if p.qat != "none":
@@ -71,7 +81,6 @@ def check_precision(job: JobConfig, device: str, hw: Hardware) -> None:
     if job.debug.inf_grad_at_step is not None and p.name != "fp16":
         raise ConfigError("debug.inf_grad_at_step", job.debug.inf_grad_at_step, "unset unless "
                           "precision=fp16 (only the fp16 loss scaler skips a non-finite step)")
-    local = job.action == "run" and job.launcher.name == "local"
     if local and device == "cuda" and hw.cuda_devices and p.name == "bf16" \
             and not hw.bf16_supported:
         raise ConfigError("precision.name", "bf16", "'fp16' or 'fp32' (this GPU has no bf16)")

@@ -4,9 +4,12 @@ key, the bad value and what is allowed. Nothing here spawns, allocates or writes
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
+import subprocess
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +25,12 @@ class Hardware:
     cuda_devices: int = 0
     bf16_supported: bool = False
     capability: tuple[int, int] = (0, 0)  # CUDA compute capability of device 0
+    cpu_fp16: bool | None = None  # DeepSpeed's CPU accelerator takes fp16 here; None: ask it
+
+    def deepspeed_cpu_fp16(self) -> bool:
+        """Whether DeepSpeed's CPU accelerator runs fp16 on this machine: it needs oneDNN's
+        fp16 kernels, which CPUs of one machine kind may or may not have."""
+        return self.cpu_fp16 if self.cpu_fp16 is not None else _ask_deepspeed_cpu_fp16()
 
     @staticmethod
     def detect() -> Hardware:
@@ -33,6 +42,18 @@ class Hardware:
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         return Hardware(cuda_devices=n, bf16_supported=bool(n and torch.cuda.is_bf16_supported()),
                         capability=tuple(torch.cuda.get_device_capability(0)) if n else (0, 0))
+
+
+@functools.cache
+def _ask_deepspeed_cpu_fp16() -> bool:
+    """Asked of DeepSpeed itself (the check `deepspeed.initialize` makes), in a child process
+    of the ranks' interpreter, so the launcher imports neither torch nor DeepSpeed; only for a
+    job that needs the answer. A probe that fails (no DeepSpeed) refuses nothing."""
+    code = ("from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator\n"
+            "print(bool(CPU_Accelerator().is_fp16_supported()))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    return proc.returncode != 0 or proc.stdout.split()[-1:] != ["False"]
 
 
 def _check_choices(obj: Any, prefix: str = "") -> None:

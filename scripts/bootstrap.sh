@@ -5,7 +5,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${ORCHESTRATOR_VENV:-.venv}"
-py="${PYTHON:-python3}"
+py="${PYTHON:-}"
+if [ -z "$py" ]; then  # the first python3 >= 3.10 on PATH
+  for c in python3 python3.13 python3.12 python3.11 python3.10; do
+    if "$c" -c 'import sys; sys.exit(sys.version_info < (3, 10))' >/dev/null 2>&1; then
+      py=$c; break
+    fi
+  done
+  [ -n "$py" ] || { echo "bootstrap: needs Python >= 3.10 and pip; python3 is" \
+                      "$(python3 --version 2>&1)" >&2; exit 2; }
+fi
 if [ ! -x "$venv/bin/python" ]; then
   if "$py" -c "import torch" >/dev/null 2>&1; then
     "$py" -m venv --system-site-packages "$venv"   # keep the user's torch

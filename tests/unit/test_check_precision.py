@@ -74,3 +74,32 @@ def test_float8_conversion_swaps_the_linear_layers_and_still_trains() -> None:
     assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
     # float8 rounding changes the loss, but not by much (measured: 6.9e-4 of 6.246 here)
     assert 1e-6 < abs(loss.item() - want.item()) < 0.05 * want.item()
+
+
+def test_deepspeed_fp16_is_refused_on_a_cpu_without_onednn_fp16() -> None:
+    ds_fp16 = ["+recipe=deepspeed_zero3", "precision=fp16", "action=run"]
+    assert refused(ds_fp16, Hardware(cpu_fp16=False)) == (
+        "config key 'precision.name' has value 'fp16'; allowed: 'fp32' or 'bf16' with DeepSpeed "
+        "on this CPU (DeepSpeed's CPU accelerator runs fp16 only with oneDNN's fp16 kernels, "
+        "which this CPU lacks), or fp16 under DDP or FSDP2 (backend=torch)")
+    validate(make_job(ds_fp16), Hardware(cpu_fp16=True))
+    validate(make_job(["+recipe=fsdp_zero3", "precision=fp16", "action=run"]),
+             Hardware(cpu_fp16=False))  # torch's own fp16 needs no oneDNN fp16
+    for other in (["action=plan"], ["launcher=slurm"], ["cluster.device=cuda", "action=plan"]):
+        validate(make_job([*ds_fp16, *other]), Hardware(cpu_fp16=False))  # not this CPU's run
+
+
+def test_deepspeed_fp16_here_follows_this_cpu(tmp_path) -> None:
+    """DeepSpeed is asked about this very CPU, and agrees with the oneDNN check DeepSpeed's CPU
+    accelerator makes: here either the launch is refused in one line, or the job is valid."""
+    has_fp16 = torch.ops.mkldnn._is_mkldnn_fp16_supported()  # what DeepSpeed's accelerator reads
+    assert Hardware().deepspeed_cpu_fp16() is has_fp16
+    if has_fp16:
+        validate(make_job(["+recipe=deepspeed_zero3", "precision=fp16"]), Hardware())
+        return
+    proc = run_cli(["+recipe=deepspeed_zero3", "precision=fp16", "model=gpt2_tiny"],
+                   tmp_path / "run")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: config key 'precision.name' has value 'fp16'; "
+                                  "allowed: 'fp32' or 'bf16' with DeepSpeed on this CPU")
+    assert proc.stderr.count("\n") == 1 and not (tmp_path / "run").exists()
