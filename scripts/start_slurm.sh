@@ -5,6 +5,8 @@
 # Prints `export SLURM_CONF=...`; scripts/stop_slurm.sh stops what this started.
 #   ORCHESTRATOR_SLURM_DIR (default /tmp/orchestrator-slurm), ORCHESTRATOR_SLURM_NODES (default 2)
 set -euo pipefail
+# the daemons live in sbin, which a user's plain PATH (/usr/local/bin:/usr/bin:/bin) lacks
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 dir="${ORCHESTRATOR_SLURM_DIR:-/tmp/orchestrator-slurm}"
 nodes="${ORCHESTRATOR_SLURM_NODES:-2}"
 conf="$dir/slurm.conf"

@@ -6,8 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 .venv/bin/ruff check .
-eval "$(bash scripts/start_slurm.sh)"   # exports SLURM_CONF
 trap 'bash scripts/stop_slurm.sh' EXIT
+# a cluster that does not come up stops the run here, with start_slurm's reason
+bash scripts/start_slurm.sh >/dev/null || { echo "test.sh: the Slurm test cluster did not start" >&2; exit 1; }
+export SLURM_CONF="${ORCHESTRATOR_SLURM_DIR:-/tmp/orchestrator-slurm}/slurm.conf"
 # Two pytest workers, one test file each at a time (module fixtures run once): a 2-rank run
 # keeps both cores busy only while its ranks run; its launcher's start-up and tear-down leave one
 # idle, which the other worker fills.
