@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.metrics import read_metrics
-from tests.conftest import LOSSES, run_cli
+from tests.conftest import run_cli
 
 KEYS = ("params_bytes", "grads_bytes", "optimizer_bytes", "total_bytes")
 # A 20-step run that loses rank 1 to SIGKILL at step 14, after step 12's checkpoint; torchrun
@@ -46,7 +46,16 @@ def losses(run_dir: Path) -> list[float]:
 
 
 def reference_losses() -> list[float]:
-    return json.loads((LOSSES / "gpt2_tiny_fp32_seed1234.json").read_text())["losses"]
+    """The 2-rank DDP curve of `+recipe=ddp train.steps=20`, as the independent plain PyTorch
+    loop computes it on this CPU, on one thread like each rank (test_reference_loop.py): our
+    DDP run equals it bit for bit. Not the stored json: float32 kernels round differently on
+    CPUs of one machine kind (the stored curve, recorded on another host, differs from this
+    loop by 4.8e-7 on an AMD EPYC host without AVX512-FP16), so bit-exact comparisons need the
+    curve of the CPU that runs them. The stored curve stays the cross-CPU record, matched
+    within 1e-5 (test_stored_reference_matches_the_plain_loop)."""
+    from tests.distributed.test_reference_loop import plain_loop_losses
+
+    return list(plain_loop_losses())
 
 
 def max_diff_from_reference(run_dir: Path) -> float:
