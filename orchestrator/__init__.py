@@ -1,17 +1,9 @@
-"""orchestrator: one YAML → validated plan → distributed training run → W&B."""
+"""orchestrator: one YAML → validated plan → distributed training run → W&B.
+The layers are subpackages (docs/architecture.md); importing the package quiets torchao's
+import-time logging in every process (common/quiet.py)."""
 
-import logging as _logging
+from orchestrator.common.quiet import quiet_torchao
 
 __version__ = "0.1.0"
-
-
-def quiet_torchao() -> None:
-    """Silence what importing torchao logs on a CPU machine: its PyPI wheel is a CUDA build
-    whose two C++ extensions fail to load against a CPU torch (int8 PTQ needs neither), and it
-    registers Enums with torch's pytree the way torch 2.13 calls deprecated. transformers
-    imports torchao whenever it is installed, so this runs with the package, in every process."""
-    for name in ("torchao", "torch.utils._pytree"):
-        _logging.getLogger(name).setLevel(_logging.ERROR)
-
 
 quiet_torchao()

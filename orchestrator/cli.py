@@ -7,11 +7,8 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 import re
-import signal
 import sys
 import uuid
 from pathlib import Path
@@ -24,12 +21,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from orchestrator import rundir
-from orchestrator.errors import ConfigError, LaunchError, OrchestratorError
-from orchestrator.redact import redact, redact_override
-from orchestrator.schema import JobConfig
-from orchestrator.typed import CONFIG_SHA_ENV, to_dict, to_job
-from orchestrator.validate import Hardware, resolve_device, validate
+from orchestrator.common.errors import ConfigError, OrchestratorError
+from orchestrator.common.secrets import redact_override
+from orchestrator.config.derived import Hardware
+from orchestrator.config.load import to_job
+from orchestrator.config.schema import JobConfig
+from orchestrator.launch import rundir
+from orchestrator.planning.preflight import validate
 
 ConfigStore.instance().store(name="orchestrator_schema", node=JobConfig)
 # `${launch_id:}` in configs/config.yaml: the default run dir is the time plus this, so two
@@ -58,30 +56,21 @@ def compose_job(cfg: DictConfig, run_dir: str) -> JobConfig:
     return to_job(data, run_dir=run_dir)
 
 
-def config_text(job: JobConfig) -> str:
-    """The resolved config with secrets redacted, as config.yaml holds it; ranks read it back."""
-    return yaml.safe_dump(redact(to_dict(job)), sort_keys=False)
-
-
-def write_config(job: JobConfig, path: Path) -> None:
-    rundir.write_atomic(path, config_text(job))
-
-
 def execute(job: JobConfig, hw: Hardware | None = None,
             overrides: list[str] | None = None) -> int:
-    """Validate, plan and (for action=run) launch `job`. Raises OrchestratorError on bad input."""
-    from orchestrator import fit
-    from orchestrator.plan import Plan, make_plan
-
+    """Run `job`'s action: validate, plan and (for action=run) launch; or one of the actions
+    on an earlier run (status, cancel, export, report). Raises OrchestratorError on bad input."""
     if job.action in ("status", "cancel"):
-        return _status_or_cancel(job)
+        from orchestrator.launch.slurm_job import status_or_cancel
+
+        return status_or_cancel(job)
     if job.action == "export":
-        from orchestrator.checkpoint.export import export
+        from orchestrator.run.checkpoint.export import export
 
         print(f"exported to {export(job)}")
         return 0
     if job.action == "report":  # charts + report.md of a run or sweep dir, in <dir>/report/
-        from orchestrator.plots import report
+        from orchestrator.reports.report import report
 
         for path in report(job.run_dir):
             print(f"wrote {path}")
@@ -98,124 +87,9 @@ def execute(job: JobConfig, hw: Hardware | None = None,
         print(f"config OK: {job.world_size} ranks, zero_stage {job.parallelism.zero_stage}, "
               f"{job.precision.name}")
         return 0
-    device, cpus = resolve_device(job, hw), os.cpu_count() or 1
+    from orchestrator.launch.job import plan_and_launch
 
-    def planner(candidate: JobConfig) -> Plan:
-        return make_plan(candidate, device, cpus)
-
-    reason = None
-    if job.parallelism.auto:
-        job, reason = fit.choose(job, planner)
-        validate(job, hw)
-    # the job as the ranks run it: a plan's files are exactly what `action=run` writes (the
-    # sbatch script carries this text's hash)
-    text = config_text(dataclasses.replace(job, action="run"))
-    plan = planner(job)
-    plan = dataclasses.replace(plan, auto_reason=reason, env={
-        **plan.env, CONFIG_SHA_ENV: hashlib.sha256(text.encode()).hexdigest()})
-    if job.action == "run":
-        fit.refuse_if_too_big(job, plan, planner)
-        _check_resume(job)
-        if job.launcher.name == "slurm":  # the cluster's checks, before anything is written
-            from orchestrator.launchers.slurm import preflight
-
-            preflight(job, plan)
-    with rundir.held(job) as run_dir:
-        return _plan_and_launch(job, plan, text, run_dir, overrides)
-
-
-def _check_resume(job: JobConfig) -> None:
-    """The checkpoint this launch will continue from (if any) must fit its config."""
-    if job.train.task != "pretrain" or job.run.overwrite:
-        return
-    from orchestrator.checkpoint.resume import check_compatible, to_resume
-
-    resume = to_resume(job)
-    if resume is not None:
-        changed = check_compatible(job, resume)
-        print(f"resuming from {resume.path} (step {resume.step})" + (
-            "; changed since: " + ", ".join(f"{k} {before!r} -> {now!r}"
-                                             for k, (before, now) in changed.items())
-            if changed else ""))
-
-
-def _plan_and_launch(job: JobConfig, plan: Any, text: str, run_dir: rundir.RunDir,
-                     overrides: list[str] | None) -> int:
-    from orchestrator.report import print_plan
-
-    run_dir.write("config.yaml", text)
-    lines = [redact_override(o) for o in overrides or []]
-    run_dir.write("overrides.txt", "".join(f"{line}\n" for line in lines))
-    plan.write(run_dir.path / "plan.json")
-    if plan.deepspeed_config is not None:
-        from orchestrator.deepspeed_config import CONFIG_FILE
-
-        run_dir.write(CONFIG_FILE, plan.deepspeed_json())
-    print_plan(plan)
-    _write_launch_artefacts(job, plan)
-    if job.action == "plan":
-        print(f"plan written to {run_dir.path / 'plan.json'} (nothing launched)")
-        return 0
-    from orchestrator.checkpoint.stop import take as take_attempt
-    from orchestrator.data import prepare_tokenizer
-    from orchestrator.launchers import launch
-
-    prepare_tokenizer(job)
-    if job.data.name != "synthetic" and job.train.task != "generate":
-        from orchestrator.data import prepare_data
-
-        prepare_data(job)  # tokenized here once, not by every rank
-    run_dir.launched()
-    handle = launch(plan, job)
-    if job.launcher.name == "slurm" and not job.launcher.slurm.wait:
-        print(f"state: {handle.status()}; follow with: python -m orchestrator action=status "
-              f"run_dir={run_dir.path}")
-        return 0
-    code = handle.wait()
-    ended = take_attempt(run_dir.path) if job.launcher.name != "slurm" else None
-    if ended is not None and ended["state"] == "stopped":
-        print(f"stopped by {ended['signal']} after step {ended['step']}; checkpoint: "
-              f"{ended['checkpoint']}; to resume, run the same command with "
-              f"hydra.run.dir={run_dir.path}")
-        return 128 + int(getattr(signal, ended["signal"]))
-    if ended is not None and ended["state"] == "finished":
-        code = 0  # every step ran: a stop signal after the last made torchrun exit non-zero
-    if code != 0:
-        raise LaunchError(f"training failed with exit code {code} (the failing rank's error is "
-                          f"printed above); run dir: {run_dir.path}")
-    metrics = run_dir.path / job.logging.metrics_file
-    print(f"done. run dir: {run_dir.path}" + (f"; metrics: {metrics}" if metrics.exists()
-                                              else ""))
-    wandb_info = run_dir.path / "wandb_run.json"
-    if wandb_info.exists():
-        print(f"W&B run ({job.logging.wandb.mode}): {wandb_info.read_text().strip()}")
-    return 0
-
-
-def _write_launch_artefacts(job: JobConfig, plan: Any) -> None:
-    """The dry-run files of cluster launchers: what `action=run` submits is exactly these."""
-    if job.launcher.name == "slurm":
-        from orchestrator.launchers.slurm import write_script
-
-        path = write_script(plan, job)
-        print(f"sbatch script ({path}):\n{path.read_text()}")
-    elif job.launcher.name == "k8s":
-        from orchestrator.launchers.k8s import write_manifest
-
-        print(f"PyTorchJob manifest: {write_manifest(plan, job)}")
-
-
-def _status_or_cancel(job: JobConfig) -> int:
-    from orchestrator.launchers.slurm import SlurmHandle
-
-    handle = SlurmHandle.load(Path(job.run_dir))
-    if job.action == "cancel":
-        state = handle.cancel()
-        print(f"Slurm job {handle.job_id}: {state}")
-        return 0 if state == "CANCELLED" else 1
-    record = json.loads((Path(job.run_dir) / "slurm_job.json").read_text())
-    print(f"Slurm job {handle.job_id}: {handle.status()}; log: {record['log']}")
-    return 0
+    return plan_and_launch(job, hw, overrides)
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")

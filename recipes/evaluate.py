@@ -12,16 +12,16 @@ import json
 import sys
 from pathlib import Path
 
+from orchestrator.config.load import load_job
+from orchestrator.config.schema import JobConfig
 from orchestrator.data import objective_of, train_and_held_out
-from orchestrator.distributed import RankInfo
-from orchestrator.evaluation import eval_mode, held_out_sums, summarize
-from orchestrator.metrics import log_event, write_record
-from orchestrator.quantize import run_inference  # quantized models: one process
-from orchestrator.quantize_config import job_method
-from orchestrator.rank_main import run_rank
-from orchestrator.schema import JobConfig
-from orchestrator.strategies.base import Engine
-from orchestrator.typed import load_job
+from orchestrator.quantization.int8 import job_method
+from orchestrator.run.distributed import RankInfo
+from orchestrator.run.evaluation import eval_mode, held_out_sums, summarize
+from orchestrator.run.metrics import log_event, write_record
+from orchestrator.run.quantized import run_inference  # quantized models: one process
+from orchestrator.run.rank_main import run_rank
+from orchestrator.run.strategies.base import Engine
 
 
 def run(config_path: str) -> None:

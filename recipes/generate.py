@@ -17,15 +17,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from orchestrator.config.load import load_job
+from orchestrator.config.schema import JobConfig
 from orchestrator.data import get_tokenizer
-from orchestrator.distributed import RankInfo
-from orchestrator.metrics import write_error
-from orchestrator.quantize import run_inference  # quantized models: one process
-from orchestrator.rank_main import run_rank
-from orchestrator.sampling import generate_batch
-from orchestrator.schema import JobConfig
-from orchestrator.strategies.base import Engine
-from orchestrator.typed import load_job
+from orchestrator.run.distributed import RankInfo
+from orchestrator.run.metrics import write_error
+from orchestrator.run.quantized import run_inference  # quantized models: one process
+from orchestrator.run.rank_main import run_rank
+from orchestrator.run.sampling import generate_batch
+from orchestrator.run.strategies.base import Engine
 
 
 def _all_done(done: bool, device: str) -> bool:

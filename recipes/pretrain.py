@@ -6,7 +6,6 @@ Run by the launcher as `python -m recipes.pretrain <run_dir>/config.yaml`; users
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -15,37 +14,38 @@ from typing import Any
 
 import torch.distributed as dist
 
-from orchestrator import distributed, evaluation, loop
-from orchestrator.checkpoint import periodic, stop
-from orchestrator.checkpoint.final import save_final
+from orchestrator.common.attempt import take_attempt
+from orchestrator.common.contract import CONFIG_SHA_ENV, DEVICE_ENV, PLAN_JSON
+from orchestrator.common.plan import read_plan
+from orchestrator.config import resume
+from orchestrator.config.derived import resolve_batch
+from orchestrator.config.load import load_job
 from orchestrator.data import batches, tokenizer_file, train_and_held_out, uses_bpe
-from orchestrator.metrics import make_logger
-from orchestrator.rank_main import run_rank
-from orchestrator.strategies import build_for_rank
-from orchestrator.strategies import setup as setup_strategy
-from orchestrator.typed import CONFIG_SHA_ENV, load_job
-from orchestrator.validate import resolve_batch
+from orchestrator.run import distributed, evaluation, loop
+from orchestrator.run.checkpoint import periodic, stop
+from orchestrator.run.checkpoint.final import save_final
+from orchestrator.run.metrics import make_logger
+from orchestrator.run.rank_main import run_rank
+from orchestrator.run.setup import build_for_rank
+from orchestrator.run.setup import setup as setup_strategy
 
 
 class PretrainRecipe:
     def __init__(self, config_path: str) -> None:
         self.job = load_job(config_path)
-        self.plan = json.loads((Path(config_path).parent / "plan.json").read_text())
+        self.plan = read_plan(Path(config_path).parent / PLAN_JSON)
 
     def setup(self) -> None:
         self.stop = stop.StopRequest(self.job)  # from here on the stop signal means a checkpoint
         if os.environ.get("RANK", "0") == "0":
-            stop.take(self.job.run_dir)  # the previous attempt's record
-        device = os.environ.get("ORCHESTRATOR_DEVICE", "cpu")
+            take_attempt(self.job.run_dir)  # the previous attempt's record
+        device = os.environ.get(DEVICE_ENV, "cpu")
         self.info = distributed.init(device, self.job.dist.timeout_s)
-        self.resume = periodic.to_resume(self.job)  # every rank reads the same directory
+        self.resume = resume.to_resume(self.job)  # every rank reads the same directory
         # before the model build: W&B starts in the background meanwhile (rank 0)
         self.logger = make_logger(self.job, self.info.rank,
                                   self.resume.step if self.resume is not None else None)
         model = build_for_rank(self.job, self.info)
-        if self.job.train.activation_checkpointing:
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
         self.engine = setup_strategy(model, self.job, device)
         start, load_s = 0, None
         if self.resume is not None:
@@ -70,18 +70,18 @@ class PretrainRecipe:
                                     "nodes": [node for node, _ in ranks], "device": device,
                                     "setup_peak_mem_bytes": [peak for _, peak in ranks],
                                     **({"resumed_step": start, "load_s": load_s,
-                                        "changed": periodic.changes(self.job, self.resume)}
+                                        "changed": resume.changes(self.job, self.resume)}
                                        if self.resume is not None else {})})
         self.saver = periodic.Saver(self.engine, self.job, self.committed)
 
     def train(self) -> list[float]:
         accum, global_batch = resolve_batch(self.job)
         try:
-            losses = loop.train(self.engine, self.data, self.job, self.logger, accum,
-                                global_batch, self.plan, start_step=self.start_step,
-                                checkpoint=self.checkpoint, stop=self.stop,
-                                poll=self.saver.poll,
+            run = loop.Training(self.engine, self.job, self.logger, accum, global_batch,
+                                self.plan, self.start_step, checkpoint=self.checkpoint,
+                                stop=self.stop, poll=self.saver.poll,
                                 evaluate=self.evaluate if self.job.eval.every_steps else None)
+            losses = loop.train(run, self.data)
             self.saver.close()  # the last checkpoint, when written in the background
         except stop.Stopped as stopped:
             self.saver.close()
@@ -94,7 +94,7 @@ class PretrainRecipe:
             raise
         bpe = tokenizer_file(self.job) if uses_bpe(self.job) else None
         if self.job.precision.qat != "none":  # convert to int8, measure, save that
-            from orchestrator.qat import finish
+            from orchestrator.run.quantized import finish_qat as finish
             from recipes.quantize import summary
 
             report = finish(self.engine, self.job, self.info, self.held_out, self.logger, bpe)

@@ -4,7 +4,7 @@
 
 Held-out perplexity (the evaluate recipe's pass over the last `eval.holdout` share, or
 `eval.path`) and the weights' bytes are measured on the fp32 model, then again after
-`orchestrator.quantize.quantize_model`; the quantized model is saved to `<run_dir>/model`, where
+`quantization.ptq.quantize_model`; the quantized model is saved to `<run_dir>/model`, where
 `+recipe=evaluate` and `+recipe=generate` load it, and the numbers go to
 `<run_dir>/quantize.json`, a `quantize` event in metrics.jsonl (and W&B) and one summary line.
 """
@@ -20,32 +20,31 @@ from typing import Any
 from torch import nn
 from torch.utils.data import Dataset
 
-from orchestrator import distributed
-from orchestrator.checkpoint.final import MODEL_DIR
+from orchestrator.common.contract import DEVICE_ENV, QUANTIZE_JSON
+from orchestrator.common.units import human_bytes
+from orchestrator.config.load import load_job
+from orchestrator.config.schema import JobConfig
 from orchestrator.data import train_and_held_out
-from orchestrator.evaluation import eval_mode, held_out_sums, summarize
-from orchestrator.metrics import log_event, write_record
-from orchestrator.quantize import (
-    inference_engine,
+from orchestrator.quantization.ptq import (
     linear_weight_bytes,
     quantize_model,
     save_quantized,
     torchao,
     weight_bytes,
 )
-from orchestrator.rank_main import run_rank
-from orchestrator.report import human_bytes
-from orchestrator.schema import JobConfig
-from orchestrator.strategies import build_for_rank
-from orchestrator.strategies.base import Engine
-from orchestrator.typed import load_job
-
-REPORT = "quantize.json"
+from orchestrator.run import distributed
+from orchestrator.run.checkpoint.final import MODEL_DIR
+from orchestrator.run.evaluation import eval_mode, held_out_sums, summarize
+from orchestrator.run.metrics import log_event, write_record
+from orchestrator.run.quantized import inference_engine
+from orchestrator.run.rank_main import run_rank
+from orchestrator.run.setup import build_for_rank
+from orchestrator.run.strategies.base import Engine
 
 
 def run(config_path: str) -> None:
     job = load_job(config_path)
-    device = os.environ.get("ORCHESTRATOR_DEVICE", "cpu")
+    device = os.environ.get(DEVICE_ENV, "cpu")
     info = distributed.init(device, job.dist.timeout_s)
     try:
         quantize(job, inference_engine(build_for_rank(job, info), job, device))
@@ -89,7 +88,7 @@ def quantize(job: JobConfig, engine: Engine) -> dict[str, Any]:
         **{f"{k}_{when}": m[k] for when, m in (("before", before), ("after", after))
            for k in ("loss", "perplexity", "accuracy")},
     }
-    write_record(Path(job.run_dir) / REPORT, report, "after quantizing")
+    write_record(Path(job.run_dir) / QUANTIZE_JSON, report, "after quantizing")
     log_event(job, "quantize", report)
     print(summary(report), flush=True)
     return report

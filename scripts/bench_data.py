@@ -224,7 +224,7 @@ def launch(corpus: Path, cache: Path, run_dir: Path) -> dict[str, Any]:
     if proc.returncode:
         sys.exit(f"{' '.join(train_cmd(corpus, cache, run_dir))} failed (exit "
                  f"{proc.returncode}); see {run_dir.with_suffix('.log')}")
-    from orchestrator.metrics import read_metrics
+    from orchestrator.common.records import read_metrics
 
     steps = read_metrics(metrics)
     (start,) = [e for e in read_metrics(metrics, events=True) if e.get("event") == "start"]

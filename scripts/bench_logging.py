@@ -58,7 +58,7 @@ def logger_calls(calls: int, work: Path) -> float:
     from hydra import compose, initialize_config_module
 
     from orchestrator.cli import compose_job
-    from orchestrator.metrics import MetricsLogger
+    from orchestrator.run.metrics import MetricsLogger
 
     with initialize_config_module("configs", version_base="1.3"):
         cfg = compose("config", [f"model={MODEL}", "logging.wandb.mode=offline",

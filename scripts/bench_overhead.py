@@ -29,9 +29,9 @@ def plain_worker(config_path: str, out: str) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     sys.path.insert(0, str(REPO))
+    from orchestrator.config.load import load_job
     from orchestrator.data import batches, build_dataset
-    from orchestrator.models import build_model
-    from orchestrator.typed import load_job
+    from orchestrator.models.build import build_model
 
     job = load_job(config_path)
     dist.init_process_group("gloo")
@@ -70,7 +70,7 @@ def main() -> None:
                      "optim.warmup_steps=0", "optim.schedule=constant"]
         subprocess.run([sys.executable, "-m", "orchestrator", *overrides,
                         f"hydra.run.dir={run_dir}"], cwd=REPO, check=True, capture_output=True)
-        from orchestrator.metrics import read_metrics
+        from orchestrator.common.records import read_metrics
 
         metrics = read_metrics(run_dir / "metrics.jsonl")
         ours = statistics.median(m["step_time_s"] for m in metrics[WARMUP:])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orchestrator.plan import make_plan  # noqa: E402
+from orchestrator.planning.plan import make_plan  # noqa: E402
 from tests.conftest import REPO, make_job  # noqa: E402
 
 MODELS = sorted(p.stem for p in (REPO / "configs" / "model").glob("*.yaml"))

@@ -28,7 +28,7 @@ elif ! "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else
   echo "gpu_check: no CUDA device here" >&2
   exit 2
 else
-  gpu=$("$py" -c "import torch; from orchestrator.gpus import match
+  gpu=$("$py" -c "import torch; from orchestrator.config.gpus import match
 p = torch.cuda.get_device_properties(0); print(match(p.name, p.total_memory) or 'none')")
   "$py" -c "import torch, deepspeed; p = torch.cuda.get_device_properties(0)
 print(f'gpu_check: {p.name}, {p.total_memory / 2**30:.1f} GiB reported, cluster.gpu=$gpu,'
@@ -98,7 +98,7 @@ import contextlib, sys
 from pathlib import Path
 from hydra import compose, initialize_config_module
 from orchestrator.cli import compose_job, execute
-from orchestrator.errors import OrchestratorError
+from orchestrator.common.errors import OrchestratorError
 
 out = Path(sys.argv[1])
 with initialize_config_module("configs", version_base="1.3"):

@@ -16,7 +16,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from orchestrator.metrics import read_metrics
+from orchestrator.common.records import read_metrics
 
 
 def _row(run: Path) -> list[str]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from orchestrator.metrics import read_metrics  # noqa: E402
+from orchestrator.common.records import read_metrics  # noqa: E402
 
 REFERENCE = REPO / "tests" / "assets" / "losses" / "gpt2_tiny_fp32_seed1234.json"
 # The settings the reference losses were recorded with (tests use the same).

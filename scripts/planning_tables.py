@@ -10,9 +10,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orchestrator import compute  # noqa: E402
-from orchestrator.gpus import GPUS  # noqa: E402
-from orchestrator.plan import cached_specs  # noqa: E402
+from orchestrator.config.gpus import GPUS  # noqa: E402
+from orchestrator.planning import compute  # noqa: E402
+from orchestrator.planning.plan import cached_specs  # noqa: E402
 from tests.conftest import make_job  # noqa: E402
 
 MODELS = ["gpt2", "gpt2_medium", "gpt2_large", "gpt2_xl", "bert_base", "t5_base", "llama2_7b",

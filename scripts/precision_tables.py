@@ -5,7 +5,7 @@
 1. Number formats: bit layout, range, smallest normal, epsilon, from `torch.finfo` /
    `torch.iinfo` (never typed in).
 2. Bytes per parameter the planner uses for model state (weights + gradients + AdamW's two
-   moments) per precision at ZeRO stage 0, from `orchestrator.memory.estimate` on a 1M-element
+   moments) per precision at ZeRO stage 0, from `planning.memory.estimate` on a 1M-element
    parameter, and the ZeRO paper's figure for comparison.
 3. Losses of fp32, bf16 and fp16 on the same model, data, seed and steps: `python -m
    orchestrator +recipe=ddp model=gpt2_small_cpu precision=<p> train.steps=N` (2 gloo ranks).
@@ -45,8 +45,8 @@ def formats() -> str:
 
 
 def planner_bytes() -> str:
-    from orchestrator.memory import estimate, zero_paper_bytes
-    from orchestrator.specs import ParamSpec
+    from orchestrator.models.specs import ParamSpec
+    from orchestrator.planning.memory import estimate, zero_paper_bytes
 
     n = 1 << 20
     spec = [ParamSpec("w", (1024, 1024), "root")]

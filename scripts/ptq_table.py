@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from orchestrator.report import human_bytes  # noqa: E402
+from orchestrator.common.units import human_bytes  # noqa: E402
 
 METHODS = ["int8_weight_only", "int8_dynamic"]
 ONE = ["cluster.gpus_per_node=1", "parallelism=ddp", "logging=none", "logging.progress=false"]
@@ -74,8 +74,8 @@ def main() -> None:
 
 def planned_table(models: list[str]) -> None:
     """What the plan shows for models too big to quantize here: sizes from parameter shapes."""
-    from orchestrator.quantize_config import quantized_size
-    from orchestrator.specs import cached_specs
+    from orchestrator.models.spec_cache import cached_specs
+    from orchestrator.quantization.int8 import quantized_size
     from tests.conftest import make_job
 
     print("\n| model (planned, `action=plan`) | linear layers | linear weights fp32 → int8 "

@@ -2,7 +2,7 @@
 for each model and seed, pre-train it twice with `+recipe=causal_lm`, on the same data, steps
 and seed: plain fp32, and with `precision.qat=int8` (which converts and saves the int8 model at
 the end); then quantize the fp32 model after training (PTQ) with the same int8 scheme QAT
-converts to (torchao `IntxWeightOnlyConfig(int8, PerAxis(0))`, `orchestrator.qat.ptq`) and with
+converts to (torchao `IntxWeightOnlyConfig(int8, PerAxis(0))`, `quantization.qat.ptq`) and with
 PTQ's `int8_weight_only` (torchao `Int8WeightOnlyConfig`), and compare held-out perplexities,
 all on the runs' own held-out share. Several seeds give the run-to-run noise the comparison
 is judged against.
@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from orchestrator.report import human_bytes  # noqa: E402
+from orchestrator.common.units import human_bytes  # noqa: E402
 
 
 def cli(args: list[str], run_dir: Path, ranks: int, done: str) -> None:
@@ -42,19 +42,20 @@ def cli(args: list[str], run_dir: Path, ranks: int, done: str) -> None:
 
 
 def ptq_perplexities(run_dir: Path) -> dict[str, float]:
-    """Held-out perplexity of the fp32 run's saved model as it is, after `orchestrator.qat.ptq`
+    """Held-out perplexity of the fp32 run's saved model as it is, after `quantization.qat.ptq`
     (QAT's int8 scheme) and after `int8_weight_only` PTQ, on the run's own held-out share (one
     process; the same samples the QAT run's report measures on)."""
     import copy
 
     import torch.distributed as dist
 
+    from orchestrator.config.load import load_job
     from orchestrator.data import train_and_held_out
-    from orchestrator.evaluation import eval_mode, held_out_sums, summarize
-    from orchestrator.models import build_model
-    from orchestrator.qat import ptq
-    from orchestrator.quantize import inference_engine, quantize_model
-    from orchestrator.typed import load_job
+    from orchestrator.models.build import build_model
+    from orchestrator.quantization.ptq import quantize_model
+    from orchestrator.quantization.qat import ptq
+    from orchestrator.run.evaluation import eval_mode, held_out_sums, summarize
+    from orchestrator.run.quantized import inference_engine
 
     job = load_job(str(run_dir / "config.yaml"))
     saved = dataclasses.replace(job.model, pretrained_path=str(run_dir / "model"))

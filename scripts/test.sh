@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 .venv/bin/ruff check .
+.venv/bin/lint-imports  # the layers (docs/architecture.md): no import points upward
 trap 'bash scripts/stop_slurm.sh' EXIT
 # a cluster that does not come up stops the run here, with start_slurm's reason
 bash scripts/start_slurm.sh >/dev/null || { echo "test.sh: the Slurm test cluster did not start" >&2; exit 1; }

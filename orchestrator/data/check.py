@@ -13,10 +13,10 @@ import io
 import os
 from collections.abc import Callable, Iterator
 
-from orchestrator.data import get_tokenizer, tokenizer_file, uses_bpe
+from orchestrator.common.errors import ConfigError
+from orchestrator.config.schema import JobConfig
+from orchestrator.data.settings import get_tokenizer, tokenizer_file, uses_bpe
 from orchestrator.data.tokenizer import Tokenizer
-from orchestrator.errors import ConfigError
-from orchestrator.schema import JobConfig
 
 CHUNK = 1 << 20
 BINARY_WINDOW = 1 << 20  # NUL bytes in the first MiB mark a binary file

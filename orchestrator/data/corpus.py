@@ -12,6 +12,8 @@ import json
 import os
 from pathlib import Path
 
+from orchestrator.common.files import cache_dir
+
 # Modules with long, prose-heavy docstrings; a fixed list keeps the corpus stable.
 MODULES = (
     "argparse", "ast", "asyncio", "base64", "bisect", "calendar", "collections", "configparser",
@@ -24,12 +26,6 @@ MODULES = (
     "textwrap", "threading", "timeit", "tokenize", "trace", "typing", "unittest", "urllib.parse",
     "uuid", "warnings", "weakref", "zipfile",
 )
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("ORCHESTRATOR_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "orchestrator")
-    return Path(root)
 
 
 def _docs(module_name: str) -> list[str]:

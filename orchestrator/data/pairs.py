@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from orchestrator.config.schema import JobConfig
 from orchestrator.data.prepare import MANIFEST, file_sha256, is_current, tokenizer_key
-from orchestrator.schema import JobConfig
 
 ARRAYS = {"jsonl_sft": ("input_ids", "labels"),
           "jsonl_pref": ("chosen_input_ids", "chosen_labels", "rejected_input_ids",
@@ -46,7 +46,7 @@ def _source(job: JobConfig) -> Path:
 
 
 def _key(job: JobConfig) -> dict[str, Any]:
-    from orchestrator.data import tokenizer_file, uses_bpe
+    from orchestrator.data.settings import tokenizer_file, uses_bpe
 
     tok = tokenizer_file(job) if uses_bpe(job) else None
     return {**tokenizer_key(tok), "name": job.data.name, "seq_len": job.data.seq_len,
@@ -54,7 +54,7 @@ def _key(job: JobConfig) -> dict[str, Any]:
 
 
 def pairs_dir(job: JobConfig) -> Path:
-    from orchestrator.data.corpus import cache_dir
+    from orchestrator.common.files import cache_dir
 
     if job.data.cache_dir is not None:
         return Path(job.data.cache_dir)
@@ -66,8 +66,8 @@ def pairs_dir(job: JobConfig) -> Path:
 def _rows(job: JobConfig) -> dict[str, np.ndarray]:
     """Every row tokenized (`datasets.labelled_pair`, the same as the in-memory sets), as
     arrays; a row that cannot be used raises ValueError naming file:line."""
-    from orchestrator.data import get_tokenizer
     from orchestrator.data.datasets import REQUIRED_KEYS, labelled_pair, read_jsonl
+    from orchestrator.data.settings import get_tokenizer
 
     tok, d = get_tokenizer(job), job.data
     source = _source(job)
@@ -93,7 +93,7 @@ def _rows(job: JobConfig) -> dict[str, np.ndarray]:
 def prepare_pairs(job: JobConfig) -> tuple[Path, bool]:
     """Tokenize the job's SFT or preference rows into its cache directory unless that is
     current (one launch at a time: a lock beside it). Returns (directory, whether built)."""
-    from orchestrator.errors import DataError
+    from orchestrator.common.errors import DataError
 
     source, key, out = _source(job), _key(job), pairs_dir(job)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from orchestrator.config.schema import JobConfig
 from orchestrator.data.sources import (
     BadRecord,
     Skipped,
@@ -36,7 +37,6 @@ from orchestrator.data.sources import (
     resolve,
     stat,
 )
-from orchestrator.schema import JobConfig
 
 MANIFEST, TOKENS, INDEX = "manifest.json", "tokens.bin", "docs.idx"
 BATCH_DOCS, BATCH_CHARS = 4096, 1 << 20  # a task for a worker: this many documents at most
@@ -210,8 +210,8 @@ def _report(tokens: int, docs: int, started: float, chars: int, total_bytes: int
 def job_sources(job: JobConfig) -> list[list[Source]]:
     """The files of each of a `data=text` job's sources: `data.sources`, else `data.path`,
     else the built-in corpus. A path naming nothing is refused (`DataError`)."""
+    from orchestrator.common.errors import ConfigError, DataError
     from orchestrator.data.corpus import build_corpus
-    from orchestrator.errors import ConfigError, DataError
 
     if job.data.name != "text":
         raise ConfigError("data.name", job.data.name, "'text', 'jsonl_sft' or 'jsonl_pref' "
@@ -225,8 +225,8 @@ def job_sources(job: JobConfig) -> list[list[Source]]:
 
 
 def _tokenizer_of(job: JobConfig) -> Path | None:
-    from orchestrator.data import tokenizer_file, uses_bpe
-    from orchestrator.errors import ConfigError
+    from orchestrator.common.errors import ConfigError
+    from orchestrator.data.settings import tokenizer_file, uses_bpe
 
     tok = tokenizer_file(job) if uses_bpe(job) else None
     if tok is not None and not tok.exists():
@@ -241,7 +241,7 @@ def prepared_dirs(job: JobConfig, tokenizer: dict[str, Any]
     """(files, cache directory) of each source: `data.cache_dir` (its `source-i` for several
     sources), else `<cache>/data/<first file>-<hash of the files and the tokenizer>` under
     the project's cache (`$ORCHESTRATOR_CACHE`, else ~/.cache/orchestrator)."""
-    from orchestrator.data.corpus import cache_dir
+    from orchestrator.common.files import cache_dir
 
     out = []
     every = job_sources(job)
@@ -263,7 +263,7 @@ def prepare_job(job: JobConfig) -> list[tuple[Path, bool]]:
     done. A bad record, an empty source or one shorter than a sequence is a `DataError`."""
     import fcntl
 
-    from orchestrator.errors import DataError
+    from orchestrator.common.errors import DataError
 
     tok = _tokenizer_of(job)
     done = []
@@ -286,7 +286,7 @@ def prepare_job(job: JobConfig) -> list[tuple[Path, bool]]:
 def all_documents(job: JobConfig) -> Iterator[str]:
     """Every document of a `data=text` job's sources, in order (to train its BPE on); a bad
     record stops it as in `prepare` (or is passed over under data.on_error=skip)."""
-    from orchestrator.errors import DataError
+    from orchestrator.common.errors import DataError
 
     skipped = Skipped() if job.data.on_error == "skip" else None
     try:

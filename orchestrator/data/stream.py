@@ -10,10 +10,12 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from orchestrator.data import data_vocab, eval_job, objective_of, objectives
+from orchestrator.common.contract import DEVICE_ENV
+from orchestrator.config.schema import JobConfig
+from orchestrator.data import objectives
 from orchestrator.data.datasets import MarkovTokens
 from orchestrator.data.sampler import RankSampler
-from orchestrator.schema import JobConfig
+from orchestrator.data.settings import data_vocab, eval_job, objective_of
 
 
 def build_dataset(job: JobConfig) -> Dataset:
@@ -98,7 +100,7 @@ def batches(dataset: Dataset, job: JobConfig, rank: int, world_size: int,
     loader = DataLoader(dataset, batch_size=micro, sampler=sampler, drop_last=True,
                         collate_fn=stack, num_workers=workers,
                         persistent_workers=workers > 0,
-                        pin_memory=os.environ.get("ORCHESTRATOR_DEVICE") == "cuda")
+                        pin_memory=os.environ.get(DEVICE_ENV) == "cuda")
     epoch, skip = divmod(start_step, per_epoch)
     index = start_step  # of the next micro batch in this rank's stream
     while True:

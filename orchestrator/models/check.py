@@ -9,7 +9,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from orchestrator.errors import ConfigError
+from orchestrator.common.errors import ConfigError
 
 KEY = "model.pretrained_path"
 CONFIG = "config.json"

@@ -15,7 +15,7 @@ import warnings
 import torch
 from torch import nn
 
-from orchestrator.schema import LoraConfig
+from orchestrator.config.schema import LoraConfig
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER = "default"  # peft's name for the one adapter we train

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from orchestrator.specs import POLICY
+from orchestrator.models.specs import POLICY
 
 IGNORE = -100
 

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.models import build_model
-from orchestrator.plan import make_plan
-from orchestrator.validate import Hardware, validate
+from orchestrator.config.derived import Hardware
+from orchestrator.models.build import build_model
+from orchestrator.planning.plan import make_plan
+from orchestrator.planning.preflight import validate
 from tests.conftest import REPO, make_job
 
 CONFIGS = REPO / "configs"

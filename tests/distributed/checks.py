@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.metrics import read_metrics
-from tests.conftest import run_cli
+from orchestrator.common.records import read_metrics
+from tests.conftest import run_ok
 
 KEYS = ("params_bytes", "grads_bytes", "optimizer_bytes", "total_bytes")
 # A 20-step run that loses rank 1 to SIGKILL at step 14, after step 12's checkpoint; torchrun
@@ -88,7 +88,6 @@ def run_all(root: Path, runs: dict[str, list[str]],
     """Run each named set of CLI overrides into root/<name>; every run must succeed."""
     out = {}
     for name, overrides in runs.items():
-        proc = run_cli(overrides, root / name, env=env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        run_ok(overrides, root / name, env=env)
         out[name] = root / name
     return out

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.models import build_model
+from orchestrator.models.build import build_model
 from tests.conftest import make_job
 from tests.distributed.checks import run_all
 

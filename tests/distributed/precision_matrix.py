@@ -24,16 +24,18 @@ import torch
 import torch.distributed as dist
 from hydra import compose, initialize_config_module
 
-from orchestrator import distributed, loop
 from orchestrator.cli import compose_job
+from orchestrator.common.contract import DEEPSPEED_JSON
+from orchestrator.common.errors import ConfigError
+from orchestrator.common.records import read_metrics
+from orchestrator.config.derived import Hardware, resolve_batch
 from orchestrator.data import batches, train_and_held_out
-from orchestrator.deepspeed_config import CONFIG_FILE
-from orchestrator.errors import ConfigError
-from orchestrator.metrics import make_logger, read_metrics
-from orchestrator.plan import make_plan
-from orchestrator.strategies import build_for_rank
-from orchestrator.strategies import setup as setup_strategy
-from orchestrator.validate import Hardware, resolve_batch, validate
+from orchestrator.planning.plan import make_plan
+from orchestrator.planning.preflight import validate
+from orchestrator.run import distributed, loop
+from orchestrator.run.metrics import make_logger
+from orchestrator.run.setup import build_for_rank
+from orchestrator.run.setup import setup as setup_strategy
 
 STEPS = 6
 COMMON = ["model=gpt2_tiny", f"train.steps={STEPS}", "optim.warmup_steps=1", "logging=none",
@@ -73,7 +75,7 @@ def run_pair(overrides: list[str], run_dir: str, info: distributed.RankInfo) -> 
         Path(run_dir).mkdir(parents=True)
         plan = make_plan(job, "cpu", os.cpu_count() or 1)
         if job.parallelism.backend == "deepspeed":
-            (Path(run_dir) / CONFIG_FILE).write_text(plan.deepspeed_json())
+            (Path(run_dir) / DEEPSPEED_JSON).write_text(plan.deepspeed_json())
     dist.barrier()
     model = build_for_rank(job, info)
     engine = setup_strategy(model, job, "cpu")
@@ -83,7 +85,7 @@ def run_pair(overrides: list[str], run_dir: str, info: distributed.RankInfo) -> 
     dataset, _ = train_and_held_out(job)
     data = batches(dataset, job, info.rank, info.world_size)
     logger = make_logger(job, info.rank)  # rank 0 writes the run's metrics.jsonl
-    job_losses = loop.train(engine, data, job, logger, accum, global_batch)
+    job_losses = loop.train(loop.Training(engine, job, logger, accum, global_batch), data)
     logger.close()
     for h in handles:
         h.remove()

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from orchestrator.common.records import read_metrics, read_wandb_run
 from orchestrator.data.corpus import build_corpus
-from orchestrator.metrics import read_metrics, read_wandb_run
 from tests.distributed.checks import losses, run_all
 from tests.distributed.test_reference_loop import TOL, WORLD, plain_loop
 from tests.hf_tokenizer import build_hf_tokenizer

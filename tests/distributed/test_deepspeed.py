@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.checkpoint.universal import UNIVERSAL, WEIGHTS, Saved, reload_mode
-from tests.conftest import make_job, run_cli
+from orchestrator.run.strategies.deepspeed_checkpoint import UNIVERSAL, WEIGHTS, Saved, reload_mode
+from tests.conftest import make_job, run_ok
 from tests.distributed.checks import (
     RESTARTED,
     assert_memory_matches_plan,
@@ -75,9 +75,8 @@ def test_fp32_master_partition_is_modelled(runs) -> None:
 
 @pytest.mark.parametrize("recipe", ["deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3"])
 def test_bf16_trains_close_to_fp32(tmp_path, recipe: str) -> None:
-    proc = run_cli([f"+recipe={recipe}", "precision=bf16", "train.steps=20", "logging=none"],
+    run_ok([f"+recipe={recipe}", "precision=bf16", "train.steps=20", "logging=none"],
                    tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
     got = losses(tmp_path)
     assert all(math.isfinite(v) for v in got) and got[-1] < got[0] - 0.1
     # Measured here: bf16 stays within 8.0e-4 of the fp32 losses on all three stages.
@@ -85,7 +84,8 @@ def test_bf16_trains_close_to_fp32(tmp_path, recipe: str) -> None:
 
 
 # -- at another world size, and as a Hugging Face model (DeepSpeed's universal checkpoint and
-# zero_to_fp32; checkpoint/universal.py). The expected values are the 2-rank runs' own.
+# zero_to_fp32; run/strategies/deepspeed_checkpoint.py). The expected values are the 2-rank
+# runs' own.
 RESUMED_AT = 16  # kept by both runs below (checkpoints every 4 or 8 steps, the last two kept)
 WORLD = {1: ["cluster.gpus_per_node=1", "train.micro_batch_size=8"],  # global batch 8 always
          4: ["cluster.gpus_per_node=4", "train.micro_batch_size=2"]}
@@ -99,9 +99,8 @@ def _digests(root: Path) -> dict[str, str]:
 def _resumed_elsewhere(runs, stage: str, world: int, run_dir: Path) -> tuple[Path, str]:
     source = runs[stage] / "checkpoints" / f"step-{RESUMED_AT:08d}"
     before = _digests(source / "deepspeed")
-    proc = run_cli([*STAGES[stage][:1], "logging=none", "train.save_model=false",
+    proc = run_ok([*STAGES[stage][:1], "logging=none", "train.save_model=false",
                     "train.steps=20", f"resume={source}", *WORLD[world]], run_dir)
-    assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resumed from {source} (step {RESUMED_AT})" in proc.stdout
     assert "NOT carried" not in proc.stderr
     assert _digests(source / "deepspeed") == before  # converted beside it, never changed
@@ -121,7 +120,7 @@ def test_a_2_rank_checkpoint_resumes_at_another_world_size_with_its_optimizer_st
 
 
 def test_the_universal_conversion_is_deterministic(runs, tmp_path: Path) -> None:
-    from orchestrator.checkpoint.universal import convert_to_universal
+    from orchestrator.run.strategies.deepspeed_checkpoint import convert_to_universal
 
     source = runs["zero2"] / "checkpoints" / f"step-{RESUMED_AT:08d}"
     for name in ("a", "b"):
@@ -152,7 +151,7 @@ def test_export_of_a_deepspeed_checkpoint_equals_the_trained_model(runs, stage: 
     weights the run saved at its end."""
     from transformers import AutoModelForCausalLM
 
-    from orchestrator.checkpoint.export import export
+    from orchestrator.run.checkpoint.export import export
 
     run = runs[stage]
     exported = export(make_job(["action=export", f"run_dir={run}"]))

@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-from orchestrator.metrics import read_metrics
-from orchestrator.models import build_model
+from orchestrator.common.records import read_metrics
+from orchestrator.models.build import build_model
 from tests.conftest import make_job
 from tests.distributed.checks import assert_memory_matches_plan, losses
 

@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from orchestrator.launchers.lifeline import processes_with_env
+from orchestrator.common.lifeline import processes_with_env
 from tests.distributed.checks import until
 
 MARK = "ORCHESTRATOR_TEST_MARK"

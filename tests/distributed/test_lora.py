@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from orchestrator.models import build_model
+from orchestrator.models.build import build_model
 from tests.conftest import make_job
 from tests.distributed.checks import assert_memory_matches_plan, losses
 

@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
+from orchestrator.common.records import read_metrics
+from orchestrator.config.load import load_job
 from orchestrator.data import train_and_held_out
-from orchestrator.evaluation import eval_mode, held_out_sums, summarize
-from orchestrator.metrics import read_metrics
-from orchestrator.models import build_model
-from orchestrator.qat import ptq
-from orchestrator.quantize import inference_engine
-from orchestrator.quantize_config import MARKER, QAT_METHOD
-from orchestrator.typed import load_job
-from tests.conftest import run_cli
+from orchestrator.models.build import build_model
+from orchestrator.quantization.int8 import MARKER, QAT_METHOD
+from orchestrator.quantization.qat import ptq
+from orchestrator.run.evaluation import eval_mode, held_out_sums, summarize
+from orchestrator.run.quantized import inference_engine
+from tests.conftest import run_ok
 from tests.unit.test_quantize import EXPECTED
 
 pytestmark = pytest.mark.slow
@@ -44,8 +44,7 @@ LOSS_BOUND = 0.01
 def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("qat")
     for name, extra in RUNS.items():
-        proc = run_cli([*COMMON, *extra], root / name)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        proc = run_ok([*COMMON, *extra], root / name)
         if name != "fp32":
             assert "qat_int8: 8 linear layers 384.0 KiB -> 101.6 KiB (3.78x smaller)" \
                 in proc.stdout, proc.stdout[-2000:]
@@ -98,10 +97,9 @@ def test_training_saw_the_rounded_weights(runs) -> None:
 
 
 def test_the_saved_int8_model_evaluates_to_the_reports_perplexity(runs, tmp_path) -> None:
-    proc = run_cli(["+recipe=evaluate", f"model.pretrained_path={runs['fsdp'] / 'model'}",
+    run_ok(["+recipe=evaluate", f"model.pretrained_path={runs['fsdp'] / 'model'}",
                     "cluster.gpus_per_node=1", "parallelism=ddp", "logging=none", *DATA],
                    tmp_path / "eval")
-    assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert result["quantized"] == QAT_METHOD
     assert result["loss"] == report(runs["fsdp"])["loss_after"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.metrics import read_metrics, read_wandb_run
+from orchestrator.common.records import read_metrics, read_wandb_run
 from tests.distributed.checks import (
     RESTARTED,
     assert_memory_matches_plan,

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orchestrator.metrics import read_metrics
-from tests.conftest import run_cli
+from orchestrator.common.records import read_metrics
+from tests.conftest import run_ok
 
 FP8_READY = torch.cuda.is_available() and torch.cuda.get_device_capability(0) >= (8, 9)
 pytestmark = [pytest.mark.gpu,
@@ -22,9 +22,8 @@ LLAMA = ["model=llama_tiny", "model.d_model=256", "model.d_ff=512", "cluster.dev
 def test_fp8_trains_close_to_bf16(tmp_path, recipe: str) -> None:
     out = {}
     for precision in ("bf16", "fp8"):
-        proc = run_cli([f"+recipe={recipe}", *LLAMA, f"precision={precision}"],
+        run_ok([f"+recipe={recipe}", *LLAMA, f"precision={precision}"],
                        tmp_path / precision)
-        assert proc.returncode == 0, proc.stderr[-3000:]
         out[precision] = [m["loss"] for m in read_metrics(tmp_path / precision / "metrics.jsonl")]
     assert out["fp8"][-1] < out["fp8"][0] - 0.1
     diff = max(abs(a - b) for a, b in zip(out["fp8"], out["bf16"], strict=True))

@@ -8,12 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orchestrator.errors import ConfigError
-from orchestrator.gpus import GPUS
-from orchestrator.models import build_model
-from orchestrator.plan import make_plan
-from orchestrator.precision import to_float8
-from orchestrator.validate import Hardware, validate
+from orchestrator.common.errors import ConfigError
+from orchestrator.config.derived import Hardware
+from orchestrator.config.gpus import GPUS
+from orchestrator.models.build import build_model
+from orchestrator.planning.plan import make_plan
+from orchestrator.planning.preflight import validate
+from orchestrator.quantization.fp8 import to_float8
 from tests.conftest import make_job, run_cli
 
 H100 = ["cluster.device=cuda", "cluster.gpu=h100", "cluster.gpus_per_node=8", "action=plan"]

@@ -19,9 +19,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from orchestrator.checkpoint import periodic
-from orchestrator.checkpoint import resume as resume_module
-from orchestrator.schema import JobConfig
+from orchestrator.common import checkpoints
+from orchestrator.config import resume as config_resume
+from orchestrator.config.schema import JobConfig
 
 
 class Bomb:
@@ -34,7 +34,7 @@ class Bomb:
 
 def committed(run_dir: Path, step: int) -> Path:
     """A real DCP checkpoint of a small model, committed as periodic.Saver would."""
-    path = run_dir / periodic.ROOT / periodic.step_name(step)
+    path = run_dir / checkpoints.ROOT / checkpoints.step_name(step)
     created = not dist.is_initialized()
     if created:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -44,7 +44,7 @@ def committed(run_dir: Path, step: int) -> Path:
         if created:
             dist.destroy_process_group()
     files = {str(f.relative_to(path)): f.stat().st_size for f in path.rglob("*") if f.is_file()}
-    (path / periodic.META).write_text(json.dumps({"step": step, "files": files}))
+    (path / checkpoints.META).write_text(json.dumps({"step": step, "files": files}))
     return path
 
 
@@ -56,22 +56,22 @@ def test_a_pickle_bomb_in_place_of_the_index_is_refused_without_running(tmp_path
     path = committed(tmp_path, 4)
     target = tmp_path / "pwned"
     (path / ".metadata").write_bytes(pickle.dumps(Bomb(target)))
-    meta = json.loads((path / periodic.META).read_text())
+    meta = json.loads((path / checkpoints.META).read_text())
     meta["files"][".metadata"] = (path / ".metadata").stat().st_size  # sizes fixed up too
-    (path / periodic.META).write_text(json.dumps(meta))
-    with pytest.raises(periodic.CheckpointError,
+    (path / checkpoints.META).write_text(json.dumps(meta))
+    with pytest.raises(checkpoints.CheckpointError,
                        match=rf"{path / '.metadata'} is not a plain DCP index \(refused "
                              r"posix.mkdir\)"):
-        periodic.to_resume(job(tmp_path, resume=str(path)))
+        config_resume.to_resume(job(tmp_path, resume=str(path)))
     assert not target.exists()
 
 
 def rewrite_index(path: Path, data: bytes) -> None:
     """Replace a committed checkpoint's DCP index, fixing its recorded size up too."""
     (path / ".metadata").write_bytes(data)
-    meta = json.loads((path / periodic.META).read_text())
+    meta = json.loads((path / checkpoints.META).read_text())
     meta["files"][".metadata"] = len(data)
-    (path / periodic.META).write_text(json.dumps(meta))
+    (path / checkpoints.META).write_text(json.dumps(meta))
 
 
 class EnumsByGetattr(pickle.Pickler):
@@ -100,10 +100,10 @@ def test_an_index_with_enums_pickled_by_getattr_passes(tmp_path) -> None:
     data = pickled(index, EnumsByGetattr)
     assert b"getattr" in data and b"_MEM_FORMAT_ENCODING" in data  # the 3.11.2 form
     rewrite_index(path, data)
-    resume = periodic.to_resume(job(tmp_path, resume=str(path)))
+    resume = config_resume.to_resume(job(tmp_path, resume=str(path)))
     assert resume is not None and resume.step == 2
     with open(path / ".metadata", "rb") as fh:
-        loaded = resume_module._MetadataOnly(fh).load()
+        loaded = checkpoints._MetadataOnly(fh).load()
     assert loaded.state_dict_metadata == index.state_dict_metadata
 
 
@@ -136,10 +136,10 @@ def test_getattr_is_refused_unless_it_names_an_enum_member(tmp_path, bomb) -> No
     data = pickled(bomb(target))
     assert b"getattr" in data
     rewrite_index(path, data)
-    with pytest.raises(periodic.CheckpointError,
+    with pytest.raises(checkpoints.CheckpointError,
                        match=rf"{path / '.metadata'} is not a plain DCP index \(refused "
                              r"builtins.getattr\("):
-        periodic.to_resume(job(tmp_path, resume=str(path)))
+        config_resume.to_resume(job(tmp_path, resume=str(path)))
     assert not target.exists()
 
 
@@ -147,16 +147,16 @@ def test_a_truncated_shard_is_named_and_auto_falls_back(tmp_path, capsys) -> Non
     older, newer = committed(tmp_path, 4), committed(tmp_path, 8)
     shard = next(newer.glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:10])
-    with pytest.raises(periodic.CheckpointError, match=rf"checkpoint file {shard} is damaged "
+    with pytest.raises(checkpoints.CheckpointError, match=rf"checkpoint file {shard} is damaged "
                                                        r"\(10 bytes, \d+ when saved\)"):
-        periodic.to_resume(job(tmp_path, resume=str(newer)))
-    resume = periodic.to_resume(job(tmp_path))
+        config_resume.to_resume(job(tmp_path, resume=str(newer)))
+    resume = config_resume.to_resume(job(tmp_path))
     assert resume is not None and resume.path == older and resume.step == 4
     assert "trying the previous checkpoint" in capsys.readouterr().err
 
 
 def test_the_real_index_passes(tmp_path) -> None:
-    resume = periodic.to_resume(job(tmp_path, resume=str(committed(tmp_path, 2))))
+    resume = config_resume.to_resume(job(tmp_path, resume=str(committed(tmp_path, 2))))
     assert resume is not None and resume.step == 2
 
 
@@ -164,44 +164,44 @@ def test_a_resume_that_changes_what_was_saved_is_refused(tmp_path) -> None:
     """Before launch, in-process: the config the checkpoint was saved with against the new one.
     Harmless edits pass and are listed; the first changed key that shapes the saved state is
     named."""
-    from orchestrator.cli import config_text
-    from orchestrator.errors import ConfigError
+    from orchestrator.common.errors import ConfigError
+    from orchestrator.config.load import config_text
 
     saved = job(tmp_path)
     path = committed(tmp_path, 5)
-    (path / periodic.CONFIG).write_text(config_text(saved))
-    meta = json.loads((path / periodic.META).read_text())
-    (path / periodic.META).write_text(json.dumps({**meta, "global_batch_size": 8}))
-    resume = periodic.to_resume(saved)
+    (path / checkpoints.CONFIG).write_text(config_text(saved))
+    meta = json.loads((path / checkpoints.META).read_text())
+    (path / checkpoints.META).write_text(json.dumps({**meta, "global_batch_size": 8}))
+    resume = config_resume.to_resume(saved)
     assert resume is not None and resume.step == 5
     harmless = dataclasses.replace(saved, optim=dataclasses.replace(saved.optim, lr=1e-4),
                                    cluster=dataclasses.replace(saved.cluster, gpus_per_node=1),
                                    train=dataclasses.replace(saved.train, steps=50,
                                                              micro_batch_size=8))
-    assert periodic.check_compatible(harmless, resume) == {  # recorded by the launch
+    assert config_resume.check_compatible(harmless, resume) == {  # recorded by the launch
         "cluster.gpus_per_node": [2, 1], "optim.lr": [saved.optim.lr, 1e-4],
         "train.micro_batch_size": [saved.train.micro_batch_size, 8], "train.steps": [20, 50]}
     deeper = dataclasses.replace(saved, model=dataclasses.replace(saved.model, n_layer=3))
     with pytest.raises(ConfigError) as info:
-        periodic.check_compatible(deeper, resume)
+        config_resume.check_compatible(deeper, resume)
     assert str(info.value) == (f"config key 'model.n_layer' has value 3; allowed: 2 as in the "
                                f"checkpoint {path} (resume=never, or another run dir, starts "
                                "fresh)")
     bigger = dataclasses.replace(saved, train=dataclasses.replace(saved.train,
                                                                   micro_batch_size=8))
     with pytest.raises(ConfigError, match="'train.global_batch_size' has value 16; allowed: 8"):
-        periodic.check_compatible(bigger, resume)
+        config_resume.check_compatible(bigger, resume)
 
 
 def test_a_save_cut_short_never_counts(tmp_path) -> None:
     """A run killed while writing step 16's checkpoint leaves `.step-00000016.tmp`: it is not
     a checkpoint, and resume=auto takes step 12, the newest complete one."""
     committed(tmp_path, 12)
-    partial = tmp_path / periodic.ROOT / f".{periodic.step_name(16)}.tmp"
+    partial = tmp_path / checkpoints.ROOT / f".{checkpoints.step_name(16)}.tmp"
     partial.mkdir()
     (partial / "__0_0.distcp").write_bytes(b"half")
-    assert [p.name for p in periodic.complete(tmp_path)] == ["step-00000012"]
-    resume = periodic.to_resume(job(tmp_path))
+    assert [p.name for p in checkpoints.complete(tmp_path)] == ["step-00000012"]
+    resume = config_resume.to_resume(job(tmp_path))
     assert resume is not None and resume.step == 12
 
 
@@ -240,13 +240,13 @@ def test_a_checkpoint_saved_by_each_interpreter_here_resumes(tmp_path, python) -
     if tag != sys.implementation.cache_tag:
         pytest.skip(f"{python} is {tag}: this venv's torch ({sys.implementation.cache_tag}) "
                     "cannot load there")
-    path = tmp_path / periodic.ROOT / periodic.step_name(3)
+    path = tmp_path / checkpoints.ROOT / checkpoints.step_name(3)
     env = {**os.environ, "PYTHONPATH": str(Path(torch.__file__).parents[1])}  # this torch
     env.pop("VIRTUAL_ENV", None)
     proc = subprocess.run([python, "-c", WRITE, str(path)], env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    resume = periodic.to_resume(job(tmp_path, resume=str(path)))
+    resume = config_resume.to_resume(job(tmp_path, resume=str(path)))
     assert resume is not None and resume.step == 3
     state = {"w": torch.zeros(4)}
     dcp.load(state, checkpoint_id=str(path))

@@ -12,8 +12,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from orchestrator.cli import compose_job, hydra_error_line
-from orchestrator.errors import OrchestratorError
-from orchestrator.validate import Hardware, validate
+from orchestrator.common.errors import OrchestratorError
+from orchestrator.config.derived import Hardware
+from orchestrator.planning.preflight import validate
 
 KEYS = ["train.steps", "train.micro_batch_size", "train.global_batch_size", "train.grad_clip",
         "optim.lr", "optim.warmup_steps", "optim.beta2", "optim.name", "model.n_head",

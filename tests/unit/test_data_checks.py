@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.common.errors import ConfigError
 from orchestrator.data import check
 from orchestrator.data.check import check_data
 from orchestrator.data.datasets import PackedText, PreferencePairs, PromptResponse
 from orchestrator.data.tokenizer import BPETokenizer
-from orchestrator.errors import ConfigError
 from tests.conftest import make_job, run_cli
 
 

@@ -6,10 +6,11 @@ import json
 
 import pytest
 
-from orchestrator import deepspeed_config
-from orchestrator.errors import ConfigError
-from orchestrator.validate import Hardware, resolve_batch, validate
-from tests.conftest import make_job, run_cli
+from orchestrator.common.errors import ConfigError
+from orchestrator.config.derived import Hardware, resolve_batch
+from orchestrator.planning import deepspeed_config
+from orchestrator.planning.preflight import validate
+from tests.conftest import make_job, run_cli, run_ok
 
 DS = ["parallelism.backend=deepspeed"]
 
@@ -19,7 +20,7 @@ DS = ["parallelism.backend=deepspeed"]
 def test_generated_config_round_trips_through_deepspeed(parallelism: str, precision: str) -> None:
     job = make_job([f"parallelism={parallelism}", f"precision={precision}", *DS,
                     "train.global_batch_size=16"])
-    if parallelism == "ddp" and precision != "fp32":  # refused: check_precision.py says why
+    if parallelism == "ddp" and precision != "fp32":  # refused: config/precision.py says why
         with pytest.raises(ConfigError, match="stage-0 fp16/bf16 optimizer wrapper"):
             validate(job, Hardware())
         return
@@ -78,8 +79,7 @@ def test_unknown_passthrough_key_fails_before_launch(tmp_path) -> None:
 
 
 def test_action_plan_shows_and_writes_the_deepspeed_config(tmp_path) -> None:
-    proc = run_cli(["+recipe=deepspeed_zero3", "action=plan"], tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    proc = run_ok(["+recipe=deepspeed_zero3", "action=plan"], tmp_path)
     assert "DeepSpeed config (deepspeed.json)" in proc.stdout
     written = json.loads((tmp_path / "deepspeed.json").read_text())
     plan = json.loads((tmp_path / "plan.json").read_text())
@@ -135,7 +135,7 @@ def test_the_jit_cache_is_keyed_by_the_torch_version_and_the_interpreter(
     from importlib.metadata import version
     from pathlib import Path
 
-    from orchestrator.plan import extensions_dir, make_plan
+    from orchestrator.planning.plan import extensions_dir, make_plan
 
     monkeypatch.setenv("ORCHESTRATOR_CACHE", str(tmp_path))
     job = make_job(["+recipe=deepspeed_zero3"])

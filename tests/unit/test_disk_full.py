@@ -24,14 +24,16 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from orchestrator.checkpoint.final import MODEL_DIR, save_final
-from orchestrator.errors import OrchestratorError
-from orchestrator.loop import NonFiniteLoss
-from orchestrator.metrics import DiskFull, MetricsLogger, WriteError, read_metrics
-from orchestrator.models import build_model
-from orchestrator.rank_main import run_rank
-from orchestrator.strategies.base import Engine
-from orchestrator.typed import to_dict
+from orchestrator.common.errors import OrchestratorError
+from orchestrator.common.records import read_metrics
+from orchestrator.config.load import to_dict
+from orchestrator.models.build import build_model
+from orchestrator.planning.plan import make_plan
+from orchestrator.run.checkpoint.final import MODEL_DIR, save_final
+from orchestrator.run.loop import NonFiniteLoss
+from orchestrator.run.metrics import DiskFull, MetricsLogger, WriteError
+from orchestrator.run.rank_main import run_rank
+from orchestrator.run.strategies.base import Engine
 from tests.conftest import REPO, make_job
 
 QUIET = ["model=gpt2_tiny", "logging=none", "logging.progress=false"]
@@ -133,7 +135,7 @@ def test_a_record_cut_short_is_removed_again(tmp_path) -> None:
     before = path.read_bytes()
     child = textwrap.dedent(f"""
         import pickle, resource, signal, sys
-        from orchestrator.metrics import MetricsLogger, WriteError
+        from orchestrator.run.metrics import MetricsLogger, WriteError
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed
         logger = MetricsLogger(pickle.loads(sys.stdin.buffer.read()))
         resource.setrlimit(resource.RLIMIT_FSIZE, ({len(before) + 10}, resource.RLIM_INFINITY))
@@ -223,7 +225,7 @@ def test_pretrain_stops_with_one_line_and_cleans_up(tmp_path, monkeypatch, capsy
         monkeypatch.delenv(key)
     job = make_job([*QUIET, "train.steps=2"], run_dir=str(tmp_path))
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(to_dict(job), sort_keys=False))
-    (tmp_path / "plan.json").write_text("{}\n")
+    make_plan(job, "cpu", 1).write(tmp_path / "plan.json")
     (tmp_path / "metrics.jsonl").mkdir()  # the metrics file cannot be written
     assert pretrain.main(["pretrain", str(tmp_path / "config.yaml")]) == 1
     assert not dist.is_initialized()  # the recipe's clean-up ran

@@ -10,18 +10,19 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from orchestrator import loop
+from orchestrator.common.errors import ConfigError
+from orchestrator.common.records import read_metrics
+from orchestrator.config.derived import Hardware
+from orchestrator.config.schema import JobConfig
 from orchestrator.data import batches, build_dataset, split
-from orchestrator.errors import ConfigError
-from orchestrator.evaluation import evaluate_during_training
-from orchestrator.metrics import MetricsLogger, NullLogger, read_metrics
-from orchestrator.models import build_model
-from orchestrator.schema import JobConfig
-from orchestrator.strategies import setup
-from orchestrator.validate import Hardware, validate
+from orchestrator.models.build import build_model
+from orchestrator.planning.preflight import validate
+from orchestrator.run import loop
+from orchestrator.run.evaluation import evaluate_during_training
+from orchestrator.run.metrics import MetricsLogger, NullLogger
+from orchestrator.run.setup import setup
 from tests.conftest import make_job, run_cli
 from tests.unit.test_loop import CountingEngine, Recorder
 
@@ -62,13 +63,6 @@ def test_cli_refuses_every_steps_without_a_holdout_in_one_line(tmp_path) -> None
     assert not run_dir.exists() or not any(run_dir.iterdir())
 
 
-@pytest.fixture
-def one_rank_group():
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def test_the_loop_evaluates_every_n_steps_on_logged_steps(one_rank_group) -> None:
     job = make_job(["train.steps=10", "train.log_every=4", "optim.warmup_steps=0",
                     "eval.every_steps=5", "eval.holdout=0.1"])
@@ -79,7 +73,8 @@ def test_the_loop_evaluates_every_n_steps_on_logged_steps(one_rank_group) -> Non
         calls.append(engine.calls)
         return {"val/loss": 0.5 * engine.calls, "val/perplexity": math.exp(0.5 * engine.calls)}
 
-    losses = loop.train(engine, itertools.repeat({}), job, logger, 1, 8, evaluate=evaluate)
+    losses = loop.train(loop.Training(engine, job, logger, 1, 8, evaluate=evaluate),
+                        itertools.repeat({}))
     assert losses == [float(i) for i in range(1, 11)]
     assert calls == [5, 10]  # not at step 0, and after the step's update
     assert [step for step, _ in logger.rows] == [4, 5, 8, 10]  # eval steps are logged steps
@@ -142,8 +137,8 @@ def train_losses(every_steps: int, run_dir: Path
     def evaluate() -> dict[str, float]:
         return evaluate_during_training(engine, held_out, job, 0, 1)
 
-    losses = loop.train(engine, batches(train_set, job, 0, 1), job, logger, 1, 4,
-                        evaluate=evaluate if every_steps else None)
+    run = loop.Training(engine, job, logger, 1, 4, evaluate=evaluate if every_steps else None)
+    losses = loop.train(run, batches(train_set, job, 0, 1))
     return losses, getattr(logger, "rows", [])
 
 

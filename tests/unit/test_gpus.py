@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.gpus import GPUS, GiB, device_memory_bytes, match
+from orchestrator.config.gpus import GPUS, GiB, device_memory_bytes, match
 
 
 @pytest.mark.parametrize(("name", "total", "key"), [
@@ -51,8 +51,8 @@ def test_device_memory_prefers_the_detected_device_of_that_kind() -> None:
 
 def test_plan_prefers_the_detected_device_only_on_the_machine_itself(monkeypatch) -> None:
     """launcher=local plans for this machine; a remote launcher's target is not this host."""
-    from orchestrator import gpus
-    from orchestrator.plan import make_plan
+    from orchestrator.config import gpus
+    from orchestrator.planning.plan import make_plan
     from tests.conftest import make_job
 
     monkeypatch.setattr(gpus, "detected_device", lambda: ("NVIDIA H100 80GB HBM3", 85_520_000_000))

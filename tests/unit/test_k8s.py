@@ -10,11 +10,12 @@ from typing import Any
 import pytest
 import yaml
 
-from orchestrator.errors import ConfigError
-from orchestrator.launchers import k8s
-from orchestrator.plan import Plan, make_plan
-from orchestrator.schema import JobConfig
-from tests.conftest import make_job, run_cli
+from orchestrator.common.errors import ConfigError
+from orchestrator.common.plan import Plan
+from orchestrator.config.schema import JobConfig
+from orchestrator.launch import k8s
+from orchestrator.planning.plan import make_plan
+from tests.conftest import make_job, run_cli, run_ok
 
 DNS1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")  # PyTorchJob, Service names
 DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")  # volume and container names
@@ -182,8 +183,7 @@ def test_written_manifest_has_no_yaml_aliases(tmp_path) -> None:
 
 def test_cli_plan_writes_the_manifest(tmp_path) -> None:
     run_dir = tmp_path / "runs" / "k8s-run"
-    proc = run_cli([*GPU_JOB, "launcher.k8s.pvc=shared-runs"], run_dir)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_ok([*GPU_JOB, "launcher.k8s.pvc=shared-runs"], run_dir)
     manifest = yaml.safe_load((run_dir / "pytorchjob.yaml").read_text())
     job = make_job([*GPU_JOB, "launcher.k8s.pvc=shared-runs"], run_dir=str(run_dir))
     plan = make_plan(job, "cuda", 64)

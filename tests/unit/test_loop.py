@@ -10,11 +10,10 @@ import time
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
-from orchestrator import loop
-from orchestrator.metrics import NullLogger
-from orchestrator.strategies.base import Engine
+from orchestrator.run import loop
+from orchestrator.run.metrics import NullLogger
+from orchestrator.run.strategies.base import Engine
 from tests.conftest import make_job
 
 
@@ -55,19 +54,12 @@ class Recorder(NullLogger):
         self.rows.append((step, metrics))
 
 
-@pytest.fixture
-def one_rank_group():
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def test_host_waits_for_the_device_only_on_logged_steps(one_rank_group, monkeypatch) -> None:
     syncs: list[str] = []
     monkeypatch.setattr(loop, "device_sync", syncs.append)
     job = make_job(["train.steps=10", "train.log_every=4", "optim.warmup_steps=0"])
     logger = Recorder()
-    losses = loop.train(CountingEngine(), itertools.repeat({}), job, logger, 1, 8)
+    losses = loop.train(loop.Training(CountingEngine(), job, logger, 1, 8), itertools.repeat({}))
     assert losses == [float(i) for i in range(1, 11)]  # every step's loss is still returned
     assert [step for step, _ in logger.rows] == [4, 8, 10]
     assert len(syncs) == 3
@@ -102,7 +94,7 @@ def test_nonfinite_loss_stops_training_at_the_first_logged_step(one_rank_group) 
     assert job.train.stop_on_nonfinite  # the default
     engine, logger = NaNEngine(nan_from=6), Recorder()
     with pytest.raises(loop.NonFiniteLoss) as e:
-        loop.train(engine, itertools.repeat({}), job, logger, 1, 8)
+        loop.train(loop.Training(engine, job, logger, 1, 8), itertools.repeat({}))
     assert str(e.value) == ("loss became nan at step 6 (train.stop_on_nonfinite=true; lower "
                             "optim.lr or check the data)")
     assert engine.calls == 8  # found where the interval 5..8 is all-reduced, not later
@@ -119,7 +111,7 @@ def test_nonfinite_loss_trains_on_when_the_stop_is_off(one_rank_group) -> None:
     job = make_job(["train.steps=12", "train.log_every=4", "optim.warmup_steps=0",
                     "train.stop_on_nonfinite=false"])
     engine, logger = NaNEngine(nan_from=6), Recorder()
-    losses = loop.train(engine, itertools.repeat({}), job, logger, 1, 8)
+    losses = loop.train(loop.Training(engine, job, logger, 1, 8), itertools.repeat({}))
     assert engine.calls == 12 and [step for step, _ in logger.rows] == [4, 8, 12]
     assert losses[:5] == [1.0, 2.0, 3.0, 4.0, 5.0]
     assert all(np.isnan(x) for x in losses[5:])

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from orchestrator import memory
-from orchestrator.models import param_specs
+from orchestrator.models.build import param_specs
+from orchestrator.planning import memory
 from tests.conftest import make_job
 
 
@@ -72,7 +72,7 @@ def test_uneven_dim0_is_padded_like_fsdp() -> None:
 def test_lora_frozen_weights_hold_parameters_only() -> None:
     """With LoRA every strategy still stores (or shards) the frozen weights, but gradients and
     Adam state exist for the adapters alone; compute drops to 4N + 2T FLOPs per token."""
-    from orchestrator.schema import LoraConfig
+    from orchestrator.config.schema import LoraConfig
 
     model = make_job(["model=gpt2"]).model
     full, lora = param_specs(model), param_specs(model, LoraConfig(rank=8))
@@ -123,7 +123,7 @@ def test_llama2_7b_deepspeed_zero3_on_64_gpus_agrees_with_deepspeeds_estimator()
     import transformers as tf
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
-    from orchestrator.plan import make_plan
+    from orchestrator.planning.plan import make_plan
 
     job = make_job(["model=llama2_7b", "+recipe=deepspeed_zero3", "precision=bf16",
                     "cluster.nodes=8", "cluster.gpus_per_node=8", "cluster.gpu=h100",
@@ -153,8 +153,8 @@ def test_llama2_7b_deepspeed_zero3_on_64_gpus_agrees_with_deepspeeds_estimator()
 
 
 def test_hsdp_shards_like_a_job_of_world_over_r_ranks() -> None:
-    from orchestrator.plan import make_plan
-    from orchestrator.report import plan_rows
+    from orchestrator.planning.plan import make_plan
+    from orchestrator.planning.table import plan_rows
 
     def plan(nodes: int, per_node: int, extra: list[str]):
         return make_plan(make_job(["+recipe=fsdp_zero3", "model=gpt2", f"cluster.nodes={nodes}",

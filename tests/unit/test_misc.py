@@ -7,10 +7,10 @@ import math
 
 import pytest
 
-from orchestrator.loop import lr_at
-from orchestrator.plan import make_plan
-from orchestrator.redact import REDACTED, redact
-from orchestrator.sweep import SUMMARY_JSON, summarize
+from orchestrator.common.secrets import REDACTED, redact
+from orchestrator.planning.plan import make_plan
+from orchestrator.reports.sweep import SUMMARY_JSON, summarize
+from orchestrator.run.loop import lr_at
 from tests.conftest import make_job
 
 

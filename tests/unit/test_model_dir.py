@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.errors import ConfigError
-from orchestrator.models import build_model
+from orchestrator.common.errors import ConfigError
+from orchestrator.config.derived import Hardware
+from orchestrator.models.build import build_model
 from orchestrator.models.check import check_model_dir
-from orchestrator.validate import Hardware, validate
+from orchestrator.planning.preflight import validate
 from tests.conftest import REPO, make_job
 
 KEY = "model.pretrained_path"

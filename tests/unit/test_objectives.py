@@ -94,11 +94,11 @@ def test_preference_pairs_label_both_answers_after_the_same_prompt(tmp_path) -> 
 def test_dpo_loss_is_the_papers_formula() -> None:
     from torch import nn
 
-    from orchestrator.models import build_model
-    from orchestrator.models.preference import sequence_logprobs
+    from orchestrator.models.build import build_model
+    from orchestrator.models.preference import PreferenceModel, sequence_logprobs
     from tests.conftest import make_job
 
-    model = build_model(make_job(["model=gpt2_tiny"]).model, seed=3, dpo_beta=0.5)
+    model = PreferenceModel(build_model(make_job(["model=gpt2_tiny"]).model, seed=3), 0.5)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 258, (4, 16), generator=g)
     labels = ids.clone()

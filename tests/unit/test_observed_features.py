@@ -19,8 +19,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from orchestrator.cli import write_config
-from orchestrator.strategies.base import Engine
+from orchestrator.config.load import config_text
+from orchestrator.planning.plan import make_plan
+from orchestrator.run.strategies.base import Engine
 from recipes.pretrain import PretrainRecipe
 from tests.conftest import make_job
 
@@ -48,8 +49,8 @@ def train_one_rank(run_dir: Path, overrides: list[str],
     job = make_job(["cluster.gpus_per_node=1", "logging=none", "train.save_model=false",
                     *overrides], run_dir=str(run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_config(job, run_dir / "config.yaml")
-    (run_dir / "plan.json").write_text("{}")
+    (run_dir / "config.yaml").write_text(config_text(job))
+    make_plan(job, "cpu", 1).write(run_dir / "plan.json")
     recipe = PretrainRecipe(str(run_dir / "config.yaml"))
     failed = True
     with rank_env():

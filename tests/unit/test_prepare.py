@@ -16,7 +16,7 @@ from orchestrator.data.datasets import PackedText
 from orchestrator.data.memmap import MemmapTokens
 from orchestrator.data.prepare import INDEX, MANIFEST, TOKENS, prepare
 from orchestrator.data.tokenizer import BPETokenizer, ByteTokenizer
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_ok
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +90,7 @@ def test_action_prepare_from_the_command_line(tmp_path) -> None:
     source.write_text("a first document\n\na second one\n" * 50, encoding="utf-8")
     args = ["data=text", f"data.path={source}", f"data.cache_dir={tmp_path / 'cache'}",
             "data.num_proc=2", "action=prepare"]
-    first = run_cli(args, tmp_path / "run")
-    assert first.returncode == 0, first.stderr[-2000:]
+    first = run_ok(args, tmp_path / "run")
     assert first.stdout.splitlines()[-1] == f"prepared: {tmp_path / 'cache'}"
     again = run_cli(args, tmp_path / "run")
     assert again.stdout.splitlines()[-1] == f"up to date, nothing to do: {tmp_path / 'cache'}"

@@ -1,4 +1,4 @@
-"""int8 quantization-aware training (orchestrator/qat.py) in-process: prepare on real and
+"""int8 quantization-aware training (quantization/qat.py) in-process: prepare on real and
 meta-device models, the fake-quantized weight against a hand computation, convert, the
 planner's QAT overhead and the config checks. The 2-rank CLI runs are in
 tests/distributed/test_qat.py."""
@@ -9,13 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from orchestrator.errors import ConfigError
-from orchestrator.models import build_model
-from orchestrator.plan import make_plan
-from orchestrator.qat import convert, prepare, ptq
-from orchestrator.quantize import conv1d_to_linear, is_quantized, linear_weight_bytes
-from orchestrator.quantize_config import QAT_FLOPS_PER_WEIGHT
-from orchestrator.validate import Hardware, validate
+from orchestrator.common.errors import ConfigError
+from orchestrator.config.derived import Hardware
+from orchestrator.models.build import build_model
+from orchestrator.planning.plan import make_plan
+from orchestrator.planning.preflight import validate
+from orchestrator.quantization.int8 import QAT_FLOPS_PER_WEIGHT
+from orchestrator.quantization.ptq import conv1d_to_linear, is_quantized, linear_weight_bytes
+from orchestrator.quantization.qat import convert, prepare, ptq
 from tests.conftest import make_job
 from tests.unit.test_quantize import EXPECTED
 

@@ -1,4 +1,4 @@
-"""int8 post-training quantization (orchestrator/quantize.py, quantize_config.py) in-process:
+"""int8 post-training quantization (orchestrator/quantization/) in-process:
 real torchao int8 tensors on a GPT-2 (Conv1D layers, head tied to the embedding) and a Llama
 (nn.Linear, untied head), both trained here for 100 steps; bytes, held-out perplexity, the
 saved format, the planner's count and the config checks. The CLI runs are in
@@ -10,34 +10,34 @@ import copy
 import functools
 import itertools
 import json
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from orchestrator.checkpoint.final import TOKENIZER_FILE
+from orchestrator.common.errors import ConfigError
+from orchestrator.config.derived import Hardware
 from orchestrator.data import batches, train_and_held_out
-from orchestrator.errors import ConfigError
-from orchestrator.evaluation import eval_mode, held_out_sums, summarize
-from orchestrator.models import build_model
-from orchestrator.plan import make_plan
-from orchestrator.quantize import (
+from orchestrator.models.build import build_model
+from orchestrator.planning.plan import make_plan
+from orchestrator.planning.preflight import validate
+from orchestrator.planning.table import plan_rows
+from orchestrator.quantization.int8 import MARKER, WEIGHTS
+from orchestrator.quantization.ptq import (
     conv1d_to_linear,
-    inference_engine,
     is_quantized,
     linear_weight_bytes,
     quantize_model,
-    run_inference,
     save_quantized,
     weight_bytes,
 )
-from orchestrator.quantize_config import MARKER, WEIGHTS
-from orchestrator.report import plan_rows
-from orchestrator.validate import Hardware, validate
-from tests.conftest import make_job
+from orchestrator.run.checkpoint.final import TOKENIZER_FILE
+from orchestrator.run.distributed import RankInfo
+from orchestrator.run.evaluation import eval_mode, held_out_sums, summarize
+from orchestrator.run.quantized import inference_engine, run_inference
+from orchestrator.run.setup import build_for_rank
+from tests.conftest import free_port, make_job
 
 MODELS = {"gpt2": "gpt2_tiny", "llama": "llama_tiny"}
 METHODS = ["int8_weight_only", "int8_dynamic"]
@@ -91,15 +91,10 @@ def quantized_dir(trained, tmp_path_factory) -> Path:
                           str(trained["gpt2"]))
 
 
-@pytest.fixture
-def one_rank_group():
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def load(path: Path) -> nn.Module:
-    return build_model(make_job([f"model.pretrained_path={path}"]).model, seed=0).eval()
+    """The model at `path` as every recipe loads `model.pretrained_path` (one rank)."""
+    return build_for_rank(make_job([f"model.pretrained_path={path}"]),
+                          RankInfo(0, 1, 0, "cpu")).eval()
 
 
 def held_out_perplexity(model: nn.Module, family: str) -> float:
@@ -188,7 +183,7 @@ def test_a_saved_quantized_model_loads_back_identically(trained, tmp_path, famil
         ["config.json", "generation_config.json", MARKER, WEIGHTS, TOKENIZER_FILE])
     marker = json.loads((out / MARKER).read_text())
     assert marker["method"] == "int8_dynamic" and marker["torchao"] == "0.18.0"
-    loaded = load(out)  # through models.build_model, as every recipe loads pretrained_path
+    loaded = load(out)  # through run.setup.build_for_rank, as every recipe loads it
     ids = torch.arange(48).reshape(2, 24) % 258
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
@@ -198,21 +193,15 @@ def test_a_saved_quantized_model_loads_back_identically(trained, tmp_path, famil
         assert loaded.lm_head.weight is loaded.transformer.wte.weight
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_evaluate_quantizes_the_loaded_model_on_the_fly(trained, tmp_path, monkeypatch) -> None:
-    """recipes/evaluate.py's body under quantize.run_inference, in this process."""
+    """recipes/evaluate.py's body under run.quantized.run_inference, in this process."""
     from recipes.evaluate import evaluate
 
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
                        "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
         monkeypatch.setenv(key, value)  # as torchrun sets them; restored afterwards
     # a rank asks for SIGKILL when its parent dies: not this test process (pytest's worker)
-    monkeypatch.setattr("orchestrator.launchers.lifeline.tie_rank_to_parent", lambda: None)
+    monkeypatch.setattr("orchestrator.common.lifeline.tie_rank_to_parent", lambda: None)
     job = make_job(["+recipe=evaluate", f"model.pretrained_path={trained['llama']}",
                     "quantize.method=int8_dynamic", "cluster.gpus_per_node=1",
                     "parallelism=ddp", "logging=none", "data=synthetic", *DATA],

@@ -1,5 +1,5 @@
 """`action=report`: PNG charts and report.md of a run dir or a sweep dir, and the sweep
-summary's loss curves (one plotting path: orchestrator/plots.py)."""
+summary's loss curves (one plotting path: orchestrator/reports/charts.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from orchestrator import plots
 from orchestrator.cli import execute
-from orchestrator.sweep import PLOT, summarize
+from orchestrator.reports import charts, report
+from orchestrator.reports.sweep import PLOT, summarize
 from tests.conftest import make_job, run_cli
 
 
@@ -32,7 +32,7 @@ def _write_metrics(run_dir: Path, losses: list[float], val_every: int = 0,
 def _check_png(path: Path) -> None:
     with Image.open(path) as img:
         assert img.format == "PNG"
-        assert img.size == (plots.WIDTH, plots.HEIGHT)
+        assert img.size == (charts.WIDTH, charts.HEIGHT)
         colours = img.convert("RGB").getcolors(maxcolors=1 << 20)
         assert colours is None or len(colours) > 2, f"{path} is blank"
 
@@ -41,12 +41,12 @@ def test_run_report_writes_charts_and_summary(tmp_path) -> None:
     run_dir = tmp_path / "run"
     losses = [4.0, 3.5, 3.25, 3.1, 2.9876]
     _write_metrics(run_dir, losses, val_every=2)
-    written = plots.report(run_dir)
-    out = run_dir / plots.REPORT_DIR
-    assert written == [out / plots.LOSS_PNG, out / plots.TOKENS_PNG, out / plots.REPORT_MD]
+    written = report.report(run_dir)
+    out = run_dir / report.REPORT_DIR
+    assert written == [out / report.LOSS_PNG, out / report.TOKENS_PNG, out / report.REPORT_MD]
     for png in written[:2]:
         _check_png(png)
-    md = (out / plots.REPORT_MD).read_text()
+    md = (out / report.REPORT_MD).read_text()
     assert "| final loss | 2.9876 |" in md
     assert "| world size | 2 |" in md
     assert "| steps | 5 (5 records) |" in md
@@ -59,10 +59,10 @@ def test_run_report_writes_charts_and_summary(tmp_path) -> None:
 def test_run_report_without_val_loss_or_steps(tmp_path) -> None:
     """A run that died before its first step still gets charts (saying so) and a summary."""
     _write_metrics(tmp_path / "a", [3.0])
-    md = (plots.report(tmp_path / "a")[-1]).read_text()
+    md = (report.report(tmp_path / "a")[-1]).read_text()
     assert "val/loss" not in md and "| final loss | 3.0000 |" in md
     _write_metrics(tmp_path / "b", [])
-    written = plots.report(tmp_path / "b")
+    written = report.report(tmp_path / "b")
     _check_png(written[0])
     assert "| final loss | - |" in written[-1].read_text()
 
@@ -83,9 +83,9 @@ def test_sweep_summary_and_report(tmp_path) -> None:
     summary = json.loads((tmp_path / "sweep_summary.json").read_text())
     assert summary["points"][0]["steps"] == [1, 2, 3]
 
-    written = plots.report(tmp_path)
-    out = tmp_path / plots.REPORT_DIR
-    assert written == [out / plots.CURVES_PNG, out / plots.TOKENS_PNG, out / plots.REPORT_MD]
+    written = report.report(tmp_path)
+    out = tmp_path / report.REPORT_DIR
+    assert written == [out / report.CURVES_PNG, out / report.TOKENS_PNG, out / report.REPORT_MD]
     for png in written[:2]:
         _check_png(png)
     md = written[-1].read_text()
@@ -114,6 +114,6 @@ def test_report_dispatch_in_process(tmp_path, capsys) -> None:
     job = make_job(["action=report", f"run_dir={run_dir}"])
     assert job.run_dir == str(run_dir)
     assert execute(job) == 0
-    out = run_dir / plots.REPORT_DIR
+    out = run_dir / report.REPORT_DIR
     assert capsys.readouterr().out.splitlines() == [
-        f"wrote {out / name}" for name in (plots.LOSS_PNG, plots.TOKENS_PNG, plots.REPORT_MD)]
+        f"wrote {out / name}" for name in (report.LOSS_PNG, report.TOKENS_PNG, report.REPORT_MD)]

@@ -1,4 +1,4 @@
-"""The run directory rules (orchestrator/rundir.py), in-process: a directory that is not ours is
+"""The run directory rules (launch/rundir.py), in-process: a directory that is not ours is
 refused untouched, a launched run is refused unless run.overwrite, a held one is refused with the
 holder's PID, a plan-only one is re-used, and a launch that fails before its job starts leaves
 nothing behind."""
@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import rundir
 from orchestrator.cli import execute
-from orchestrator.errors import ConfigError
-from orchestrator.schema import JobConfig, RunConfig
-from orchestrator.validate import Hardware
+from orchestrator.common.errors import ConfigError
+from orchestrator.common.files import write_atomic
+from orchestrator.config.derived import Hardware
+from orchestrator.config.schema import JobConfig, RunConfig
+from orchestrator.launch import rundir
 
 
 def job_in(path: Path, **changes: object) -> JobConfig:
@@ -97,7 +98,7 @@ def test_plan_into_a_users_directory_writes_nothing(tmp_path: Path) -> None:
 def test_write_atomic_replaces_whole(tmp_path: Path) -> None:
     target = tmp_path / "f.json"
     target.write_text("old")
-    rundir.write_atomic(target, "new")
+    write_atomic(target, "new")
     assert target.read_text() == "new"
     assert [p.name for p in tmp_path.iterdir()] == ["f.json"]  # no temporary left
 
@@ -106,8 +107,8 @@ def test_ranks_refuse_a_config_their_launch_did_not_write(tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     import hashlib
 
-    from orchestrator.cli import config_text
-    from orchestrator.typed import CONFIG_SHA_ENV, load_job
+    from orchestrator.common.contract import CONFIG_SHA_ENV
+    from orchestrator.config.load import config_text, load_job
 
     text = config_text(job_in(tmp_path))
     (tmp_path / "config.yaml").write_text(text)

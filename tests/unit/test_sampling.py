@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from orchestrator.models import build_model
-from orchestrator.sampling import generate, next_token
+from orchestrator.models.build import build_model
+from orchestrator.run.sampling import generate, next_token
 from tests.conftest import make_job
 
 
@@ -44,7 +44,7 @@ def test_top_k_and_top_p_only_draw_from_the_allowed_set() -> None:
 def test_a_batch_of_prompts_gives_each_prompt_its_own_completion() -> None:
     """Left padding, masks and positions make batching invisible: with one generator per
     prompt, a batch yields exactly what each prompt gives alone (sampled and greedy)."""
-    from orchestrator.sampling import generate_batch
+    from orchestrator.run.sampling import generate_batch
 
     model = _model()
     prompts = [[5, 6, 7, 8, 9, 10, 11], [1, 2], [40, 41, 42, 43]]
@@ -57,7 +57,7 @@ def test_a_batch_of_prompts_gives_each_prompt_its_own_completion() -> None:
 
 
 def test_sampling_stays_inside_the_tokenizer_vocabulary() -> None:
-    from orchestrator.sampling import generate_batch
+    from orchestrator.run.sampling import generate_batch
 
     out = generate_batch(_model(), [[1, 2]], 50, 2.0, 0, 1.0, [torch.Generator()], vocab=258)
     assert max(out[0]) < 258

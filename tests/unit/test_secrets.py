@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.cli import write_config
-from orchestrator.errors import ConfigError
-from orchestrator.plan import make_plan
-from orchestrator.redact import ENV_VAR, REDACTED, secret_env
-from orchestrator.report import print_plan
-from orchestrator.typed import load_job
-from orchestrator.validate import Hardware, validate
+from orchestrator.common.errors import ConfigError
+from orchestrator.common.secrets import ENV_VAR, REDACTED, secret_env
+from orchestrator.config.derived import Hardware
+from orchestrator.config.load import config_text, load_job
+from orchestrator.planning.plan import make_plan
+from orchestrator.planning.preflight import validate
+from orchestrator.planning.table import print_plan
 from tests.conftest import REPO, make_job
 
 SECRET = "sk_live_9f3c2a7e51"
@@ -51,7 +51,7 @@ def test_plan_json_deepspeed_json_and_printed_plan_hold_no_secret(tmp_path, caps
 
 
 def test_sbatch_script_holds_no_secret_and_sbatch_gets_them_in_its_env(tmp_path) -> None:
-    from orchestrator.launchers.slurm import render_script, submit_env
+    from orchestrator.launch.slurm import render_script, submit_env
 
     job = ds_job(tmp_path, ["launcher=slurm", "cluster.nodes=2", "cluster.gpus_per_node=1"])
     plan = dataclasses.replace(make_plan(job, "cpu", 2),
@@ -65,7 +65,7 @@ def test_sbatch_script_holds_no_secret_and_sbatch_gets_them_in_its_env(tmp_path)
 
 
 def test_k8s_manifest_holds_no_secret(tmp_path) -> None:
-    from orchestrator.launchers.k8s import render
+    from orchestrator.launch.k8s import render
 
     job = make_job([*DS, "launcher=k8s", "action=plan"],
                    run_dir=str(tmp_path / "runs" / "r1"))
@@ -96,7 +96,7 @@ def test_config_errors_never_echo_a_secret() -> None:
     with pytest.raises(ConfigError) as err:
         validate(job, Hardware())
     assert err.value.key == "parallelism.deepspeed.optimizer" and SECRET not in str(err.value)
-    # an unknown secret-named key (typed.py)
+    # an unknown secret-named key (config/load.py)
     with pytest.raises(ConfigError) as err:
         make_job([f"+logging.wandb.api_key={SECRET}"])
     assert err.value.key == "logging.wandb.api_key" and SECRET not in str(err.value)
@@ -111,13 +111,14 @@ def test_deepspeeds_own_error_message_is_scrubbed() -> None:
 
 
 def test_secrets_reach_the_rank_only_through_its_environment(tmp_path, monkeypatch) -> None:
-    from orchestrator.strategies.deepspeed import CONFIG_FILE, load_config
+    from orchestrator.common.contract import DEEPSPEED_JSON
+    from orchestrator.run.strategies.deepspeed import load_config
 
     job = ds_job(tmp_path)
     run_dir = Path(job.run_dir)
     run_dir.mkdir()
-    write_config(job, run_dir / "config.yaml")  # as cli writes it
-    (run_dir / CONFIG_FILE).write_text(make_plan(job, "cpu", 2).deepspeed_json())
+    (run_dir / "config.yaml").write_text(config_text(job))  # as the launcher writes it
+    (run_dir / DEEPSPEED_JSON).write_text(make_plan(job, "cpu", 2).deepspeed_json())
     for f in run_dir.iterdir():
         assert SECRET not in f.read_text(), f
     env = secret_env(job)
@@ -134,7 +135,7 @@ def test_secrets_reach_the_rank_only_through_its_environment(tmp_path, monkeypat
     config = load_config(rank_job)
     assert config["comet"]["api_key"] == SECRET
     assert {k: v for k, v in config.items() if k != "comet"} == {
-        k: v for k, v in json.loads((run_dir / CONFIG_FILE).read_text()).items() if k != "comet"}
+        k: v for k, v in json.loads((run_dir / DEEPSPEED_JSON).read_text()).items() if k != "comet"}
 
 
 def test_deepspeed_logging_of_its_config_is_scrubbed(caplog, capfd) -> None:
@@ -143,7 +144,7 @@ def test_deepspeed_logging_of_its_config_is_scrubbed(caplog, capfd) -> None:
     from deepspeed.runtime.config import DeepSpeedConfig
     from deepspeed.utils import logger
 
-    from orchestrator.strategies.deepspeed import _scrub_logs
+    from orchestrator.run.strategies.deepspeed import _scrub_logs
 
     before = list(logger.filters)
     level = logger.level

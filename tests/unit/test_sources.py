@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 import torch
 
+from orchestrator.common.errors import ConfigError, DataError
+from orchestrator.config.derived import Hardware
 from orchestrator.data import batches, build_dataset
 from orchestrator.data.prepare import MANIFEST, TOKENS, prepare, prepare_job
 from orchestrator.data.sources import BadRecord, resolve
-from orchestrator.errors import ConfigError, DataError
-from orchestrator.validate import Hardware, validate
+from orchestrator.planning.preflight import validate
 from tests.conftest import make_job, run_cli
 from tests.hf_tokenizer import build_hf_tokenizer
 

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from orchestrator import specs
-from orchestrator.models import param_specs
+from orchestrator.models import spec_cache as specs
+from orchestrator.models.build import param_specs
 from tests.conftest import REPO, make_job
 
 PROBE = """
@@ -58,7 +58,7 @@ def test_cached_shapes_are_the_meta_device_count_and_keyed_by_versions(
     def refuse(*_: object) -> None:
         raise AssertionError("counted again instead of read from disk")
 
-    monkeypatch.setattr("orchestrator.models.param_specs", refuse)
+    monkeypatch.setattr("orchestrator.models.build.param_specs", refuse)
     assert specs.cached_specs(job.model, job.lora) == want  # read back
     key = specs.spec_key(job.model, job.lora)
     assert json.loads((tmp_path / "specs" / f"{key}.json").read_text())[0][0] == want[0].name

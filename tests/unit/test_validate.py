@@ -8,9 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.errors import ConfigError
-from orchestrator.validate import Hardware, resolve_batch, validate
-from tests.conftest import make_job, run_cli
+from orchestrator.common.errors import ConfigError
+from orchestrator.config.derived import Hardware, resolve_batch
+from orchestrator.planning.preflight import validate
+from tests.conftest import make_job, run_cli, run_ok
 
 BAD = [
     (["optim.lr=0"], "optim.lr"),
@@ -94,8 +95,7 @@ def test_cli_rejects_type_errors_and_unknown_keys(tmp_path, override: str, key: 
 
 def test_action_validate_writes_nothing(tmp_path) -> None:
     run_dir = tmp_path / "run"
-    proc = run_cli(["+recipe=fsdp_zero3", "action=validate"], run_dir)
-    assert proc.returncode == 0, proc.stderr
+    proc = run_ok(["+recipe=fsdp_zero3", "action=validate"], run_dir)
     assert "config OK" in proc.stdout
     assert not run_dir.exists() or not any(run_dir.iterdir())
 
@@ -161,7 +161,7 @@ GPU_JOB = ["+recipe=fsdp_zero3", "cluster.gpu=h100", "cluster.gpus_per_node=8", 
 
 @pytest.mark.parametrize("launcher", ["slurm", "torchrun"])
 def test_remote_gpu_job_is_checked_against_the_target_not_this_cpu_host(launcher: str) -> None:
-    from orchestrator.validate import resolve_device
+    from orchestrator.config.derived import resolve_device
 
     extra = ["launcher.rdzv_host=node-0"] if launcher == "torchrun" else []
     for device in ("cuda", "auto"):  # auto: cluster.gpu names a GPU
@@ -171,7 +171,7 @@ def test_remote_gpu_job_is_checked_against_the_target_not_this_cpu_host(launcher
 
 
 def test_local_launcher_still_checks_this_host_and_ignores_its_gpus_for_remote_auto() -> None:
-    from orchestrator.validate import resolve_device
+    from orchestrator.config.derived import resolve_device
 
     with pytest.raises(ConfigError) as err:
         validate(make_job(["cluster.device=cuda"]), Hardware(cuda_devices=0))
@@ -187,7 +187,7 @@ def test_local_launcher_still_checks_this_host_and_ignores_its_gpus_for_remote_a
 
 
 def test_slurm_time_limits_in_seconds() -> None:
-    from orchestrator.validate import slurm_seconds
+    from orchestrator.config.launcher import slurm_seconds
 
     assert [slurm_seconds(t) for t in ("90", "1:30", "01:00:00", "2-0", "2-01:30", "1-0:0:5",
                                        "UNLIMITED", "1:2:3:4")] == [

@@ -10,7 +10,8 @@ import threading
 import pytest
 import wandb
 
-from orchestrator.metrics import MetricsLogger, read_metrics, read_wandb_run
+from orchestrator.common.records import read_metrics, read_wandb_run
+from orchestrator.run.metrics import MetricsLogger
 from tests.conftest import make_job
 
 JOB = ["model=gpt2_tiny", "logging.wandb.mode=offline", "logging.progress=false",

@@ -1,0 +1,99 @@
+"""Values derived from a job and the machine: the batch arithmetic, the device a run uses, and
+the facts about this machine (GPUs, what DeepSpeed's CPU accelerator runs) that decide it.
+Torch-free: the few facts that need torch or DeepSpeed are asked only when a job needs them.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+from orchestrator.common.errors import ConfigError
+from orchestrator.config.schema import JobConfig
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Facts about the launching machine that decide what can run here."""
+
+    cuda_devices: int = 0
+    bf16_supported: bool = False
+    capability: tuple[int, int] = (0, 0)  # CUDA compute capability of device 0
+    cpu_fp16: bool | None = None  # DeepSpeed's CPU accelerator takes fp16 here; None: ask it
+
+    def deepspeed_cpu_fp16(self) -> bool:
+        """Whether DeepSpeed's CPU accelerator runs fp16 on this machine: it needs oneDNN's
+        fp16 kernels, which CPUs of one machine kind may or may not have."""
+        return self.cpu_fp16 if self.cpu_fp16 is not None else _ask_deepspeed_cpu_fp16()
+
+    @staticmethod
+    def detect() -> Hardware:
+        if not any(os.path.exists(p) for p in ("/proc/driver/nvidia", "/dev/nvidiactl",
+                                               "/dev/kfd")):
+            return Hardware()  # no GPU driver: no CUDA device, and no torch import to say so
+        import torch
+
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return Hardware(cuda_devices=n, bf16_supported=bool(n and torch.cuda.is_bf16_supported()),
+                        capability=tuple(torch.cuda.get_device_capability(0)) if n else (0, 0))
+
+
+@functools.cache
+def _ask_deepspeed_cpu_fp16() -> bool:
+    """Asked of DeepSpeed itself (the check `deepspeed.initialize` makes), in a child process
+    of the ranks' interpreter, so the launcher imports neither torch nor DeepSpeed; only for a
+    job that needs the answer. A probe that fails (no DeepSpeed) refuses nothing."""
+    code = ("from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator\n"
+            "print(bool(CPU_Accelerator().is_fp16_supported()))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    return proc.returncode != 0 or proc.stdout.split()[-1:] != ["False"]
+
+
+def resolve_batch(job: JobConfig) -> tuple[int, int]:
+    """(grad_accum_steps, global_batch_size) with global = micro x accum x data-parallel size."""
+    t, dp = job.train, job.world_size
+    per_step = t.micro_batch_size * dp
+    if t.global_batch_size is None:
+        accum = t.grad_accum_steps or 1
+        return accum, per_step * accum
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            "train.global_batch_size",
+            t.global_batch_size,
+            f"a multiple of micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}"
+            f" = {per_step}",
+        )
+    accum = t.global_batch_size // per_step
+    if t.grad_accum_steps is not None and t.grad_accum_steps != accum:
+        raise ConfigError(
+            "train.grad_accum_steps",
+            t.grad_accum_steps,
+            f"{accum} (= global_batch_size {t.global_batch_size} / (micro_batch_size "
+            f"{t.micro_batch_size} x data-parallel size {dp})), or leave it unset",
+        )
+    return accum, t.global_batch_size
+
+
+def resolve_device(job: JobConfig, hw: Hardware) -> str:
+    """cluster.device, with auto = cuda when a GPU is named in cluster.gpu, or (launcher=local
+    only) visible here. A remote launcher (slurm, torchrun, k8s) describes the *target* cluster:
+    the submitting host's hardware, often a login node without a GPU, never decides it."""
+    if job.cluster.device == "auto":
+        here = hw.cuda_devices if job.launcher.name == "local" else 0
+        return "cuda" if here or job.cluster.gpu != "none" else "cpu"
+    return job.cluster.device
+
+
+TORCH_STRATEGIES = {0: "ddp", 1: "zero1", 2: "fsdp2", 3: "fsdp2"}  # by parallelism.zero_stage
+
+
+def strategy_name(job: JobConfig) -> str:
+    """The strategy that runs the job: "deepspeed" (any ZeRO stage), or by ZeRO stage "ddp",
+    "zero1" (DDP + ZeroRedundancyOptimizer) or "fsdp2" (stages 2 and 3)."""
+    if job.parallelism.backend == "deepspeed":
+        return "deepspeed"
+    return TORCH_STRATEGIES[job.parallelism.zero_stage]

@@ -1,0 +1,386 @@
+"""The job schema: the one place where defaults live.
+
+Hydra composes YAML on top of these dataclasses (registered as the structured base config
+`orchestrator_schema`), and `orchestrator.config.load.to_job` turns the result into a `JobConfig`.
+Fields that only accept a fixed set of values carry it in `metadata["choices"]`; validation
+reads it from there so the error message and the schema can never disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+
+def choice(default: Any, *choices: Any) -> Any:
+    """A field whose value must be one of `choices` (checked by `validate`)."""
+    return field(default=default, metadata={"choices": tuple(choices)})
+
+
+@dataclass
+class ModelConfig:
+    name: str = "gpt2_tiny"
+    family: str = choice("gpt2", "gpt2", "llama", "bert", "t5")
+    n_layer: int = 2
+    d_model: int = 64
+    n_head: int = 4
+    n_kv_head: Optional[int] = None  # llama grouped-query attention; None = n_head
+    d_ff: Optional[int] = None  # None = 4 * d_model (gpt2) or the llama default
+    vocab_size: int = 512
+    max_seq_len: int = 128
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    attn_implementation: str = choice("sdpa", "sdpa", "eager")
+    # a local Hugging Face model directory (e.g. an earlier run's <run_dir>/model) to start
+    # from; its config.json decides the architecture. No hub downloads.
+    pretrained_path: Optional[str] = None
+
+
+@dataclass
+class LoraConfig:
+    # rank 0 = off (every weight trains); > 0 = freeze the model and train low-rank adapters
+    # (peft) on target_modules; the saved model has them merged in, the adapter is kept too
+    rank: int = 0
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=list)  # empty = peft's default per family
+
+
+@dataclass
+class PrecisionConfig:
+    # bf16/fp16: mixed precision with fp32 master weights; bf16_pure: weights, grads and
+    # optimizer state all bf16 (half the model-state memory, no fp32 master); fp8: bf16 mixed
+    # precision whose linear layers multiply in float8 (torchao float8 training; CUDA GPUs of
+    # compute capability >= 8.9, e.g. H100/H200/L4)
+    name: str = choice("fp32", "fp32", "bf16", "fp16", "bf16_pure", "fp8")
+    init_scale: float = 65536.0  # fp16 dynamic loss scaling: initial scale
+    growth_interval: int = 2000  # fp16: steps without overflow before the scale doubles
+    # FSDP2 only (its MixedPrecisionPolicy): the dtype parameters are all-gathered and computed
+    # in, and the dtype gradients are reduce-scattered in; auto = the compute dtype, and fp32
+    param_dtype: str = choice("auto", "auto", "fp32", "bf16", "fp16")
+    reduce_dtype: str = choice("auto", "auto", "fp32", "bf16", "fp16")
+    # quantization-aware training (quantization/qat.py): int8 = train with every linear weight
+    # fake-quantized to int8 (symmetric, per output row; torchao QAT), convert at the end and
+    # save the int8 model to <run_dir>/model with a before/after report; none = off
+    qat: str = choice("none", "none", "int8")
+
+
+@dataclass
+class ParallelismConfig:
+    name: str = "ddp"
+    # torch = DDP (stage 0), DDP + ZeroRedundancyOptimizer (stage 1), FSDP2 (stages 2 and 3);
+    # deepspeed = a DeepSpeed engine for every stage, its JSON generated from this config.
+    backend: str = choice("torch", "torch", "deepspeed")
+    # ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters.
+    zero_stage: int = choice(0, 0, 1, 2, 3)
+    bucket_cap_mb: float = 25.0  # DDP gradient bucket size
+    # HSDP (FSDP2, stages 2/3): shard within groups of world/R ranks (normally one node) and
+    # replicate across the R groups, so parameter all-gathers stay inside a node; DeepSpeed
+    # stage 3 gets the equivalent hierarchical partition (zero_hpz_partition_size = world/R)
+    replicate_degree: int = 1
+    # auto: pick the cheapest strategy that fits cluster.gpu (DDP → ZeRO-1 → 2 → 3 → ZeRO-3
+    # with CPU offload) and the largest micro batch that fits, and say why
+    auto: bool = False
+    offload_optimizer: bool = False  # deepspeed: optimizer state and fp32 master on the CPU
+    offload_params: bool = False  # deepspeed stage 3: parameters on the CPU
+    # deepspeed: any other DeepSpeed config key, merged over the generated config and checked
+    # by DeepSpeed's own config model before launch
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SourceConfig:
+    path: str = MISSING
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    name: str = choice("synthetic", "synthetic", "text", "jsonl_sft", "jsonl_pref")
+    seq_len: int = 64
+    # text: a UTF-8 file; jsonl_sft: {"prompt", "response"} lines; jsonl_pref: {"prompt",
+    # "chosen", "rejected"} lines (DPO); None = the built-in set
+    path: Optional[str] = None
+    # byte: 258 ids, no vocabulary file; bpe: byte-level BPE trained on the corpus at launch
+    # (saved as <run_dir>/tokenizer.json) or loaded from tokenizer_path / the pretrained model;
+    # hf: the local Hugging Face tokenizer directory (AutoTokenizer) at tokenizer_path
+    tokenizer: str = choice("byte", "byte", "bpe", "hf")
+    tokenizer_path: Optional[str] = None
+    # text: the tokenized corpus (token file, document index, manifest), made by the launch or
+    # action=prepare; None = <$ORCHESTRATOR_CACHE or ~/.cache/orchestrator>/data/<source>-<hash
+    # of the sources and the tokenizer>
+    cache_dir: Optional[str] = None
+    num_proc: Optional[int] = None  # action=prepare: tokenizing processes; None = CPU count
+    text_field: str = "text"  # a .jsonl/.json/.parquet/save_to_disk source: the text field
+    # text: several sources sampled by weight, [{path: a, weight: 0.7}, {path: b, weight: 0.3}]
+    # (a path is a file, glob, directory or datasets.save_to_disk directory); empty = data.path
+    sources: list[SourceConfig] = field(default_factory=list)
+    on_error: str = choice("raise", "raise", "skip")  # a bad record: stop there, or count it
+    # DataLoader worker processes per rank reading the windows (0 = in the training process);
+    # batches are pinned for the copy to the GPU on CUDA
+    num_workers: int = 0
+    # jsonl_sft / jsonl_pref: each prompt in the tokenizer's chat template (data.tokenizer=hf)
+    chat_template: bool = False
+    num_samples: int = 4096  # synthetic: sequences in the dataset
+    branching: int = 4  # synthetic: successors per token in the seeded Markov chain
+    shuffle: bool = True
+
+
+@dataclass
+class ObjectiveConfig:
+    # auto = the family's own: causal (gpt2, llama), mlm (bert), span (t5), or dpo with
+    # data=jsonl_pref; dpo = preference pairs against a frozen reference copy of the starting
+    # model (causal LMs)
+    name: str = choice("auto", "auto", "causal", "mlm", "span", "dpo")
+    mlm_probability: float = 0.15  # mlm: share of positions selected (80/10/10 mask/random/keep)
+    noise_density: float = 0.15  # span: share of tokens hidden in spans
+    mean_span_length: float = 3.0  # span: mean span length
+    dpo_beta: float = 0.1  # dpo: strength of the pull towards the reference (KL weight)
+
+
+@dataclass
+class EvalConfig:
+    # share of the dataset (its last samples) kept out of training, for evaluate and every_steps
+    holdout: float = 0.0
+    max_batches: int = 50  # evaluate and every_steps: micro batches per rank at most
+    # pretrain: loss and perplexity on the held-out share every N optimizer steps (logged as
+    # val/loss, val/perplexity at that step); 0 = off
+    every_steps: int = 0
+    # data=text: evaluate on this source (file, glob, directory or dataset, prepared like
+    # data.path) instead of the held-out share
+    path: Optional[str] = None
+
+
+@dataclass
+class GenerateConfig:
+    prompts: list[str] = field(default_factory=lambda: ["The "])
+    max_new_tokens: int = 64
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int = 0  # 0 = no top-k cut
+    top_p: float = 1.0  # 1 = no nucleus cut
+
+
+@dataclass
+class QuantizeConfig:
+    # int8 post-training quantization (torchao) of a trained causal LM's linear layers, one
+    # process: int8_weight_only = int8 weights with an fp32 scale per output row (dequantized in
+    # the matmul); int8_dynamic = also each token's activations to int8 at run time (an int8
+    # matmul). +recipe=quantize saves the quantized model; on evaluate/generate the loaded model
+    # is quantized before use. none = off
+    method: str = choice("none", "none", "int8_weight_only", "int8_dynamic")
+
+
+@dataclass
+class TrainConfig:
+    task: str = choice("pretrain", "pretrain", "evaluate", "generate",
+                       "quantize")  # program in recipes/
+    steps: int = 20
+    micro_batch_size: int = 4
+    grad_accum_steps: Optional[int] = None  # None = derived from global_batch_size (or 1)
+    global_batch_size: Optional[int] = None  # None = micro_batch_size * grad_accum * dp size
+    seed: int = 1234
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
+    compile: bool = False  # torch.compile each transformer block (DDP, ZeRO-1, FSDP2)
+    save_model: bool = True  # write the trained model to <run_dir>/model (HF format)
+    log_every: int = 1
+    # stop the run with one clear line when the loss becomes NaN or inf (checked on logged
+    # steps, where the losses reach the host anyway)
+    stop_on_nonfinite: bool = True
+
+
+@dataclass
+class OptimConfig:
+    name: str = choice("adamw", "adamw", "sgd")
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    momentum: float = 0.9  # sgd only
+    schedule: str = choice("cosine", "cosine", "constant")
+    warmup_steps: int = 2
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+
+
+@dataclass
+class ClusterConfig:
+    nodes: int = 1
+    gpus_per_node: int = 2  # processes per node (CPU ranks when device is cpu)
+    device: str = choice("auto", "auto", "cpu", "cuda")  # auto = cuda if visible, else cpu
+    # the accelerator to plan for (orchestrator/gpus.py); none = unknown / CPU
+    gpu: str = choice("none", "none", "v100", "a100_40gb", "a100_80gb", "h100", "h100_pcie",
+                      "h200", "l4")
+    gpu_hour_usd: Optional[float] = None  # price of one GPU-hour, for the cost estimate
+
+
+@dataclass
+class PlanConfig:
+    mfu: float = 0.4  # assumed model FLOPs utilisation for time and cost estimates
+    budget_flops: Optional[float] = None  # if set: the compute-optimal N and D for this budget
+    memory_overhead: float = 0.10  # allowance for buffers and fragmentation, x model+activations
+
+
+@dataclass
+class SlurmConfig:
+    partition: Optional[str] = None  # None = the cluster's default partition
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    time: str = "01:00:00"
+    # CPUs of the one task per node (torchrun and its ranks); None = all CPUs of a node of
+    # the partition (asked of sinfo when rendering; without Slurm tools there: --exclusive)
+    cpus_per_task: Optional[int] = None
+    mem: Optional[str] = None  # e.g. "64G"; None = the partition default
+    exclusive: bool = False
+    constraint: Optional[str] = None
+    extra_sbatch: list[str] = field(default_factory=list)  # e.g. ["--reservation=r1"]
+    # sbatch --signal: Slurm sends this signal this many seconds before the time limit; every
+    # rank then finishes its step, saves a checkpoint and stops (checkpoint/stop.py). It must
+    # leave time for one step and one save. None = no warning signal
+    signal: Optional[str] = "USR1@120"
+    # after such a stop the job requeues itself (scontrol requeue) and resumes in its run dir
+    requeue: bool = True
+    wait: bool = False  # block until the job ends (sweeps and tests)
+    poll_s: float = 2.0
+
+
+@dataclass
+class K8sConfig:
+    # Every pod mounts this PersistentVolumeClaim (ReadWriteMany when nodes > 1): the ranks read
+    # <run_dir>/config.yaml and plan.json and write metrics and checkpoints at the plan's paths.
+    pvc: str = "orchestrator-runs"
+    # Where the claim's root appears in every pod; None = the run dir's parent. The run dir must
+    # lie under it, and sits on the claim at its path relative to mount_path.
+    mount_path: Optional[str] = None
+    shm_size: Optional[str] = None  # sizeLimit of the in-memory /dev/shm, e.g. "32Gi"; None = none
+
+
+@dataclass
+class LauncherConfig:
+    # local: this machine; torchrun: print each node's command (manual clusters);
+    # slurm: sbatch a script rendered from the plan; k8s: render a PyTorchJob (action=plan)
+    name: str = choice("local", "local", "torchrun", "slurm", "k8s")
+    rdzv_host: str = "127.0.0.1"  # multi-node rendezvous endpoint host (torchrun; k8s: the
+    # training operator's master service)
+    rdzv_port: int = 29500  # k8s: the Master container's port, where the rank-0 pod listens
+    rdzv_timeout_s: int = 900
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    image: str = "orchestrator:latest"  # k8s: container image holding this project
+    k8s: K8sConfig = field(default_factory=K8sConfig)
+
+
+@dataclass
+class WandbConfig:
+    mode: str = choice("offline", "offline", "online", "disabled")
+    project: str = "orchestrator"
+    entity: Optional[str] = None
+    name: Optional[str] = None  # None = the run directory's name
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggingConfig:
+    name: str = "wandb_offline"
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    metrics_file: str = "metrics.jsonl"
+    progress: bool = True  # rank-0 progress bar with loss, tokens/s and ETA
+
+
+@dataclass
+class DebugConfig:
+    crash_at_step: Optional[int] = None  # raise inside the training loop (fault-path testing)
+    # raise: an exception (the rank's error path); sigkill: the rank dies at once, as on a
+    # node failure. Either only in the job's first attempt (not after a fault.max_restarts one)
+    crash_mode: str = choice("raise", "raise", "sigkill")
+    crash_rank: int = 0
+    step_delay_s: float = 0.0  # sleep this long in every step (slow-job testing: signals, limits)
+    memory_probe_step: int = 2  # step at which each rank measures its model-state bytes
+    # fp16 overflow testing: this step's backward runs on the loss times inf, so every gradient
+    # is non-finite and the loss scaler must skip the step (the logged loss stays finite)
+    inf_grad_at_step: Optional[int] = None
+
+
+@dataclass
+class CheckpointConfig:
+    # every N optimizer steps (and after the last) save a sharded checkpoint to
+    # <run_dir>/checkpoints/step-<N> (torch.distributed.checkpoint: no rank-0 gather); 0 = none
+    every_steps: int = 0
+    keep_last: int = 2  # complete checkpoints kept; older ones are deleted after a new commit
+    # DCP's async_save (torch strategies but ZeRO-1): the loop waits only while the state is
+    # copied to host memory; files are written in the background and committed at the next
+    # checkpoint or at the end. Costs one more copy of the rank's state in host memory
+    async_save: bool = False
+
+
+@dataclass
+class FaultConfig:
+    # torchrun restarts every rank after one fails, up to N times; the ranks then resume from
+    # the newest complete checkpoint (with resume=auto)
+    max_restarts: int = 0
+    # on the stop signal (launcher.slurm.signal; SIGUSR1 locally) torchrun waits this long for
+    # the ranks' checkpoint before it kills them
+    stop_timeout_s: int = 120
+
+
+@dataclass
+class RunConfig:
+    # re-use a run directory that holds an earlier, finished run of ours: its files are
+    # removed first. Without it such a directory is refused (never a silent mix of two runs);
+    # a directory that is not ours is always refused.
+    overwrite: bool = False
+
+
+@dataclass
+class DistConfig:
+    # a collective that waits longer than this fails (naming the rank it waited for) instead
+    # of hanging forever on a stalled or dead rank; generous, since the first step of a big
+    # model (compilation, allocator warm-up) can be slow
+    timeout_s: float = 1800.0
+
+
+@dataclass
+class JobConfig:
+    # status / cancel act on an earlier run: `action=status run_dir=runs/...`
+    # export: a Hugging Face model from a run's checkpoint (`action=export run_dir=... step=N`)
+    # report: PNG charts + report.md of a run or sweep dir, in <run_dir>/report/
+    action: str = choice("run", "run", "plan", "validate", "status", "cancel", "export",
+                         "prepare", "report")
+    run_dir: str = ""  # filled from hydra.run.dir at the entry point (status/cancel/export: given)
+    step: Optional[int] = None  # action=export: the checkpoint's step (None = the newest)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
+    # auto: continue from the newest complete checkpoint in the run dir, if there is one;
+    # never: start fresh (a run dir holding checkpoints then needs run.overwrite=true);
+    # or the path of a checkpoint directory (checkpoints/step-N) to start from
+    resume: str = "auto"
+
+    @property
+    def world_size(self) -> int:
+        return self.cluster.nodes * self.cluster.gpus_per_node
+
+    @property
+    def dpo_beta(self) -> Optional[float]:
+        """β when the objective is DPO (the model is then paired with a frozen reference)."""
+        pairs = self.objective.name == "auto" and self.data.name == "jsonl_pref"
+        return self.objective.dpo_beta if self.objective.name == "dpo" or pairs else None

@@ -1,0 +1,3 @@
+"""Turning a Plan into processes: local torchrun, multi-node torchrun commands, Slurm, a
+Kubernetes PyTorchJob manifest; the run directory (lock, marker, reuse).
+"""

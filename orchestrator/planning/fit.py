@@ -1,0 +1,99 @@
+"""Will it fit? Refuse a run whose per-rank peak exceeds the planned GPU's memory, naming the
+cheapest setting that would fit; and `parallelism.auto`, which picks that setting itself.
+
+"Cheapest" follows the seed lecture's rule of thumb: DDP while the model fits one device, then
+ZeRO-1, ZeRO-2, ZeRO-3 (each shards more and communicates more), then ZeRO-3 with optimizer
+and parameter offload to CPU memory (DeepSpeed). Within a strategy the largest micro batch that
+fits wins (the global batch is kept by raising gradient accumulation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+
+from orchestrator.common.errors import ConfigError
+from orchestrator.common.plan import Plan
+from orchestrator.common.units import human_bytes
+from orchestrator.config.schema import JobConfig
+
+MakePlan = Callable[[JobConfig], Plan]
+
+LADDER = (  # (label, backend, zero_stage, offload)
+    ("ddp", "torch", 0, False),
+    ("zero1", "torch", 1, False),
+    ("fsdp_zero2", "torch", 2, False),
+    ("fsdp_zero3", "torch", 3, False),
+    ("deepspeed_zero3_offload", "deepspeed", 3, True),
+)
+
+
+def _variant(job: JobConfig, backend: str, stage: int, offload: bool, micro: int) -> JobConfig:
+    # replicate_degree (HSDP / hpZ) is kept where the rung supports it, else 1 (plain DP)
+    hsdp = stage in ((3,) if backend == "deepspeed" else (2, 3))
+    par = dataclasses.replace(job.parallelism, backend=backend, zero_stage=stage,
+                              offload_optimizer=offload, offload_params=offload, auto=False,
+                              replicate_degree=job.parallelism.replicate_degree if hsdp else 1)
+    total = job.train.global_batch_size
+    if total is None:  # keep the configured global batch
+        total = job.train.micro_batch_size * (job.train.grad_accum_steps or 1) * job.world_size
+    train = dataclasses.replace(job.train, micro_batch_size=micro, global_batch_size=total,
+                                grad_accum_steps=None)
+    return dataclasses.replace(job, parallelism=par, train=train)
+
+
+def _micro_batches(job: JobConfig) -> list[int]:
+    """Divisors of the per-rank batch, largest first."""
+    per_rank = (job.train.global_batch_size or job.train.micro_batch_size
+                * (job.train.grad_accum_steps or 1) * job.world_size) // job.world_size
+    return [m for m in range(per_rank, 0, -1) if per_rank % m == 0]
+
+
+def _candidates(job: JobConfig) -> Iterator[tuple[str, JobConfig]]:
+    deepspeed_ok = job.precision.name != "bf16_pure"
+    for label, backend, stage, offload in LADDER:
+        if backend == "deepspeed" and not deepspeed_ok:
+            continue
+        for micro in _micro_batches(job):
+            yield label, _variant(job, backend, stage, offload, micro)
+
+
+def cheapest_fit(job: JobConfig, make_plan: MakePlan) -> tuple[str, JobConfig, Plan] | None:
+    for label, candidate in _candidates(job):
+        plan = make_plan(candidate)
+        if plan.fits:
+            return label, candidate, plan
+    return None
+
+
+def choose(job: JobConfig, make_plan: MakePlan) -> tuple[JobConfig, str]:
+    """`parallelism.auto`: the cheapest strategy and largest micro batch that fit, and why."""
+    if job.cluster.gpu == "none":
+        raise ConfigError("parallelism.auto", True,
+                          "false unless cluster.gpu names the device to fit (e.g. h100)")
+    found = cheapest_fit(job, make_plan)
+    if found is None:
+        raise ConfigError("parallelism.auto", True, "a job that fits somewhere: nothing fits "
+                          f"{job.cluster.gpu} even with ZeRO-3, CPU offload and micro batch 1")
+    label, chosen, plan = found
+    skipped = [name for name, *_ in LADDER[: [x[0] for x in LADDER].index(label)]]
+    reason = (f"{label} with micro batch {chosen.train.micro_batch_size} needs "
+              f"{human_bytes(plan.memory.peak_total_bytes)} of "
+              f"{human_bytes(plan.device_memory_bytes or 0)} per GPU"
+              + (f"; the cheaper {', '.join(skipped)} would not fit" if skipped else
+                 "; the cheapest strategy fits"))
+    return chosen, reason
+
+
+def refuse_if_too_big(job: JobConfig, plan: Plan, make_plan: MakePlan) -> None:
+    """For action=run: a plan that does not fit its GPU stops here, with both numbers."""
+    if plan.fits is not False:
+        return
+    found = cheapest_fit(job, make_plan)
+    hint = (f"{found[0]} with micro batch {found[1].train.micro_batch_size} fits at "
+            f"{human_bytes(found[2].memory.peak_total_bytes)} (or set parallelism.auto=true)"
+            if found else "nothing fits, even ZeRO-3 with CPU offload at micro batch 1")
+    raise ConfigError(
+        "parallelism", f"{plan.strategy} ZeRO-{plan.zero_stage}",
+        f"a setting that fits: needs {human_bytes(plan.memory.peak_total_bytes)}/GPU > "
+        f"{human_bytes(plan.device_memory_bytes or 0)} ({job.cluster.gpu}); {hint}")

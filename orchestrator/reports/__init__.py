@@ -1,0 +1,2 @@
+"""What a finished run or sweep is shown as: charts, the sweep summary, `action=report`.
+"""
