@@ -35,6 +35,7 @@ ConfigStore.instance().store(name="orchestrator_schema", node=JobConfig)
 _LAUNCH_ID = uuid.uuid4().hex[:6]
 OmegaConf.register_new_resolver("launch_id", lambda: _LAUNCH_ID, replace=True)
 _task_started = False
+_failed_points: list[int] = []  # exit codes of the failed points of a sweep (-m)
 
 
 def compose_job(cfg: DictConfig, run_dir: str) -> JobConfig:
@@ -51,7 +52,12 @@ def compose_job(cfg: DictConfig, run_dir: str) -> JobConfig:
             raw = raw.get(part) if isinstance(raw, dict) else None
         raise ConfigError(key, raw, f"a value that resolves ({_one_line(str(e))})") from None
     assert isinstance(data, dict)
-    if data.get("action") in ("status", "cancel", "export", "report") and data.get("run_dir"):
+    on_earlier_run = data.get("action") in ("status", "cancel", "export", "report")
+    if data.get("run_dir") and not on_earlier_run:
+        raise ConfigError("run_dir", data["run_dir"], "unset for action="
+                          f"{data.get('action')} (a run goes to hydra.run.dir); run_dir names "
+                          "an earlier run for action=status|cancel|export|report")
+    if on_earlier_run and data.get("run_dir"):
         run_dir = str(data["run_dir"])
     return to_job(data, run_dir=run_dir)
 
@@ -97,25 +103,55 @@ def main(cfg: DictConfig) -> Any:
     global _task_started
     _task_started = True
     hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    overrides = list(hc.overrides.task)
+    error = None
     try:
         job = compose_job(cfg, hc.runtime.output_dir)
-        if hc.mode == RunMode.MULTIRUN and job.logging.wandb.group is None:
-            # every point of a sweep logs into one W&B group named after the sweep
-            sweep = Path(hc.sweep.dir).name
-            wandb_cfg = dataclasses.replace(
-                job.logging.wandb, group=sweep,
-                name=job.logging.wandb.name or f"{sweep}-{Path(job.run_dir).name}")
-            job = dataclasses.replace(job, logging=dataclasses.replace(job.logging,
-                                                                       wandb=wandb_cfg))
-        code = execute(job, overrides=list(hc.overrides.task))
+        if multirun and job.logging.wandb.group is None:
+            job = _in_sweep_group(job, Path(hc.sweep.dir).name)
+        code = execute(job, overrides=overrides)
     except OrchestratorError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(getattr(e, "exit_code", 2))
+        code, error = getattr(e, "exit_code", 2), str(e)
     finally:
-        # validate, status, cancel and refused launches write nothing: no empty run dir
+        # validate, status, cancel and refused launches write nothing: no empty run dir,
+        # and none a killed launch left beside it either
         rundir.discard_if_unused(hc.runtime.output_dir)
+        rundir.remove_abandoned(Path(hc.runtime.output_dir).parent)
+    if code and multirun:  # a failed point is a row of the summary; the sweep goes on
+        from orchestrator.reports.sweep import record_failed_point
+
+        record_failed_point(Path(hc.runtime.output_dir), overrides, code,
+                            error or f"exit code {code}")
+        _failed_points.append(code)
+        return
     if code:
         sys.exit(code)  # success returns, so a sweep goes on to its next point
+
+
+def _in_sweep_group(job: JobConfig, sweep: str) -> JobConfig:
+    """Every point of a sweep logs into one W&B group named after the sweep."""
+    wandb_cfg = dataclasses.replace(job.logging.wandb, group=sweep,
+                                    name=job.logging.wandb.name or f"{sweep}-"
+                                    f"{Path(job.run_dir).name}")
+    return dataclasses.replace(job, logging=dataclasses.replace(job.logging, wandb=wandb_cfg))
+
+
+def _refuse_reused_sweep_dir(argv: list[str], given: dict[str, str]) -> None:
+    """Before Hydra writes multirun.yaml into it: a `hydra.sweep.dir` that exists and holds
+    anything is refused, unless it holds an earlier sweep of ours and `run.overwrite=true`."""
+    if not ({"-m", "--multirun"} & set(argv)) or "hydra.sweep.dir" not in given:
+        return
+    path = Path(given["hydra.sweep.dir"])
+    if not path.is_dir() or not any(path.iterdir()):
+        return
+    ours = (path / "multirun.yaml").is_file()
+    if ours and given.get("run.overwrite", "").lower() == "true":
+        return
+    raise ConfigError("hydra.sweep.dir", str(path), "a new or empty directory" + (
+        ", or run.overwrite=true to replace the earlier sweep in it" if ours else
+        " (this one holds files that are not a sweep of ours)") + "; nothing was written")
 
 
 def hydra_error_line(error: BaseException) -> str:
@@ -158,9 +194,15 @@ def run() -> None:
     rundir.note_missing([given.get("hydra.run.dir", "runs"),
                          given.get("hydra.sweep.dir", "multirun")])
     try:
+        _refuse_reused_sweep_dir(sys.argv[1:], given)
         main()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     except Exception as e:
         if _task_started:
             raise
         print(f"error: {hydra_error_line(e)}", file=sys.stderr)
         sys.exit(2)
+    if _failed_points:  # the sweep ran every point; say that some failed
+        sys.exit(_failed_points[0])

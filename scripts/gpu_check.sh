@@ -22,7 +22,10 @@ if [ "${ORCHESTRATOR_GPU_CHECK_DRY:-0}" = 1 ]; then
   # the saved model is a config.json (beside the run dirs: a run dir holds only its own run)
   gpu=h100 dry=1
   : >"$out/dry_runs.txt"
-  "$py" -c "import sys; from transformers import GPT2Config; GPT2Config().save_pretrained(sys.argv[1])" \
+  # planning only reads config.json; the launch checks want a weights file there too (an
+  # empty safetensors file: the dry runs are planned, never loaded)
+  "$py" -c "import sys; from transformers import GPT2Config; from safetensors.torch import save_file
+GPT2Config().save_pretrained(sys.argv[1]); save_file({}, sys.argv[1] + '/model.safetensors')" \
     "$out/dry-model"
 elif ! "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   echo "gpu_check: no CUDA device here" >&2

@@ -52,17 +52,23 @@ class Resume:
 def find(resume: str, run_dir: str | Path) -> Resume | None:
     """The checkpoint a run continues from (`resume`: the job's `resume` key): `auto` the
     newest complete one in `run_dir` that passes `verify` (a damaged newer one is skipped with
-    a warning; None when there is none), `never` none, else the given directory, which must
-    pass."""
+    a warning; None when there is none; a `CheckpointError` when every one is damaged),
+    `never` none, else the given directory, which must pass."""
     if resume == "never":
         return None
     if resume != "auto":
         return read(Path(resume), resume)
-    for path in reversed(complete(run_dir)):
+    found = complete(run_dir)
+    for path in reversed(found):
         try:
             return read(path, "auto")
         except CheckpointError as e:
             print(f"warning: {e}; trying the previous checkpoint", file=sys.stderr, flush=True)
+    if found:  # starting afresh here would mix two runs in one directory
+        raise CheckpointError(f"resume=auto: every checkpoint in {Path(run_dir) / ROOT} is "
+                              "damaged (see the warnings above); resume=never "
+                              "run.overwrite=true starts this run dir afresh, or resume=PATH "
+                              "names a checkpoint to continue from")
     return None
 
 

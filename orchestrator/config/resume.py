@@ -18,7 +18,8 @@ FIXED = ("model", "lora", "objective", "data.name", "data.path", "data.seq_len",
          "data.tokenizer", "data.tokenizer_path", "data.sources", "data.text_field",
          "data.on_error", "data.chat_template", "data.num_samples", "data.branching",
          "data.shuffle", "eval.holdout", "train.seed", "train.global_batch_size",
-         "precision.name", "precision.qat", "parallelism.backend")
+         "precision.name", "precision.qat", "parallelism.backend",
+         "optim.name")  # AdamW's state (exp_avg, exp_avg_sq) is not SGD's (momentum_buffer)
 
 
 def to_resume(job: JobConfig) -> Resume | None:

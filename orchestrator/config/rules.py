@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import Any
 
 from orchestrator.common.errors import ConfigError
@@ -39,6 +40,7 @@ def check_config(job: JobConfig) -> None:
         raise ConfigError("debug.crash_rank", job.debug.crash_rank,
                           f"a rank in 0..{job.world_size - 1}")
     positive("lora.rank", job.lora.rank, strict=False)
+    _check_files(job)
     if not 0 <= job.plan.mfu <= 1 or job.plan.mfu == 0:
         raise ConfigError("plan.mfu", job.plan.mfu, "a fraction in (0, 1]")
     positive("plan.memory_overhead", job.plan.memory_overhead, strict=False)
@@ -120,3 +122,22 @@ def _check_replicas(job: JobConfig) -> None:
         raise ConfigError("parallelism.replicate_degree", r, "1 unless parallelism.zero_stage "
                           f"is {' or '.join(map(str, stages))} with backend={p.backend} "
                           "(HSDP shards parameters within a group and replicates across groups)")
+
+
+def _check_files(job: JobConfig) -> None:
+    """Keys that name files: the metrics file is a plain file name inside the run directory
+    (never a user's file elsewhere); a resume from a checkpoint inside the run directory
+    cannot also replace that directory (`run.overwrite` would delete the checkpoint first)."""
+    name = job.logging.metrics_file
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ConfigError("logging.metrics_file", name, "a file name inside the run directory, "
+                          "e.g. metrics.jsonl (no directory part)")
+    if job.data.num_proc is not None and job.data.num_proc < 1:
+        raise ConfigError("data.num_proc", job.data.num_proc, "a number >= 1, or null for the "
+                          "CPU count")
+    if job.run.overwrite and job.resume not in ("auto", "never"):
+        resume, run_dir = Path(job.resume).absolute(), Path(job.run_dir).absolute()
+        if resume == run_dir or run_dir in resume.parents:
+            raise ConfigError("run.overwrite", True, f"false when resuming from {job.resume}, "
+                              "inside the run directory it would delete first (resume from "
+                              "it in place, or copy it elsewhere)")

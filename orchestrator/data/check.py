@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import codecs
 import io
+import math
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from omegaconf import MISSING
 
 from orchestrator.common.errors import ConfigError
 from orchestrator.config.schema import JobConfig
+from orchestrator.data.cache import check_cache_dir
 from orchestrator.data.settings import get_tokenizer, tokenizer_file, uses_bpe
+from orchestrator.data.sources import RECORD_SUFFIXES, SourceError
 from orchestrator.data.tokenizer import Tokenizer
 
 CHUNK = 1 << 20
@@ -53,6 +59,10 @@ def check_tokenizer(job: JobConfig) -> None:
     """data.tokenizer=bpe: text to train on, and a given tokenizer_path is a tokenizer.json;
     data.tokenizer=hf: tokenizer_path is a tokenizer directory or tokenizer.json."""
     d = job.data
+    if d.tokenizer == "byte" and d.tokenizer_path is not None:
+        raise ConfigError("data.tokenizer_path", d.tokenizer_path, "null with data.tokenizer="
+                          "byte (bytes need no tokenizer file); set data.tokenizer=hf for a "
+                          "Hugging Face tokenizer directory or bpe for a tokenizer.json")
     if d.tokenizer == "byte" and not d.chat_template:
         return
     if d.tokenizer != "byte" and d.name == "synthetic" and job.train.task != "generate":
@@ -65,12 +75,14 @@ def check_tokenizer(job: JobConfig) -> None:
         raise ConfigError("data.tokenizer_path", d.tokenizer_path, "a local Hugging Face "
                           "tokenizer directory (or tokenizer.json) for data.tokenizer=hf")
     tok = None
-    if d.tokenizer == "hf":
+    if d.tokenizer == "hf" or (d.tokenizer == "bpe" and d.tokenizer_path):
         try:
             tok = get_tokenizer(job)
-        except (OSError, ValueError) as e:
+        except Exception as e:  # noqa: BLE001 - `tokenizers` raises a bare Exception
+            what = ("a tokenizer AutoTokenizer can load" if d.tokenizer == "hf" else
+                    "a tokenizer.json the tokenizers library can load")
             raise ConfigError("data.tokenizer_path", d.tokenizer_path,
-                              f"a tokenizer AutoTokenizer can load ({e})") from None
+                              f"{what} ({_one_line(e)})") from None
     if d.chat_template and (d.name not in ("jsonl_sft", "jsonl_pref") or
                             getattr(getattr(tok, "tok", None), "chat_template", None) is None):
         raise ConfigError("data.chat_template", True, "false unless data.name is jsonl_sft or "
@@ -78,11 +90,27 @@ def check_tokenizer(job: JobConfig) -> None:
                           "template")
 
 
+def _one_line(e: BaseException) -> str:
+    """A library's (often multi-line) message as one line."""
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _resolve(key: str, spec: str, where: str) -> None:
+    """`spec` names something readable: files here, or a URL whose filesystem package is
+    installed and which lists (one line naming the key otherwise)."""
+    from orchestrator.data.sources import resolve
+
+    try:
+        resolve(spec)
+    except FileNotFoundError:
+        raise ConfigError(key, spec, where) from None
+    except SourceError as e:
+        raise ConfigError(key, spec, str(e)) from None
+
+
 def check_sources(job: JobConfig) -> None:
     """Every configured source names something: `data.path` (text: a file, glob, directory
     or save_to_disk dataset) or each of `data.sources`, with positive weights."""
-    from orchestrator.data.sources import resolve
-
     d = job.data
     if d.num_workers < 0:
         raise ConfigError("data.num_workers", d.num_workers, "a number >= 0 (0 = read in the "
@@ -93,30 +121,22 @@ def check_sources(job: JobConfig) -> None:
                           "the other)")
     where = "an existing file, glob, directory or datasets save_to_disk directory"
     for i, s in enumerate(d.sources):
-        if not s.weight > 0:
-            raise ConfigError(f"data.sources[{i}].weight", s.weight, "a positive number")
-        try:
-            resolve(s.path)
-        except FileNotFoundError:
-            raise ConfigError(f"data.sources[{i}].path", s.path, where) from None
+        if not (s.weight > 0 and math.isfinite(s.weight)):
+            raise ConfigError(f"data.sources[{i}].weight", s.weight, "a finite number > 0")
+        if s.path == MISSING or not s.path.strip():
+            raise ConfigError(f"data.sources[{i}].path", s.path, "a path (every source names "
+                              f"one: {where})")
+        _resolve(f"data.sources[{i}].path", s.path, where)
     if job.eval.path is not None:
         if d.name != "text":
             raise ConfigError("eval.path", job.eval.path, "null unless data.name='text' (the "
                               "other sets evaluate on their held-out share)")
-        try:
-            resolve(job.eval.path)
-        except FileNotFoundError:
-            raise ConfigError("eval.path", job.eval.path, where) from None
+        _resolve("eval.path", job.eval.path, where)
     if d.name == "synthetic" or d.path is None:
         return
-    try:
-        if d.name != "text" and not os.path.isfile(d.path):
-            raise FileNotFoundError(d.path)
-        resolve(d.path)
-    except FileNotFoundError:
-        raise ConfigError("data.path", d.path, (where if d.name == "text" else
-                                                "an existing file") +
-                          ", or null for the built-in set") from None
+    if d.name != "text" and not os.path.isfile(d.path):
+        raise ConfigError("data.path", d.path, "an existing file, or null for the built-in set")
+    _resolve("data.path", d.path, where + ", or null for the built-in set")
 
 
 def check_data(job: JobConfig) -> None:
@@ -125,8 +145,12 @@ def check_data(job: JobConfig) -> None:
     directories, datasets, several sources): `action=prepare`, run by every launch, reads
     those and names the file and line of a bad record."""
     d = job.data
+    if d.cache_dir is not None and d.name != "synthetic":  # before anything writes to it
+        check_cache_dir(Path(d.cache_dir), several=len(d.sources) > 1)
     if d.name == "synthetic" or d.path is None or not os.path.isfile(d.path):
         return
+    if d.name == "text" and Path(d.path).suffix in RECORD_SUFFIXES:
+        return  # a .jsonl/.json/.parquet source: prepare reads it and names a bad record
     path = d.path
     bpe = uses_bpe(job)
     tok_file = tokenizer_file(job) if bpe else None

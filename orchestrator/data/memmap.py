@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from orchestrator.data.prepare import MANIFEST, TOKENS
+from orchestrator.data.cache import MANIFEST, TOKENS
 
 
 class MemmapTokens(Dataset):

@@ -23,7 +23,8 @@ import torch
 from torch.utils.data import Dataset
 
 from orchestrator.config.schema import JobConfig
-from orchestrator.data.prepare import MANIFEST, file_sha256, is_current, tokenizer_key
+from orchestrator.data.cache import MANIFEST, check_cache_dir, remove_stale_tmp
+from orchestrator.data.prepare import file_sha256, is_current, tokenizer_key
 
 ARRAYS = {"jsonl_sft": ("input_ids", "labels"),
           "jsonl_pref": ("chosen_input_ids", "chosen_labels", "rejected_input_ids",
@@ -96,6 +97,8 @@ def prepare_pairs(job: JobConfig) -> tuple[Path, bool]:
     from orchestrator.common.errors import DataError
 
     source, key, out = _source(job), _key(job), pairs_dir(job)
+    if job.data.cache_dir is not None:  # before anything is tokenized or written
+        check_cache_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.with_name(f".{out.name}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -105,6 +108,7 @@ def prepare_pairs(job: JobConfig) -> tuple[Path, bool]:
             arrays = _rows(job)
         except ValueError as e:
             raise DataError(f"data: {e}") from None
+        remove_stale_tmp(out)
         tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()

@@ -28,17 +28,18 @@ from typing import Any
 import numpy as np
 
 from orchestrator.config.schema import JobConfig
+from orchestrator.data.cache import INDEX, MANIFEST, TOKENS, check_cache_dir, remove_stale_tmp
 from orchestrator.data.sources import (
     BadRecord,
     Skipped,
     Source,
+    SourceError,
     documents,
     open_binary,
     resolve,
     stat,
 )
 
-MANIFEST, TOKENS, INDEX = "manifest.json", "tokens.bin", "docs.idx"
 BATCH_DOCS, BATCH_CHARS = 4096, 1 << 20  # a task for a worker: this many documents at most
 
 _tokenizer: Any = None
@@ -115,6 +116,12 @@ def _source_info(path: Source) -> dict[str, Any]:
     return {"path": str(path), "size": size, "mtime_ns": mtime_ns}
 
 
+def text_key(tokenizer: Path | None, text_field: str) -> dict[str, Any]:
+    """What a text cache's tokens depend on besides the sources: the tokenizer and the field
+    records are read from."""
+    return {**tokenizer_key(tokenizer), "text_field": text_field}
+
+
 def tokenizer_key(tokenizer: Path | None) -> dict[str, Any]:
     """What the prepared tokens depend on: bytes, or the tokenizer's files' contents."""
     if tokenizer is None:
@@ -126,10 +133,16 @@ def tokenizer_key(tokenizer: Path | None) -> dict[str, Any]:
     return {"kind": "hf" if tokenizer.is_dir() else "bpe", "sha256": h.hexdigest()}
 
 
-def is_current(out: Path, sources: list[Source], tokenizer: dict[str, Any]) -> bool:
+def is_current(out: Path, sources: list[Source], tokenizer: dict[str, Any],
+               skipped_ok: bool = True) -> bool:
+    """Whether `out` holds `sources` prepared with these settings (`tokenizer`: the key of
+    everything else the contents depend on) and unchanged since; a cache that passed over bad
+    records is not current for a job that must stop at them (`skipped_ok=False`)."""
     try:
         manifest = json.loads((out / MANIFEST).read_text())
     except (OSError, ValueError):
+        return False
+    if manifest.get("skipped", 0) and not skipped_ok:
         return False
     return (manifest.get("tokenizer") == tokenizer and
             [{k: s[k] for k in ("path", "size", "mtime_ns")} for s in manifest["sources"]]
@@ -146,9 +159,10 @@ def prepare(sources: list[Source], out: Path, tokenizer: Path | None = None,
     from orchestrator.data.tokenizer import load_tokenizer
 
     sources = [p.absolute() if isinstance(p, Path) else p for p in sources]
-    key = tokenizer_key(tokenizer)
-    if is_current(out, sources, key):
+    key = text_key(tokenizer, text_field)
+    if is_current(out, sources, key, skipped_ok=on_error == "skip"):
         return out, False
+    remove_stale_tmp(out)
     vocab = load_tokenizer(tokenizer).vocab_size
     dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.uint32
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -266,6 +280,8 @@ def prepare_job(job: JobConfig) -> list[tuple[Path, bool]]:
     from orchestrator.common.errors import DataError
 
     tok = _tokenizer_of(job)
+    if job.data.cache_dir is not None:  # before anything is tokenized or written
+        check_cache_dir(Path(job.data.cache_dir), several=len(job.data.sources) > 1)
     done = []
     for files, out in prepared_dirs(job, tokenizer_key(tok)):
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -274,7 +290,7 @@ def prepare_job(job: JobConfig) -> list[tuple[Path, bool]]:
             try:
                 done.append(prepare(files, out, tok, job.data.text_field, job.data.num_proc,
                                     job.logging.progress, job.data.on_error))
-            except BadRecord as e:
+            except (BadRecord, SourceError) as e:
                 raise DataError(f"data: {e}") from None
         tokens = json.loads((out / MANIFEST).read_text())["num_tokens"]
         if tokens < job.data.seq_len:
@@ -293,17 +309,18 @@ def all_documents(job: JobConfig) -> Iterator[str]:
         for files in job_sources(job):
             for path in files:
                 yield from documents(path, job.data.text_field, skipped)
-    except BadRecord as e:
+    except (BadRecord, SourceError) as e:
         raise DataError(f"data: {e}") from None
 
 
 def prepared(job: JobConfig) -> list[Path]:
     """In a rank: the job's prepared sources, which its launch made current before the ranks
     started (ranks never tokenize: eight ranks per node would do it eight times)."""
-    key = tokenizer_key(_tokenizer_of(job))
-    dirs = prepared_dirs(job, key)  # resolves every glob (remote ones too): once
+    tok = _tokenizer_of(job)
+    key = text_key(tok, job.data.text_field)
+    dirs = prepared_dirs(job, tokenizer_key(tok))  # resolves every glob (remote ones too): once
     for files, out in dirs:
-        if not is_current(out, files, key):
+        if not is_current(out, files, key, skipped_ok=job.data.on_error == "skip"):
             raise ValueError(f"the source {files[0]} is not prepared in {out} for this "
                              "tokenizer (or changed since): launch through python -m "
                              "orchestrator, or run action=prepare with the same data settings "

@@ -76,6 +76,12 @@ class BadRecord(ValueError):
     """A record of a source the job cannot use; the message starts with `file:line:`."""
 
 
+class SourceError(ValueError):
+    """A whole source the job cannot read (not a record of it): a file that is not what its
+    suffix says, a broken dataset directory, a URL whose filesystem is unknown or whose
+    package is not installed. The message starts with the source."""
+
+
 @dataclass
 class Skipped:
     """Bad records passed over under `data.on_error=skip`: how many, and the first one."""
@@ -101,14 +107,14 @@ def resolve(spec: str) -> list[Source]:
         files = _resolve_url(spec)
     elif glob.has_magic(spec):
         found = sorted(Path(p).absolute() for p in glob.glob(spec, recursive=True))
-        files = [p for p in found if p.is_file()]
+        files = _unique([p for p in found if p.is_file()])
     else:
         path = Path(spec).absolute()
         if is_hf_disk(path):
             return [path]
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and
-                           p.suffix in TEXT_SUFFIXES + RECORD_SUFFIXES)
+            files = _unique(sorted(p for p in path.rglob("*") if p.is_file() and
+                                   p.suffix in TEXT_SUFFIXES + RECORD_SUFFIXES))
         else:
             files = [path] if path.is_file() else []
     if not files:
@@ -117,10 +123,29 @@ def resolve(spec: str) -> list[Source]:
     return files
 
 
+def _unique(files: list[Path]) -> list[Path]:
+    """Each file once, by its real path (a `**` glob through a directory symlink loop, or a
+    symlink beside its target, names one file many times), in the given order."""
+    seen: set[str] = set()
+    out = []
+    for f in files:
+        real = str(f.resolve())
+        if real not in seen:
+            seen.add(real)
+            out.append(f)
+    return out
+
+
 def _resolve_url(spec: str) -> list[Source]:
     from fsspec.core import url_to_fs
 
-    fs, inner = url_to_fs(spec)
+    try:
+        fs, inner = url_to_fs(spec)
+    except ImportError as e:  # fsspec names the package the protocol needs
+        raise SourceError(f"{spec}: {str(e).splitlines()[0]}") from None
+    except ValueError as e:  # "Protocol not known"
+        raise SourceError(f"{spec}: {str(e).splitlines()[0]} (no fsspec filesystem for it)"
+                          ) from None
     if glob.has_magic(inner):
         found = [p for p in fs.glob(inner) if fs.isfile(p)]
     elif fs.isdir(inner):
@@ -203,12 +228,16 @@ def _json_array(path: Source, text_field: str, skipped: Skipped | None) -> Itera
 
 
 def _parquet(path: Source, text_field: str, skipped: Skipped | None) -> Iterator[str]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    f = pq.ParquetFile(open_binary(path))
-    batches = (b.column(0).to_pylist()
-               for b in f.iter_batches(columns=[text_field], batch_size=4096))
-    yield from _column(path, text_field, f.schema_arrow.names, batches, skipped)
+    try:
+        f = pq.ParquetFile(open_binary(path))
+        batches = (b.column(0).to_pylist()
+                   for b in f.iter_batches(columns=[text_field], batch_size=4096))
+        yield from _column(path, text_field, f.schema_arrow.names, batches, skipped)
+    except (pa.ArrowException, OSError) as e:  # not Parquet, or cut short
+        raise SourceError(f"{path}: not a readable Parquet file ({_first_line(e)})") from None
 
 
 def _column(path: Source, text_field: str, columns: list[str],
@@ -231,9 +260,14 @@ def _column(path: Source, text_field: str, columns: list[str],
 def _hf_disk(path: Path, text_field: str, skipped: Skipped | None) -> Iterator[str]:
     """A `save_to_disk` dataset (its "train" split when it is a DatasetDict), read through its
     memory-mapped Arrow files a batch at a time."""
+    import pyarrow as pa
     from datasets import DatasetDict, load_from_disk
 
-    data = load_from_disk(str(path))
+    try:
+        data = load_from_disk(str(path))
+    except (pa.ArrowException, OSError, ValueError, KeyError, TypeError) as e:
+        raise SourceError(f"{path}: not a readable datasets save_to_disk directory "
+                          f"({type(e).__name__}: {_first_line(e)})") from None
     if isinstance(data, DatasetDict):
         if "train" not in data:
             raise BadRecord(f"{path}: row 1: a DatasetDict without a 'train' split "
@@ -241,7 +275,15 @@ def _hf_disk(path: Path, text_field: str, skipped: Skipped | None) -> Iterator[s
         data = data["train"]
     batches = (b[text_field] for b in data.select_columns([text_field]).iter(batch_size=4096)) \
         if text_field in data.column_names else iter(())
-    yield from _column(path, text_field, data.column_names, batches, skipped)
+    try:
+        yield from _column(path, text_field, data.column_names, batches, skipped)
+    except (pa.ArrowException, OSError) as e:  # an Arrow file cut short
+        raise SourceError(f"{path}: not a readable datasets save_to_disk directory "
+                          f"({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _text(path: Source, skipped: Skipped | None) -> Iterator[str]:

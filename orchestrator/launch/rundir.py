@@ -18,6 +18,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -223,3 +224,20 @@ def held(job: JobConfig) -> Iterator[RunDir]:
         raise
     finally:
         run_dir.release()
+
+
+# the default run dir's name (configs/config.yaml: runs/<time>_<launch id>)
+DEFAULT_NAME = re.compile(r"\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}_[0-9a-f]{6}")
+
+
+def remove_abandoned(parent: Path, min_age_s: float = 60.0) -> None:
+    """Remove the empty run dirs a killed launch left in `parent` (a launch that ends removes
+    its own: `discard_if_unused`): only empty ones with the default name, untouched for
+    `min_age_s` (a launch starting right now may have just made its own)."""
+    with contextlib.suppress(OSError):
+        for entry in parent.iterdir():
+            if (DEFAULT_NAME.fullmatch(entry.name) and entry.is_dir()
+                    and not entry.is_symlink()
+                    and time.time() - entry.stat().st_mtime > min_age_s):
+                with contextlib.suppress(OSError):
+                    entry.rmdir()  # fails, harmlessly, unless it is empty

@@ -14,6 +14,8 @@ from orchestrator.common.errors import ConfigError
 KEY = "model.pretrained_path"
 CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
+# what from_pretrained loads weights from (one file, or an index of shards)
+WEIGHT_FILES = ("model.safetensors", INDEX, "pytorch_model.bin", "pytorch_model.bin.index.json")
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 
 
@@ -70,10 +72,11 @@ def safetensors_problem(path: Path) -> str | None:
     return None
 
 
-def check_model_dir(path: str) -> None:
+def check_model_dir(path: str, other_weights: tuple[str, ...] = ()) -> None:
     """Refuse (ConfigError on model.pretrained_path) a directory whose config.json is missing,
     corrupt or not an object, that asks for remote code (`auto_map`: transformers would run
-    the directory's Python), whose weight index names missing shards, or whose safetensors
+    the directory's Python), that holds no weights (`WEIGHT_FILES`, or one of `other_weights`:
+    an int8 model's own file), whose weight index names missing shards, or whose safetensors
     files are truncated or corrupt. pytorch_model.bin files are not inspected."""
     root = Path(path)
     config = root / CONFIG
@@ -84,6 +87,9 @@ def check_model_dir(path: str) -> None:
         raise ConfigError(KEY, path, f"a model directory whose {config} has no 'auto_map' (it "
                           "asks to run the directory's own Python code, which is refused; use "
                           "a model of a family transformers ships)")
+    if not any((root / f).is_file() for f in (*WEIGHT_FILES, *other_weights)):
+        raise ConfigError(KEY, path, "a model directory holding its weights (model.safetensors, "
+                          "pytorch_model.bin or a sharded index; this one has none)")
     index = root / INDEX
     if index.is_file():
         weight_map = _json_object(index, "weight index").get("weight_map", {})

@@ -16,6 +16,8 @@ from orchestrator.config.schema import JobConfig
 from orchestrator.data import FAMILY_OBJECTIVE, data_vocab, ids_needed, objective_of
 from orchestrator.data.check import check_data, check_eval, check_sources, check_tokenizer
 from orchestrator.models.check import check_model_dir
+from orchestrator.planning.ignored import check_ignored
+from orchestrator.quantization import int8
 from orchestrator.quantization.checks import check as check_quantize
 from orchestrator.transforms.converters import check_converters
 
@@ -59,7 +61,7 @@ def _check_model_source(job: JobConfig) -> None:
             raise ConfigError("model.pretrained_path", m.pretrained_path,
                               "a local Hugging Face model directory (with config.json), e.g. "
                               "an earlier run's <run_dir>/model")
-        check_model_dir(m.pretrained_path)
+        check_model_dir(m.pretrained_path, other_weights=(int8.WEIGHTS,))
     if not 0 <= job.eval.holdout < 1:
         raise ConfigError("eval.holdout", job.eval.holdout, "a fraction in [0, 1)")
     if job.train.task == "evaluate" and job.eval.holdout == 0 and job.eval.path is None:
@@ -94,7 +96,8 @@ def validate(job: JobConfig, hw: Hardware) -> None:
     device = resolve_device(job, hw)
     check_precision(job, device, hw)  # precision × strategy × device
     check_converters(job, device, hw)  # LoRA, QAT, fp8, compile (transforms/converters.py)
-    check_data(job)  # last: it reads the data file
+    check_data(job)  # it reads the data file
+    check_ignored(job)  # a key set where it is not read: refused (or named in a warning)
     accum, global_batch = resolve_batch(job)
     _check_offload_and_deepspeed(job, accum, global_batch, device)
     _check_hardware(job, hw)

@@ -14,11 +14,17 @@ LMs, what the int8 convert and its report are built for).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from orchestrator.common.errors import ConfigError
 from orchestrator.config.schema import JobConfig
 from orchestrator.quantization.int8 import (
     FAMILIES,
+    MARKER,
+    METHODS,
     ONE_PROCESS,
+    QAT_METHOD,
+    WEIGHTS,
     model_family,
     saved_marker,
     saved_method,
@@ -31,6 +37,8 @@ def check(job: JobConfig) -> None:
     training from a quantized model, a model other than a causal LM, and more than one
     process, a strategy or a precision other than fp32 for a quantized model."""
     method, task, path = job.quantize.method, job.train.task, job.model.pretrained_path
+    if path:
+        check_quantized_dir(path)
     saved = saved_method(path)
     if task == "quantize":
         if path is None:
@@ -117,3 +125,23 @@ def check_qat(job: JobConfig) -> None:
     if family not in FAMILIES:
         raise ConfigError("precision.qat", value, f"'none' for model family {family} (int8 "
                           "QAT is built for the causal LMs gpt2 and llama)")
+
+
+def check_quantized_dir(path: str) -> None:
+    """A directory with an int8 marker or int8 weights holds both, and a marker that says how
+    it was quantized: a marker that is not JSON, names no method this project writes, or was
+    deleted would otherwise load as something it is not (or not at all) inside the ranks."""
+    root = Path(path)
+    marker, weights = root / MARKER, root / WEIGHTS
+    if not marker.exists() and not weights.exists():
+        return
+    key, methods = "model.pretrained_path", (*METHODS, QAT_METHOD)
+    if not marker.is_file():
+        raise ConfigError(key, path, f"an int8 model directory with its {MARKER} (this one "
+                          f"holds {WEIGHTS} without it: save it again with +recipe=quantize)")
+    if saved_marker(path) is None:
+        raise ConfigError(key, path, f"an int8 model directory whose {marker} is a JSON object "
+                          f"naming its method, one of {', '.join(methods)} (this one is not)")
+    if not weights.is_file():
+        raise ConfigError(key, path, f"an int8 model directory holding {WEIGHTS} beside its "
+                          f"{MARKER} (it is missing)")

@@ -21,7 +21,7 @@ from torch import nn
 from orchestrator.common import checkpoints
 from orchestrator.common.errors import ConfigError
 from orchestrator.config.schema import JobConfig
-from orchestrator.run.checkpoint.final import save_final
+from orchestrator.run.checkpoint.final import MODEL_DIR, save_final
 
 EXPORT_DIR = "export"
 
@@ -79,6 +79,10 @@ def export(job: JobConfig) -> Path:
     from orchestrator.transforms.converters import apply_converters
 
     resume = _checkpoint(job)
+    out = Path(job.run_dir) / EXPORT_DIR / resume.path.name
+    if (out / MODEL_DIR).exists() and not job.run.overwrite:  # before consolidating
+        raise ConfigError("run.overwrite", False, f"true to replace {out / MODEL_DIR} (an "
+                          "earlier export: its files are deleted), or move it away first")
     saved = load_job(resume.path / checkpoints.CONFIG)  # the run as it was trained
     with torch.device("cpu"):  # the converters that shape the saved parameters
         model = apply_converters(build_model(saved.model, seed=saved.train.seed), saved,
@@ -88,7 +92,6 @@ def export(job: JobConfig) -> Path:
     else:
         _load_dcp(model, resume.path)
     engine = Engine(model, torch.optim.SGD(model.parameters(), lr=0.0), saved, "cpu")
-    out = Path(job.run_dir) / EXPORT_DIR / resume.path.name
     out.mkdir(parents=True, exist_ok=True)
     bpe = tokenizer_file(saved) if uses_bpe(saved) else None
     final = save_final(engine, out, 0, bpe)
