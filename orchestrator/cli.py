@@ -28,6 +28,7 @@ from orchestrator.config.load import to_job
 from orchestrator.config.schema import JobConfig
 from orchestrator.launch import rundir
 from orchestrator.planning.preflight import validate
+from orchestrator.quantization.checks import one_process_layout
 
 ConfigStore.instance().store(name="orchestrator_schema", node=JobConfig)
 # `${launch_id:}` in configs/config.yaml: the default run dir is the time plus this, so two
@@ -82,6 +83,10 @@ def execute(job: JobConfig, hw: Hardware | None = None,
             print(f"wrote {path}")
         return 0
     hw = hw or Hardware.detect()
+    job, note = one_process_layout(job, {o.split("=", 1)[0].lstrip("+~")
+                                         for o in overrides or []})
+    if note:
+        print(note)
     validate(job, hw)
     if job.action == "prepare":
         from orchestrator.data import prepare_data

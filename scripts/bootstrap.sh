@@ -17,6 +17,14 @@ if [ -z "$py" ]; then  # the first python3 >= 3.10 on PATH
 fi
 if [ ! -x "$venv/bin/python" ]; then
   if "$py" -c "import torch" >/dev/null 2>&1; then
+    # a machine's own torch is kept: it must be one torchrun of which takes our flags
+    if ! "$py" -c "import sys, torch; v = torch.__version__.split('+')[0].split('.')
+sys.exit(0 if (int(v[0]), int(v[1])) >= (2, 9) else 1)"; then
+      echo "bootstrap: $py has torch $("$py" -c 'import torch; print(torch.__version__)');" \
+        "orchestrator needs torch >= 2.9 (torchrun's --signals-to-handle): upgrade it, or" \
+        "set PYTHON= to a python3 without torch (then torch==2.13.0 is installed)" >&2
+      exit 2
+    fi
     "$py" -m venv --system-site-packages "$venv"   # keep the user's torch
   else
     "$py" -m venv "$venv"

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import subprocess
 import sys
+import sysconfig
 from dataclasses import dataclass
+from pathlib import Path
 
 from orchestrator.common.errors import ConfigError
 from orchestrator.config.schema import JobConfig
@@ -97,3 +100,22 @@ def strategy_name(job: JobConfig) -> str:
     if job.parallelism.backend == "deepspeed":
         return "deepspeed"
     return TORCH_STRATEGIES[job.parallelism.zero_stage]
+
+
+def missing_build_tool(language: str) -> str | None:
+    """What a just-in-time build on this machine lacks, in words; None when nothing does.
+    `language` "c++": inductor's CPU kernels and DeepSpeed's CPU Adam (`$CXX`, else g++);
+    "c": Triton's CUDA launcher (`$CC`, else gcc or clang). Both include Python's headers."""
+    if language == "c++":
+        names = [os.environ.get("CXX", "g++")]
+        what = "a C++ compiler ($CXX, default g++)"
+    else:
+        names = [os.environ["CC"]] if os.environ.get("CC") else ["gcc", "clang"]
+        what = "a C compiler ($CC, else gcc or clang)"
+    if not any(shutil.which(n) for n in names):
+        return f"{what}: {' / '.join(names)} is not on PATH"
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if not headers.is_file():
+        return (f"Python's headers: {headers} is missing (Debian/Ubuntu: apt-get install "
+                f"python{sys.version_info.major}.{sys.version_info.minor}-dev)")
+    return None

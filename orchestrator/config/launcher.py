@@ -9,7 +9,7 @@ import ipaddress
 import re
 from pathlib import PurePosixPath
 
-from orchestrator.common.errors import ConfigError
+from orchestrator.common.errors import ConfigError, OrchestratorError
 from orchestrator.config.schema import JobConfig
 
 # torchrun's own default list, which it turns into a clean shutdown of its workers
@@ -18,6 +18,20 @@ TORCHRUN_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
 DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 QUANTITY = re.compile(r"[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?")
 SYSTEM_DIRS = [PurePosixPath(p) for p in ("/dev", "/proc", "/sys")]
+
+
+TORCHRUN_MIN = (2, 9)  # torchrun's --signals-to-handle and --shutdown-timeout (torch 2.9)
+
+
+def check_torch_version(version: str) -> None:
+    """The torch the ranks run takes the torchrun flags the commands carry (`torchrun_flags`):
+    torch 2.9 or newer. `version` as torch reports it, e.g. "2.13.0+cpu"."""
+    found = re.match(r"(\d+)\.(\d+)", version)
+    if found and (int(found[1]), int(found[2])) < TORCHRUN_MIN:
+        raise OrchestratorError(f"torch {version} here; orchestrator needs torch >= 2.9: every "
+                                "launch passes torchrun --signals-to-handle and "
+                                "--shutdown-timeout (checkpoint-and-stop on a signal), which "
+                                "older torchrun refuses")
 
 
 def stop_signal(job: JobConfig) -> str:

@@ -55,6 +55,10 @@ def check_precision(job: JobConfig, device: str, hw: Hardware) -> None:
             raise ConfigError(f"precision.{key}", value, "'auto' unless FSDP2 "
                               "(parallelism.zero_stage 2 or 3, backend=torch): DDP and ZeRO-1 "
                               "use autocast, DeepSpeed its own fp16/bf16 sections")
+    if p.fp8_all_gather and not (p.name == "fp8" and fsdp):
+        raise ConfigError("precision.fp8_all_gather", True, "false unless precision=fp8 under "
+                          "FSDP2 (parallelism.zero_stage 2 or 3, backend=torch): it all-gathers "
+                          "FSDP2's float8 weight shards")
     if p.param_dtype == "fp16" and p.name != "fp16":
         raise ConfigError("precision.param_dtype", "fp16", "'auto', 'fp32' or 'bf16' unless "
                           "precision=fp16 (fp16 gradients need its loss scaler)")

@@ -65,6 +65,12 @@ class PrecisionConfig:
     # fake-quantized to int8 (symmetric, per output row; torchao QAT), convert at the end and
     # save the int8 model to <run_dir>/model with a before/after report; none = off
     qat: str = choice("none", "none", "int8")
+    # fp8: which linears become float8: auto = torchao's size heuristic (small matmuls gain
+    # nothing); all = every one with dimensions that are multiples of 16; never the head
+    fp8_filter: str = choice("auto", "auto", "all")
+    # fp8 under FSDP2: all-gather the float8 weights (half the bytes of bf16), with the scales
+    # precomputed for the whole model after each optimizer step (torchao)
+    fp8_all_gather: bool = False
 
 
 @dataclass
@@ -209,8 +215,9 @@ class OptimConfig:
 class ClusterConfig:
     nodes: int = 1
     gpus_per_node: int = 2  # processes per node (CPU ranks when device is cpu)
-    device: str = choice("auto", "auto", "cpu", "cuda")  # auto = cuda if visible, else cpu
-    # the accelerator to plan for (orchestrator/gpus.py); none = unknown / CPU
+    # auto = cuda when cluster.gpu names one, or (launcher=local) a GPU is visible; else cpu
+    device: str = choice("auto", "auto", "cpu", "cuda")
+    # the accelerator to plan for (orchestrator/config/gpus.py); none = unknown / CPU
     gpu: str = choice("none", "none", "v100", "a100_40gb", "a100_80gb", "h100", "h100_pcie",
                       "h200", "l4")
     gpu_hour_usd: Optional[float] = None  # price of one GPU-hour, for the cost estimate
@@ -255,6 +262,13 @@ class K8sConfig:
     # lie under it, and sits on the claim at its path relative to mount_path.
     mount_path: Optional[str] = None
     shm_size: Optional[str] = None  # sizeLimit of the in-memory /dev/shm, e.g. "32Gi"; None = none
+    # trainjob: Kubeflow Trainer v2's TrainJob (trainer.kubeflow.org/v1alpha1, on JobSet), what
+    # new clusters run; pytorchjob: the training operator's v1 PyTorchJob (deprecated upstream)
+    api: str = choice("trainjob", "trainjob", "pytorchjob")
+    runtime: str = "torch-distributed"  # trainjob: the ClusterTrainingRuntime it references
+    queue: Optional[str] = None  # trainjob: Kueue's LocalQueue (the queue-name label)
+    # trainjob: the Kubernetes Secret whose key ORCHESTRATOR_SECRETS holds the ranks' secrets
+    secret: Optional[str] = None
 
 
 @dataclass

@@ -97,15 +97,19 @@ def batches(dataset: Dataset, job: JobConfig, rank: int, world_size: int,
             f"dataset has {len(dataset)} samples: too few for micro_batch_size "
             f"{micro} on {world_size} ranks")
     workers = job.data.num_workers
+    pin = os.environ.get(DEVICE_ENV) == "cuda"  # for the engine's non_blocking copies
     loader = DataLoader(dataset, batch_size=micro, sampler=sampler, drop_last=True,
                         collate_fn=stack, num_workers=workers,
-                        persistent_workers=workers > 0,
-                        pin_memory=os.environ.get(DEVICE_ENV) == "cuda")
+                        persistent_workers=workers > 0, pin_memory=pin)
     epoch, skip = divmod(start_step, per_epoch)
     index = start_step  # of the next micro batch in this rank's stream
     while True:
         sampler.set_epoch(epoch, start=skip * micro)
         for batch in loader:
-            yield with_objective(job, batch, batch_generator(job.train.seed, rank, index))
+            out = with_objective(job, batch, batch_generator(job.train.seed, rank, index))
+            # the objective's labels and masks are made after the loader pinned the ids: pin
+            # them too, or their copies to the GPU would wait for the host
+            yield {k: v if v.is_pinned() else v.pin_memory() for k, v in out.items()} \
+                if pin else out
             index += 1
         epoch, skip = epoch + 1, 0

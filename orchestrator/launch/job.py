@@ -34,6 +34,7 @@ from orchestrator.launch.k8s import write_manifest
 from orchestrator.launch.launcher import launch
 from orchestrator.launch.slurm import preflight as slurm_preflight
 from orchestrator.launch.slurm import write_script
+from orchestrator.launch.trainjob import write_trainjob
 from orchestrator.planning import fit
 from orchestrator.planning.plan import make_plan
 from orchestrator.planning.preflight import validate
@@ -98,6 +99,8 @@ def _write_run_files(job: JobConfig, plan: Plan, text: str, run_dir: rundir.RunD
     if job.launcher.name == "slurm":
         path = write_script(plan, job)
         print(f"sbatch script ({path}):\n{path.read_text()}")
+    elif job.launcher.name == "k8s" and job.launcher.k8s.api == "trainjob":
+        print(f"TrainJob manifest: {write_trainjob(plan, job)}")
     elif job.launcher.name == "k8s":
         print(f"PyTorchJob manifest: {write_manifest(plan, job)}")
 

@@ -1,4 +1,6 @@
-"""Kubernetes (render only): a Kubeflow `PyTorchJob` manifest from the plan, for `kubectl apply`.
+"""Kubernetes (render only): a Kubeflow `PyTorchJob` manifest from the plan, for `kubectl apply`
+(`launcher.k8s.api=pytorchjob`; the default TrainJob is trainjob.py, which shares the command,
+volumes and env built here).
 
 One pod per node (Master = node 0, Worker = nodes 1..N-1). Each pod runs torchrun, which starts
 the plan's `nproc_per_node` ranks; the training operator (v1.7 or later) tells it which node it
@@ -69,22 +71,31 @@ def command(plan: Plan, job: JobConfig) -> list[str]:
             *rank_command(job, plan.config_path)]
 
 
-def render(plan: Plan, job: JobConfig) -> dict[str, Any]:
-    mount = mount_path(job)
-    resources: dict[str, Any] = {}
-    if plan.device == "cuda":
-        resources = {"limits": {"nvidia.com/gpu": plan.nproc_per_node}}
-    # NCCL and DataLoader workers share memory through /dev/shm: Docker's default is 64 MB.
+def pod_volumes(job: JobConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(volumes, volume mounts) every pod gets: the in-memory /dev/shm (NCCL and DataLoader
+    workers share memory through it; Docker's default is 64 MB) and the run-dir claim."""
     shm: dict[str, Any] = {"medium": "Memory"}
     if job.launcher.k8s.shm_size is not None:
         shm["sizeLimit"] = job.launcher.k8s.shm_size
     volumes = [{"name": SHM_VOLUME, "emptyDir": shm},
                {"name": RUN_VOLUME, "persistentVolumeClaim": {"claimName": job.launcher.k8s.pvc}}]
     mounts = [{"name": SHM_VOLUME, "mountPath": "/dev/shm"},
-              {"name": RUN_VOLUME, "mountPath": str(mount)}]
+              {"name": RUN_VOLUME, "mountPath": str(mount_path(job))}]
+    return volumes, mounts
+
+
+def container_env(plan: Plan) -> list[dict[str, Any]]:
+    """The plan's environment, secret-named variables left out."""
+    return [{"name": k, "value": v} for k, v in sorted(plan.env.items()) if not is_secret_key(k)]
+
+
+def render(plan: Plan, job: JobConfig) -> dict[str, Any]:
+    resources: dict[str, Any] = {}
+    if plan.device == "cuda":
+        resources = {"limits": {"nvidia.com/gpu": plan.nproc_per_node}}
+    volumes, mounts = pod_volumes(job)
     container = {"name": CONTAINER, "image": job.launcher.image, "command": command(plan, job),
-                 "env": [{"name": k, "value": v} for k, v in sorted(plan.env.items())
-                         if not is_secret_key(k)],
+                 "env": container_env(plan),
                  "ports": [{"name": PORT_NAME, "containerPort": job.launcher.rdzv_port,
                             "protocol": "TCP"}],
                  "resources": resources, "volumeMounts": mounts}
@@ -108,10 +119,10 @@ def write_manifest(plan: Plan, job: JobConfig) -> Path:
     manifest = render(plan, job)
     path = Path(job.run_dir) / MANIFEST
     # yaml.safe_dump would write the shared container and volumes as anchors and aliases
-    path.write_text(yaml.dump(manifest, Dumper=_NoAliases, sort_keys=False))
+    path.write_text(yaml.dump(manifest, Dumper=NoAliases, sort_keys=False))
     return path
 
 
-class _NoAliases(yaml.SafeDumper):
+class NoAliases(yaml.SafeDumper):
     def ignore_aliases(self, data: Any) -> bool:
         return True

@@ -153,9 +153,11 @@ def param_specs(cfg: ModelConfig, lora: LoraConfig | None = None,
     out = model.get_output_embeddings()
     head = out.weight if out is not None else None
     rows = linear_rows(model)
+    lookups = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     return [
         ParamSpec(name, tuple(p.shape), owner.get(id(p), ROOT_GROUP), head=p is head,
-                  trainable=p.requires_grad, out_features=rows.get(id(p), 0))
+                  trainable=p.requires_grad, out_features=rows.get(id(p), 0),
+                  lookup=id(p) in lookups and p is not head)
         for name, p in model.named_parameters()
     ]
 

@@ -18,7 +18,7 @@ from orchestrator.common.files import cache_dir
 from orchestrator.config.schema import LoraConfig, ModelConfig
 from orchestrator.models.specs import ParamSpec
 
-FORMAT = 2  # bump when ParamSpec or the way specs are counted changes
+FORMAT = 3  # bump when ParamSpec or the way specs are counted changes
 
 _SPECS: dict[str, tuple[ParamSpec, ...]] = {}
 
@@ -58,7 +58,7 @@ def _path(key: str) -> Path:
 def _from_disk(key: str) -> list[ParamSpec] | None:
     try:
         rows = json.loads(_path(key).read_text())
-        return [ParamSpec(r[0], tuple(r[1]), r[2], r[3], r[4], r[5]) for r in rows]
+        return [ParamSpec(r[0], tuple(r[1]), r[2], r[3], r[4], r[5], r[6]) for r in rows]
     except (OSError, ValueError, TypeError, IndexError):
         return None
 
@@ -73,7 +73,7 @@ def _count(model: ModelConfig, lora: LoraConfig | None, dpo_beta: float | None,
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
         tmp.write_text(json.dumps([[s.name, list(s.shape), s.group, s.head, s.trainable,
-                                    s.out_features] for s in specs]))
+                                    s.out_features, s.lookup] for s in specs]))
         os.replace(tmp, path)
     except OSError:
         pass  # a read-only cache only costs the next plan the count

@@ -21,6 +21,9 @@ class ParamSpec:
     # the weight of a linear layer (nn.Linear, GPT-2's Conv1D; not a head tied to the input
     # embedding): its output features, the rows int8 quantization scales one by one; 0 otherwise
     out_features: int = 0
+    # an embedding's weight that is not also the output head: a lookup, no matmul (its FLOPs
+    # are not 6 per token: planning/compute.py)
+    lookup: bool = False
 
     @property
     def numel(self) -> int:

@@ -40,16 +40,21 @@ def estimate(params: int, global_batch: int, seq_len: int, steps: int, layers: i
              mfu: Optional[float] = None, budget_flops: Optional[float] = None,
              gpu_hour_usd: Optional[float] = None,
              trainable_params: Optional[int] = None,
-             reference: bool = False, extra_flops_per_token: float = 0.0) -> ComputeEstimate:
+             reference: bool = False, extra_flops_per_token: float = 0.0,
+             lookup_params: int = 0, trainable_lookup_params: int = 0) -> ComputeEstimate:
     """Training FLOPs and time; `extra_flops_per_token`: work besides the matmuls (QAT's fake
-    quantization, quantize_config.qat_overhead)."""
+    quantization, quantization/int8.py: qat_overhead). `lookup_params`: embedding weights that
+    are not also the output head (an untied input embedding, GPT-2's positions): a lookup,
+    charged no matmul FLOPs (torchtitan and PaLM appendix B count 6·(N − embeddings)); the
+    Chinchilla reference keeps every parameter."""
     tokens_per_step = global_batch * seq_len
     tokens = tokens_per_step * steps
     trained = params if trainable_params is None else trainable_params
+    matmul, trained_matmul = params - lookup_params, trained - trainable_lookup_params
     attention = 4.0 * layers * d_model * seq_len  # forward; backward is twice that
-    per_token = 4.0 * params + 2.0 * trained + 3 * attention
+    per_token = 4.0 * matmul + 2.0 * trained_matmul + 3 * attention
     if reference:  # DPO: chosen and rejected, each also through the reference (forward)
-        per_token = 2 * (per_token + 2.0 * params + attention)
+        per_token = 2 * (per_token + 2.0 * matmul + attention)
     per_token += extra_flops_per_token
     chinchilla = CHINCHILLA_TOKENS_PER_PARAM * params
     ratio = tokens / chinchilla

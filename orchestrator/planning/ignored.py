@@ -50,6 +50,7 @@ READERS: tuple[Reader, ...] = (
            "lora.rank > 0"),
     Reader(("precision.init_scale", "precision.growth_interval"),
            lambda j: j.precision.name == "fp16", "precision=fp16 (the loss scaler's keys)"),
+    Reader(("precision.fp8_filter",), lambda j: j.precision.name == "fp8", "precision=fp8"),
     Reader(("parallelism.bucket_cap_mb",), lambda j: j.parallelism.backend == "torch"
            and j.parallelism.zero_stage in (0, 1), "DDP or ZeRO-1 (DDP's gradient buckets)"),
     Reader(("data.path", "data.cache_dir"), lambda j: j.data.name != "synthetic",
@@ -102,8 +103,11 @@ READERS: tuple[Reader, ...] = (
         JobConfig().launcher.slurm)), lambda j: j.launcher.name == "slurm", "launcher=slurm",
         warn=True),
     Reader(("launcher.image", *(f"launcher.k8s.{f.name}" for f in dataclasses.fields(
-        JobConfig().launcher.k8s))), lambda j: j.launcher.name == "k8s", "launcher=k8s",
-        warn=True),
+        JobConfig().launcher.k8s) if f.name not in ("runtime", "queue", "secret"))),
+        lambda j: j.launcher.name == "k8s", "launcher=k8s", warn=True),
+    Reader(("launcher.k8s.runtime", "launcher.k8s.queue", "launcher.k8s.secret"),
+           lambda j: j.launcher.name == "k8s" and j.launcher.k8s.api == "trainjob",
+           "launcher=k8s and launcher.k8s.api=trainjob", warn=True),
     Reader(("model.dropout", "model.attn_implementation"),
            lambda j: j.model.pretrained_path is None, "model.pretrained_path unset (a model "
            "directory is loaded as saved)", warn=True),
@@ -132,6 +136,7 @@ CHECKED = {
     "eval.path": "data/check.py: data.name=text only",
     "precision.qat": "quantization/checks.py: training only",
     "debug.inf_grad_at_step": "config/precision.py: precision=fp16 only",
+    "precision.fp8_all_gather": "config/precision.py: fp8 under FSDP2 only",
 }
 
 # read in every combination the checks accept (the names are labels: recorded in config.yaml

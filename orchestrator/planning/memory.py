@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 from orchestrator.common.plan import MemoryEstimate, MomentBytes
 from orchestrator.config.derived import TORCH_STRATEGIES
@@ -119,18 +120,29 @@ def _replicated(specs: list[ParamSpec], opt_numels: list[int], optimizer: str,
 
 
 def _gathered_by_group(specs: list[ParamSpec], shard_size: int,
-                       trainable_only: bool = False) -> dict[str, int]:
-    """Elements of each FSDP unit once all-gathered: the padded dim-0 shards times the group."""
+                       trainable_only: bool = False,
+                       bytes_of: Callable[[ParamSpec], int] | None = None) -> dict[str, int]:
+    """Elements (or, with `bytes_of`, bytes) of each FSDP unit once all-gathered: the padded
+    dim-0 shards times the group."""
     out: dict[str, int] = {}
     for s in specs:
         if s.trainable or not trainable_only:
             rows_padded, _ = _chunk(s.shape[0], shard_size, 0)
-            out[s.group] = out.get(s.group, 0) + rows_padded * shard_size * (s.numel // s.shape[0])
+            n = rows_padded * shard_size * (s.numel // s.shape[0])
+            out[s.group] = out.get(s.group, 0) + n * (bytes_of(s) if bytes_of else 1)
     return out
 
 
-def _fsdp(specs: list[ParamSpec], world_size: int, rank: int, stage: int, compute_bytes: int,
-          optimizer: str, momentum: float, w: int) -> dict[str, MomentBytes]:
+def _gather_bytes(compute_bytes: int, float8: bool) -> Callable[[ParamSpec], int]:
+    """Bytes an all-gathered element takes: the compute dtype's, or one for the weight of a
+    linear layer (not the head) when FSDP2 all-gathers float8 weights
+    (`precision.fp8_all_gather`; counted for every such layer, torchao's size filter aside)."""
+    return lambda s: 1 if float8 and s.out_features and not s.head else compute_bytes
+
+
+def _fsdp(specs: list[ParamSpec], world_size: int, rank: int, stage: int,
+          bytes_of: Callable[[ParamSpec], int], optimizer: str, momentum: float,
+          w: int) -> dict[str, MomentBytes]:
     padded_shard, grad_shard, local = 0, 0, []
     for s in specs:
         rows_padded, rows_local = _chunk(s.shape[0], world_size, rank)
@@ -139,17 +151,17 @@ def _fsdp(specs: list[ParamSpec], world_size: int, rank: int, stage: int, comput
         if s.trainable:  # frozen parameters are sharded too, but take no grad or state
             grad_shard += rows_padded * inner
             local.append(rows_local * inner)
-    unsharded = _gathered_by_group(specs, world_size)
+    unsharded = _gathered_by_group(specs, world_size, bytes_of=bytes_of)
     opt = _optimizer_bytes(local, optimizer, momentum, w)
     held = sum(unsharded.values()) if stage == 2 else unsharded.get(ROOT_GROUP, 0)
     return {
-        "after_forward": MomentBytes(w * padded_shard + compute_bytes * held, 0, opt),
+        "after_forward": MomentBytes(w * padded_shard + held, 0, opt),
         "after_backward": MomentBytes(w * padded_shard, w * grad_shard, opt),
     }
 
 
-def _fsdp_working_set(specs: list[ParamSpec], shard_size: int, stage: int, compute_bytes: int,
-                      reduce_bytes: int) -> dict[str, int]:
+def _fsdp_working_set(specs: list[ParamSpec], shard_size: int, stage: int,
+                      bytes_of: Callable[[ParamSpec], int], reduce_bytes: int) -> dict[str, int]:
     """FSDP2's transient bytes inside backward, beyond each modelled moment.
 
     Units are the `fully_shard` groups: one per block, plus the root (embeddings, final norm,
@@ -160,27 +172,28 @@ def _fsdp_working_set(specs: list[ParamSpec], shard_size: int, stage: int, compu
     - beyond `after_backward` (the end of backward): the root is still gathered while its own
       gradients are reduce-scattered, after which it is resharded.
     """
-    params = _gathered_by_group(specs, shard_size)
+    params = _gathered_by_group(specs, shard_size, bytes_of=bytes_of)
     grads = _gathered_by_group(specs, shard_size, trainable_only=True)
     blocks = sorted((n for g, n in params.items() if g != ROOT_GROUP), reverse=True)
     block_grads = max((n for g, n in grads.items() if g != ROOT_GROUP), default=0)
     gathered = sum(blocks[:2]) if stage == 3 else 0  # the unit computed + the prefetched next
     return {
-        "after_forward": compute_bytes * gathered + reduce_bytes * block_grads,
-        "after_backward": compute_bytes * params.get(ROOT_GROUP, 0)
-        + reduce_bytes * grads.get(ROOT_GROUP, 0),
+        "after_forward": gathered + reduce_bytes * block_grads,
+        "after_backward": params.get(ROOT_GROUP, 0) + reduce_bytes * grads.get(ROOT_GROUP, 0),
     }
 
 
 def estimate(specs: list[ParamSpec], world_size: int, zero_stage: int, precision: str,
              optimizer: str = "adamw", momentum: float = 0.9,
-             shard_size: int | None = None, param_dtype: str = "auto") -> MemoryEstimate:
+             shard_size: int | None = None, param_dtype: str = "auto",
+             float8_gather: bool = False) -> MemoryEstimate:
     """Model-state bytes on the most loaded rank at each modelled moment of a training step.
 
     `shard_size`: FSDP2 (stages 2/3) shards over groups of this many ranks and replicates over
     world_size / shard_size groups (HSDP); default: all ranks. A rank then holds exactly what
     it would in a `shard_size`-rank job. `param_dtype`: FSDP2's `precision.param_dtype`, the
-    dtype units are gathered in (auto: the compute dtype)."""
+    dtype units are gathered in (auto: the compute dtype); `float8_gather`:
+    `precision.fp8_all_gather` (linear weights gathered in one byte)."""
     w = master_bytes(precision)
     gathered = DTYPE_BYTES[param_dtype if param_dtype != "auto" else precision]
     working: dict[str, int] = {}
@@ -196,9 +209,10 @@ def estimate(specs: list[ParamSpec], world_size: int, zero_stage: int, precision
     else:
         rank = 0  # dim-0 chunks are largest on rank 0; padded shards are equal everywhere
         shard = shard_size or world_size
-        moments = _fsdp(specs, shard, rank, zero_stage, gathered, optimizer, momentum, w)
+        bytes_of = _gather_bytes(gathered, float8_gather)
+        moments = _fsdp(specs, shard, rank, zero_stage, bytes_of, optimizer, momentum, w)
         # precision.fsdp_policy reduces in fp32 for bf16/fp16, in the param dtype otherwise
-        working = _fsdp_working_set(specs, shard, zero_stage, gathered, w)
+        working = _fsdp_working_set(specs, shard, zero_stage, bytes_of, w)
     peak = max(MOMENTS, key=lambda m: moments[m].total_bytes)
     return MemoryEstimate(TORCH_STRATEGIES[zero_stage], rank, peak, moments,
                           working_set_by_moment=working,

@@ -84,7 +84,8 @@ def _model_state(job: JobConfig, specs: list[ParamSpec], device: str, accum: int
         shard = job.world_size // p.replicate_degree if p.zero_stage in (2, 3) else None
         return _ModelState(memory.estimate(
             specs, job.world_size, p.zero_stage, job.precision.name, job.optim.name,
-            job.optim.momentum, shard_size=shard, param_dtype=job.precision.param_dtype),
+            job.optim.momentum, shard_size=shard, param_dtype=job.precision.param_dtype,
+            float8_gather=job.precision.fp8_all_gather),
             None, 1)
     from orchestrator.planning import deepspeed_config
 
@@ -110,6 +111,9 @@ def _rank_env(job: JobConfig, device: str, cpu_count: int, python: str) -> dict[
     host_compute = device == "cpu" or job.parallelism.offload_optimizer
     threads = max(1, cpu_count // job.cluster.gpus_per_node) if host_compute else 1
     env = {"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", DEVICE_ENV: device}
+    if device == "cuda":  # an NCCL timeout aborts the process: leave the flight record behind
+        env.update(TORCH_NCCL_TRACE_BUFFER_SIZE="2000", TORCH_NCCL_DUMP_ON_TIMEOUT="1",
+                   TORCH_NCCL_DEBUG_INFO_TEMP_FILE=str(Path(job.run_dir) / "nccl_trace_rank_"))
     if job.parallelism.backend == "deepspeed":
         env["TORCH_EXTENSIONS_DIR"] = str(extensions_dir(python))
     return env
@@ -124,7 +128,8 @@ def make_plan(job: JobConfig, device: str, cpu_count: int, python: str = sys.exe
     strategy, stage = strategy_name(job), job.parallelism.zero_stage
     psi = sum(s.numel for s in specs)
     # DPO: the frozen reference copy is memory, not model size
-    n_model = sum(s.numel for s in specs if not s.name.startswith(REFERENCE))
+    model_specs = [s for s in specs if not s.name.startswith(REFERENCE)]
+    n_model = sum(s.numel for s in model_specs)
     qat_bytes, qat_flops = int8.qat_overhead(job, specs)  # precision.qat
     mem = memory.with_activations(state.memory, activation_bytes(job) + qat_bytes,
                                   job.plan.memory_overhead, psi,
@@ -147,7 +152,10 @@ def make_plan(job: JobConfig, device: str, cpu_count: int, python: str = sys.exe
             job.world_size, gpu.peak_flops(job.precision.name) if gpu else None, job.plan.mfu,
             job.plan.budget_flops, job.cluster.gpu_hour_usd,
             trainable_params=sum(s.numel for s in specs if s.trainable),
-            reference=job.dpo_beta is not None, extra_flops_per_token=qat_flops),
+            reference=job.dpo_beta is not None, extra_flops_per_token=qat_flops,
+            lookup_params=sum(s.numel for s in model_specs if s.lookup),
+            trainable_lookup_params=sum(s.numel for s in model_specs
+                                        if s.lookup and s.trainable)),
         deepspeed_config=state.deepspeed_config,
         mesh=memory.describe_mesh(strategy, job.world_size, stage, mem.shard_size, state.hpz),
         quantize=int8.plan_entry(job, specs),

@@ -6,10 +6,16 @@ spawns, allocates or writes anything; no torch is imported."""
 from __future__ import annotations
 
 import os
+from importlib.metadata import version
 
 from orchestrator.common.errors import ConfigError
-from orchestrator.config.derived import Hardware, resolve_batch, resolve_device
-from orchestrator.config.launcher import check_launcher
+from orchestrator.config.derived import (
+    Hardware,
+    missing_build_tool,
+    resolve_batch,
+    resolve_device,
+)
+from orchestrator.config.launcher import check_launcher, check_torch_version
 from orchestrator.config.precision import check_precision
 from orchestrator.config.rules import check_config, positive
 from orchestrator.config.schema import JobConfig
@@ -101,6 +107,8 @@ def validate(job: JobConfig, hw: Hardware) -> None:
     accum, global_batch = resolve_batch(job)
     _check_offload_and_deepspeed(job, accum, global_batch, device)
     _check_hardware(job, hw)
+    if job.action == "run" and job.launcher.name in ("local", "slurm"):
+        check_torch_version(version("torch"))  # the ranks run this environment's torch
 
 
 # Keys the generated DeepSpeed config takes from our own fields; setting them in the
@@ -129,6 +137,11 @@ def _check_offload_and_deepspeed(job: JobConfig, accum: int, global_batch: int,
         return
     if p.offload_optimizer and p.zero_stage == 0:
         raise ConfigError("parallelism.offload_optimizer", True, "false at zero_stage 0")
+    local = job.action == "run" and job.launcher.name == "local"  # the machine that builds
+    missing = missing_build_tool("c++") if p.offload_optimizer and local else None
+    if missing:
+        raise ConfigError("parallelism.offload_optimizer", True, "false here: DeepSpeed's CPU "
+                          f"Adam is built on first use and needs {missing}")
     if p.offload_params and p.zero_stage != 3:
         raise ConfigError("parallelism.offload_params", True, "false unless zero_stage is 3")
     for key, ours in OWNED_DEEPSPEED_KEYS.items():

@@ -14,6 +14,7 @@ LMs, what the int8 convert and its report are built for).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from orchestrator.common.errors import ConfigError
@@ -25,6 +26,7 @@ from orchestrator.quantization.int8 import (
     ONE_PROCESS,
     QAT_METHOD,
     WEIGHTS,
+    job_method,
     model_family,
     saved_marker,
     saved_method,
@@ -145,3 +147,31 @@ def check_quantized_dir(path: str) -> None:
     if not weights.is_file():
         raise ConfigError(key, path, f"an int8 model directory holding {WEIGHTS} beside its "
                           f"{MARKER} (it is missing)")
+
+
+# the keys that make a job's layout; a quantized model has one valid value for each
+LAYOUT_KEYS = ("cluster.nodes", "cluster.gpus_per_node", "parallelism", "precision")
+
+
+def one_process_layout(job: JobConfig, explicit: set[str]) -> tuple[JobConfig, str | None]:
+    """An int8 model (a quantized directory, or `quantize.method`) evaluates and generates on
+    one process, unwrapped, in fp32: the only layout it runs in. Set that layout for every
+    layout key the command line did not set (`explicit`: the keys it named); the user's own
+    choice stays, for the checks to refuse. Returns the job and the line that says so."""
+    if job.train.task not in ("evaluate", "generate") or job_method(job) is None:
+        return job, None
+    mine = {k for k in LAYOUT_KEYS if any(e == k or e.startswith(k + ".") for e in explicit)}
+    c, p, prec = job.cluster, job.parallelism, job.precision
+    if "cluster.nodes" not in mine:
+        c = dataclasses.replace(c, nodes=1)
+    if "cluster.gpus_per_node" not in mine:
+        c = dataclasses.replace(c, gpus_per_node=1)
+    if "parallelism" not in mine:
+        p = dataclasses.replace(p, name="ddp", backend="torch", zero_stage=0)
+    if "precision" not in mine:
+        prec = dataclasses.replace(prec, name="fp32")
+    changed = dataclasses.replace(job, cluster=c, parallelism=p, precision=prec)
+    if changed == job:
+        return job, None
+    return changed, (f"int8 model ({job_method(job)}): one process, unwrapped, fp32 "
+                     f"({ONE_PROCESS} precision=fp32)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,17 @@ class RankInfo:
     device: str
 
 
+def gloo_interface(environ: Mapping[str, str]) -> dict[str, str]:
+    """The side groups are gloo (checkpoint commits, the stop vote): where the cluster names
+    NCCL's network interfaces (`NCCL_SOCKET_IFNAME=ib0,eth0`) and not gloo's, gloo takes the
+    same ones, or it could pick an interface the other nodes cannot reach. NCCL's `^`
+    (exclude) and `=` (exact) forms have no gloo equivalent and are left alone."""
+    nccl = environ.get("NCCL_SOCKET_IFNAME", "")
+    if not nccl or "GLOO_SOCKET_IFNAME" in environ or nccl[0] in "^=":
+        return {}
+    return {"GLOO_SOCKET_IFNAME": nccl}
+
+
 def init(device: str, timeout_s: float | None = None) -> RankInfo:
     """Join the job's process group. Under torchrun the env:// variables are set; a single
     process without them gets a one-rank group, so every strategy runs unchanged. A collective
@@ -26,6 +38,7 @@ def init(device: str, timeout_s: float | None = None) -> RankInfo:
     from orchestrator.common.lifeline import tie_rank_to_parent
 
     tie_rank_to_parent()
+    os.environ.update(gloo_interface(os.environ))
     backend = "nccl" if device == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

@@ -107,7 +107,7 @@ class MetricsLogger(NullLogger):
         self.step = 0  # the last step logged, for the error message
         self.val_loss: float | None = None  # the last `val/loss` (eval.every_steps), if any
         self.bar = None
-        if job.logging.progress:
+        if job.logging.progress and job.train.task == "pretrain":  # a bar of training steps
             from tqdm import tqdm
 
             self.bar = tqdm(total=job.train.steps, desc="train", unit="step", file=sys.stderr,

@@ -17,11 +17,10 @@ written atomically, so the node's ranks build every kernel once between them.
 
 from __future__ import annotations
 
-import os
-import shutil
 from typing import TYPE_CHECKING
 
 from orchestrator.common.errors import ConfigError
+from orchestrator.config.derived import missing_build_tool
 from orchestrator.config.schema import JobConfig
 
 if TYPE_CHECKING:  # validation imports this module without importing torch
@@ -39,11 +38,12 @@ def check(job: JobConfig, device: str) -> None:
     if job.train.task != "pretrain":
         raise ConfigError("train.compile", True, f"false for train.task={job.train.task} "
                           "(compile applies to training)")
-    cxx = os.environ.get("CXX", "g++")
-    if (device == "cpu" and job.action == "run" and job.launcher.name == "local"
-            and shutil.which(cxx) is None):
-        raise ConfigError("train.compile", True, "false here: inductor needs a C++ compiler "
-                          f"on CPU and '{cxx}' ($CXX, default g++) is not on PATH")
+    if job.action == "run" and job.launcher.name == "local":  # the machine that builds
+        language = "c++" if device == "cpu" else "c"  # inductor's C++, or Triton's launcher
+        missing = missing_build_tool(language)
+        if missing:
+            builder = "inductor's CPU kernels" if device == "cpu" else "Triton's CUDA launcher"
+            raise ConfigError("train.compile", True, f"false here: {builder} need {missing}")
 
 
 def compile_blocks(model: nn.Module) -> int:

@@ -97,7 +97,7 @@ def _check_float8(job: JobConfig, device: str, hw: Hardware) -> None:
 def _float8(model: nn.Module, job: JobConfig) -> nn.Module:
     from orchestrator.quantization.fp8 import to_float8
 
-    to_float8(model)
+    to_float8(model, job.precision.fp8_filter, job.precision.fp8_all_gather)
     return model
 
 

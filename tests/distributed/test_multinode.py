@@ -38,8 +38,8 @@ def test_two_torchrun_nodes_on_localhost_train_together(tmp_path) -> None:
 
 
 def test_k8s_manifest_is_a_pytorchjob_for_the_plan(tmp_path) -> None:
-    run_ok(["+recipe=fsdp_zero3", "launcher=k8s", "cluster.nodes=3",
-                    "cluster.gpus_per_node=8", "cluster.gpu=h100", "action=plan"], tmp_path)
+    run_ok(["+recipe=fsdp_zero3", "launcher=k8s", "cluster.nodes=3", "launcher.k8s.api=pytorchjob",
+            "cluster.gpus_per_node=8", "cluster.gpu=h100", "action=plan"], tmp_path)
     job = yaml.safe_load((tmp_path / "pytorchjob.yaml").read_text())
     assert (job["apiVersion"], job["kind"]) == ("kubeflow.org/v1", "PyTorchJob")
     specs = job["spec"]["pytorchReplicaSpecs"]

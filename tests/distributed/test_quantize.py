@@ -53,8 +53,11 @@ def test_quantize_reports_bytes_and_perplexity_and_saves_the_model(quantized) ->
 
 def test_evaluate_and_generate_load_the_quantized_model(quantized, tmp_path) -> None:
     model_dir = quantized / "model"
-    run_ok(["+recipe=evaluate", f"model.pretrained_path={model_dir}", *ONE, *SYNTHETIC],
-                 tmp_path / "eval")
+    # the recipe's defaults (2 ranks, ZeRO-3): the one layout an int8 model runs in is used
+    proc = run_ok(["+recipe=evaluate", f"model.pretrained_path={model_dir}", *SYNTHETIC],
+                  tmp_path / "eval")
+    assert "int8 model (int8_dynamic): one process, unwrapped, fp32 (cluster.gpus_per_node=1 " \
+        "parallelism=ddp precision=fp32)" in proc.stdout
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())
     report = json.loads((quantized / "quantize.json").read_text())
     assert result["quantized"] == "int8_dynamic"
@@ -73,8 +76,9 @@ def test_evaluate_and_generate_load_the_quantized_model(quantized, tmp_path) -> 
 
 
 def test_a_quantized_model_on_two_ranks_is_refused_in_one_line(quantized, tmp_path) -> None:
-    proc = run_cli(["+recipe=evaluate", f"model.pretrained_path={quantized / 'model'}"],
-                   tmp_path / "run")
+    """Only when the user asks for two ranks themselves."""
+    proc = run_cli(["+recipe=evaluate", f"model.pretrained_path={quantized / 'model'}",
+                    "cluster.gpus_per_node=2"], tmp_path / "run")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: config key 'cluster.gpus_per_node' has value 2; allowed: 1 for a quantized "

@@ -51,3 +51,19 @@ def test_peak_memory_of_gpt2_is_within_10_percent_of_the_plan(tmp_path) -> None:
     assert abs(measured / planned - 1) <= 0.10, (measured, planned)
     # the step clock stops after a device sync, so utilisation can never exceed the peak
     assert all(0 < r["mfu"] <= 1 for r in rows), [r["mfu"] for r in rows]
+
+
+@pytest.mark.parametrize("model", ["bert_tiny", "t5_tiny"])
+def test_every_tensor_of_a_cuda_batch_is_pinned(monkeypatch, model: str) -> None:
+    """The objective's labels and masks are made after the loader pinned the ids: they are
+    pinned too, so every copy to the GPU is asynchronous."""
+    from orchestrator.common.contract import DEVICE_ENV
+    from orchestrator.data import batches, train_and_held_out
+    from tests.conftest import make_job
+
+    monkeypatch.setenv(DEVICE_ENV, "cuda")
+    job = make_job([f"model={model}"])
+    dataset, _ = train_and_held_out(job)
+    batch = next(batches(dataset, job, 0, 1))
+    assert len(batch) > 1 and all(t.is_pinned() for t in batch.values()), \
+        {k: t.is_pinned() for k, t in batch.items()}

@@ -14,7 +14,8 @@ RUNS = ["ddp-bf16", "ddp-fp16", "fsdp_zero3-bf16", "fsdp_zero3-fp16", "deepspeed
         "deepspeed_zero3-fp16", "deepspeed_zero3_offload-bf16", "save-fsdp_zero3-bf16",
         "evaluate-fsdp_zero3", "generate-fsdp_zero3", "resume-fsdp_zero3-bf16",
         "async-checkpoint-fsdp_zero3-bf16", "compile-fsdp_zero3-bf16", "workers-ddp-bf16",
-        "llama-fsdp_zero3-bf16", "llama-fsdp_zero3-fp8", "llama-ddp-fp8", "quantize-int8-fp32"]
+        "llama-fsdp_zero3-bf16", "llama-fsdp_zero3-fp8", "llama-fsdp_zero3-fp8-all_gather",
+        "llama-ddp-fp8", "quantize-int8-fp32"]
 
 
 def test_gpu_check_runs_are_valid_one_gpu_nccl_plans(tmp_path) -> None:
@@ -30,11 +31,31 @@ def test_gpu_check_runs_are_valid_one_gpu_nccl_plans(tmp_path) -> None:
             out / f"{name}.log").read_text()[-2000:]
         plan = json.loads((out / name / "plan.json").read_text())
         assert (plan["device"], plan["backend"], plan["world_size"]) == ("cuda", "nccl", 1)
-        precision = (name.rsplit("-", 1)[1] if name.endswith(("bf16", "fp16", "fp8", "fp32"))
-                     else "bf16")
+        last = name.removesuffix("-all_gather").rsplit("-", 1)[1]
+        precision = last if last in ("bf16", "fp16", "fp8", "fp32") else "bf16"
         assert (plan["gpu"], plan["precision"]) == ("h100", precision)
     offload = json.loads((out / "deepspeed_zero3_offload-bf16" / "plan.json").read_text())
     zero = offload["deepspeed_config"]["zero_optimization"]
     assert zero["overlap_comm"] and zero["offload_optimizer"]["pin_memory"]
     assert int(offload["env"]["OMP_NUM_THREADS"]) == os.cpu_count()  # CPU Adam gets the cores
     assert "| deepspeed_zero3-fp16 | 0 |" in (out / "table.md").read_text()
+    # an NCCL timeout aborts the process: its flight record is dumped into the run dir
+    env = json.loads((out / "ddp-bf16" / "plan.json").read_text())["env"]
+    assert env["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1"
+    assert env["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] == str(out / "ddp-bf16" / "nccl_trace_rank_")
+    gathered = json.loads((out / "llama-fsdp_zero3-fp8-all_gather" / "plan.json").read_text())
+    plain = json.loads((out / "llama-fsdp_zero3-fp8" / "plan.json").read_text())
+    assert gathered["memory"]["working_set_bytes"] < plain["memory"]["working_set_bytes"]
+
+
+def test_gpu_check_fails_when_a_run_fails(tmp_path) -> None:
+    """Its exit status is honest: a run that fails (here every one: a bad learning rate added
+    to each) makes the script exit non-zero, after the table."""
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", str(out)], cwd=REPO, text=True,
+                          capture_output=True, timeout=600,
+                          env={**os.environ, "ORCHESTRATOR_GPU_CHECK_DRY": "1",
+                               "ORCHESTRATOR_GPU_CHECK_EXTRA": "optim.lr=-1"})
+    assert proc.returncode == 1, proc.stdout[-2000:]
+    assert f"gpu_check: {len(RUNS)} failed (runs or the gpu tests)" in proc.stderr
+    assert (out / "table.md").is_file()

@@ -25,6 +25,7 @@ NOT_READ = {
     "lora.target_modules": ["lora.target_modules=[c_attn]"],
     "precision.init_scale": ["precision=bf16", "precision.init_scale=1024"],
     "precision.growth_interval": ["precision.growth_interval=10"],
+    "precision.fp8_filter": ["precision.fp8_filter=all"],
     "parallelism.bucket_cap_mb": ["+recipe=fsdp_zero3", "parallelism.bucket_cap_mb=50"],
     "data.path": ["data.path=/tmp/x.txt"], "data.cache_dir": ["data.cache_dir=/tmp/c"],
     "data.num_proc": ["data.num_proc=2"], "data.text_field": ["data.text_field=body"],

@@ -1,5 +1,8 @@
-"""The Kubernetes launcher: the rendered PyTorchJob, checked field by field (no API server here),
-and its torchrun command parsed by torch's own launcher under the training operator's env."""
+"""The Kubernetes launcher: the rendered TrainJob (Kubeflow Trainer v2, the default) checked
+against the TrainJob schema as Kubeflow's own generated models define it (kubeflow-trainer-api,
+pinned in pyproject.toml), and the v1 PyTorchJob checked field by field (no API server here);
+each one's torchrun command parsed by torch's own launcher under the env its controller
+injects."""
 
 from __future__ import annotations
 
@@ -183,9 +186,10 @@ def test_written_manifest_has_no_yaml_aliases(tmp_path) -> None:
 
 def test_cli_plan_writes_the_manifest(tmp_path) -> None:
     run_dir = tmp_path / "runs" / "k8s-run"
-    run_ok([*GPU_JOB, "launcher.k8s.pvc=shared-runs"], run_dir)
+    old_api = [*GPU_JOB, "launcher.k8s.pvc=shared-runs", "launcher.k8s.api=pytorchjob"]
+    run_ok(old_api, run_dir)
     manifest = yaml.safe_load((run_dir / "pytorchjob.yaml").read_text())
-    job = make_job([*GPU_JOB, "launcher.k8s.pvc=shared-runs"], run_dir=str(run_dir))
+    job = make_job(old_api, run_dir=str(run_dir))
     plan = make_plan(job, "cuda", 64)
     check_manifest(manifest, plan, job)
     assert manifest["metadata"]["name"] == "k8s-run"
@@ -203,3 +207,88 @@ def test_cli_bad_pvc_name_is_one_line_exit_2(tmp_path) -> None:
     # refused by validation, before config.yaml or plan.json is written
     assert not (tmp_path / "run" / "pytorchjob.yaml").exists()
     assert not (tmp_path / "run" / "plan.json").exists()
+
+
+# -- Kubeflow Trainer v2: TrainJob -----------------------------------------------------------------
+
+def valid_trainjob(manifest: dict[str, Any]) -> None:
+    """What the Trainer's API server would reject: the manifest read by Kubeflow's own TrainJob
+    model (generated from the Trainer's OpenAPI spec) comes back unchanged, so every field is
+    one the schema has, of the type it wants (a field it does not know would be dropped)."""
+    from kubeflow_trainer_api.models import TrainerV1alpha1TrainJob
+
+    assert TrainerV1alpha1TrainJob.from_dict(manifest).to_dict() == manifest
+
+
+def test_trainjob_references_the_torch_runtime_and_carries_the_plan(tmp_path) -> None:
+    from orchestrator.launch import trainjob
+
+    job, plan = planned(tmp_path, [*GPU_JOB, "launcher.k8s.queue=team-a",
+                                   "launcher.k8s.secret=run-secrets"])
+    m = trainjob.render(plan, job)
+    valid_trainjob(m)
+    assert (m["apiVersion"], m["kind"]) == ("trainer.kubeflow.org/v1alpha1", "TrainJob")
+    assert m["metadata"] == {"name": "run-2024-05-01-12-00-00",
+                             "labels": {"kueue.x-k8s.io/queue-name": "team-a"}}
+    assert m["spec"]["runtimeRef"]["name"] == "torch-distributed"
+    t = m["spec"]["trainer"]
+    assert (t["numNodes"], t["numProcPerNode"]) == (2, 8)
+    assert t["resourcesPerNode"] == {"limits": {"nvidia.com/gpu": "8"}}
+    assert t["image"] == job.launcher.image and t["command"][-1] == plan.config_path
+    assert {"name": "ORCHESTRATOR_SECRETS", "valueFrom": {"secretKeyRef": {
+        "name": "run-secrets", "key": "ORCHESTRATOR_SECRETS"}}} in t["env"]
+    (patch,) = m["spec"]["runtimePatches"]
+    (replicated,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    assert replicated["name"] == "node"  # the torch-distributed runtime's job and container
+    pod = replicated["template"]["spec"]["template"]["spec"]
+    assert pod["containers"] == [{"name": "node", "volumeMounts": [
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "run-dir", "mountPath": str(tmp_path / "runs")}]}]
+    assert {"name": "run-dir", "persistentVolumeClaim": {"claimName": "orchestrator-runs"}} \
+        in pod["volumes"]
+
+
+def test_trainjob_on_cpu_and_without_queue_or_secret_is_valid_too(tmp_path) -> None:
+    from orchestrator.launch import trainjob
+
+    job, plan = planned(tmp_path, ["+recipe=ddp", "launcher=k8s", "action=plan",
+                                   "cluster.device=cpu", "cluster.gpus_per_node=2"], "cpu")
+    m = trainjob.render(plan, job)
+    valid_trainjob(m)
+    assert "labels" not in m["metadata"] and "resourcesPerNode" not in m["spec"]["trainer"]
+    assert not any(e["name"] == "ORCHESTRATOR_SECRETS" for e in m["spec"]["trainer"]["env"])
+    with pytest.raises(AssertionError):  # the check itself: an unknown field is caught
+        valid_trainjob({**m, "spec": {**m["spec"], "trainer": {**m["spec"]["trainer"],
+                                                                "replicas": 2}}})
+
+
+def test_trainjob_command_under_the_torch_runtime_env_starts_the_planned_ranks(
+        tmp_path, monkeypatch) -> None:
+    """The torch-distributed runtime injects PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK and
+    PET_MASTER_ADDR/PORT (the JobSet's node 0): torch's parser turns the command into a static
+    rendezvous with nodes x GPUs ranks."""
+    from torch.distributed import run as torchrun
+
+    from orchestrator.launch import trainjob
+
+    job, plan = planned(tmp_path, GPU_JOB)
+    cmd = trainjob.render(plan, job)["spec"]["trainer"]["command"]
+    runtime_env = {"PET_NNODES": "2", "PET_NPROC_PER_NODE": "8", "PET_NODE_RANK": "1",
+                   "PET_MASTER_ADDR": "run-2024-05-01-12-00-00-node-0-0.run-2024-05-01-12-00-00",
+                   "PET_MASTER_PORT": "29400", "OMP_NUM_THREADS": "1",
+                   "PET_LOG_DIR": str(tmp_path / "logs")}
+    for name, value in runtime_env.items():
+        monkeypatch.setenv(name, value)
+    config, _, args = torchrun.config_from_args(torchrun.parse_args(cmd[3:]))
+    assert (config.min_nodes, config.max_nodes, config.nproc_per_node) == (2, 2, 8)
+    assert config.rdzv_endpoint == f"{runtime_env['PET_MASTER_ADDR']}:29400"
+    assert config.rdzv_configs["rank"] == 1
+    assert args == ["-u", "-m", f"recipes.{job.train.task}", plan.config_path]
+
+
+def test_cli_plan_writes_a_trainjob_by_default(tmp_path) -> None:
+    run_dir = tmp_path / "runs" / "k8s-run"
+    run_ok(GPU_JOB, run_dir)
+    manifest = yaml.safe_load((run_dir / "trainjob.yaml").read_text())
+    valid_trainjob(manifest)
+    assert not (run_dir / "pytorchjob.yaml").exists()

@@ -252,9 +252,10 @@ def test_bad_quantize_configs_are_one_line(trained, quantized_dir, tmp_path) -> 
          "error: config key 'precision.name' has value 'bf16'; allowed: 'fp32' for a "
          "quantized model (its int8 weights carry fp32 scales and compute against fp32 "
          "activations)"),
-        (["+recipe=evaluate", f"model.pretrained_path={q}"],
+        (["+recipe=evaluate", f"model.pretrained_path={q}", "cluster.gpus_per_node=2"],
          f"error: config key 'cluster.gpus_per_node' has value 2; allowed: 1 {why}"),
-        (["+recipe=evaluate", f"model.pretrained_path={q}", "cluster.gpus_per_node=1"],
+        (["+recipe=evaluate", f"model.pretrained_path={q}", "cluster.gpus_per_node=1",
+          "parallelism=zero3"],
          f"error: config key 'parallelism.zero_stage' has value 3; allowed: 0 {why}"),
         (["+recipe=generate", f"model.pretrained_path={base}", "quantize.method=int8_dynamic",
           *one, "parallelism.backend=deepspeed"],
@@ -281,3 +282,21 @@ def test_bad_quantize_configs_are_one_line(trained, quantized_dir, tmp_path) -> 
     # what does run: a quantized model on one process, and PTQ of a trained one
     validate(make_job(["+recipe=generate", f"model.pretrained_path={q}", *one]), Hardware())
     validate(make_job(["+recipe=quantize", f"model.pretrained_path={base}"]), Hardware())
+
+
+def test_an_int8_model_gets_its_one_layout_unless_the_user_chose_one(quantized_dir) -> None:
+    """The launcher's step before validation (cli.execute): the keys the command line did not
+    set take the only layout an int8 model runs in; the ones it set stay, to be refused."""
+    from orchestrator.quantization.checks import one_process_layout
+
+    base = ["+recipe=evaluate", f"model.pretrained_path={quantized_dir}"]
+    job, note = one_process_layout(make_job(base), {"model.pretrained_path"})
+    assert (job.world_size, job.parallelism.zero_stage, job.precision.name) == (1, 0, "fp32")
+    assert note == ("int8 model (int8_weight_only): one process, unwrapped, fp32 "
+                    "(cluster.gpus_per_node=1 parallelism=ddp precision=fp32)")
+    validate(job, Hardware())  # valid as adjusted
+    mine, _ = one_process_layout(make_job([*base, "cluster.gpus_per_node=2"]),
+                                 {"model.pretrained_path", "cluster.gpus_per_node"})
+    assert mine.cluster.gpus_per_node == 2 and mine.parallelism.zero_stage == 0
+    plain, none = one_process_layout(make_job(["+recipe=evaluate"]), set())
+    assert none is None and plain.parallelism.zero_stage == 3  # not an int8 model: untouched

@@ -64,14 +64,15 @@ def test_sbatch_script_holds_no_secret_and_sbatch_gets_them_in_its_env(tmp_path)
     assert env["PATH"] == os.environ["PATH"]  # sbatch exports its whole environment
 
 
-def test_k8s_manifest_holds_no_secret(tmp_path) -> None:
-    from orchestrator.launch.k8s import render
+@pytest.mark.parametrize("api", ["trainjob", "pytorchjob"])
+def test_k8s_manifest_holds_no_secret(tmp_path, api) -> None:
+    from orchestrator.launch import k8s, trainjob
 
-    job = make_job([*DS, "launcher=k8s", "action=plan"],
+    job = make_job([*DS, "launcher=k8s", "action=plan", "launcher.k8s.secret=s"],
                    run_dir=str(tmp_path / "runs" / "r1"))
     plan = make_plan(job, "cpu", 2)
     plan = dataclasses.replace(plan, env={**plan.env, "COMET_API_KEY": SECRET})
-    text = yaml.safe_dump(render(plan, job))
+    text = yaml.safe_dump((trainjob if api == "trainjob" else k8s).render(plan, job))
     assert SECRET not in text and "COMET_API_KEY" not in text
 
 

@@ -70,6 +70,17 @@ def broadcast_from_rank0(tensors: Iterable[torch.Tensor]) -> None:
         dist.broadcast(t, src=0)
 
 
+def background_writer(path: Path) -> Any:
+    """The files writer of a background save. The staged state is in host memory already, so
+    it is written without DCP's overlapping loader (`per_thread_copy_ahead=0`): with one thread
+    and CUDA available that loader synchronizes a stream on the writer thread's current device,
+    GPU 0 on every rank, opening a CUDA context there from each (torch/distributed/checkpoint/
+    filesystem.py: `_write_files_from_queue`)."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    return FileSystemWriter(str(path), per_thread_copy_ahead=0)
+
+
 class Engine:
     """What the loop sees: `train_step`, the optimizer (for the LR schedule) and measurements."""
 
@@ -146,7 +157,8 @@ class Engine:
 
         model, optim = get_state_dict(self.model, self.optimizer)
         return dcp.async_save({"model": model, "optim": optim}, checkpoint_id=str(path),
-                              process_group=group, async_stager=stager)
+                              storage_writer=background_writer(path), process_group=group,
+                              async_stager=stager)
 
     def load_checkpoint(self, path: Path) -> None:
         """Load `save_checkpoint`'s files, resharded to this engine's layout and world size."""

@@ -15,7 +15,6 @@ stage they reload through its universal checkpoint (strategies/deepspeed_checkpo
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import logging
 import sys
@@ -213,10 +212,12 @@ def setup(model: nn.Module, job: JobConfig, device: str) -> Engine:
                             r"(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
     if dist.get_world_size() > 1:
         # Ranks other than 0 built the model on the meta device: give it storage on this rank's
-        # device and copy rank 0's weights and buffers into it before DeepSpeed partitions it.
+        # device. `deepspeed.initialize` broadcasts rank 0's parameters itself
+        # (runtime/engine.py: `_broadcast_model`, for a model not built under zero.Init), not
+        # its buffers: those are copied here.
         target = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else "cpu"
         materialize(model, target)
-        broadcast_from_rank0(itertools.chain(model.parameters(), model.buffers()))
+        broadcast_from_rank0(model.buffers())
     o = job.optim
     if device == "cuda" and job.parallelism.offload_optimizer and o.name == "adamw":
         # The optimizer steps on the host: DeepSpeed's vectorised CPU Adam (JIT-built once,

@@ -107,5 +107,10 @@ def setup(model: nn.Module, job: JobConfig, device: str) -> Engine:
         load_from_rank0(model, full)
         del full
     optimizer = build_optimizer(model.parameters(), job.optim)
+    if p.fp8_all_gather:  # one scale computation for every float8 weight, after each step
+        from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
+
+        optimizer.register_step_post_hook(
+            lambda *_: precompute_float8_dynamic_scale_for_fsdp(model))
     scaler = prec.grad_scaler(p.name, device, True, p.init_scale, p.growth_interval)
     return FSDPEngine(model, optimizer, job, device, scaler=scaler)
