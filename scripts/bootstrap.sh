@@ -32,17 +32,23 @@ sys.exit(0 if (int(v[0]), int(v[1])) >= (2, 9) else 1)"; then
 fi
 stamp="$venv/.installed"
 want="$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)"
+pip_install() {  # pip's own exit status; its output only when it failed (or warns otherwise)
+  local out
+  out="$("$venv/bin/python" -m pip install -q "$@" 2>&1)" || {
+    echo "$out" >&2; echo "bootstrap: pip install $* failed" >&2; exit 1; }
+  grep -v "^WARNING: Location" <<<"$out" >&2 || true  # nothing left to show is fine
+}
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "bootstrap: installing into $venv (first run takes about a minute)" >&2
-  "$venv/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+  "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 \
+    || echo "bootstrap: pip not upgraded; going on with $("$venv/bin/python" -m pip --version)" >&2
   if ! "$venv/bin/python" -c "import torch" >/dev/null 2>&1; then
-    "$venv/bin/python" -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
+    pip_install "torch==2.13.0"
   fi
-  "$venv/bin/python" -m pip install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+  pip_install -e ".[dev]"
   # DeepSpeed builds against the installed torch: no build isolation, no ahead-of-time ops
   # (the one op it needs is JIT-built once into the project cache on first use).
-  DS_BUILD_OPS=0 "$venv/bin/python" -m pip install -q --no-build-isolation "deepspeed>=0.19,<0.20" \
-    2>&1 | grep -v "^WARNING: Location" || true
+  DS_BUILD_OPS=0 pip_install --no-build-isolation "deepspeed>=0.19,<0.20"
   "$venv/bin/python" -c "import torch, hydra, wandb, transformers, deepspeed, orchestrator" \
     || { echo "bootstrap: install failed" >&2; exit 1; }
   echo "$want" > "$stamp"

@@ -13,5 +13,7 @@ bash scripts/start_slurm.sh >/dev/null || { echo "test.sh: the Slurm test cluste
 export SLURM_CONF="${ORCHESTRATOR_SLURM_DIR:-/tmp/orchestrator-slurm}/slurm.conf"
 # Two pytest workers, one test file each at a time (module fixtures run once): a 2-rank run
 # keeps both cores busy only while its ranks run; its launcher's start-up and tear-down leave one
-# idle, which the other worker fills.
-.venv/bin/python -m pytest -m "not gpu" -n 2 --dist loadfile --durations=30 "$@"
+# idle, which the other worker fills. Files go out longest first (tests/conftest.py), in the
+# order collected; skipped tests are listed (-ra), and in CI (CI=true, .ci/run) fail.
+.venv/bin/python -m pytest -m "not gpu" -n 2 --dist loadfile --no-loadscope-reorder \
+  --durations=25 "$@"

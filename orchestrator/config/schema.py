@@ -151,8 +151,8 @@ class EvalConfig:
     # share of the dataset (its last samples) kept out of training, for evaluate and every_steps
     holdout: float = 0.0
     max_batches: int = 50  # evaluate and every_steps: micro batches per rank at most
-    # pretrain: loss and perplexity on the held-out share every N optimizer steps (logged as
-    # val/loss, val/perplexity at that step); 0 = off
+    # pretrain: loss, perplexity and token accuracy on the held-out share every N optimizer
+    # steps (logged as val/loss, val/perplexity, val/accuracy at that step); 0 = off
     every_steps: int = 0
     # data=text: evaluate on this source (file, glob, directory or dataset, prepared like
     # data.path) instead of the held-out share

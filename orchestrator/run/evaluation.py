@@ -74,11 +74,11 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 def evaluate_during_training(engine: Engine, held_out: Dataset, job: JobConfig, rank: int,
                              world_size: int) -> dict[str, float]:
-    """`val/loss` and `val/perplexity` of the model as it is now (`eval.every_steps`): a
-    collective, without gradients, in eval mode; the CPU and CUDA RNG states are restored
-    afterwards (the DataLoader draws its base seed from the global generator)."""
+    """`val/loss`, `val/perplexity` and `val/accuracy` of the model as it is now
+    (`eval.every_steps`): a collective, without gradients, in eval mode; the CPU and CUDA RNG
+    states are restored afterwards (the DataLoader draws its base seed from the global
+    generator)."""
     devices = [torch.cuda.current_device()] if engine.device == "cuda" else []
     with torch.random.fork_rng(devices=devices), eval_mode(engine.model), torch.no_grad():
         result = summarize(held_out_sums(engine, held_out, job, rank, world_size))
-    return {f"{VAL_PREFIX}loss": result["loss"],
-            f"{VAL_PREFIX}perplexity": result["perplexity"]}
+    return {f"{VAL_PREFIX}{k}": result[k] for k in ("loss", "perplexity", "accuracy")}

@@ -85,9 +85,12 @@ def assert_memory_matches_plan(run_dir: Path, tol: float, ranks: int = 2) -> Non
 
 def run_all(root: Path, runs: dict[str, list[str]],
             env: dict[str, str] | None = None) -> dict[str, Path]:
-    """Run each named set of CLI overrides into root/<name>; every run must succeed."""
+    """Run each named set of CLI overrides into root/<name>; every run must succeed. Its
+    output streams are kept beside it, in root/<name>.stdout and root/<name>.stderr."""
     out = {}
     for name, overrides in runs.items():
-        run_ok(overrides, root / name, env=env)
+        proc = run_ok(overrides, root / name, env=env)
+        (root / f"{name}.stdout").write_text(proc.stdout)
+        (root / f"{name}.stderr").write_text(proc.stderr)
         out[name] = root / name
     return out

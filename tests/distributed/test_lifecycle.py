@@ -5,27 +5,26 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from orchestrator.config.schema import JobConfig
+from orchestrator.data import train_and_held_out
 from orchestrator.data.tokenizer import BPETokenizer
 from orchestrator.models.build import build_model
 from tests.conftest import make_job, run_ok
 from tests.distributed.checks import losses
+from tests.distributed.test_families import pretraining
 
 
-def test_pretrain_finetune_evaluate_generate(tmp_path) -> None:
-    run_ok(["+recipe=causal_lm", "parallelism=zero3", "logging=none"], tmp_path / "pre")
-    model_dir = tmp_path / "pre" / "model"
+def test_pretrain_finetune_evaluate_generate(tmp_path, shared_run) -> None:
+    pre = shared_run(pretraining("causal_lm", "zero3"))  # test_families.py's run
+    model_dir = pre / "model"
     assert (model_dir / "config.json").exists() and (model_dir / "model.safetensors").exists()
-    assert not list((tmp_path / "pre").glob(".model.tmp*"))  # the save was atomic
-
-    # The saved weights are the trained ones: continuing starts near the final loss.
-    run_ok(["+recipe=causal_lm", "parallelism=ddp", f"model.pretrained_path={model_dir}",
-                    "train.steps=3", "optim.warmup_steps=1", "logging=none",
-                    "train.save_model=false"], tmp_path / "cont")
-    assert losses(tmp_path / "cont")[0] < losses(tmp_path / "pre")[0] - 1.0
+    assert not list(pre.glob(".model.tmp*"))  # the save was atomic
 
     # Fine-tune on prompt/response pairs (prompt masked), then evaluate both models.
     run_ok(["+recipe=finetune", f"model.pretrained_path={model_dir}", "logging=none"],
@@ -37,12 +36,16 @@ def test_pretrain_finetune_evaluate_generate(tmp_path) -> None:
                    "logging=none", "train.steps=10"], tmp_path / "dpo")
     assert losses(tmp_path / "dpo")[0] == pytest.approx(math.log(2), abs=1e-5)
     model_dir = tmp_path / "dpo" / "model"
-    run_ok(["+recipe=evaluate", f"model.pretrained_path={tmp_path / 'pre' / 'model'}"],
-                 tmp_path / "eval")
+    # Evaluate the pre-trained model: the held-out loss of the saved weights is the trained
+    # model's (far below the untrained first step's), and a plain cross-entropy agrees
+    job = ["+recipe=evaluate", f"model.pretrained_path={pre / 'model'}"]
+    run_ok(job, tmp_path / "eval")
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert result["objective"] == "causal" and result["tokens"] > 0
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
-    assert result["loss"] < losses(tmp_path / "pre")[0]  # better than the untrained model
+    assert result["loss"] < losses(pre)[0] - 1.0
+    assert (result["loss"], result["tokens"]) == pytest.approx(
+        plain_held_out_loss(make_job(job), pre / "model"), rel=1e-5)
 
     texts = []  # 3 prompts dealt over 2 ZeRO-3 ranks, then one process: the same text
     for name, extra in (("gen1", []), ("gen2", ["parallelism=ddp", "cluster.gpus_per_node=1"])):
@@ -53,6 +56,26 @@ def test_pretrain_finetune_evaluate_generate(tmp_path) -> None:
         assert [r["prompt"] for r in rows] == ["The", "A function", "Return"]
         texts.append([r["completion"] for r in rows])
     assert texts[0] == texts[1] and any(texts[0])  # (a completion may be just end-of-text)
+
+
+def plain_held_out_loss(job: JobConfig, model_dir: Path) -> tuple[float, int]:
+    """(mean next-token cross-entropy, tokens scored) of the transformers model at `model_dir`
+    over what `+recipe=evaluate` scores: the held-out windows dealt to 2 ranks as
+    DistributedSampler documents it (no shuffle, the list padded from its start to an even
+    length, rank r takes every 2nd from r), at most eval.max_batches micro batches each."""
+    from transformers import AutoModelForCausalLM
+
+    _, held_out = train_and_held_out(job)
+    n, world, cap = len(held_out), 2, job.eval.max_batches * job.train.micro_batch_size
+    order = list(range(n)) + list(range(-n % world))
+    picked = [i for r in range(world) for i in order[r::world][:cap]]
+    ids = torch.stack([held_out[i]["input_ids"] for i in picked])
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+    tokens = ids[:, 1:].numel()
+    return loss.item() / tokens, tokens
 
 
 def test_finetune_from_a_save_pretrained_directory(tmp_path) -> None:

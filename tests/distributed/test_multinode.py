@@ -12,7 +12,7 @@ import yaml
 
 from orchestrator.common.records import read_metrics
 from tests.conftest import REPO, free_port, run_cli, run_ok
-from tests.distributed.checks import losses
+from tests.distributed.checks import losses, max_diff_from_reference
 
 
 def test_two_torchrun_nodes_on_localhost_train_together(tmp_path) -> None:
@@ -33,8 +33,9 @@ def test_two_torchrun_nodes_on_localhost_train_together(tmp_path) -> None:
     assert [n.returncode for n in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     (start,) = read_metrics(tmp_path / "metrics.jsonl", events=True)
     assert start["world_size"] == 2
-    got = losses(tmp_path)
-    assert len(got) == 20 and got[-1] < got[0] - 0.1
+    # two one-rank nodes hold the 2-rank reference's global batch (micro batch 4 each): the
+    # losses are the independent plain loop's (ZeRO-3's reduction order: measured 4.8e-7)
+    assert len(losses(tmp_path)) == 20 and max_diff_from_reference(tmp_path) <= 1e-5
 
 
 def test_k8s_manifest_is_a_pytorchjob_for_the_plan(tmp_path) -> None:

@@ -84,7 +84,7 @@ def matrix(tmp_path_factory) -> dict[str, dict]:
          str(REPO / "tests" / "distributed" / "precision_matrix.py"), str(root / "out.json"),
          str(root / "pairs.json")],
         cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-        timeout=900)
+        timeout=540)  # inside pytest-timeout's 600 s, which covers this fixture too
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads((root / "out.json").read_text())
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from orchestrator.common.records import read_metrics
-from tests.conftest import REPO, run_cli, run_ok
+from tests.conftest import REPO, make_job, run_cli, run_ok
 from tests.distributed.checks import RESTARTED, assert_resumed_once, losses, reference_losses, until
 
 QUIET = ["logging=none", "train.save_model=false"]
@@ -87,10 +87,12 @@ def test_a_zero3_checkpoint_resumes_at_world_4_under_zero2_and_world_1_under_ddp
     assert got == pytest.approx(want, abs=1e-4)  # summed in another order from there on
     # export: the newest checkpoint (step 20) as a Hugging Face model equals the trained one;
     # step 10's, saved as FSDP2 shards on 2 ranks, consolidates too
-    for step in ("", "step=10"):
-        run_ok(["action=export", f"run_dir={tmp_path}", *([step] if step else [])],
-                      tmp_path / "unused")
     from transformers import AutoModelForCausalLM
+
+    from orchestrator.run.checkpoint.export import export
+
+    for extra in ([], ["step=10"]):  # what `action=export` runs, in this process
+        export(make_job(["action=export", f"run_dir={tmp_path}", *extra]))
 
     ids = torch.arange(32).view(2, 16)
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()

@@ -85,7 +85,7 @@ def test_the_time_limit_warning_checkpoints_requeues_and_the_job_finishes(slurm,
 
 
 def test_sweep_submits_one_job_per_point_and_summarises(slurm, tmp_path) -> None:
-    cmd = ["-m", *TWO_NODES, "optim.lr=1e-3,3e-3", "train.steps=8",
+    cmd = ["-m", *TWO_NODES, "optim.lr=1e-3,3e-3", "train.steps=3",
            f"hydra.sweep.dir={tmp_path}"]
     run_ok(cmd, tmp_path / "unused", env=slurm)
     summary = json.loads((tmp_path / "sweep_summary.json").read_text())

@@ -61,14 +61,21 @@ def test_a_resumed_mlm_stream_draws_the_same_masks_past_an_epoch_boundary() -> N
 
 
 def test_text_is_packed_losslessly(tmp_path) -> None:
-    text = "héllo wörld, a small text.\n\nsecond document here."
+    """Every token of the text, documents (split at blank lines) each followed by end-of-text,
+    in order, up to the last full window; what is dropped is the tail shorter than a window.
+    The expected stream is the text's own UTF-8 bytes (the byte tokenizer's ids)."""
+    docs = ["héllo wörld, a small text.", "second document here."]
     path = tmp_path / "t.txt"
-    path.write_text(text, encoding="utf-8")
+    path.write_text("\n\n".join(docs) + "\n\n\n", encoding="utf-8")  # a trailing blank doc
+    eos = ByteTokenizer.eos_id
+    stream = [i for d in docs for i in (*d.encode("utf-8"), eos)]  # 51 tokens
     ds = PackedText(str(path), seq_len=8)
-    tok = ByteTokenizer()
-    ids = ds.tokens.flatten().tolist()
-    assert tok.decode(ids).startswith("héllo wörld")
-    assert tok.eos_id in ids
+    packed = ds.tokens.flatten().tolist()
+    assert len(ds) == len(stream) // 8 == 6 and ds.tokens.shape == (6, 8)
+    assert packed == stream[:48]
+    dropped = stream[48:]
+    assert dropped == [*b"e.", eos]  # the tail: "e." and its end-of-text
+    assert ByteTokenizer().decode(packed) == "".join(docs)[:-2]
 
 
 def test_builtin_corpus_is_real_english(tmp_path) -> None:

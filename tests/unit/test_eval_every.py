@@ -122,7 +122,9 @@ def test_held_out_loss_matches_a_plain_cross_entropy(one_rank_group) -> None:
                                ids[:, 1:].reshape(-1)).item()
     assert result["val/loss"] == pytest.approx(expected, rel=1e-5)
     assert result["val/perplexity"] == pytest.approx(math.exp(expected), rel=1e-5)
-    assert set(result) == {"val/loss", "val/perplexity"}
+    hits = (logits[:, :-1].argmax(-1) == ids[:, 1:]).float().mean().item()
+    assert result["val/accuracy"] == pytest.approx(hits, abs=1e-7)
+    assert set(result) == {"val/loss", "val/perplexity", "val/accuracy"}
 
 
 def train_losses(every_steps: int, run_dir: Path

@@ -99,14 +99,20 @@ def test_compute_flops_chinchilla_and_budget_inverse() -> None:
 
 
 def test_time_and_cost_follow_the_gpu_table() -> None:
+    """Worked by hand: GPT-2 (124,439,808 parameters, HF's count) without its 1024 x 768
+    position table (a lookup, no matmul) costs 6 x 123,653,376 FLOPs per token, plus attention's
+    12 x 12 layers x 768 x 1024 positions = 855,166,464. A step is 8 GPUs x 4 x 1024 = 32,768
+    tokens: 2.8022e13 FLOPs, which 8 A100s (312 TFLOP/s bf16, NVIDIA's sheet) at 50 % MFU do
+    in 0.022454 s; 1000 steps on 8 GPUs are 0.049897 GPU-hours, $0.099794 at $2/GPU-hour."""
     job = make_job(["model=gpt2", "cluster.gpu=a100_80gb", "cluster.gpus_per_node=8",
                     "precision=bf16", "plan.mfu=0.5", "cluster.gpu_hour_usd=2.0",
-                    "train.steps=1000", "action=plan"])
+                    "data.seq_len=1024", "train.micro_batch_size=4", "train.steps=1000",
+                    "action=plan"])
     c = make_plan(job, "cuda", 2).compute
-    per_step = c.flops_per_token * c.tokens_per_step
-    assert c.step_time_s == pytest.approx(per_step / (8 * 312e12 * 0.5))
-    assert c.gpu_hours == pytest.approx(c.step_time_s * 1000 * 8 / 3600)
-    assert c.cost_usd == pytest.approx(2.0 * c.gpu_hours)
+    assert (c.flops_per_token, c.tokens_per_step) == (855_166_464, 32_768)
+    assert c.step_time_s == pytest.approx(0.0224536, rel=1e-5)
+    assert c.gpu_hours == pytest.approx(0.0498969, rel=1e-5)
+    assert c.cost_usd == pytest.approx(0.0997938, rel=1e-5)
 
 
 def test_gpu_table_has_the_promised_devices() -> None:
@@ -171,9 +177,15 @@ def test_plan_action_on_a_cluster_we_do_not_have(tmp_path) -> None:
     assert "peak per rank" in proc.stdout and "fits" in proc.stdout
 
 
-def test_every_family_plans_and_validates_for_training() -> None:
-    for model in ("t5_base", "bert_base", "llama3_8b"):
-        validate(make_job([f"model={model}", "data.seq_len=128"]), Hardware())
+@pytest.mark.parametrize("model", ["t5_base", "bert_base", "llama3_8b"])
+def test_every_family_plans_and_validates_for_training(model: str) -> None:
+    """Each family is a valid training job, planned at what fp32 AdamW on one rank holds:
+    4 bytes of weights, 4 of gradients and 8 of Adam's moments per published parameter."""
+    job = make_job([f"model={model}", "data.seq_len=128", "parallelism=ddp",
+                    "cluster.gpus_per_node=1"])
+    validate(job, Hardware())
+    plan = make_plan(job, "cpu", 2)
+    assert plan.memory.peak_bytes == pytest.approx(16 * PUBLISHED[model], rel=1e-5)
 
 
 def test_lora_and_dpo_flops_per_token() -> None:

@@ -106,7 +106,7 @@ FUZZED_KEYS = {"optim.lr", "train.steps", "parallelism.zero_stage", "train.micro
                "cluster.gpus_per_node", "debug.crash_rank"}
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, derandomize=True)  # a failure reproduces
 @given(
     lr=st.floats(allow_nan=True, allow_infinity=True, width=32),
     steps=st.integers(-3, 40),

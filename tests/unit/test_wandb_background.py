@@ -29,8 +29,9 @@ def test_records_logged_before_wandb_is_up_reach_the_run_in_order(tmp_path, monk
 
     monkeypatch.setattr(wandb, "init", held_init)
     logger = MetricsLogger(make_job(JOB, run_dir=str(tmp_path)))
-    # the constructor returned with wandb.init still held: it runs on another thread
-    assert not gate.is_set()
+    # the constructor returned with wandb.init still held: it runs on another thread, and the
+    # logger knows its W&B run is not up
+    assert logger.wandb is not None and not logger.wandb.ready()
     for step in (1, 2, 3):
         logger.log(step, {"loss": 4.0 - step})
     logger.event("start", {"world_size": 2})
