@@ -25,6 +25,7 @@ from orchestrator.run import distributed, evaluation, loop
 from orchestrator.run.checkpoint import periodic, stop
 from orchestrator.run.checkpoint.final import save_final
 from orchestrator.run.metrics import make_logger
+from orchestrator.run.profiling import make_profiler
 from orchestrator.run.rank_main import run_rank
 from orchestrator.run.setup import build_for_rank
 from orchestrator.run.setup import setup as setup_strategy
@@ -80,7 +81,9 @@ class PretrainRecipe:
             run = loop.Training(self.engine, self.job, self.logger, accum, global_batch,
                                 self.plan, self.start_step, checkpoint=self.checkpoint,
                                 stop=self.stop, poll=self.saver.poll,
-                                evaluate=self.evaluate if self.job.eval.every_steps else None)
+                                evaluate=self.evaluate if self.job.eval.every_steps else None,
+                                profiler=make_profiler(self.job, self.info.rank,
+                                                       self.engine.device, self.start_step))
             losses = loop.train(run, self.data)
             self.saver.close()  # the last checkpoint, when written in the background
         except stop.Stopped as stopped:
@@ -109,8 +112,8 @@ class PretrainRecipe:
         return losses
 
     def evaluate(self) -> dict[str, float]:
-        """`eval.every_steps`: `val/loss` and `val/perplexity` on the held-out share (a
-        collective; the training that follows is unaffected)."""
+        """`eval.every_steps`: `val/loss`, `val/perplexity` and `val/accuracy` on the held-out
+        share (a collective; the training that follows is unaffected)."""
         return evaluation.evaluate_during_training(self.engine, self.held_out, self.job,
                                                    self.info.rank, self.info.world_size)
 

@@ -22,6 +22,7 @@ RUN_MARKER = ".orchestrator_run.json"  # marks a run directory as ours (launch/r
 RUN_LOCK = ".lock"  # held (flock) by the launch that owns the run directory
 QUANTIZE_JSON = "quantize.json"  # int8 PTQ/QAT report: bytes and perplexity before and after
 MEMORY_DIR = "memory"  # memory/rank<N>.json: model-state bytes each rank measured
+PROFILE_DIR = "profile"  # profile/rank<N>.json: train.profile's Chrome traces (run/profiling.py)
 # the metrics file's name is a setting (`logging.metrics_file`, default in config/schema.py):
 # every reader finds it through `metrics_path`
 
@@ -33,6 +34,10 @@ def metrics_path(run_dir: str | Path, metrics_file: str) -> Path:
 
 def memory_file(run_dir: str | Path, rank: int) -> Path:
     return Path(run_dir) / MEMORY_DIR / f"rank{rank}.json"
+
+
+def profile_trace(run_dir: str | Path, rank: int) -> Path:
+    return Path(run_dir) / PROFILE_DIR / f"rank{rank}.json"
 
 
 # -- environment variables the launcher sets for the ranks ------------------------------------

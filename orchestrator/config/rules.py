@@ -93,6 +93,10 @@ def _check_numbers(job: JobConfig) -> None:
         positive("train.global_batch_size", t.global_batch_size)
     if o.warmup_steps >= t.steps and o.warmup_steps > 0:
         raise ConfigError("optim.warmup_steps", o.warmup_steps, f"fewer than train.steps={t.steps}")
+    profiled = list(t.profile.steps)
+    if profiled and (len(profiled) != 2 or not 1 <= profiled[0] <= profiled[1] <= t.steps):
+        raise ConfigError("train.profile.steps", profiled, "[first, last] with 1 <= first <= "
+                          f"last <= train.steps={t.steps} (steps first..last are profiled)")
 
 
 def _check_model_shape(job: JobConfig) -> None:

@@ -179,6 +179,15 @@ class QuantizeConfig:
 
 
 @dataclass
+class ProfileConfig:
+    # [first, last]: torch.profiler traces of training steps first..last on every rank
+    # (<run_dir>/profile/rank<N>.json, Chrome/Perfetto format); [] = off. Those steps are
+    # logged on their own, marked `profiled`, without tokens/s.
+    steps: list[int] = field(default_factory=list)
+    memory: bool = False  # also the allocator's events (on CUDA: a memory snapshot .pickle)
+
+
+@dataclass
 class TrainConfig:
     task: str = choice("pretrain", "pretrain", "evaluate", "generate",
                        "quantize")  # program in recipes/
@@ -195,6 +204,7 @@ class TrainConfig:
     # stop the run with one clear line when the loss becomes NaN or inf (checked on logged
     # steps, where the losses reach the host anyway)
     stop_on_nonfinite: bool = True
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
 
 @dataclass

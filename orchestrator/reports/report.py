@@ -24,6 +24,7 @@ from orchestrator.reports.charts import (
     loss_curves,
     median_tokens_per_s,
 )
+from orchestrator.reports.profile import profile_section
 from orchestrator.reports.sweep import SWEEP_SUMMARY
 
 REPORT_DIR, REPORT_MD = "report", "report.md"
@@ -36,8 +37,8 @@ def _fmt(value: float | None, spec: str = ".4f") -> str:
 
 def run_report(run_dir: Path, size: tuple[int, int] = (WIDTH, HEIGHT)) -> list[Path]:
     """`<run_dir>/report/`: loss (and val/loss) vs step, tokens/s vs step and report.md
-    (final loss, best and last val/loss, median tokens/s, steps, world size). Returns the
-    paths written."""
+    (final loss, best and last val/loss, median tokens/s, steps, world size; a profiled run's
+    traces summarised). Returns the paths written."""
     out = run_dir / REPORT_DIR
     try:
         records = read_metrics(metrics_file_of(run_dir))
@@ -68,7 +69,7 @@ def run_report(run_dir: Path, size: tuple[int, int] = (WIDTH, HEIGHT)) -> list[P
     rows.append(("median tokens/s", _fmt(median_tokens_per_s(records), ",.0f")))
     lines = [f"# Run report: {name}", "", "| | |", "|---|---|",
              *(f"| {k} | {v} |" for k, v in rows), "",
-             *(f"![{p.stem}]({p.name})" for p in charts)]
+             *(f"![{p.stem}]({p.name})" for p in charts), *profile_section(run_dir)]
     md = out / REPORT_MD
     md.write_text("\n".join(lines) + "\n")
     return [*charts, md]

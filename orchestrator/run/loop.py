@@ -14,11 +14,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from orchestrator.common.contract import memory_file
+from orchestrator.common.contract import memory_file, profile_trace
 from orchestrator.common.plan import Plan
 from orchestrator.config.schema import JobConfig, OptimConfig
 from orchestrator.run.checkpoint.stop import Stopped, StopRequest
 from orchestrator.run.metrics import NullLogger
+from orchestrator.run.profiling import StepProfiler
 from orchestrator.run.strategies.base import Engine
 
 
@@ -143,6 +144,7 @@ class Training:
     stop: StopRequest | None = None
     poll: Callable[[], None] | None = None
     evaluate: Callable[[], dict[str, float]] | None = None
+    profiler: StepProfiler | None = None  # train.profile (run/profiling.py)
 
 
 @dataclass
@@ -184,6 +186,8 @@ def train(run: Training, data: Iterator[dict[str, torch.Tensor]]) -> list[float]
         engine.step = step
         if job.debug.crash_at_step == step and job.debug.crash_rank == dist.get_rank():
             _crash(job, step, dist.get_rank())
+        if run.profiler is not None:
+            run.profiler.before(step)
         interval.pending.append(engine.train_step([next(data) for _ in range(run.grad_accum)]))
         if job.debug.step_delay_s:
             time.sleep(job.debug.step_delay_s)
@@ -195,24 +199,34 @@ def train(run: Training, data: Iterator[dict[str, torch.Tensor]]) -> list[float]
                     and step < job.train.steps and run.stop.agreed())
         save = stopping or (every > 0 and (step % every == 0 or step == job.train.steps))
         evaluating = eval_every > 0 and step % eval_every == 0
-        if not (extra or save or evaluating or step % job.train.log_every == 0
+        # a step under the profiler is an interval of its own, and so is the one before
+        profiled = run.profiler is not None and run.profiler.covers(step)
+        bounds = profiled or (run.profiler is not None and run.profiler.covers(step + 1))
+        if (extra or save or evaluating or bounds or step % job.train.log_every == 0
                 or step == job.train.steps):
-            continue
-        _log_interval(run, interval, step, lr, losses, extra, evaluating)
-        if save and run.checkpoint is not None:
-            saved = run.checkpoint(step)
-            if stopping and run.stop is not None:
-                raise Stopped(run.stop.name, step, str(saved))
+            _log_interval(run, interval, step, lr, losses, extra, evaluating, profiled)
+            if save and run.checkpoint is not None:
+                saved = run.checkpoint(step)
+                if stopping and run.stop is not None:
+                    run.stop.close()
+                    raise Stopped(run.stop.name, step, str(saved))
+        if run.profiler is not None and run.profiler.after(step):
+            run.logger.event("profile", {"steps": list(job.train.profile.steps),
+                                         "dir": str(profile_trace(job.run_dir, 0).parent)})
+    if run.stop is not None:
+        run.stop.close()  # the last vote, still in flight
     if losses:
         run.logger.summary({"final_loss": losses[-1]})
     return losses
 
 
 def _log_interval(run: Training, interval: _Interval, step: int, lr: float,
-                  losses: list[float], extra: dict[str, float], evaluating: bool) -> None:
+                  losses: list[float], extra: dict[str, float], evaluating: bool,
+                  profiled: bool = False) -> None:
     """A logged step: the interval's losses all-reduced in one collective (appended to
     `losses`), its time, tokens/s and peak memory, the model's own metrics, MFU and memory
-    against the plan, and the evaluation (measured after the interval: not part of it)."""
+    against the plan, and the evaluation (measured after the interval: not part of it). A
+    step under the profiler is marked `profiled` and has no tokens/s or MFU."""
     engine, job, world = run.engine, run.job, dist.get_world_size()
     step_losses = torch.stack(interval.pending)
     dist.all_reduce(step_losses)  # one collective for the interval, not one per step
@@ -230,9 +244,12 @@ def _log_interval(run: Training, interval: _Interval, step: int, lr: float,
     if evaluating and run.evaluate is not None:  # measured above: not this interval's
         extra.update(run.evaluate())
         interval.timer.restart()
-    run.logger.log(step, {"loss": losses[-1], "lr": lr, "tokens_per_s": tps,
-                          "step_time_s": step_time, "peak_mem_bytes": peak_mem,
-                          **model_metrics, **extra})
+    record = {"loss": losses[-1], "lr": lr, "tokens_per_s": tps, "step_time_s": step_time,
+              "peak_mem_bytes": peak_mem, **model_metrics, **extra}
+    if profiled:  # throughput under a profiler is not the run's
+        record = {k: v for k, v in record.items() if k not in ("tokens_per_s", "mfu")}
+        record["profiled"] = 1
+    run.logger.log(step, record)
     run.logger.progress(step, losses[-1], tps)
     reset_peak_memory(engine.device)  # the next interval's peak is its own
     if run.poll is not None:

@@ -53,6 +53,10 @@ CASES = {
                          "in 'WandbConfig'"),
     "our own check": (["train.steps=0"], "error: config key 'train.steps' has value 0; "
                       "allowed: a number > 0"),
+    "profile past the run": (["train.profile.steps=[5,30]"], "error: config key "
+                             "'train.profile.steps' has value [5, 30]; allowed: [first, last] "
+                             "with 1 <= first <= last <= train.steps=20 (steps first..last "
+                             "are profiled)"),
 }
 
 

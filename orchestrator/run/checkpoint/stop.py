@@ -3,12 +3,13 @@
 
 torchrun is told to handle the signal (`--signals-to-handle`), so it passes it on to every rank
 (its workers live in sessions of their own, where a signal to the job's process group never
-reaches them) and waits `fault.stop_timeout_s` for them. Each rank only notes the signal; at the
-end of every step the ranks agree (one tiny all-reduce on a CPU group, never a device sync)
-whether any of them got it, and all stop after the same step: they save a checkpoint, rank 0
-records the stop in `<run_dir>/attempt.json`, and every rank exits 0. The Slurm script then
-requeues the job (`launcher.slurm.requeue`), which resumes from that checkpoint in the same run
-directory; the local launcher reports the stop and how to resume.
+reaches them) and waits `fault.stop_timeout_s` for them. Each rank only notes the signal; after
+every step the ranks agree (one tiny all-reduce on a CPU group of its own, never a device sync,
+read one step later so that no step waits for it) whether any of them got it, and all stop after
+the same step: they save a checkpoint, rank 0 records the stop in `<run_dir>/attempt.json`, and
+every rank exits 0. The Slurm script then requeues the job (`launcher.slurm.requeue`), which
+resumes from that checkpoint in the same run directory; the local launcher reports the stop and
+how to resume.
 
 torchrun exits non-zero once it got the signal, even when the ranks had already finished every
 step (a signal after the last vote). So rank 0 also records a finished attempt, and both the
@@ -53,25 +54,38 @@ class StopRequest:
         self.name = stop_signal(job)
         self.got = int(getattr(signal, self.name) in _EARLY)
         self.group: Any = None
-        self.voted = False
+        self.pending: tuple[Any, Any] | None = None  # the vote in flight: (work, its tensor)
         signal.signal(getattr(signal, self.name), self._note)
 
     def _note(self, signum: int, frame: FrameType | None) -> None:
         self.got = 1
 
     def agreed(self) -> bool:
-        """Collective: True on every rank when any rank has been signalled."""
+        """Collective: True on every rank when any rank had been signalled by the end of the
+        previous step. The vote is an all-reduce on a gloo group of its own, started after a
+        step and read after the next, so no step waits for it: a stop takes effect one step
+        later than the signal, on every rank alike."""
         import torch
         import torch.distributed as dist
 
-        if not self.voted:  # the first vote, at the same point on every rank
-            self.voted = True
-            # a CPU group: a gloo all-reduce of one number, no wait for the device
-            if dist.get_backend() != "gloo":
-                self.group = dist.new_group(backend="gloo")
+        if self.group is None:  # the first vote, at the same point on every rank
+            self.group = dist.new_group(backend="gloo")
+        agreed = False
+        if self.pending is not None:
+            work, vote = self.pending
+            work.wait()
+            agreed = bool(vote.item())
         vote = torch.tensor([self.got], dtype=torch.int32)
-        dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(vote.item())
+        self.pending = (dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self.group,
+                                        async_op=True), vote)
+        return agreed
+
+    def close(self) -> None:
+        """Every rank, after its last vote: wait for the vote still in flight (no collective is
+        left running when the process group goes)."""
+        if self.pending is not None:
+            self.pending[0].wait()
+            self.pending = None
 
 
 def record(job: JobConfig, stopped: Stopped | None, step: int) -> None:
