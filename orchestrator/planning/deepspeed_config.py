@@ -2,18 +2,12 @@
 against DeepSpeed's own config model before anything launches.
 
 Generated from the same fields the FSDP2 path uses: batch split, clipping, precision and ZeRO
-stage, for the device the job runs on:
-
-- cuda: DeepSpeed's own GPU defaults (5e8-element reduce / all-gather buckets, 5e7 prefetch,
-  1e9 live parameters, persistence threshold 1e5), raised to one transformer block where a block
-  is larger, with communication overlapped with compute; offload uses pinned host memory.
-- cpu: those defaults (2 GB per fp32 bucket) are far too large for the small models a CPU trains,
-  so reduce-scatter and all-gather buckets are one transformer block (at least d² elements, the
-  rule of thumb Hugging Face's integration uses): a block moves in one collective. Buckets of d²
-  alone (a twelfth of a GPT-2 block) split every block into many collectives and starved the
-  ranks: 35 reduce-scatters and 74 all-gathers per step of gpt2_small_cpu. ZeRO-3's prefetch and
-  live limits stay at the d² rule (see `_zero_section`). Overlap is off (gloo gains nothing from
-  a second stream).
+stage. The ZeRO section is DeepSpeed's own defaults (5e8-element reduce / all-gather buckets,
+5e7 prefetch, 1e9 live parameters, persistence threshold 1e5, communication overlapped with
+compute), raised to one transformer block where a block is larger, on every device: on CPU
+they ran faster than the block-sized buckets and sub-block prefetch this project used to set
+there (issue 27, docs/benchmarks.md), and the memory plan models what they do (planning/memory.py:
+persistent parameters, the prefetched working set). Offload uses pinned host memory on GPUs.
 
 `parallelism.deepspeed` is merged over the result.
 """
@@ -31,14 +25,6 @@ from orchestrator.config.schema import JobConfig
 NEVER_PRINT = 2**31 - 1  # DeepSpeed's own step prints: our loop logs instead
 
 
-
-
-def bucket_elements(job: JobConfig) -> int:
-    """A CPU bucket: one transformer block, at least d² (and 4096) elements."""
-    d = job.model.d_model
-    return max(largest_block(job), d * d, 4096)
-
-
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in extra.items():
@@ -49,7 +35,7 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-# DeepSpeed's GPU defaults (deepspeed/runtime/zero/config.py), in elements
+# DeepSpeed's defaults (deepspeed/runtime/zero/config.py), in elements
 DS_BUCKET, DS_PREFETCH, DS_PERSISTENCE = 500_000_000, 50_000_000, 100_000
 
 
@@ -67,26 +53,16 @@ def largest_block(job: JobConfig) -> int:
 def _zero_section(job: JobConfig, device: str) -> dict[str, Any]:
     p = job.parallelism
     zero: dict[str, Any] = {"stage": p.zero_stage, "contiguous_gradients": True}
-    if device == "cuda":
-        block = largest_block(job)
-        bucket, prefetch = max(DS_BUCKET, block), max(DS_PREFETCH, block)
-        zero.update({"overlap_comm": True, "reduce_bucket_size": bucket,
-                     "allgather_bucket_size": bucket})
-        if p.zero_stage == 3:
-            zero.update({"stage3_prefetch_bucket_size": prefetch,
-                         "stage3_param_persistence_threshold": DS_PERSISTENCE})
-    else:
-        bucket = bucket_elements(job)
-        zero.update({"overlap_comm": False, "reduce_bucket_size": bucket,
-                     "allgather_bucket_size": bucket})
-        if p.zero_stage == 3:
-            # prefetch stays below a block: a block-sized prefetch was no faster here and made
-            # DeepSpeed hold about two more blocks at the end of forward than the plan models
-            d2 = max(job.model.d_model ** 2, 4096)
-            zero.update({"stage3_prefetch_bucket_size": int(0.9 * d2),
-                         "stage3_param_persistence_threshold": 10 * job.model.d_model,
-                         "stage3_max_live_parameters": 4 * d2,
-                         "stage3_max_reuse_distance": 4 * d2})
+    # DeepSpeed's own defaults on every device (they are also the fastest measured on CPU,
+    # docs/benchmarks.md), raised to one transformer block where a block is larger: a block
+    # moves in one collective and is prefetched whole
+    block = largest_block(job)
+    bucket, prefetch = max(DS_BUCKET, block), max(DS_PREFETCH, block)
+    zero.update({"overlap_comm": True, "reduce_bucket_size": bucket,
+                 "allgather_bucket_size": bucket})
+    if p.zero_stage == 3:
+        zero.update({"stage3_prefetch_bucket_size": prefetch,
+                     "stage3_param_persistence_threshold": DS_PERSISTENCE})
     if p.zero_stage == 3 and p.replicate_degree > 1:
         # ZeRO++ hpZ: a secondary copy of the parameters partitioned within each group of
         # world/R ranks (a node), so forward/backward all-gathers stay inside it

@@ -39,6 +39,7 @@ from collections.abc import Callable
 from orchestrator.common.plan import MemoryEstimate, MomentBytes
 from orchestrator.config.derived import TORCH_STRATEGIES
 from orchestrator.models.specs import ROOT_GROUP, ParamSpec
+from orchestrator.planning.deepspeed_stage3 import stage3_step, stage3_working_set
 
 # compute dtype; fp8 computes in bf16 outside its linear layers' float8 matmuls, whose float8
 # copies of inputs and weights live only within one layer's forward/backward
@@ -238,67 +239,29 @@ def _ds_flat_partition(specs: list[ParamSpec], n: int) -> tuple[int, list[int]]:
     return part, extra
 
 
-def _ds_working_set(specs: list[ParamSpec], b: int, persistence_threshold: int,
-                    prefetch_bucket_size: int, max_live_parameters: int) -> dict[str, int]:
-    """DeepSpeed stage 3's transient bytes inside backward, beyond each moment.
-
-    DeepSpeed fetches per module (the parameters a module owns directly, as
-    `PartitionedParameterCoordinator.fetch_sub_module` does), in trace order: backward runs the
-    modules in reverse. After fetching one it prefetches the next parameters while fewer than
-    min(stage3_max_live_parameters - live, stage3_prefetch_bucket_size) elements are in flight
-    (the last one may overshoot). Gradients come out whole in the module's dtype and are
-    reduce-scattered in `communication_data_type` (by default that same 16-bit dtype), so one
-    module's full gradient is alive too. Persistent parameters are never gathered.
-    - beyond `after_forward` (activations alive): the worst module of backward with its
-      prefetch, less the head, which is gathered from the end of forward and already counted,
-      plus the largest module's gradient;
-    - beyond `after_backward`: the last module of backward (the input embedding), gathered, and
-      its gradient, with nothing left to prefetch.
-    """
-    units: dict[str, list[ParamSpec]] = {}
-    for s in specs:
-        if s.numel > persistence_threshold:
-            units.setdefault(s.name.rpartition(".")[0], []).append(s)
-    order = list(units.values())[::-1]  # backward order
-    if not order:
-        return {}
-    live = 0
-    for i, unit in enumerate(order):
-        own = sum(s.numel for s in unit if not s.head)  # the head: gathered since forward
-        limit = min(max_live_parameters - sum(s.numel for s in unit), prefetch_bucket_size)
-        prefetched = 0
-        for s in (s for later in order[i + 1:] for s in later):
-            if prefetched >= limit:
-                break
-            prefetched += s.numel
-        live = max(live, own + prefetched)
-    grads = max(sum(s.numel for s in u if s.trainable) for u in order)
-    last = order[-1]
-    return {"after_forward": b * (live + grads),
-            "after_backward": b * sum(s.numel + s.numel * s.trainable for s in last)}
-
-
 def estimate_deepspeed(specs: list[ParamSpec], world_size: int, zero_stage: int, precision: str,
                        offload_optimizer: bool = False, offload_params: bool = False,
                        optimizer: str = "adamw", momentum: float = 0.9,
                        persistence_threshold: int = 0, prefetch_bucket_size: int = 50_000_000,
                        max_live_parameters: int = 1_000_000_000,
+                       max_reuse_distance: int = 1_000_000_000,
                        hpz_partition_size: int = 1) -> MemoryEstimate:
     """DeepSpeed's model states on its most loaded rank.
 
     Unlike FSDP2/ZeRO-1, DeepSpeed keeps a flat fp32 master partition beside the model's own
     weights even for fp32 models; it is counted with the optimizer state (one flat tensor, so
     one `step`). Stage 3 keeps parameters with at most `persistence_threshold` elements whole on
-    every rank, and the output head stays gathered from the end of forward into backward.
+    every rank, and what forward leaves gathered for backward (planning/deepspeed_stage3.py:
+    the head at least; with DeepSpeed's default prefetch and reuse distance every parameter of
+    a small model) is in the `after_forward` moment.
     With `hpz_partition_size` H > 1 (ZeRO++ hpZ) stage 3 also keeps a secondary copy of every
     partitioned parameter split over groups of H ranks, in the module's dtype
     (`_partition_param_sec`: the padded size / H elements), so the backward all-gather stays
     inside the group; the primary partition, gradients and optimizer stay split over all ranks.
-    Offloaded terms move to `host_bytes` (on a CPU machine they are the same RAM). The stage-3
-    working set (`_ds_working_set`) defaults to DeepSpeed's own prefetch limits.
+    Offloaded terms move to `host_bytes` (on a CPU machine they are the same RAM).
     """
     n, b = world_size, DTYPE_BYTES[precision]  # DeepSpeed casts the module for bf16/fp16
-    rank, host = 0, 0
+    rank, host, step = 0, 0, None
     trained = [s for s in specs if s.trainable]  # frozen (LoRA base) weights: params only
     if zero_stage == 0:
         psi = sum(s.numel for s in specs)
@@ -315,14 +278,13 @@ def estimate_deepspeed(specs: list[ParamSpec], world_size: int, zero_stage: int,
         part = sum(math.ceil(s.numel / n) for s in specs)
         owned = sum(math.ceil(s.numel / n) for s in trained)
         persistent = sum(s.numel for s in specs if s.numel <= persistence_threshold)
-        head = sum(s.numel for s in specs if s.head and s.numel > persistence_threshold)
+        step = stage3_step(specs, persistence_threshold, prefetch_bucket_size,
+                           max_live_parameters, max_reuse_distance)
         opt, master = _optimizer_bytes([owned], optimizer, momentum), 4 * owned
-        secondary = 0
-        if hpz_partition_size > 1:
-            secondary = sum(math.ceil(s.numel / n) * n // hpz_partition_size
-                            for s in specs if s.numel > persistence_threshold)
+        secondary = sum(math.ceil(s.numel / n) * n // hpz_partition_size for s in specs
+                        if s.numel > persistence_threshold) if hpz_partition_size > 1 else 0
         params = b * (part + persistent + secondary)
-        after_fwd_params = params + b * head
+        after_fwd_params = params + b * sum(s.numel for s in specs if s.name in step.after_forward)
         grads = 4 * owned
     if offload_optimizer:  # the fp32 gradient partition then lives on the host for good
         host += opt + master + grads
@@ -333,8 +295,8 @@ def estimate_deepspeed(specs: list[ParamSpec], world_size: int, zero_stage: int,
     moments = {"after_forward": MomentBytes(after_fwd_params, 0, opt + master),
                "after_backward": MomentBytes(params, grads, opt + master)}
     peak = max(MOMENTS, key=lambda m: moments[m].total_bytes)
-    working = (_ds_working_set(specs, b, persistence_threshold, prefetch_bucket_size,
-                               max_live_parameters) if zero_stage == 3 else {})
+    working = (stage3_working_set(specs, b, persistence_threshold, step)
+               if step is not None else {})
     return MemoryEstimate("deepspeed", rank, peak, moments, host_bytes=host,
                           working_set_by_moment=working, working_set_bytes=working.get(peak, 0),
                           shard_size=n if zero_stage else 0)

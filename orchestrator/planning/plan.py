@@ -100,6 +100,7 @@ def _model_state(job: JobConfig, specs: list[ParamSpec], device: str, accum: int
         persistence_threshold=zero.get("stage3_param_persistence_threshold", 100_000),
         prefetch_bucket_size=int(zero.get("stage3_prefetch_bucket_size", 50_000_000)),
         max_live_parameters=int(zero.get("stage3_max_live_parameters", 1_000_000_000)),
+        max_reuse_distance=int(zero.get("stage3_max_reuse_distance", 1_000_000_000)),
         hpz_partition_size=hpz)
     return _ModelState(mem, ds_config, hpz)
 

@@ -19,7 +19,7 @@ from orchestrator.common.plan import Plan
 from orchestrator.config.schema import JobConfig, OptimConfig
 from orchestrator.run.checkpoint.stop import Stopped, StopRequest
 from orchestrator.run.metrics import NullLogger
-from orchestrator.run.profiling import StepProfiler
+from orchestrator.run.profiling import NoProfiler, StepProfiler
 from orchestrator.run.strategies.base import Engine
 
 
@@ -144,7 +144,7 @@ class Training:
     stop: StopRequest | None = None
     poll: Callable[[], None] | None = None
     evaluate: Callable[[], dict[str, float]] | None = None
-    profiler: StepProfiler | None = None  # train.profile (run/profiling.py)
+    profiler: StepProfiler | NoProfiler = field(default_factory=NoProfiler)  # train.profile
 
 
 @dataclass
@@ -186,8 +186,7 @@ def train(run: Training, data: Iterator[dict[str, torch.Tensor]]) -> list[float]
         engine.step = step
         if job.debug.crash_at_step == step and job.debug.crash_rank == dist.get_rank():
             _crash(job, step, dist.get_rank())
-        if run.profiler is not None:
-            run.profiler.before(step)
+        run.profiler.before(step)
         interval.pending.append(engine.train_step([next(data) for _ in range(run.grad_accum)]))
         if job.debug.step_delay_s:
             time.sleep(job.debug.step_delay_s)
@@ -200,8 +199,8 @@ def train(run: Training, data: Iterator[dict[str, torch.Tensor]]) -> list[float]
         save = stopping or (every > 0 and (step % every == 0 or step == job.train.steps))
         evaluating = eval_every > 0 and step % eval_every == 0
         # a step under the profiler is an interval of its own, and so is the one before
-        profiled = run.profiler is not None and run.profiler.covers(step)
-        bounds = profiled or (run.profiler is not None and run.profiler.covers(step + 1))
+        profiled = run.profiler.covers(step)
+        bounds = profiled or run.profiler.covers(step + 1)
         if (extra or save or evaluating or bounds or step % job.train.log_every == 0
                 or step == job.train.steps):
             _log_interval(run, interval, step, lr, losses, extra, evaluating, profiled)
@@ -210,7 +209,7 @@ def train(run: Training, data: Iterator[dict[str, torch.Tensor]]) -> list[float]
                 if stopping and run.stop is not None:
                     run.stop.close()
                     raise Stopped(run.stop.name, step, str(saved))
-        if run.profiler is not None and run.profiler.after(step):
+        if run.profiler.after(step):
             run.logger.event("profile", {"steps": list(job.train.profile.steps),
                                          "dir": str(profile_trace(job.run_dir, 0).parent)})
     if run.stop is not None:

@@ -91,12 +91,25 @@ class StepProfiler:
             os.link(self.trace, board)  # the same file, named as the plugin looks for it
 
 
+class NoProfiler:
+    """Without `train.profile.steps`: no step runs under a profiler."""
+
+    def covers(self, step: int) -> bool:
+        return False
+
+    def before(self, step: int) -> None:
+        pass
+
+    def after(self, step: int) -> list[Path]:
+        return []
+
+
 def make_profiler(job: JobConfig, rank: int, device: str,
-                  start_step: int) -> StepProfiler | None:
-    """The run's profiler, or None without `train.profile.steps`. A run resumed after the
+                  start_step: int) -> StepProfiler | NoProfiler:
+    """The run's profiler (`NoProfiler` without `train.profile.steps`). A run resumed after the
     range says so once (rank 0): those steps were recorded, or not, by the earlier attempt."""
     if not job.train.profile.steps:
-        return None
+        return NoProfiler()
     profiler = StepProfiler(job, rank, device, start_step)
     if profiler.done and rank == 0:
         print(f"train.profile.steps={list(job.train.profile.steps)}: resumed after step "

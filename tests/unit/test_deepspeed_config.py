@@ -31,8 +31,11 @@ def test_generated_config_round_trips_through_deepspeed(parallelism: str, precis
     assert cfg["zero_optimization"]["stage"] == job.parallelism.zero_stage
     assert (cfg["train_batch_size"], cfg["gradient_accumulation_steps"]) == (16, 2)
     assert ("fp16" in cfg, "bf16" in cfg) == (precision == "fp16", precision == "bf16")
-    # Buckets scale with the model instead of DeepSpeed's 5e8-element defaults.
-    assert cfg["zero_optimization"]["reduce_bucket_size"] < 10**6
+    # DeepSpeed's own bucket size (this model's blocks are smaller), on CPU too
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    assert cfg["zero_optimization"]["reduce_bucket_size"] == \
+        DeepSpeedZeroConfig().reduce_bucket_size
 
 
 def test_offload_and_passthrough_are_merged() -> None:
@@ -110,11 +113,9 @@ def test_gpu_config_uses_deepspeed_defaults_raised_to_a_block_and_cpu_keeps_smal
         assert zero["offload_optimizer"]["pin_memory"] and zero["offload_param"]["pin_memory"]
         deepspeed_config.check(json.loads(json.dumps(gpu)))
         cpu = deepspeed_config.generate(job, *resolve_batch(job), "cpu")["zero_optimization"]
-        # CPU: one block per reduce-scatter and all-gather (bucket_elements); ZeRO-3's prefetch
-        # below a block (the memory plan's after_forward holds no prefetched block)
-        assert cpu["overlap_comm"] is False and cpu["reduce_bucket_size"] == block
-        assert cpu["allgather_bucket_size"] == block
-        assert cpu["stage3_prefetch_bucket_size"] == int(0.9 * job.model.d_model**2) < block
+        # CPU: the same defaults (the fastest measured there too); only pinning differs
+        assert {k: v for k, v in cpu.items() if "offload" not in k} == {
+            k: v for k, v in zero.items() if "offload" not in k}
         assert not cpu["offload_optimizer"]["pin_memory"]
 
 
