@@ -66,7 +66,8 @@ class _Pending:
     meta: dict[str, Any]
     started: float
     blocked_s: float
-    future: Any
+    future: Any  # the files written (DCP's upload), or None for a synchronous save
+    staged: Any = None  # the state copied to host memory (async staging), until awaited
 
 
 class Saver:
@@ -74,7 +75,13 @@ class Saver:
     and prunes old ones. With `checkpoint.async_save` the files are written in the background
     (DCP's async_save) and committed at the first `poll` that finds every rank done (or at the
     next `save`, or `finish`); a run that dies first leaves only the `.tmp` directory, which
-    never counts."""
+    never counts.
+
+    The copy of the state into host memory (staging) runs in the background too, during the
+    next step's forward and backward: an optimizer step pre-hook waits for it before the
+    weights and optimizer state change. The loop's blocked time (`blocked_s`) is the time in
+    `save` plus that wait, plus any wait for the files (a save still being written when the
+    next is due, or at the end of the run)."""
 
     def __init__(self, engine: Engine, job: JobConfig,
                  on_commit: Callable[[dict[str, Any]], None]) -> None:
@@ -97,8 +104,9 @@ class Saver:
             cuda = engine.device == "cuda"
             self.stager = DefaultStager(StagingOptions(use_pinned_memory=cuda,
                                                        use_shared_memory=False,
-                                                       use_async_staging=False,
+                                                       use_async_staging=True,
                                                        use_non_blocking_copy=cuda))
+            engine.local_optimizer().register_step_pre_hook(self._wait_staged)
 
     def save(self, step: int, meta: dict[str, Any]) -> Path:
         """Write this step's checkpoint (the previous background one is committed first);
@@ -110,17 +118,29 @@ class Saver:
         final, tmp = root / step_name(step), root / f".{step_name(step)}.tmp"
         started = time.perf_counter()
         tmp.mkdir(parents=True, exist_ok=True)  # no barrier: left-overs went in __init__
-        future = None
+        future = staged = None
         if self.group is not None:
-            future = self.engine.async_save_checkpoint(tmp, self.group, self.stager)
+            response = self.engine.async_save_checkpoint(tmp, self.group, self.stager)
+            future, staged = response.upload_completion, response.staging_completion
         else:
             self.engine.save_checkpoint(tmp)
         torch.save(_rank_state(self.engine), tmp / f"rank{rank}.pt")
         blocked = time.perf_counter() - started
-        self.pending = _Pending(step, tmp, final, meta, started, blocked, future)
+        self.pending = _Pending(step, tmp, final, meta, started, blocked, future, staged)
         if future is None:
             self.finish()
         return final
+
+    def _wait_staged(self, *_: Any) -> None:
+        """Before an optimizer step: the background copy of the saved state must be complete
+        (the step changes what it copies); the wait counts as blocked."""
+        pending = self.pending
+        if pending is None or pending.staged is None:
+            return
+        began = time.perf_counter()
+        pending.staged.result()
+        pending.blocked_s += time.perf_counter() - began
+        pending.staged = None
 
     def poll(self) -> None:
         """Every rank, at the same step: commit the background save once every rank's files
@@ -147,8 +167,10 @@ class Saver:
         pending, self.pending = self.pending, None
         if pending is None:
             return
-        if pending.future is not None:
+        if pending.future is not None:  # the loop waits for it here (after the last step,
+            began = time.perf_counter()  # or when the next save is due): blocked too
             pending.future.result()
+            pending.blocked_s += time.perf_counter() - began
         dist.barrier()  # every rank's files are written
         info = {"step": pending.step, "world_size": dist.get_world_size(),
                 "strategy": [self.job.parallelism.backend, self.job.parallelism.zero_stage],

@@ -10,7 +10,6 @@ import contextlib
 import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -147,11 +146,13 @@ class Engine:
         model, optim = get_state_dict(self.model, self.optimizer)
         dcp.save({"model": model, "optim": optim}, checkpoint_id=str(path))
 
-    def async_save_checkpoint(self, path: Path, group: Any, stager: Any) -> Future[Any]:
-        """`save_checkpoint` in the background (DCP's async_save): returns once `stager` (a
-        DCP DefaultStager, kept for the run: it re-uses its host copy) has copied the state to
-        host memory; its collectives run on `group`, a gloo group of its own, so they never
-        interleave with the training step's."""
+    def async_save_checkpoint(self, path: Path, group: Any, stager: Any) -> Any:
+        """`save_checkpoint` in the background (DCP's async_save): returns DCP's
+        `AsyncSaveResponse` at once; `stager` (a DCP DefaultStager with async staging, kept for
+        the run: it re-uses its host copy) copies the state to host memory in a thread of its
+        own (`staging_completion`), then the files are written (`upload_completion`). Its
+        collectives run on `group`, a gloo group of its own, so they never interleave with the
+        training step's."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
