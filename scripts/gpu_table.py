@@ -6,7 +6,9 @@ Per training run: loss first -> last logged step, tokens/s and MFU (median over 
 intervals after the first, which holds start-up work), and the planned device peak (without the
 plan's fragmentation allowance) vs the largest `max_memory_allocated` of any interval, with the
 error in %. Evaluate and generate rows say what they produced. Prints Markdown, for
-docs/benchmarks.md.
+docs/benchmarks.md. Exits 1 when a DeepSpeed ZeRO-3 run's measured peak exceeds its planned
+peak with the plan's allowance (`peak_total_bytes`): the plan replays ZeRO-3's gathering
+(planning/deepspeed_stage3.py), and this is its first check on a GPU.
 """
 
 from __future__ import annotations
@@ -43,6 +45,21 @@ def _row(run: Path) -> list[str]:
             f"{planned / 2**30:.2f}" if planned else "", f"{measured / 2**30:.2f}", error]
 
 
+def over_plan(run: Path) -> str | None:
+    """A DeepSpeed ZeRO-3 run whose measured device peak exceeds the planned one: its line."""
+    plan_file, metrics_file = run / "plan.json", run / "metrics.jsonl"
+    if not (plan_file.exists() and metrics_file.exists()):
+        return None
+    plan = json.loads(plan_file.read_text())
+    if plan.get("strategy") != "deepspeed" or plan.get("zero_stage") != 3:
+        return None
+    measured = max((m["peak_mem_bytes"] for m in read_metrics(metrics_file)), default=0)
+    planned = plan["memory"]["peak_total_bytes"]
+    if measured <= planned:
+        return None
+    return f"{run.name}: measured peak {measured / 2**30:.2f} GiB > planned {planned / 2**30:.2f}"
+
+
 def main(root: str) -> int:
     runs = sorted(p for p in Path(root).iterdir() if p.is_dir())
     head = ["run", "exit", "loss first -> last", "tokens/s", "MFU", "planned peak GiB",
@@ -51,7 +68,10 @@ def main(root: str) -> int:
     print("|" + "---|" * len(head))
     for run in runs:
         print("| " + " | ".join(_row(run)) + " |")
-    return 0
+    over = [line for line in map(over_plan, runs) if line]
+    for line in over:
+        print(f"gpu_table: {line}", file=sys.stderr)
+    return 1 if over else 0
 
 
 if __name__ == "__main__":

@@ -59,3 +59,30 @@ def test_gpu_check_fails_when_a_run_fails(tmp_path) -> None:
     assert proc.returncode == 1, proc.stdout[-2000:]
     assert f"gpu_check: {len(RUNS)} failed (runs or the gpu tests)" in proc.stderr
     assert (out / "table.md").is_file()
+
+
+def test_the_table_fails_a_deepspeed_zero3_run_above_its_planned_peak(tmp_path) -> None:
+    """gpu_table.py exits 1 (and gpu_check counts it) when a DeepSpeed ZeRO-3 run's measured
+    device peak exceeds the plan's, allowance included; other strategies are only tabulated."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_table", "scripts/gpu_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    for name, strategy, peak in [("ds_ok", "deepspeed", 90), ("fsdp_over", "fsdp2", 500)]:
+        run = tmp_path / name
+        run.mkdir()
+        (run / "status").write_text("0\n")
+        (run / "plan.json").write_text(json.dumps({"strategy": strategy, "zero_stage": 3,
+                                                   "memory": {"peak_total_bytes": 100}}))
+        (run / "metrics.jsonl").write_text(json.dumps(
+            {"step": 1, "loss": 1.0, "tokens_per_s": 1.0, "peak_mem_bytes": peak}) + "\n")
+    assert table.main(str(tmp_path)) == 0
+    over = tmp_path / "ds_over"
+    over.mkdir()
+    for f in ("status", "plan.json"):
+        (over / f).write_text((tmp_path / "ds_ok" / f).read_text())
+    (over / "metrics.jsonl").write_text(json.dumps(
+        {"step": 1, "loss": 1.0, "tokens_per_s": 1.0, "peak_mem_bytes": 101}) + "\n")
+    assert table.over_plan(over) == "ds_over: measured peak 0.00 GiB > planned 0.00"
+    assert table.main(str(tmp_path)) == 1
