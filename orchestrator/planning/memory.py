@@ -239,6 +239,13 @@ def _ds_flat_partition(specs: list[ParamSpec], n: int) -> tuple[int, list[int]]:
     return part, extra
 
 
+def _persistent_bytes(specs: list[ParamSpec], b: int, n: int, threshold: int) -> int:
+    """Stage 3's persistent parameters, whole and partitioned: they stay on the device under
+    parameter offload (partition_parameters.py: `_partition_param` puts a persistent
+    parameter's ds_tensor on the local device)."""
+    return b * sum(s.numel + math.ceil(s.numel / n) for s in specs if s.numel <= threshold)
+
+
 def estimate_deepspeed(specs: list[ParamSpec], world_size: int, zero_stage: int, precision: str,
                        offload_optimizer: bool = False, offload_params: bool = False,
                        optimizer: str = "adamw", momentum: float = 0.9,
@@ -290,8 +297,9 @@ def estimate_deepspeed(specs: list[ParamSpec], world_size: int, zero_stage: int,
         host += opt + master + grads
         opt = master = grads = 0
     if offload_params and zero_stage == 3:
-        host += params
-        after_fwd_params, params = after_fwd_params - params, 0
+        offloaded = params - _persistent_bytes(specs, b, n, persistence_threshold)
+        host += offloaded
+        after_fwd_params, params = after_fwd_params - offloaded, params - offloaded
     moments = {"after_forward": MomentBytes(after_fwd_params, 0, opt + master),
                "after_backward": MomentBytes(params, grads, opt + master)}
     peak = max(MOMENTS, key=lambda m: moments[m].total_bytes)
