@@ -333,9 +333,9 @@ class CheckpointConfig:
     # <run_dir>/checkpoints/step-<N> (torch.distributed.checkpoint: no rank-0 gather); 0 = none
     every_steps: int = 0
     keep_last: int = 2  # complete checkpoints kept; older ones are deleted after a new commit
-    # DCP's async_save (torch strategies but ZeRO-1): the loop waits only while the state is
-    # copied to host memory; files are written in the background and committed at the next
-    # checkpoint or at the end. Costs one more copy of the rank's state in host memory
+    # DCP's async_save (torch strategies but ZeRO-1): the state is copied to host memory and
+    # written in the background (the next optimizer step waits for the copy) and committed at
+    # the next checkpoint or at the end. Costs one more copy of the rank's state in host memory
     async_save: bool = False
 
 
