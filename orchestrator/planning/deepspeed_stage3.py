@@ -13,14 +13,19 @@ import itertools
 from orchestrator.models.specs import ParamSpec
 
 
-def fetch_trace(specs: list[ParamSpec]) -> list[list[ParamSpec]]:
-    """DeepSpeed stage 3's fetch trace of one step: each module's own parameters (what
-    `fetch_sub_module` gathers), forward in registration order, the head (a tied one again at
-    the end), then backward in reverse."""
-    forward: dict[str, list[ParamSpec]] = {}
+def modules(specs: list[ParamSpec]) -> list[list[ParamSpec]]:
+    """Each module's own parameters (what `fetch_sub_module` gathers), in registration
+    order."""
+    owned: dict[str, list[ParamSpec]] = {}
     for s in specs:
-        forward.setdefault(s.name.rpartition(".")[0], []).append(s)
-    units = list(forward.values())
+        owned.setdefault(s.name.rpartition(".")[0], []).append(s)
+    return list(owned.values())
+
+
+def fetch_trace(specs: list[ParamSpec]) -> list[list[ParamSpec]]:
+    """DeepSpeed stage 3's fetch trace of one step: the modules (`modules`) forward in
+    registration order, the head (a tied one again at the end), then backward in reverse."""
+    units = modules(specs)
     heads = [s for s in specs if s.head]
     if heads and heads[-1] is not units[-1][-1]:  # tied: the input embedding, used again
         units.append(heads[-1:])
@@ -38,7 +43,7 @@ class Stage3Step:
 
 
 def stage3_step(specs: list[ParamSpec], persistence_threshold: int, prefetch_bucket_size: int,
-                    max_live_parameters: int, max_reuse_distance: int) -> Stage3Step:
+                max_live_parameters: int, max_reuse_distance: int) -> Stage3Step:
     """Replays `PartitionedParameterCoordinator` over the trace (`fetch_trace`): each module
     gathers what it lacks, then prefetches from the trace's parameter queue while fewer than
     min(stage3_max_live_parameters - gathered, stage3_prefetch_bucket_size) elements are in
@@ -82,7 +87,7 @@ def stage3_step(specs: list[ParamSpec], persistence_threshold: int, prefetch_buc
 
 
 def stage3_working_set(specs: list[ParamSpec], b: int, persistence_threshold: int,
-                    step: Stage3Step) -> dict[str, int]:
+                       step: Stage3Step) -> dict[str, int]:
     """DeepSpeed stage 3's transient bytes inside backward, beyond each moment. Gradients come
     out whole in the module's dtype and are reduce-scattered in `communication_data_type` (by
     default that same 16-bit dtype), so one module's full gradient is alive too.
@@ -91,14 +96,11 @@ def stage3_working_set(specs: list[ParamSpec], b: int, persistence_threshold: in
     - beyond `after_backward`: the last module of backward (the input embedding), gathered, and
       its gradient, with nothing left to prefetch.
     """
-    units: dict[str, list[ParamSpec]] = {}
-    for s in specs:
-        if s.numel > persistence_threshold:
-            units.setdefault(s.name.rpartition(".")[0], []).append(s)
+    units = modules([s for s in specs if s.numel > persistence_threshold])
     if not units:
         return {}
     kept = sum(s.numel for s in specs if s.name in step.after_forward)
-    grads = max(sum(s.numel for s in u if s.trainable) for u in units.values())
-    first = next(iter(units.values()))  # forward's first: backward's last
+    grads = max(sum(s.numel for s in u if s.trainable) for u in units)
+    first = units[0]  # forward's first: backward's last
     return {"after_forward": b * (step.backward_peak - kept + grads),
             "after_backward": b * sum(s.numel + s.numel * s.trainable for s in first)}

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from orchestrator.common.contract import memory_file, profile_trace
+from orchestrator.common.contract import memory_file
 from orchestrator.common.plan import Plan
 from orchestrator.config.schema import JobConfig, OptimConfig
 from orchestrator.run.checkpoint.stop import Stopped, StopRequest
@@ -209,9 +209,10 @@ def train(run: Training, data: Iterator[dict[str, torch.Tensor]]) -> list[float]
                 if stopping and run.stop is not None:
                     run.stop.close()
                     raise Stopped(run.stop.name, step, str(saved))
-        if run.profiler.after(step):
+        written = run.profiler.after(step)
+        if written:
             run.logger.event("profile", {"steps": list(job.train.profile.steps),
-                                         "dir": str(profile_trace(job.run_dir, 0).parent)})
+                                         "dir": str(written[0].parent)})
     if run.stop is not None:
         run.stop.close()  # the last vote, still in flight
     if losses:

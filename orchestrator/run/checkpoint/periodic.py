@@ -69,6 +69,12 @@ class _Pending:
     future: Any  # the files written (DCP's upload), or None for a synchronous save
     staged: Any = None  # the state copied to host memory (async staging), until awaited
 
+    def wait(self, future: Any) -> None:
+        """The loop waits for `future` (the copy or the files): that time counts as blocked."""
+        began = time.perf_counter()
+        future.result()
+        self.blocked_s += time.perf_counter() - began
+
 
 class Saver:
     """Every rank: writes checkpoints; rank 0 commits each once every rank's files are there,
@@ -137,9 +143,7 @@ class Saver:
         pending = self.pending
         if pending is None or pending.staged is None:
             return
-        began = time.perf_counter()
-        pending.staged.result()
-        pending.blocked_s += time.perf_counter() - began
+        pending.wait(pending.staged)
         pending.staged = None
 
     def poll(self) -> None:
@@ -168,9 +172,7 @@ class Saver:
         if pending is None:
             return
         if pending.future is not None:  # the loop waits for it here (after the last step,
-            began = time.perf_counter()  # or when the next save is due): blocked too
-            pending.future.result()
-            pending.blocked_s += time.perf_counter() - began
+            pending.wait(pending.future)  # or when the next save is due): blocked too
         dist.barrier()  # every rank's files are written
         info = {"step": pending.step, "world_size": dist.get_world_size(),
                 "strategy": [self.job.parallelism.backend, self.job.parallelism.zero_stage],
