@@ -85,6 +85,14 @@ run resume-fsdp_zero3-bf16 +recipe=fsdp_zero3 "${common[@]}" precision=bf16 \
 # async checkpoints: pinned host copies, DCP writes on a gloo group beside NCCL, commits
 run async-checkpoint-fsdp_zero3-bf16 +recipe=fsdp_zero3 "${common[@]}" precision=bf16 \
   checkpoint.every_steps=5 checkpoint.async_save=true
+# train.profile on CUDA: kernels in the Chrome trace, and the caching allocator's snapshot
+# (profile/rank0.memory.pickle, for pytorch.org/memory_viz): a run without it fails
+run profile-fsdp_zero3-bf16 +recipe=fsdp_zero3 "${common[@]}" precision=bf16 \
+  "train.profile.steps=[5,6]" train.profile.memory=true
+if [ "$dry" = 0 ] && [ ! -s "$out/profile-fsdp_zero3-bf16/profile/rank0.memory.pickle" ]; then
+  echo "gpu_check: profile-fsdp_zero3-bf16 wrote no CUDA memory snapshot"
+  echo 1 >"$out/profile-fsdp_zero3-bf16/status"
+fi
 # torch.compile per block on CUDA (inductor/triton), FSDP2; compile_s in the compile event
 run compile-fsdp_zero3-bf16 +recipe=fsdp_zero3 "${common[@]}" precision=bf16 train.compile=true
 # memmap data read by DataLoader workers into pinned batches, val/loss every 10 steps on CUDA

@@ -13,7 +13,8 @@ from tests.conftest import REPO
 RUNS = ["ddp-bf16", "ddp-fp16", "fsdp_zero3-bf16", "fsdp_zero3-fp16", "deepspeed_zero3-bf16",
         "deepspeed_zero3-fp16", "deepspeed_zero3_offload-bf16", "save-fsdp_zero3-bf16",
         "evaluate-fsdp_zero3", "generate-fsdp_zero3", "resume-fsdp_zero3-bf16",
-        "async-checkpoint-fsdp_zero3-bf16", "compile-fsdp_zero3-bf16", "workers-ddp-bf16",
+        "async-checkpoint-fsdp_zero3-bf16", "profile-fsdp_zero3-bf16", "compile-fsdp_zero3-bf16",
+        "workers-ddp-bf16",
         "llama-fsdp_zero3-bf16", "llama-fsdp_zero3-fp8", "llama-fsdp_zero3-fp8-all_gather",
         "llama-ddp-fp8", "quantize-int8-fp32"]
 
