@@ -62,9 +62,10 @@ def hf_config(cfg: ModelConfig):  # noqa: ANN201 - a transformers PretrainedConf
 def _model_class(family: str):  # noqa: ANN202 - a transformers auto/model class
     import transformers
 
-    return {"bert": transformers.BertForMaskedLM,
-            "t5": transformers.T5ForConditionalGeneration}.get(
-        family, transformers.AutoModelForCausalLM)
+    # by name: transformers imports a model's code on first access, a second per family
+    name = {"bert": "BertForMaskedLM", "t5": "T5ForConditionalGeneration"}.get(
+        family, "AutoModelForCausalLM")
+    return getattr(transformers, name)
 
 
 def _instantiate(cfg: ModelConfig, weights: bool = False, load: Loader | None = None

@@ -69,6 +69,15 @@ def test_stage_trains_and_matches_ddp_fp32_losses(runs, stage: str) -> None:
     assert max_diff_from_reference(runs[stage]) <= LOSS_TOL
 
 
+def test_no_stage_builds_deepspeeds_inference_comm_op(runs) -> None:
+    """Training on CPU compiles nothing: DeepSpeed's shared-memory all-reduce, which only its
+    inference uses, is neither built nor loaded (DeepSpeed prints its name when it is; the
+    build took a minute of g++ in every new virtualenv)."""
+    for stage in STAGES:
+        for stream in ("stdout", "stderr"):
+            assert "shm_comm" not in (runs[stage].parent / f"{stage}.{stream}").read_text()
+
+
 def test_a_rank_killed_after_a_checkpoint_resumes_from_deepspeeds_own_checkpoint(runs) -> None:
     """ZeRO-2 resumed from step 12 (DeepSpeed's save/load_checkpoint) after rank 1 died at
     step 14: the losses stay within the stage's tolerance of the uninterrupted reference

@@ -196,6 +196,21 @@ def _scrub_logs(passthrough: dict[str, Any]) -> None:
         logger.addFilter(_Scrub(values))
 
 
+def _without_inference_comm_op() -> None:
+    """On CPU, DeepSpeed's comm backend JIT-builds a shared-memory all-reduce when it starts
+    (its `deepspeed_shm_comm` op: a C++ compiler needed, and a minute of it per virtualenv)
+    that only `inference_all_reduce` uses (AutoTP inference, deepspeed/module_inject);
+    training's collectives go through torch.distributed. Marked incompatible in DeepSpeed's
+    table of probed ops (`deepspeed.ops.__compatible_ops__`, a module-level dict it keeps so
+    that edits persist), the backend starts without it. CUDA's accelerator has no such op."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().get_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
 def setup(model: nn.Module, job: JobConfig, device: str) -> Engine:
     import deepspeed
     import torch.distributed as dist
@@ -206,6 +221,7 @@ def setup(model: nn.Module, job: JobConfig, device: str) -> Engine:
         config = {**config, "checkpoint": {**config.get("checkpoint", {}),
                                            "load_universal": True}}
     _scrub_logs(job.parallelism.deepspeed)
+    _without_inference_comm_op()
     # DeepSpeed's ZeRO calls torch's deprecated names for its collectives, and every call
     # printed torch's FutureWarning: nothing the user can act on
     warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\."
