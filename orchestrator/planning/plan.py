@@ -57,7 +57,7 @@ def node_commands(job: JobConfig, config_path: str, python: str) -> list[list[st
 
 
 def extensions_dir(python: str = sys.executable, torch_version: str | None = None) -> Path:
-    """Where JIT-built torch extensions (DeepSpeed's comm op) are cached: keyed by the torch
+    """Where JIT-built torch extensions (DeepSpeed's CPU Adam) are cached: keyed by the torch
     version and the interpreter the ranks run, so two virtualenvs or torch versions on one
     machine never rebuild, or load, each other's build. Read without importing torch."""
     import hashlib
@@ -108,7 +108,7 @@ def _model_state(job: JobConfig, specs: list[ParamSpec], device: str, accum: int
 def _rank_env(job: JobConfig, device: str, cpu_count: int, python: str) -> dict[str, str]:
     """The ranks' environment: CPU ranks, and DeepSpeed's CPU Adam when offloading from GPUs,
     compute on the host, so each rank gets its share of the node's cores (a GPU rank needs
-    one); DeepSpeed JIT-builds a comm op on first use, cached once for every later run."""
+    one); DeepSpeed JIT-builds its CPU Adam on first use, cached for every later run."""
     host_compute = device == "cpu" or job.parallelism.offload_optimizer
     threads = max(1, cpu_count // job.cluster.gpus_per_node) if host_compute else 1
     env = {"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", DEVICE_ENV: device}
