@@ -216,6 +216,10 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     momentum: float = 0.9  # sgd only
+    # torch's optimizer kernel: fused (every tensor in one kernel, on CPU and CUDA), foreach
+    # (multi-tensor ops) or for_loop (one tensor at a time: what torch picks by itself for CPU
+    # and for FSDP2's DTensor parameters)
+    implementation: str = choice("fused", "fused", "foreach", "for_loop")
     schedule: str = choice("cosine", "cosine", "constant")
     warmup_steps: int = 2
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr

@@ -142,6 +142,11 @@ def _check_offload_and_deepspeed(job: JobConfig, accum: int, global_batch: int,
     if missing:
         raise ConfigError("parallelism.offload_optimizer", True, "false here: DeepSpeed's CPU "
                           f"Adam is built on first use and needs {missing}")
+    if p.offload_optimizer and device == "cuda" and job.optim.name == "adamw" \
+            and job.optim.implementation != "fused":
+        raise ConfigError("optim.implementation", job.optim.implementation, "fused with "
+                          "parallelism.offload_optimizer on GPUs: the offloaded optimizer steps "
+                          "with DeepSpeed's CPU Adam, a fused kernel")
     if p.offload_params and p.zero_stage != 3:
         raise ConfigError("parallelism.offload_params", True, "false unless zero_stage is 3")
     for key, ours in OWNED_DEEPSPEED_KEYS.items():

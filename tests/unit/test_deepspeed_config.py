@@ -72,6 +72,18 @@ def test_offload_without_deepspeed_is_rejected() -> None:
     assert err.value.key == "parallelism.offload_optimizer"
 
 
+def test_an_optimizer_offloaded_from_gpus_takes_only_the_fused_kernel() -> None:
+    """On GPUs an offloaded AdamW steps with DeepSpeed's CPU Adam (a fused kernel): another
+    `optim.implementation` would be ignored there, so it is refused."""
+    gpus = ["+recipe=deepspeed_zero3_offload", "cluster.device=cuda"]
+    validate(make_job(gpus), Hardware(cuda_devices=2))  # fused, the default
+    with pytest.raises(ConfigError) as err:
+        validate(make_job([*gpus, "optim.implementation=foreach"]), Hardware(cuda_devices=2))
+    assert err.value.key == "optim.implementation"
+    validate(make_job(["+recipe=deepspeed_zero3_offload", "optim.implementation=foreach"]),
+             Hardware())  # on CPU the offloaded optimizer is torch's: the kernel is chosen
+
+
 def test_unknown_passthrough_key_fails_before_launch(tmp_path) -> None:
     run_dir = tmp_path / "run"
     proc = run_cli(["+recipe=deepspeed_zero2", "+parallelism.deepspeed.zero_optimisation={}"],

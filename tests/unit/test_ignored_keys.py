@@ -38,6 +38,7 @@ NOT_READ = {
         "train.global_batch_size": 4, "train.activation_checkpointing": "true",
         "optim.name": "sgd", "optim.lr": 0.1, "optim.weight_decay": 0.1,
         "optim.schedule": "constant", "optim.warmup_steps": 0, "optim.min_lr_ratio": 0.5,
+        "optim.implementation": "foreach",
         "checkpoint.every_steps": 2, "debug.crash_at_step": 3, "debug.step_delay_s": 0.5,
         "debug.memory_probe_step": 3, "train.save_model": "false",
         "train.profile.steps": "[1,2]"}.items()},

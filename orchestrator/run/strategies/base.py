@@ -33,12 +33,18 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.o
     return cls(trainable(params), **kwargs)
 
 
+# optim.implementation -> torch's optimizer arguments
+KERNELS = {"fused": {"fused": True}, "foreach": {"foreach": True},
+           "for_loop": {"foreach": False, "fused": False}}
+
+
 def optimizer_class(cfg: OptimConfig) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+    kernel = KERNELS[cfg.implementation]
     if cfg.name == "adamw":
         return torch.optim.AdamW, {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps,
-                                   "weight_decay": cfg.weight_decay}
+                                   "weight_decay": cfg.weight_decay, **kernel}
     return torch.optim.SGD, {"lr": cfg.lr, "momentum": cfg.momentum,
-                             "weight_decay": cfg.weight_decay}
+                             "weight_decay": cfg.weight_decay, **kernel}
 
 
 def on_meta(model: nn.Module) -> bool:
