@@ -49,6 +49,11 @@ def check_config(job: JobConfig) -> None:
     if job.cluster.gpu_hour_usd is not None:
         positive("cluster.gpu_hour_usd", job.cluster.gpu_hour_usd, strict=False)
     _check_replicas(job)
+    if job.optim.implementation == "fused" and job.precision.name == "fp16" \
+            and job.parallelism.backend == "torch":
+        raise ConfigError("optim.implementation", "fused", "auto or for_loop with precision=fp16 "
+                          "(torch 2.13's fused step fails on its loss scaler's found-inf flag, "
+                          "seen under FSDP2)")
 
 
 def _check_numbers(job: JobConfig) -> None:

@@ -218,8 +218,9 @@ class OptimConfig:
     momentum: float = 0.9  # sgd only
     # torch's optimizer kernel: fused (every tensor in one kernel, on CPU and CUDA), foreach
     # (multi-tensor ops) or for_loop (one tensor at a time: what torch picks by itself for CPU
-    # and for FSDP2's DTensor parameters)
-    implementation: str = choice("fused", "fused", "foreach", "for_loop")
+    # and for FSDP2's DTensor parameters); auto = fused, but for_loop under torch's fp16 loss
+    # scaler (torch 2.13's fused step fails on the scaler's found-inf flag with FSDP2)
+    implementation: str = choice("auto", "auto", "fused", "foreach", "for_loop")
     schedule: str = choice("cosine", "cosine", "constant")
     warmup_steps: int = 2
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr

@@ -143,7 +143,7 @@ def _check_offload_and_deepspeed(job: JobConfig, accum: int, global_batch: int,
         raise ConfigError("parallelism.offload_optimizer", True, "false here: DeepSpeed's CPU "
                           f"Adam is built on first use and needs {missing}")
     if p.offload_optimizer and device == "cuda" and job.optim.name == "adamw" \
-            and job.optim.implementation != "fused":
+            and job.optim.implementation not in ("auto", "fused"):
         raise ConfigError("optim.implementation", job.optim.implementation, "fused with "
                           "parallelism.offload_optimizer on GPUs: the offloaded optimizer steps "
                           "with DeepSpeed's CPU Adam, a fused kernel")

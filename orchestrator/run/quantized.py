@@ -52,7 +52,7 @@ def inference_engine(model: nn.Module, job: JobConfig, device: str) -> Engine:
     bucketed nor sharded), behind the Engine interface evaluation and generation use. The
     optimizer is never stepped; Engine asks for one."""
     model = model.to(device)
-    return Engine(model, build_optimizer(model.parameters(), job.optim), job, device)
+    return Engine(model, build_optimizer(model.parameters(), job), job, device)
 
 
 def run_inference(job: JobConfig, body: Callable[[Engine, distributed.RankInfo], None]) -> None:

@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor
 from orchestrator.config.load import config_text
 from orchestrator.models.build import build_model
 from orchestrator.planning.plan import make_plan
-from orchestrator.run.strategies.base import Engine
+from orchestrator.run.strategies.base import Engine, kernel
 from recipes.pretrain import PretrainRecipe
 from tests.conftest import make_job
 
@@ -204,19 +204,28 @@ def test_the_optimizer_steps_with_the_kernel_chosen(tmp_path, recipe: str) -> No
     per tensor; the losses agree within float rounding whichever kernel steps."""
     tensors = len(list(build_model(make_job([]).model, seed=0).parameters()))
     losses = {}
-    for kernel in ("fused", "foreach", "for_loop"):
+    for chosen in ("fused", "foreach", "for_loop"):
         steps: list[Counter[str]] = []
-        losses[kernel] = train_one_rank(
-            tmp_path / kernel, [f"+recipe={recipe}", "train.steps=3",
-                                f"optim.implementation={kernel}"],
+        losses[chosen] = train_one_rank(
+            tmp_path / chosen, [f"+recipe={recipe}", "train.steps=3",
+                                f"optim.implementation={chosen}"],
             lambda engine, steps=steps: profiled_steps(engine, steps))
         assert len(steps) == 3
         for ops in steps:
             fused, foreach = ops["aten::_fused_adamw_"] > 0, ops["aten::_foreach_addcdiv_"] > 0
-            assert (fused, foreach) == (kernel == "fused", kernel == "foreach"), ops
-            if kernel == "for_loop":  # (on CPU the foreach ops also loop, inside the kernel)
+            assert (fused, foreach) == (chosen == "fused", chosen == "foreach"), ops
+            if chosen == "for_loop":  # (on CPU the foreach ops also loop, inside the kernel)
                 assert ops["aten::addcdiv_"] >= tensors, ops
     assert losses["fused"][-1] < losses["fused"][0]
-    for kernel in ("foreach", "for_loop"):  # measured over 20 steps: 4.8e-7 from fused
-        assert max(abs(a - b) for a, b in zip(losses[kernel], losses["fused"], strict=True)) \
+    for other in ("foreach", "for_loop"):  # measured over 20 steps: 4.8e-7 from fused
+        assert max(abs(a - b) for a, b in zip(losses[other], losses["fused"], strict=True)) \
             <= 1e-5
+
+
+@pytest.mark.parametrize(("overrides", "want"), [
+    ([], "fused"), (["precision=bf16"], "fused"), (["precision=fp16"], "for_loop"),
+    (["+recipe=deepspeed_zero2", "precision=fp16"], "fused"),  # DeepSpeed's own loss scaler
+    (["optim.implementation=foreach"], "foreach")])
+def test_auto_is_the_fused_kernel_but_under_torchs_fp16_loss_scaler(overrides: list[str],
+                                                                   want: str) -> None:
+    assert kernel(make_job(overrides)) == want

@@ -32,6 +32,8 @@ BAD = [
     (["cluster.device=cuda"], "cluster.device"),
     (["model.family=gpt3"], "model.family"),
     (["optim.beta2=1.5"], "optim.beta2"),
+    (["+recipe=fsdp_zero3", "precision=fp16", "optim.implementation=fused"],
+     "optim.implementation"),
     (["action=launch"], "action"),
     (["debug.crash_rank=5"], "debug.crash_rank"),
     (["debug.step_delay_s=-1"], "debug.step_delay_s"),

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from orchestrator.config.schema import JobConfig, OptimConfig
+from orchestrator.config.schema import JobConfig
 from orchestrator.models.storage import storage_bytes
 from orchestrator.run import precision as prec
 
@@ -28,8 +28,8 @@ def trainable(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
     return [p for p in params if p.requires_grad]
 
 
-def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
-    cls, kwargs = optimizer_class(cfg)
+def build_optimizer(params: Iterable[nn.Parameter], job: JobConfig) -> torch.optim.Optimizer:
+    cls, kwargs = optimizer_class(job)
     return cls(trainable(params), **kwargs)
 
 
@@ -38,13 +38,22 @@ KERNELS = {"fused": {"fused": True}, "foreach": {"foreach": True},
            "for_loop": {"foreach": False, "fused": False}}
 
 
-def optimizer_class(cfg: OptimConfig) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
-    kernel = KERNELS[cfg.implementation]
+def kernel(job: JobConfig) -> str:
+    """The optimizer kernel `optim.implementation` stands for (auto resolved)."""
+    chosen = job.optim.implementation
+    if chosen != "auto":
+        return chosen
+    scaler = job.precision.name == "fp16" and job.parallelism.backend == "torch"
+    return "for_loop" if scaler else "fused"
+
+
+def optimizer_class(job: JobConfig) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+    cfg, args = job.optim, KERNELS[kernel(job)]
     if cfg.name == "adamw":
         return torch.optim.AdamW, {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps,
-                                   "weight_decay": cfg.weight_decay, **kernel}
+                                   "weight_decay": cfg.weight_decay, **args}
     return torch.optim.SGD, {"lr": cfg.lr, "momentum": cfg.momentum,
-                             "weight_decay": cfg.weight_decay, **kernel}
+                             "weight_decay": cfg.weight_decay, **args}
 
 
 def on_meta(model: nn.Module) -> bool:

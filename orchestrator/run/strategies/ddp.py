@@ -39,4 +39,4 @@ def make_engine(model: DistributedDataParallel, optimizer: torch.optim.Optimizer
 
 def setup(model: nn.Module, job: JobConfig, device: str) -> Engine:
     ddp = wrap(model, job, device)
-    return make_engine(ddp, build_optimizer(ddp.parameters(), job.optim), job, device)
+    return make_engine(ddp, build_optimizer(ddp.parameters(), job), job, device)

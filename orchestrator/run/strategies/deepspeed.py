@@ -244,7 +244,7 @@ def setup(model: nn.Module, job: JobConfig, device: str) -> Engine:
                                      betas=(o.beta1, o.beta2), eps=o.eps,
                                      weight_decay=o.weight_decay, adamw_mode=True)
     else:
-        optimizer = build_optimizer(model.parameters(), o)
+        optimizer = build_optimizer(model.parameters(), job)
     ds_engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                          config=config)
     return DeepSpeedEngine(ds_engine, ds_optimizer, job, device)

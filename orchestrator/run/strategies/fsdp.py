@@ -106,7 +106,7 @@ def setup(model: nn.Module, job: JobConfig, device: str) -> Engine:
         materialize(model, device)
         load_from_rank0(model, full)
         del full
-    optimizer = build_optimizer(model.parameters(), job.optim)
+    optimizer = build_optimizer(model.parameters(), job)
     if p.fp8_all_gather:  # one scale computation for every float8 weight, after each step
         from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
 

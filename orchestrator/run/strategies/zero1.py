@@ -53,7 +53,7 @@ class Zero1Engine(DDPEngine):
 
 def setup(model: nn.Module, job: JobConfig, device: str) -> Engine:
     ddp = wrap(model, job, device)
-    cls, kwargs = optimizer_class(job.optim)
+    cls, kwargs = optimizer_class(job)
     # Bucket views: each rank's parameters live in one flat buffer per device, so the step's
     # parameter broadcast is one collective per rank instead of one per parameter.
     optimizer = ZeroRedundancyOptimizer(trainable(ddp.parameters()), optimizer_class=cls,
