@@ -32,11 +32,9 @@ sys.exit(0 if (int(v[0]), int(v[1])) >= (2, 9) else 1)"; then
 fi
 stamp="$venv/.installed"
 want="$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)"
-# --no-compile: no bytecode for the ~16,000 installed modules up front (torch's alone took 15 s
-# of the install); Python writes it for the modules a run imports, on first import
 pip_install() {  # pip's own exit status; its output only when it failed (or warns otherwise)
   local out
-  out="$("$venv/bin/python" -m pip install -q --no-compile "$@" 2>&1)" || {
+  out="$("$venv/bin/python" -m pip install -q "$@" 2>&1)" || {
     echo "$out" >&2; echo "bootstrap: pip install $* failed" >&2; exit 1; }
   grep -v "^WARNING: Location" <<<"$out" >&2 || true  # nothing left to show is fine
 }
