@@ -102,6 +102,21 @@ def strategy_name(job: JobConfig) -> str:
     return TORCH_STRATEGIES[job.parallelism.zero_stage]
 
 
+def torch_loss_scaler(job: JobConfig) -> bool:
+    """Whether torch's GradScaler steps the optimizer: fp16 under a torch strategy (DeepSpeed
+    brings its own loss scaler)."""
+    return job.precision.name == "fp16" and job.parallelism.backend == "torch"
+
+
+def optimizer_kernel(job: JobConfig) -> str:
+    """The optimizer kernel `optim.implementation` stands for: auto is torch's fused kernel,
+    but its per-tensor loop under torch's loss scaler (`torch_loss_scaler`)."""
+    chosen = job.optim.implementation
+    if chosen != "auto":
+        return chosen
+    return "for_loop" if torch_loss_scaler(job) else "fused"
+
+
 def missing_build_tool(language: str) -> str | None:
     """What a just-in-time build on this machine lacks, in words; None when nothing does.
     `language` "c++": inductor's CPU kernels and DeepSpeed's CPU Adam (`$CXX`, else g++);

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.common.errors import ConfigError
+from orchestrator.config.derived import torch_loss_scaler
 from orchestrator.config.schema import JobConfig
 
 
@@ -49,8 +50,7 @@ def check_config(job: JobConfig) -> None:
     if job.cluster.gpu_hour_usd is not None:
         positive("cluster.gpu_hour_usd", job.cluster.gpu_hour_usd, strict=False)
     _check_replicas(job)
-    if job.optim.implementation == "fused" and job.precision.name == "fp16" \
-            and job.parallelism.backend == "torch":
+    if job.optim.implementation == "fused" and torch_loss_scaler(job):
         raise ConfigError("optim.implementation", "fused", "auto or for_loop with precision=fp16 "
                           "(torch 2.13's fused step fails on its loss scaler's found-inf flag, "
                           "seen under FSDP2)")

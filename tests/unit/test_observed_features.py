@@ -19,10 +19,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from orchestrator.config.derived import optimizer_kernel
 from orchestrator.config.load import config_text
 from orchestrator.models.build import build_model
 from orchestrator.planning.plan import make_plan
-from orchestrator.run.strategies.base import Engine, kernel
+from orchestrator.run.strategies.base import Engine
 from recipes.pretrain import PretrainRecipe
 from tests.conftest import make_job
 
@@ -228,4 +229,4 @@ def test_the_optimizer_steps_with_the_kernel_chosen(tmp_path, recipe: str) -> No
     (["optim.implementation=foreach"], "foreach")])
 def test_auto_is_the_fused_kernel_but_under_torchs_fp16_loss_scaler(overrides: list[str],
                                                                    want: str) -> None:
-    assert kernel(make_job(overrides)) == want
+    assert optimizer_kernel(make_job(overrides)) == want

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from orchestrator.config.derived import optimizer_kernel
 from orchestrator.config.schema import JobConfig
 from orchestrator.models.storage import storage_bytes
 from orchestrator.run import precision as prec
@@ -38,17 +39,8 @@ KERNELS = {"fused": {"fused": True}, "foreach": {"foreach": True},
            "for_loop": {"foreach": False, "fused": False}}
 
 
-def kernel(job: JobConfig) -> str:
-    """The optimizer kernel `optim.implementation` stands for (auto resolved)."""
-    chosen = job.optim.implementation
-    if chosen != "auto":
-        return chosen
-    scaler = job.precision.name == "fp16" and job.parallelism.backend == "torch"
-    return "for_loop" if scaler else "fused"
-
-
 def optimizer_class(job: JobConfig) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
-    cfg, args = job.optim, KERNELS[kernel(job)]
+    cfg, args = job.optim, KERNELS[optimizer_kernel(job)]
     if cfg.name == "adamw":
         return torch.optim.AdamW, {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps,
                                    "weight_decay": cfg.weight_decay, **args}
