@@ -18,7 +18,7 @@ from orchestrator.common.attempt import take_attempt
 from orchestrator.common.contract import CONFIG_SHA_ENV, DEVICE_ENV, PLAN_JSON
 from orchestrator.common.plan import read_plan
 from orchestrator.config import resume
-from orchestrator.config.derived import resolve_batch
+from orchestrator.config.derived import data_parallel_rank, data_parallel_size, resolve_batch
 from orchestrator.config.load import load_job
 from orchestrator.data import batches, tokenizer_file, train_and_held_out, uses_bpe
 from orchestrator.run import distributed, evaluation, loop
@@ -62,8 +62,9 @@ class PretrainRecipe:
         # eval.path)
         dataset, self.held_out = train_and_held_out(self.job)
         # the stream is a pure function of (seed, rank, micro-batch index): continue it
-        self.data = batches(dataset, self.job, self.info.rank, self.info.world_size,
-                            start_step=start * accum)
+        # over the data-parallel ranks only: a tensor-parallel group computes on one batch
+        self.data = batches(dataset, self.job, data_parallel_rank(self.job, self.info.rank),
+                            data_parallel_size(self.job), start_step=start * accum)
         # the set-up peak (model build + sharding) per rank: with meta-device init only rank 0
         # ever holds the whole model
         ranks = distributed.gather((distributed.node_name(), loop.peak_memory_bytes(device)))

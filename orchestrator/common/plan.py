@@ -96,7 +96,8 @@ class Plan:
     gpu: Optional[str] = None  # the accelerator planned for (cluster.gpu)
     device_memory_bytes: Optional[int] = None
     auto_reason: Optional[str] = None  # set when parallelism.auto chose the strategy
-    mesh: str = ""  # the data-parallel layout, e.g. "2 replicas x 4 shards" (HSDP)
+    mesh: str = ""  # the device mesh, e.g. "2 replicas x 4 shards" (HSDP), "... x tp 2"
+    tensor_parallel: int = 1  # ranks per tensor-parallel group (the data-parallel size: world/T)
     # int8 PTQ (quantize.method, or a quantized model): quantization/int8.py's QuantizedSize
     quantize: Optional[dict[str, Any]] = None
 

@@ -56,9 +56,21 @@ def _ask_deepspeed_cpu_fp16() -> bool:
     return proc.returncode != 0 or proc.stdout.split()[-1:] != ["False"]
 
 
+def data_parallel_size(job: JobConfig) -> int:
+    """The ranks that see different data: the world over the tensor-parallel degree (the
+    ranks of one tensor-parallel group compute on the same batch)."""
+    return job.world_size // job.parallelism.tensor_parallel
+
+
+def data_parallel_rank(job: JobConfig, rank: int) -> int:
+    """Which share of the data global rank `rank` reads: tensor-parallel groups are runs of
+    consecutive ranks (the innermost dimension of the device mesh, run/mesh.py)."""
+    return rank // job.parallelism.tensor_parallel
+
+
 def resolve_batch(job: JobConfig) -> tuple[int, int]:
     """(grad_accum_steps, global_batch_size) with global = micro x accum x data-parallel size."""
-    t, dp = job.train, job.world_size
+    t, dp = job.train, data_parallel_size(job)
     per_step = t.micro_batch_size * dp
     if t.global_batch_size is None:
         accum = t.grad_accum_steps or 1
@@ -96,9 +108,12 @@ TORCH_STRATEGIES = {0: "ddp", 1: "zero1", 2: "fsdp2", 3: "fsdp2"}  # by parallel
 
 def strategy_name(job: JobConfig) -> str:
     """The strategy that runs the job: "deepspeed" (any ZeRO stage), or by ZeRO stage "ddp",
-    "zero1" (DDP + ZeroRedundancyOptimizer) or "fsdp2" (stages 2 and 3)."""
+    "zero1" (DDP + ZeroRedundancyOptimizer) or "fsdp2" (stages 2 and 3; and every
+    tensor-parallel job, whose device mesh that strategy builds)."""
     if job.parallelism.backend == "deepspeed":
         return "deepspeed"
+    if job.parallelism.tensor_parallel > 1:  # the device mesh: TP, then FSDP2 over dp ranks
+        return "fsdp2"
     return TORCH_STRATEGIES[job.parallelism.zero_stage]
 
 

@@ -33,7 +33,8 @@ def positive(key: str, value: float, strict: bool = True) -> None:
 
 
 def check_config(job: JobConfig) -> None:
-    """The job's own values: choices, ranges, model shapes, planning keys, replicas."""
+    """The job's own values: choices, ranges, model shapes, planning keys (the device mesh:
+    planning/mesh.py)."""
     check_choices(job)
     _check_numbers(job)
     _check_model_shape(job)
@@ -49,7 +50,6 @@ def check_config(job: JobConfig) -> None:
         positive("plan.budget_flops", job.plan.budget_flops)
     if job.cluster.gpu_hour_usd is not None:
         positive("cluster.gpu_hour_usd", job.cluster.gpu_hour_usd, strict=False)
-    _check_replicas(job)
     if job.optim.implementation == "fused" and torch_loss_scaler(job):
         raise ConfigError("optim.implementation", "fused", "auto or for_loop with precision=fp16 "
                           "(torch 2.13's fused step fails on its loss scaler's found-inf flag, "
@@ -116,21 +116,6 @@ def _check_model_shape(job: JobConfig) -> None:
         positive("model.d_ff", m.d_ff)
     if d.seq_len > m.max_seq_len:
         raise ConfigError("data.seq_len", d.seq_len, f"at most model.max_seq_len={m.max_seq_len}")
-
-
-def _check_replicas(job: JobConfig) -> None:
-    """HSDP: R replicas of a parameter sharding over world/R ranks (FSDP2 stages 2/3, or
-    DeepSpeed stage 3's hierarchical partition)."""
-    r, p = job.parallelism.replicate_degree, job.parallelism
-    positive("parallelism.replicate_degree", r)
-    if job.world_size % r:
-        raise ConfigError("parallelism.replicate_degree", r, "a divisor of the world size "
-                          f"{job.world_size} (replicas x shard group = nodes x gpus_per_node)")
-    stages = (3,) if p.backend == "deepspeed" else (2, 3)
-    if r > 1 and p.zero_stage not in stages:
-        raise ConfigError("parallelism.replicate_degree", r, "1 unless parallelism.zero_stage "
-                          f"is {' or '.join(map(str, stages))} with backend={p.backend} "
-                          "(HSDP shards parameters within a group and replicates across groups)")
 
 
 def _check_files(job: JobConfig) -> None:

@@ -86,6 +86,13 @@ class ParallelismConfig:
     # replicate across the R groups, so parameter all-gathers stay inside a node; DeepSpeed
     # stage 3 gets the equivalent hierarchical partition (zero_hpz_partition_size = world/R)
     replicate_degree: int = 1
+    # tensor parallelism (Megatron's layout with sequence parallelism, Llama family): each
+    # block's heads and MLP columns split over T consecutive ranks; the data-parallel size is
+    # world / T, over which FSDP2 (zero_stage 2/3, HSDP) shards. T divides the heads, KV
+    # heads, d_ff, vocabulary and sequence length.
+    tensor_parallel: int = 1
+    # let a tensor-parallel group span nodes (its per-layer collectives then cross the network)
+    tp_across_nodes: bool = False
     # auto: pick the cheapest strategy that fits cluster.gpu (DDP → ZeRO-1 → 2 → 3 → ZeRO-3
     # with CPU offload) and the largest micro batch that fits, and say why
     auto: bool = False

@@ -7,6 +7,11 @@ and its dropout mask, which fused attention (SDPA/flash) never materialises. fp3
 double the first term. With activation checkpointing only each block's input (s·b·h values)
 is kept, plus one block's full activations while it is recomputed. The loss adds the logits
 in the compute dtype and their fp32 copy and gradient (s·b·V·(bytes + 8)).
+
+Tensor parallelism with sequence parallelism (the paper's section 4.2.2, always on with TP
+here) divides every per-layer term by t: s·b·h·34/t + 5·a·s²·b/t (2-byte activations), and a
+checkpointed block's input is one sequence slice (s·b·h/t). The head's logits are gathered for
+the loss, so their term stays, plus each rank's vocabulary slice before the gather (s·b·V/t).
 """
 
 from __future__ import annotations
@@ -23,13 +28,16 @@ def activation_bytes(job: JobConfig, micro_batch: int | None = None) -> int:
         b *= 2
     act = ACT_BYTES[job.precision.name]
     stacks = 2 if m.family == "t5" else 1  # encoder and decoder stacks
-    linear = 34 * s * b * m.d_model * act // 2
-    scores = 0 if m.attn_implementation == "sdpa" else 5 * m.n_head * s * s * b * act // 2
+    t = job.parallelism.tensor_parallel
+    linear = 34 * s * b * m.d_model * act // (2 * t)
+    scores = 0 if m.attn_implementation == "sdpa" else 5 * m.n_head * s * s * b * act // (2 * t)
     per_layer = linear + scores
     layers = m.n_layer * stacks
     if job.train.activation_checkpointing:
-        body = layers * s * b * m.d_model * act + per_layer
+        body = layers * s * b * m.d_model * act // t + per_layer
     else:
         body = layers * per_layer
     logits = s * b * m.vocab_size * (act + 8)
+    if t > 1:
+        logits += s * b * m.vocab_size * act // t
     return body + logits

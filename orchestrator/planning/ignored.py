@@ -52,7 +52,10 @@ READERS: tuple[Reader, ...] = (
            lambda j: j.precision.name == "fp16", "precision=fp16 (the loss scaler's keys)"),
     Reader(("precision.fp8_filter",), lambda j: j.precision.name == "fp8", "precision=fp8"),
     Reader(("parallelism.bucket_cap_mb",), lambda j: j.parallelism.backend == "torch"
-           and j.parallelism.zero_stage in (0, 1), "DDP or ZeRO-1 (DDP's gradient buckets)"),
+           and j.parallelism.zero_stage in (0, 1) and j.parallelism.tensor_parallel == 1,
+           "DDP or ZeRO-1 without tensor parallelism (DDP's gradient buckets)"),
+    Reader(("parallelism.tp_across_nodes",), lambda j: j.parallelism.tensor_parallel > 1
+           and j.cluster.nodes > 1, "parallelism.tensor_parallel > 1 on more than one node"),
     Reader(("data.path", "data.cache_dir"), lambda j: j.data.name != "synthetic",
            "data.name is text, jsonl_sft or jsonl_pref"),
     Reader(("data.num_proc", "data.text_field", "data.on_error"),
@@ -125,7 +128,8 @@ CHECKED = {
     "run_dir": "cli.compose_job: only with action=status|cancel|export|report",
     "precision.param_dtype": "config/precision.py: FSDP2 only",
     "precision.reduce_dtype": "config/precision.py: FSDP2 only",
-    "parallelism.replicate_degree": "config/rules.py: HSDP stages only",
+    "parallelism.replicate_degree": "planning/mesh.py: HSDP stages only",
+    "parallelism.tensor_parallel": "planning/mesh.py: the Llama family, backend=torch",
     "parallelism.offload_optimizer": "planning/preflight.py: DeepSpeed only",
     "parallelism.offload_params": "planning/preflight.py: DeepSpeed stage 3 only",
     "parallelism.deepspeed": "planning/preflight.py: DeepSpeed only",

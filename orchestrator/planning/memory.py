@@ -112,12 +112,14 @@ def _chunk(dim0: int, world_size: int, rank: int) -> tuple[int, int]:
 
 
 def _replicated(specs: list[ParamSpec], opt_numels: list[int], optimizer: str,
-                momentum: float, w: int) -> dict[str, MomentBytes]:
+                momentum: float, w: int, buckets: bool = True) -> dict[str, MomentBytes]:
     total = sum(s.numel for s in specs)
     trained = sum(s.numel for s in specs if s.trainable)  # DDP buckets only these
     opt = _optimizer_bytes(opt_numels, optimizer, momentum, w)
-    # Bucket-view gradients persist between steps (zero_grad keeps them), so both moments hold them.
-    return {m: MomentBytes(w * total, w * trained, opt) for m in MOMENTS}
+    # Bucket-view gradients persist between steps (zero_grad keeps them), so both moments hold
+    # them; an unwrapped model's (tensor parallel alone) are freed by zero_grad after the step.
+    return {m: MomentBytes(w * total, w * trained if buckets or m == "after_backward" else 0,
+                           opt) for m in MOMENTS}
 
 
 def _gathered_by_group(specs: list[ParamSpec], shard_size: int,
@@ -187,14 +189,17 @@ def _fsdp_working_set(specs: list[ParamSpec], shard_size: int, stage: int,
 def estimate(specs: list[ParamSpec], world_size: int, zero_stage: int, precision: str,
              optimizer: str = "adamw", momentum: float = 0.9,
              shard_size: int | None = None, param_dtype: str = "auto",
-             float8_gather: bool = False) -> MemoryEstimate:
+             float8_gather: bool = False, buckets: bool = True) -> MemoryEstimate:
     """Model-state bytes on the most loaded rank at each modelled moment of a training step.
 
     `shard_size`: FSDP2 (stages 2/3) shards over groups of this many ranks and replicates over
     world_size / shard_size groups (HSDP); default: all ranks. A rank then holds exactly what
     it would in a `shard_size`-rank job. `param_dtype`: FSDP2's `precision.param_dtype`, the
     dtype units are gathered in (auto: the compute dtype); `float8_gather`:
-    `precision.fp8_all_gather` (linear weights gathered in one byte)."""
+    `precision.fp8_all_gather` (linear weights gathered in one byte); `buckets`: stages 0/1
+    keep gradients in DDP's buckets (False: the model is not wrapped, tensor parallel alone).
+    Under tensor parallelism `specs` are one rank's slices (models/tensor_parallel.py) and
+    `world_size` the data-parallel size."""
     w = master_bytes(precision)
     gathered = DTYPE_BYTES[param_dtype if param_dtype != "auto" else precision]
     working: dict[str, int] = {}
@@ -206,7 +211,7 @@ def estimate(specs: list[ParamSpec], world_size: int, zero_stage: int, precision
                     for o in owned]
         rank = per_rank.index(max(per_rank))  # ZeRO-1's greedy split can be uneven
         moments = _replicated(specs, [trained[i].numel for i in owned[rank]], optimizer,
-                              momentum, w)
+                              momentum, w, buckets)
     else:
         rank = 0  # dim-0 chunks are largest on rank 0; padded shards are equal everywhere
         shard = shard_size or world_size
@@ -311,8 +316,19 @@ def estimate_deepspeed(specs: list[ParamSpec], world_size: int, zero_stage: int,
 
 
 def describe_mesh(strategy: str, world_size: int, zero_stage: int, shard_size: int = 0,
-                  hpz_partition_size: int = 1) -> str:
-    """The data-parallel layout in words: "2 replicas x 4 shards" (HSDP), "8 replicas" (DDP)."""
+                  hpz_partition_size: int = 1, tensor_parallel: int = 1) -> str:
+    """The layout in words: "2 replicas x 4 shards" (HSDP), "8 replicas" (DDP), with
+    `tensor_parallel` > 1 "... x tp 2 (sequence parallel)"; `world_size`: the data-parallel
+    ranks."""
+    text = _describe_data_parallel(strategy, world_size, zero_stage, shard_size,
+                                   hpz_partition_size)
+    if tensor_parallel > 1:
+        text += f" x tp {tensor_parallel} (sequence parallel)"
+    return text
+
+
+def _describe_data_parallel(strategy: str, world_size: int, zero_stage: int, shard_size: int,
+                            hpz_partition_size: int) -> str:
     n = world_size
 
     def plural(k: int, word: str) -> str:

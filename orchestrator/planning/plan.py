@@ -10,10 +10,11 @@ from typing import Any, Optional
 from orchestrator.common.contract import CONFIG_YAML, DEVICE_ENV, RECIPES
 from orchestrator.common.files import cache_dir
 from orchestrator.common.plan import MemoryEstimate, Plan
-from orchestrator.config.derived import resolve_batch, strategy_name
+from orchestrator.config.derived import data_parallel_size, resolve_batch, strategy_name
 from orchestrator.config.gpus import GPUS, device_memory_bytes
 from orchestrator.config.launcher import torchrun_flags
 from orchestrator.config.schema import JobConfig
+from orchestrator.models import tensor_parallel
 from orchestrator.models.spec_cache import cached_specs
 from orchestrator.models.specs import REFERENCE, ParamSpec
 from orchestrator.planning import compute, memory
@@ -80,12 +81,15 @@ def _model_state(job: JobConfig, specs: list[ParamSpec], device: str, accum: int
                  global_batch: int) -> _ModelState:
     p = job.parallelism
     if p.backend != "deepspeed":
-        # HSDP: FSDP2 shards over world/R ranks and replicates over R
-        shard = job.world_size // p.replicate_degree if p.zero_stage in (2, 3) else None
+        # tensor parallelism: each rank's slices, over the data-parallel ranks left; HSDP:
+        # FSDP2 shards over dp/R ranks and replicates over R
+        local = tensor_parallel.local_specs(specs, job.model.family, p.tensor_parallel)
+        dp = data_parallel_size(job)
+        shard = dp // p.replicate_degree if p.zero_stage in (2, 3) else None
         return _ModelState(memory.estimate(
-            specs, job.world_size, p.zero_stage, job.precision.name, job.optim.name,
+            local, dp, p.zero_stage, job.precision.name, job.optim.name,
             job.optim.momentum, shard_size=shard, param_dtype=job.precision.param_dtype,
-            float8_gather=job.precision.fp8_all_gather),
+            float8_gather=job.precision.fp8_all_gather, buckets=p.tensor_parallel == 1),
             None, 1)
     from orchestrator.planning import deepspeed_config
 
@@ -134,7 +138,7 @@ def make_plan(job: JobConfig, device: str, cpu_count: int, python: str = sys.exe
     qat_bytes, qat_flops = int8.qat_overhead(job, specs)  # precision.qat
     mem = memory.with_activations(state.memory, activation_bytes(job) + qat_bytes,
                                   job.plan.memory_overhead, psi,
-                                  state.memory.shard_size or job.world_size, stage,
+                                  state.memory.shard_size or data_parallel_size(job), stage,
                                   job.precision.name)
     gpu = GPUS.get(job.cluster.gpu)
     local = job.launcher.name == "local" and device == "cuda"
@@ -158,7 +162,9 @@ def make_plan(job: JobConfig, device: str, cpu_count: int, python: str = sys.exe
             trainable_lookup_params=sum(s.numel for s in model_specs
                                         if s.lookup and s.trainable)),
         deepspeed_config=state.deepspeed_config,
-        mesh=memory.describe_mesh(strategy, job.world_size, stage, mem.shard_size, state.hpz),
+        mesh=memory.describe_mesh(strategy, data_parallel_size(job), stage, mem.shard_size,
+                                  state.hpz, job.parallelism.tensor_parallel),
+        tensor_parallel=job.parallelism.tensor_parallel,
         quantize=int8.plan_entry(job, specs),
         gpu=job.cluster.gpu if gpu else None,
         # on the machine itself (launcher=local) the device's own total_memory, if it is one

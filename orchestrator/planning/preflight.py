@@ -23,6 +23,7 @@ from orchestrator.data import FAMILY_OBJECTIVE, data_vocab, ids_needed, objectiv
 from orchestrator.data.check import check_data, check_eval, check_sources, check_tokenizer
 from orchestrator.models.check import check_model_dir
 from orchestrator.planning.ignored import check_ignored
+from orchestrator.planning.mesh import check_mesh
 from orchestrator.quantization import int8
 from orchestrator.quantization.checks import check as check_quantize
 from orchestrator.transforms.converters import check_converters
@@ -88,7 +89,8 @@ def validate(job: JobConfig, hw: Hardware) -> None:
     """Raise `ConfigError` for the first problem found; return None if the job is valid.
     The job's own values first, then what it reads (data sources, tokenizer, model directory),
     then what it needs of the machine and the strategies."""
-    check_config(job)  # choices, ranges, model shapes, planning keys, replicas
+    check_config(job)  # choices, ranges, model shapes, planning keys
+    check_mesh(job)  # tensor parallel x replicas x shard group = world size
     check_launcher(job)  # launcher keys: stop signal, rendezvous, k8s volume and image
     check_sources(job)
     m, d = job.model, job.data

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from orchestrator.config.derived import data_parallel_rank, data_parallel_size
 from orchestrator.config.schema import JobConfig
 from orchestrator.data import make_collate, objective_of
 from orchestrator.run.strategies.base import Engine
@@ -30,16 +31,19 @@ def held_out_sums(engine: Engine, held_out: Dataset, job: JobConfig, rank: int,
                   world_size: int) -> torch.Tensor:
     """[summed token loss, scored tokens, correct predictions] over at most `eval.max_batches`
     micro batches of this rank's share of `held_out`, summed over all ranks (a collective:
-    every rank runs the same number of batches, since the sampler pads the shares evenly)."""
-    sampler = DistributedSampler(held_out, world_size, rank, shuffle=False)
+    every rank runs the same number of batches, since the sampler pads the shares evenly).
+    The shares are the data-parallel ranks': a tensor-parallel group evaluates one share
+    together, and each of its T ranks holds the same sums, so the total is divided by T."""
+    share, shares = data_parallel_rank(job, rank), data_parallel_size(job)
+    sampler = DistributedSampler(held_out, shares, share, shuffle=False)
     loader = DataLoader(held_out, batch_size=job.train.micro_batch_size, sampler=sampler,
-                        collate_fn=make_collate(job, rank))
+                        collate_fn=make_collate(job, share))
     shift = objective_of(job) == "causal"
     total = torch.zeros(3, device=engine.device)
     for batch in itertools.islice(loader, job.eval.max_batches):
         total += engine.eval_step(batch, shift=shift)
     dist.all_reduce(total)
-    return total
+    return total / (world_size // shares)
 
 
 def summarize(total: torch.Tensor) -> dict[str, float]:

@@ -53,6 +53,9 @@ CASES = {
                          "in 'WandbConfig'"),
     "our own check": (["train.steps=0"], "error: config key 'train.steps' has value 0; "
                       "allowed: a number > 0"),
+    "tensor parallel on GPT-2": (["parallelism.tensor_parallel=2"], "error: config key "
+                                 "'parallelism.tensor_parallel' has value 2; allowed: 1 for "
+                                 "model.family=gpt2 (tensor parallelism is built for: llama)"),
     "profile past the run": (["train.profile.steps=[5,30]"], "error: config key "
                              "'train.profile.steps' has value [5, 30]; allowed: [first, last] "
                              "with 1 <= first <= last <= train.steps=20 (steps first..last "

@@ -5,6 +5,10 @@ and kept until backward ends; gradients and optimizer state are sharded.
 Stage 3: `reshard_after_forward=True` — each block's parameters are freed after its forward and
 gathered again in backward. The root group (embeddings, final norm, head) is not resharded
 after forward: backward needs it first, so freeing it would only add an all-gather.
+
+With `parallelism.tensor_parallel` T > 1 the model is first split over the mesh's `tp`
+dimension (run/mesh.py), then FSDP2 shards those slices over its data-parallel dimensions
+(stages 2/3); with stage 0/1 and no data-parallel ranks beside TP it runs unwrapped.
 """
 
 from __future__ import annotations
@@ -20,12 +24,18 @@ from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     set_model_state_dict,
 )
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from orchestrator.config.schema import JobConfig
 from orchestrator.models.build import transformer_blocks
 from orchestrator.run import precision as prec
+from orchestrator.run.mesh import (
+    TP,
+    data_mesh,
+    device_mesh,
+    keep_grads_in_place,
+    tensor_parallelize,
+)
 from orchestrator.run.strategies.base import (
     Engine,
     broadcast_from_rank0,
@@ -35,7 +45,15 @@ from orchestrator.run.strategies.base import (
 )
 
 
-class FSDPEngine(Engine):
+class MeshEngine(Engine):
+    """A model whose parameters are DTensors on the device mesh (tensor parallel only)."""
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(self.model, options=options)
+
+
+class FSDPEngine(MeshEngine):
     def no_sync(self, sync: bool) -> contextlib.AbstractContextManager[Any]:
         self.model.set_requires_gradient_sync(sync)
         return contextlib.nullcontext()
@@ -49,10 +67,6 @@ class FSDPEngine(Engine):
                 group = module._get_fsdp_state()._fsdp_param_group
                 if group is not None:
                     yield from group.fsdp_params
-
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(self.model, options=options)
 
     def held_tensors(self) -> dict[str, Iterable[torch.Tensor]]:
         params, grads = [], []
@@ -69,17 +83,6 @@ class FSDPEngine(Engine):
                 "optimizer_bytes": list(self.optimizer_state())}
 
 
-def device_mesh(device: str, world_size: int, replicas: int) -> DeviceMesh:
-    """1-D (every rank shards) or, with `replicas` R > 1, HSDP's 2-D mesh: R groups of
-    world/R consecutive ranks (one node when world/R = GPUs per node); parameters are sharded
-    within a group and replicated across groups, so all-gathers stay inside a node and only
-    the gradient all-reduce crosses nodes."""
-    if replicas == 1:
-        return init_device_mesh(device, (world_size,))
-    return init_device_mesh(device, (replicas, world_size // replicas),
-                            mesh_dim_names=("replicate", "shard"))
-
-
 def load_from_rank0(model: nn.Module, full: dict[str, torch.Tensor]) -> None:
     """Every rank's shards from rank 0's full state dict (`full` is empty elsewhere), one
     tensor at a time, then the buffers (non-persistent ones, e.g. rotary frequencies, are not in
@@ -92,25 +95,33 @@ def load_from_rank0(model: nn.Module, full: dict[str, torch.Tensor]) -> None:
 def setup(model: nn.Module, job: JobConfig, device: str) -> Engine:
     import torch.distributed as dist
 
-    world = dist.get_world_size()
+    world, p, prec_cfg = dist.get_world_size(), job.parallelism, job.precision
     # Rank 0 built the real model; the others built it on the meta device and allocate only
     # their shards after sharding. Rank 0's full weights are kept by reference until sent.
     full = model.state_dict() if world > 1 and not on_meta(model) else {}
-    mesh = device_mesh(device, world, job.parallelism.replicate_degree)
-    p = job.precision
-    kwargs = {"mesh": mesh, "mp_policy": prec.fsdp_policy(p.name, p.param_dtype, p.reduce_dtype)}
-    for block in transformer_blocks(model):
-        fully_shard(block, reshard_after_forward=job.parallelism.zero_stage == 3, **kwargs)
-    fully_shard(model, reshard_after_forward=False, **kwargs)
+    mesh = device_mesh(device, world, p.replicate_degree, p.tensor_parallel)
+    if p.tensor_parallel > 1:
+        tensor_parallelize(model, mesh[TP], job.model.family)
+    sharded = p.zero_stage in (2, 3)
+    if sharded:
+        policy = prec.fsdp_policy(prec_cfg.name, prec_cfg.param_dtype, prec_cfg.reduce_dtype)
+        kwargs = {"mesh": data_mesh(mesh), "mp_policy": policy}
+        for block in transformer_blocks(model):
+            fully_shard(block, reshard_after_forward=p.zero_stage == 3, **kwargs)
+        fully_shard(model, reshard_after_forward=False, **kwargs)
     if world > 1:
         materialize(model, device)
-        load_from_rank0(model, full)
+        load_from_rank0(model, full)  # may swap in new parameter objects: hooks come after
         del full
+    if p.tensor_parallel > 1 and not sharded:
+        keep_grads_in_place(model)
     optimizer = build_optimizer(model.parameters(), job)
-    if p.fp8_all_gather:  # one scale computation for every float8 weight, after each step
+    if prec_cfg.fp8_all_gather:  # one scale computation for every float8 weight, after each step
         from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
 
         optimizer.register_step_post_hook(
             lambda *_: precompute_float8_dynamic_scale_for_fsdp(model))
-    scaler = prec.grad_scaler(p.name, device, True, p.init_scale, p.growth_interval)
-    return FSDPEngine(model, optimizer, job, device, scaler=scaler)
+    scaler = prec.grad_scaler(prec_cfg.name, device, True, prec_cfg.init_scale,
+                              prec_cfg.growth_interval)
+    engine = FSDPEngine if sharded else MeshEngine
+    return engine(model, optimizer, job, device, scaler=scaler)

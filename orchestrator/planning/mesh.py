@@ -1,0 +1,97 @@
+"""What must divide what on the device mesh (run/mesh.py): replicas x shard group x
+tensor-parallel degree = the world size, checked on the typed job alone. One line each, naming
+the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from orchestrator.common.errors import ConfigError
+from orchestrator.config.derived import data_parallel_size
+from orchestrator.config.rules import positive
+from orchestrator.config.schema import JobConfig
+from orchestrator.models.tensor_parallel import PLANS
+
+TP_KEY = "parallelism.tensor_parallel"
+
+
+def check_mesh(job: JobConfig) -> None:
+    """The tensor-parallel degree, then the replicas of the data-parallel ranks left."""
+    _check_tensor_parallel(job)
+    _check_replicas(job)
+
+
+def _check_replicas(job: JobConfig) -> None:
+    """HSDP: R replicas of a parameter sharding over dp/R ranks (FSDP2 stages 2/3, or
+    DeepSpeed stage 3's hierarchical partition)."""
+    r, p = job.parallelism.replicate_degree, job.parallelism
+    positive("parallelism.replicate_degree", r)
+    dp = data_parallel_size(job)
+    if dp % r:
+        what = "the world size" if p.tensor_parallel == 1 else "the data-parallel size"
+        raise ConfigError("parallelism.replicate_degree", r, f"a divisor of {what} {dp} "
+                          "(replicas x shard group x tensor_parallel = nodes x gpus_per_node)")
+    stages = (3,) if p.backend == "deepspeed" else (2, 3)
+    if r > 1 and p.zero_stage not in stages:
+        raise ConfigError("parallelism.replicate_degree", r, "1 unless parallelism.zero_stage "
+                          f"is {' or '.join(map(str, stages))} with backend={p.backend} "
+                          "(HSDP shards parameters within a group and replicates across groups)")
+
+
+def _check_tensor_parallel(job: JobConfig) -> None:
+    p, t = job.parallelism, job.parallelism.tensor_parallel
+    positive(TP_KEY, t)
+    if t == 1:
+        return
+    if job.world_size % t:
+        raise ConfigError(TP_KEY, t, f"a divisor of the world size {job.world_size} (nodes x "
+                          "gpus_per_node; the data-parallel size is world / tensor_parallel)")
+    if job.model.family not in PLANS:
+        raise ConfigError(TP_KEY, t, f"1 for model.family={job.model.family} (tensor "
+                          f"parallelism is built for: {', '.join(PLANS)})")
+    _check_splits(job, t)
+    g = job.cluster.gpus_per_node
+    if job.cluster.nodes > 1 and g % t and not p.tp_across_nodes:
+        raise ConfigError(TP_KEY, t, f"a divisor of cluster.gpus_per_node={g}, so that a "
+                          "tensor-parallel group stays inside a node (it communicates in every "
+                          "layer), or set parallelism.tp_across_nodes=true")
+    if p.backend == "deepspeed":
+        raise ConfigError(TP_KEY, t, "1 with parallelism.backend=deepspeed (DeepSpeed's "
+                          "tensor parallelism is AutoTP for inference; tensor-parallel training "
+                          "runs on torch's device mesh: backend=torch)")
+    dp = data_parallel_size(job)
+    if dp > 1 and p.zero_stage not in (2, 3):
+        raise ConfigError("parallelism.zero_stage", p.zero_stage, f"2 or 3 with {TP_KEY}={t} "
+                          f"and {dp} data-parallel ranks (FSDP2 shards over the data-parallel "
+                          "dimension of the device mesh; DDP across tensor-parallel groups is "
+                          "not built)")
+    _check_not_yet(job, t)
+
+
+def _check_splits(job: JobConfig, t: int) -> None:
+    """Every rank holds whole heads, an equal share of the MLP and of the vocabulary, and an
+    equal slice of each sequence (sequence parallelism)."""
+    m = job.model
+    sizes = [("model.n_head", m.n_head, "each rank computes whole attention heads"),
+             ("model.n_kv_head", m.n_kv_head or m.n_head, "each rank holds whole KV heads"),
+             ("model.d_ff", m.d_ff, "the MLP's columns split evenly"),
+             ("model.vocab_size", m.vocab_size, "the embedding and head split by vocabulary"),
+             ("data.seq_len", job.data.seq_len, "sequence parallelism splits each sequence")]
+    for key, n, why in sizes:
+        if n is not None and n % t:
+            raise ConfigError(TP_KEY, t, f"a divisor of {key}={n} ({why})")
+
+
+def _check_not_yet(job: JobConfig, t: int) -> None:
+    """Combinations tensor parallelism does not run with yet: refused, never ignored."""
+    pr, tr = job.precision, job.train
+    refused = [("train.task", tr.task, tr.task != "pretrain"),
+               ("train.compile", tr.compile, tr.compile),
+               ("lora.rank", job.lora.rank, job.lora.rank > 0),
+               ("objective.name", "dpo", job.dpo_beta is not None),
+               ("precision.name", pr.name, pr.name in ("fp16", "fp8")),
+               ("precision.qat", pr.qat, pr.qat != "none")]
+    for key, value, on in refused:
+        if on:
+            raise ConfigError(key, value, f"not with {TP_KEY}={t} yet (tensor parallelism "
+                              "trains pretrain/SFT jobs in fp32, bf16 or bf16_pure, without "
+                              "compile, LoRA, DPO or QAT)")

@@ -1,0 +1,156 @@
+"""Tensor parallelism before launch: every refusal of what must divide what (one line each),
+the planner's per-rank slices and activation memory against Korthikanti et al. 2022's formulas
+written out here, and the plan's mesh and batch. (The runs themselves:
+tests/distributed/test_tensor_parallel.py.)"""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.common.errors import ConfigError
+from orchestrator.config.derived import Hardware, data_parallel_rank, data_parallel_size
+from orchestrator.models.build import build_model
+from orchestrator.models.tensor_parallel import local_specs
+from orchestrator.planning.activations import activation_bytes
+from orchestrator.planning.mesh import check_mesh
+from orchestrator.planning.plan import make_plan
+from orchestrator.planning.preflight import validate
+from tests.conftest import make_job
+
+LLAMA = ["model=llama_tiny"]  # 4 heads, 2 KV heads, d_ff 172, vocabulary 512, 2 layers
+TP2 = [*LLAMA, "parallelism.tensor_parallel=2"]
+
+REFUSED = {
+    "not a divisor of the world": (
+        [*LLAMA, "parallelism.tensor_parallel=3"],
+        "config key 'parallelism.tensor_parallel' has value 3; allowed: a divisor of the world "
+        "size 2 (nodes x gpus_per_node; the data-parallel size is world / tensor_parallel)"),
+    "family": (
+        ["model=gpt2_tiny", "parallelism.tensor_parallel=2"],
+        "config key 'parallelism.tensor_parallel' has value 2; allowed: 1 for "
+        "model.family=gpt2 (tensor parallelism is built for: llama)"),
+    "heads": (
+        [*LLAMA, "cluster.gpus_per_node=8", "parallelism.tensor_parallel=8"],
+        "config key 'parallelism.tensor_parallel' has value 8; allowed: a divisor of "
+        "model.n_head=4 (each rank computes whole attention heads)"),
+    "kv heads": (
+        [*LLAMA, "cluster.gpus_per_node=4", "parallelism.tensor_parallel=4"],
+        "config key 'parallelism.tensor_parallel' has value 4; allowed: a divisor of "
+        "model.n_kv_head=2 (each rank holds whole KV heads)"),
+    "d_ff": (
+        [*TP2, "model.d_ff=171"],
+        "config key 'parallelism.tensor_parallel' has value 2; allowed: a divisor of "
+        "model.d_ff=171 (the MLP's columns split evenly)"),
+    "vocabulary": (
+        [*TP2, "model.vocab_size=515"],
+        "config key 'parallelism.tensor_parallel' has value 2; allowed: a divisor of "
+        "model.vocab_size=515 (the embedding and head split by vocabulary)"),
+    "sequence": (
+        [*TP2, "data.seq_len=63"],
+        "config key 'parallelism.tensor_parallel' has value 2; allowed: a divisor of "
+        "data.seq_len=63 (sequence parallelism splits each sequence)"),
+    "deepspeed": (
+        [*TP2, "+recipe=deepspeed_zero3"],
+        "config key 'parallelism.tensor_parallel' has value 2; allowed: 1 with "
+        "parallelism.backend=deepspeed (DeepSpeed's tensor parallelism is AutoTP for "
+        "inference; tensor-parallel training runs on torch's device mesh: backend=torch)"),
+    "DDP beside TP": (
+        [*TP2, "cluster.gpus_per_node=4"],
+        "config key 'parallelism.zero_stage' has value 0; allowed: 2 or 3 with "
+        "parallelism.tensor_parallel=2 and 2 data-parallel ranks (FSDP2 shards over the "
+        "data-parallel dimension of the device mesh; DDP across tensor-parallel groups is "
+        "not built)"),
+    "replicas": (
+        [*TP2, "+recipe=fsdp_zero3", "cluster.gpus_per_node=4",
+         "parallelism.replicate_degree=4"],
+        "config key 'parallelism.replicate_degree' has value 4; allowed: a divisor of the "
+        "data-parallel size 2 (replicas x shard group x tensor_parallel = nodes x "
+        "gpus_per_node)"),
+    "compile": (
+        [*TP2, "train.compile=true"],
+        "config key 'train.compile' has value True; allowed: not with "
+        "parallelism.tensor_parallel=2 yet (tensor parallelism trains pretrain/SFT jobs in "
+        "fp32, bf16 or bf16_pure, without compile, LoRA, DPO or QAT)"),
+    "lora": ([*TP2, "lora.rank=4"], "config key 'lora.rank' has value 4; allowed: not with"),
+    "fp16": ([*TP2, "precision=fp16"],
+             "config key 'precision.name' has value 'fp16'; allowed: not with"),
+    "qat": ([*TP2, "precision.qat=int8"],
+            "config key 'precision.qat' has value 'int8'; allowed: not with"),
+    "evaluate": ([*TP2, "+recipe=evaluate"],
+                 "config key 'train.task' has value 'evaluate'; allowed: not with"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_each_impossible_layout_is_one_line(case: str) -> None:
+    overrides, want = REFUSED[case]
+    with pytest.raises(ConfigError) as err:
+        validate(make_job(overrides), Hardware())
+    line = str(err.value)
+    assert "\n" not in line and line.startswith(want), line
+
+
+def test_a_tensor_parallel_group_stays_in_a_node_unless_allowed() -> None:
+    """3 GPUs per node, TP 2: a group would straddle two nodes (the mesh check alone: two
+    local nodes are refused by the launcher's own rules)."""
+    spans = [*LLAMA, "cluster.nodes=2", "cluster.gpus_per_node=3",
+             "parallelism.tensor_parallel=2", "parallelism.zero_stage=3"]
+    with pytest.raises(ConfigError) as err:
+        check_mesh(make_job(spans))
+    assert str(err.value) == (
+        "config key 'parallelism.tensor_parallel' has value 2; allowed: a divisor of "
+        "cluster.gpus_per_node=3, so that a tensor-parallel group stays inside a node (it "
+        "communicates in every layer), or set parallelism.tp_across_nodes=true")
+    check_mesh(make_job([*spans, "parallelism.tp_across_nodes=true"]))
+
+
+def test_the_data_splits_over_the_data_parallel_ranks_only() -> None:
+    job = make_job([*TP2, "+recipe=fsdp_zero3", "cluster.gpus_per_node=4"])
+    assert data_parallel_size(job) == 2
+    assert [data_parallel_rank(job, r) for r in range(4)] == [0, 0, 1, 1]
+
+
+def test_each_rank_holds_its_slice_of_the_split_layers() -> None:
+    """The planner's slices against the layout written out from Megatron-LM's paper on the
+    real module names: column-parallel q/k/v/gate/up/head by output rows, row-parallel
+    o/down by input columns, the embedding by vocabulary rows, norms whole."""
+    model = build_model(make_job(LLAMA).model, seed=0, device="meta")
+    rows = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head", "embed_tokens")
+    want = {}
+    for name, p in model.named_parameters():
+        module = name.split(".")[-2]
+        shape = list(p.shape)
+        if module in rows:
+            shape[0] //= 2
+        elif module in ("o_proj", "down_proj"):
+            shape[1] //= 2
+        want[name] = tuple(shape)
+    from orchestrator.models.build import param_specs
+
+    got = {s.name: s.shape for s in local_specs(param_specs(make_job(LLAMA).model), "llama", 2)}
+    assert got == want
+
+
+def test_activations_follow_the_papers_sequence_parallel_formula() -> None:
+    """Eager attention (its scores stored), bf16, micro batch 2: per layer
+    s·b·h·(34/t + 5·a·s/(h·t)) bytes (paper eq. 4 with sequence parallelism), with
+    checkpointing each layer's input slice s·b·h·2/t; logits s·b·V·(2 + 8) plus the head's
+    own slice s·b·V·2/t."""
+    common = [*LLAMA, "precision=bf16", "model.attn_implementation=eager",
+              "train.micro_batch_size=2", "data.seq_len=64"]
+    s, b, h, a, v, layers = 64, 2, 64, 4, 512, 2
+    for t in (1, 2, 4):
+        tp = [f"parallelism.tensor_parallel={t}", f"cluster.gpus_per_node={max(t, 2)}"]
+        per_layer = s * b * h * (34 / t + 5 * a * s / (h * t))
+        logits = s * b * v * 10 + (s * b * v * 2 / t if t > 1 else 0)
+        assert activation_bytes(make_job([*common, *tp])) == layers * per_layer + logits
+        checkpointed = make_job([*common, *tp, "train.activation_checkpointing=true"])
+        assert activation_bytes(checkpointed) == layers * s * b * h * 2 / t + per_layer + logits
+
+
+def test_the_plan_shows_the_mesh_and_the_data_parallel_batch() -> None:
+    job = make_job([*TP2, "+recipe=fsdp_zero3", "cluster.gpus_per_node=4",
+                    "train.micro_batch_size=4"])
+    plan = make_plan(job, "cpu", 4)
+    assert plan.mesh == "1 replica x 2 shards x tp 2 (sequence parallel)"
+    assert (plan.tensor_parallel, plan.global_batch_size) == (2, 8)
