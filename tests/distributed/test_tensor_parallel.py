@@ -21,8 +21,11 @@ LAYOUTS = {
     "ddp": ["+recipe=ddp"],
     "tp2": ["parallelism.tensor_parallel=2", "train.micro_batch_size=8",
             "checkpoint.every_steps=10"],
+    # with activation checkpointing: recomputing a block re-runs its collectives
     "zero3_tp2": ["+recipe=fsdp_zero3", "parallelism.tensor_parallel=2",
-                  "cluster.gpus_per_node=4"],
+                  "cluster.gpus_per_node=4", "train.activation_checkpointing=true"],
+    "tp2_bf16": ["parallelism.tensor_parallel=2", "train.micro_batch_size=8", "precision=bf16",
+                 "train.save_model=false"],
 }
 LOSS_TOL = 1e-5
 
@@ -42,6 +45,15 @@ def test_tensor_parallel_trains_like_ddp(runs, layout: str) -> None:
     val = {name: [m for m in read_metrics(runs[name] / "metrics.jsonl") if "val/loss" in m]
            for name in ("ddp", layout)}
     assert val[layout][0]["val/loss"] == pytest.approx(val["ddp"][0]["val/loss"], abs=LOSS_TOL)
+
+
+def test_bf16_takes_effect_under_tensor_parallelism(runs) -> None:
+    """bf16 autocast on the unwrapped TP model (no FSDP2 policy casts it): over 20 steps the
+    losses move away from fp32's by bf16 rounding (measured: at most 3.8e-4, against 9.5e-7
+    between TP and DDP in fp32), not by nothing and not by a broken model; and it trains."""
+    fp32, bf16 = losses(runs["tp2"]), losses(runs["tp2_bf16"])
+    assert 5e-5 < max(abs(a - b) for a, b in zip(bf16, fp32, strict=True)) < 0.05
+    assert bf16[-1] < bf16[0] - 0.5
 
 
 @pytest.mark.parametrize(("layout", "ranks"), [("tp2", 2), ("zero3_tp2", 4)])
