@@ -10,6 +10,9 @@ Pairs (our recipe → the plain script of its own engine):
     fsdp_zero2      → plain_fsdp2.py --no-reshard   (fully_shard, reshard_after_forward=False)
     fsdp_zero3      → plain_fsdp2.py --reshard      (fully_shard, reshard_after_forward=True)
     deepspeed_zero3 → plain_deepspeed.py --stage 3  (deepspeed.initialize, DeepSpeed's defaults)
+    tp2             → plain_tp.py              (parallelize_module, TP=2 with sequence
+                                                parallelism; ours: parallelism.tensor_parallel=2
+                                                on a Llama of the same shape)
 
 Ours is launched as a user would, `python -m orchestrator +recipe=<recipe> model=gpt2_small_cpu
 train.steps=N logging=none logging.progress=false train.save_model=false train.log_every=1
@@ -79,7 +82,13 @@ class Pair:
     plain: str  # its label in tables
     script: str
     args: tuple[str, ...] = ()
+    ours: tuple[str, ...] = ()  # our overrides; default: +recipe=<recipe> model=MODEL
 
+
+# tp2: a Llama of gpt2_small_cpu's size (plain_tp.py builds the same), TP=2 on the 2 ranks
+LLAMA_SMALL = ("model=llama_tiny", "model.d_model=256", "model.n_layer=4", "model.n_head=8",
+               "model.n_kv_head=4", "model.d_ff=688", "model.vocab_size=2048",
+               "model.max_seq_len=256")
 
 PAIRS: dict[str, Pair] = {p.recipe: p for p in (
     Pair("ddp", "plain DDP", "plain_ddp.py"),
@@ -87,6 +96,8 @@ PAIRS: dict[str, Pair] = {p.recipe: p for p in (
     Pair("fsdp_zero2", "plain FSDP2 no-reshard", "plain_fsdp2.py", ("--no-reshard",)),
     Pair("fsdp_zero3", "plain FSDP2 reshard", "plain_fsdp2.py", ("--reshard",)),
     Pair("deepspeed_zero3", "plain DeepSpeed ZeRO-3", "plain_deepspeed.py", ("--stage", "3")),
+    Pair("tp2", "plain TP (parallelize_module)", "plain_tp.py",
+         ours=(*LLAMA_SMALL, "parallelism.tensor_parallel=2")),
 )}
 
 
@@ -130,9 +141,10 @@ def launch(command: list[str], env: dict[str, str]) -> tuple[float, int, str]:
 
 def run_ours(pair: Pair, steps: int, work: Path, rnd: int, env: dict[str, str]) -> Run:
     run_dir = work / f"ours-{pair.recipe}-{rnd}"
-    command = [sys.executable, "-m", "orchestrator", f"+recipe={pair.recipe}", f"model={MODEL}",
-               f"train.steps={steps}", "logging=none", "logging.progress=false",
-               "train.save_model=false", "train.log_every=1", f"hydra.run.dir={run_dir}"]
+    chosen = pair.ours or (f"+recipe={pair.recipe}", f"model={MODEL}")
+    command = [sys.executable, "-m", "orchestrator", *chosen, f"train.steps={steps}",
+               "logging=none", "logging.progress=false", "train.save_model=false",
+               "train.log_every=1", f"hydra.run.dir={run_dir}"]
     wall, code, tail = launch(command, env)
     run = Run(pair.recipe, "ours", rnd, command, wall)
     metrics = run_dir / "metrics.jsonl"
