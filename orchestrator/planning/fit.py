@@ -2,9 +2,11 @@
 cheapest setting that would fit; and `parallelism.auto`, which picks that setting itself.
 
 "Cheapest" follows the seed lecture's rule of thumb: DDP while the model fits one device, then
-ZeRO-1, ZeRO-2, ZeRO-3 (each shards more and communicates more), then ZeRO-3 with optimizer
-and parameter offload to CPU memory (DeepSpeed). Within a strategy the largest micro batch that
-fits wins (the global batch is kept by raising gradient accumulation).
+ZeRO-1, ZeRO-2, ZeRO-3 (each shards more and communicates more), then ZeRO-3 over tensor
+parallelism of 2, 4, 8 ranks inside a node (Llama family: TP divides the activations and the
+unit FSDP gathers, at the price of collectives in every layer), then ZeRO-3 with optimizer and
+parameter offload to CPU memory (DeepSpeed). Within a rung the largest micro batch that fits
+wins (the global batch is kept by raising gradient accumulation).
 """
 
 from __future__ import annotations
@@ -15,47 +17,70 @@ from collections.abc import Callable, Iterator
 from orchestrator.common.errors import ConfigError
 from orchestrator.common.plan import Plan
 from orchestrator.common.units import human_bytes
+from orchestrator.config.derived import data_parallel_size
 from orchestrator.config.schema import JobConfig
+from orchestrator.planning.mesh import check_mesh
 
 MakePlan = Callable[[JobConfig], Plan]
 
-LADDER = (  # (label, backend, zero_stage, offload)
-    ("ddp", "torch", 0, False),
-    ("zero1", "torch", 1, False),
-    ("fsdp_zero2", "torch", 2, False),
-    ("fsdp_zero3", "torch", 3, False),
-    ("deepspeed_zero3_offload", "deepspeed", 3, True),
+LADDER = (  # (label, backend, zero_stage, offload, tensor_parallel)
+    ("ddp", "torch", 0, False, 1),
+    ("zero1", "torch", 1, False, 1),
+    ("fsdp_zero2", "torch", 2, False, 1),
+    ("fsdp_zero3", "torch", 3, False, 1),
+    ("fsdp_zero3 x tp 2", "torch", 3, False, 2),
+    ("fsdp_zero3 x tp 4", "torch", 3, False, 4),
+    ("fsdp_zero3 x tp 8", "torch", 3, False, 8),
+    ("deepspeed_zero3_offload", "deepspeed", 3, True, 1),
 )
 
 
-def _variant(job: JobConfig, backend: str, stage: int, offload: bool, micro: int) -> JobConfig:
+def _global_batch(job: JobConfig) -> int:
+    """The configured global batch, which every candidate keeps."""
+    return job.train.global_batch_size or (job.train.micro_batch_size
+                                           * (job.train.grad_accum_steps or 1)
+                                           * data_parallel_size(job))
+
+
+def _variant(job: JobConfig, backend: str, stage: int, offload: bool, tp: int,
+             micro: int) -> JobConfig:
     # replicate_degree (HSDP / hpZ) is kept where the rung supports it, else 1 (plain DP)
     hsdp = stage in ((3,) if backend == "deepspeed" else (2, 3))
     par = dataclasses.replace(job.parallelism, backend=backend, zero_stage=stage,
                               offload_optimizer=offload, offload_params=offload, auto=False,
-                              replicate_degree=job.parallelism.replicate_degree if hsdp else 1)
-    total = job.train.global_batch_size
-    if total is None:  # keep the configured global batch
-        total = job.train.micro_batch_size * (job.train.grad_accum_steps or 1) * job.world_size
-    train = dataclasses.replace(job.train, micro_batch_size=micro, global_batch_size=total,
-                                grad_accum_steps=None)
+                              replicate_degree=job.parallelism.replicate_degree if hsdp else 1,
+                              tensor_parallel=tp)
+    train = dataclasses.replace(job.train, micro_batch_size=micro,
+                                global_batch_size=_global_batch(job), grad_accum_steps=None)
     return dataclasses.replace(job, parallelism=par, train=train)
 
 
-def _micro_batches(job: JobConfig) -> list[int]:
+def _micro_batches(total: int, data_parallel: int) -> list[int]:
     """Divisors of the per-rank batch, largest first."""
-    per_rank = (job.train.global_batch_size or job.train.micro_batch_size
-                * (job.train.grad_accum_steps or 1) * job.world_size) // job.world_size
+    per_rank = total // data_parallel
     return [m for m in range(per_rank, 0, -1) if per_rank % m == 0]
 
 
+def _allowed(job: JobConfig, candidate: JobConfig) -> bool:
+    """Whether a rung can run this job at all: DeepSpeed not with bf16_pure; a TP rung only
+    where its layout's rules hold (planning/mesh.py) and it divides the global batch."""
+    p = candidate.parallelism
+    if p.backend == "deepspeed":
+        return job.precision.name != "bf16_pure"
+    try:
+        check_mesh(candidate)
+    except ConfigError:
+        return False
+    return _global_batch(job) % data_parallel_size(candidate) == 0
+
+
 def _candidates(job: JobConfig) -> Iterator[tuple[str, JobConfig]]:
-    deepspeed_ok = job.precision.name != "bf16_pure"
-    for label, backend, stage, offload in LADDER:
-        if backend == "deepspeed" and not deepspeed_ok:
+    for label, backend, stage, offload, tp in LADDER:
+        rung = _variant(job, backend, stage, offload, tp, 1)
+        if not _allowed(job, rung):
             continue
-        for micro in _micro_batches(job):
-            yield label, _variant(job, backend, stage, offload, micro)
+        for micro in _micro_batches(_global_batch(job), data_parallel_size(rung)):
+            yield label, _variant(job, backend, stage, offload, tp, micro)
 
 
 def cheapest_fit(job: JobConfig, make_plan: MakePlan) -> tuple[str, JobConfig, Plan] | None:
@@ -74,9 +99,12 @@ def choose(job: JobConfig, make_plan: MakePlan) -> tuple[JobConfig, str]:
     found = cheapest_fit(job, make_plan)
     if found is None:
         raise ConfigError("parallelism.auto", True, "a job that fits somewhere: nothing fits "
-                          f"{job.cluster.gpu} even with ZeRO-3, CPU offload and micro batch 1")
+                          f"{job.cluster.gpu} even with ZeRO-3 (over tensor parallelism, or with CPU "
+                          "offload) and micro batch 1")
     label, chosen, plan = found
-    skipped = [name for name, *_ in LADDER[: [x[0] for x in LADDER].index(label)]]
+    tried = {name for name, _ in _candidates(job)}
+    skipped = [name for name, *_ in LADDER[: [x[0] for x in LADDER].index(label)]
+               if name in tried]
     reason = (f"{label} with micro batch {chosen.train.micro_batch_size} needs "
               f"{human_bytes(plan.memory.peak_total_bytes)} of "
               f"{human_bytes(plan.device_memory_bytes or 0)} per GPU"
@@ -92,7 +120,8 @@ def refuse_if_too_big(job: JobConfig, plan: Plan, make_plan: MakePlan) -> None:
     found = cheapest_fit(job, make_plan)
     hint = (f"{found[0]} with micro batch {found[1].train.micro_batch_size} fits at "
             f"{human_bytes(found[2].memory.peak_total_bytes)} (or set parallelism.auto=true)"
-            if found else "nothing fits, even ZeRO-3 with CPU offload at micro batch 1")
+            if found else "nothing fits, even ZeRO-3 over tensor parallelism or with CPU "
+            "offload at micro batch 1")
     raise ConfigError(
         "parallelism", f"{plan.strategy} ZeRO-{plan.zero_stage}",
         f"a setting that fits: needs {human_bytes(plan.memory.peak_total_bytes)}/GPU > "

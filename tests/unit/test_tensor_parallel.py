@@ -154,3 +154,25 @@ def test_the_plan_shows_the_mesh_and_the_data_parallel_batch() -> None:
     plan = make_plan(job, "cpu", 4)
     assert plan.mesh == "1 replica x 2 shards x tp 2 (sequence parallel)"
     assert (plan.tensor_parallel, plan.global_batch_size) == (2, 8)
+
+
+def _auto(model: str, nodes: int) -> tuple[object, str]:
+    from orchestrator.planning.fit import choose
+
+    job = make_job([f"model={model}", "parallelism=auto", "precision=bf16", "cluster.gpu=h100",
+                    f"cluster.nodes={nodes}", "cluster.gpus_per_node=8", "launcher=slurm",
+                    "data.seq_len=4096", "train.micro_batch_size=2",
+                    "train.activation_checkpointing=true", "action=plan"], run_dir="/tmp/unused")
+    return choose(job, lambda j: make_plan(j, "cuda", 16))
+
+
+def test_auto_takes_tensor_parallelism_only_when_zero3_alone_does_not_fit() -> None:
+    """Llama 3 70B on 4x8 H100 fits under ZeRO-3 alone; 405B on 16x8 does not (its gathered
+    blocks and activations), and the smallest TP degree that fits is chosen, with the reason."""
+    chosen, reason = _auto("llama3_70b", 4)
+    assert chosen.parallelism.tensor_parallel == 1 and reason.startswith("fsdp_zero3 with")
+    chosen, reason = _auto("llama3_405b", 16)
+    assert chosen.parallelism.tensor_parallel == 2 and chosen.parallelism.zero_stage == 3
+    assert reason.startswith("fsdp_zero3 x tp 2 with micro batch 1 needs ")
+    assert reason.endswith("the cheaper ddp, zero1, fsdp_zero2, fsdp_zero3 would not fit")
+    assert check_mesh(chosen) is None
