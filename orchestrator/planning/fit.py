@@ -99,8 +99,8 @@ def choose(job: JobConfig, make_plan: MakePlan) -> tuple[JobConfig, str]:
     found = cheapest_fit(job, make_plan)
     if found is None:
         raise ConfigError("parallelism.auto", True, "a job that fits somewhere: nothing fits "
-                          f"{job.cluster.gpu} even with ZeRO-3 (over tensor parallelism, or with CPU "
-                          "offload) and micro batch 1")
+                          f"{job.cluster.gpu} even with ZeRO-3 (over tensor parallelism, or "
+                          "with CPU offload) and micro batch 1")
     label, chosen, plan = found
     tried = {name for name, _ in _candidates(job)}
     skipped = [name for name, *_ in LADDER[: [x[0] for x in LADDER].index(label)]

@@ -17,7 +17,7 @@ from orchestrator.config.schema import JobConfig
 from orchestrator.models import tensor_parallel
 from orchestrator.models.spec_cache import cached_specs
 from orchestrator.models.specs import REFERENCE, ParamSpec
-from orchestrator.planning import compute, memory
+from orchestrator.planning import communication, compute, memory
 from orchestrator.planning.activations import activation_bytes
 from orchestrator.quantization import int8
 
@@ -79,15 +79,15 @@ class _ModelState:
 
 def _model_state(job: JobConfig, specs: list[ParamSpec], device: str, accum: int,
                  global_batch: int) -> _ModelState:
+    """`specs`: each rank's tensor-parallel slices of the parameters (all of them without TP)."""
     p = job.parallelism
     if p.backend != "deepspeed":
-        # tensor parallelism: each rank's slices, over the data-parallel ranks left; HSDP:
-        # FSDP2 shards over dp/R ranks and replicates over R
-        local = tensor_parallel.local_specs(specs, job.model.family, p.tensor_parallel)
+        # over the data-parallel ranks left beside TP; HSDP: FSDP2 shards over dp/R ranks and
+        # replicates over R
         dp = data_parallel_size(job)
         shard = dp // p.replicate_degree if p.zero_stage in (2, 3) else None
         return _ModelState(memory.estimate(
-            local, dp, p.zero_stage, job.precision.name, job.optim.name,
+            specs, dp, p.zero_stage, job.precision.name, job.optim.name,
             job.optim.momentum, shard_size=shard, param_dtype=job.precision.param_dtype,
             float8_gather=job.precision.fp8_all_gather, buckets=p.tensor_parallel == 1),
             None, 1)
@@ -129,7 +129,8 @@ def make_plan(job: JobConfig, device: str, cpu_count: int, python: str = sys.exe
     accum, global_batch = resolve_batch(job)
     specs = cached_specs(job.model, job.lora, job.dpo_beta)
     config_path = str(Path(job.run_dir) / CONFIG_YAML)
-    state = _model_state(job, specs, device, accum, global_batch)
+    slices = tensor_parallel.local_specs(specs, job.model.family, job.parallelism.tensor_parallel)
+    state = _model_state(job, slices, device, accum, global_batch)
     strategy, stage = strategy_name(job), job.parallelism.zero_stage
     psi = sum(s.numel for s in specs)
     # DPO: the frozen reference copy is memory, not model size
@@ -165,6 +166,9 @@ def make_plan(job: JobConfig, device: str, cpu_count: int, python: str = sys.exe
         mesh=memory.describe_mesh(strategy, data_parallel_size(job), stage, mem.shard_size,
                                   state.hpz, job.parallelism.tensor_parallel),
         tensor_parallel=job.parallelism.tensor_parallel,
+        comm_bytes={"dp": communication.data_parallel_bytes(job, slices, accum,
+                                                            state.memory.shard_size),
+                    "tp": communication.tensor_parallel_bytes(job, accum)},
         quantize=int8.plan_entry(job, specs),
         gpu=job.cluster.gpu if gpu else None,
         # on the machine itself (launcher=local) the device's own total_memory, if it is one

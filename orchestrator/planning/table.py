@@ -38,6 +38,10 @@ def plan_rows(plan: Plan) -> list[tuple[str, str]]:
     if c.budget_flops:
         rows.append(("compute-optimal for budget", f"{c.budget_flops:.3g} FLOPs -> N* = "
                      f"{c.optimal_params:,} params, D* = {c.optimal_tokens:,} tokens"))
+    sent = {dim: n for dim, n in plan.comm_bytes.items() if n}
+    if sent:
+        rows.append(("sent per step (per rank)", " + ".join(
+            f"{dim} {human_bytes(n)}" for dim, n in sent.items())))
     for name, mb in m.moments.items():
         rows.append((f"rank {m.rank} model state {name}",
                      f"{human_bytes(mb.total_bytes)} = params {human_bytes(mb.params_bytes)} + "

@@ -5,10 +5,27 @@ profiler carry no tokens/s, and `action=report` summarises the traces."""
 from __future__ import annotations
 
 import json
+import math
+
+import pytest
 
 from orchestrator.common.records import read_metrics
 from orchestrator.reports.profile import summarize
 from tests.conftest import run_ok
+
+
+def assert_planned_traffic(run) -> None:
+    """The plan's data-parallel bytes per step against FSDP2's collectives in rank 0's trace
+    of steps 2-3: each all-gather sends half its gathered buffer, each reduce-scatter half the
+    buffer it reduces (2 ranks, 4-byte elements; FSDP2 pads each unit to an even count, which
+    gpt2_tiny's already are: measured equal)."""
+    trace = json.loads((run / "profile" / "rank0.json").read_text())["traceEvents"]
+    whole = {"c10d::_allgather_base_": 0, "c10d::_reduce_scatter_base_": 1}  # which operand
+    sent = sum(math.prod(e["args"]["Input Dims"][whole[e["name"]]]) * 4 / 2
+               for e in trace if e.get("name") in whole)
+    planned = json.loads((run / "plan.json").read_text())["comm_bytes"]
+    assert planned["tp"] == 0
+    assert planned["dp"] == pytest.approx(sent / 2, rel=1e-3)  # two profiled steps
 
 
 def test_two_ranks_write_traces_of_the_profiled_steps(tmp_path) -> None:
@@ -28,6 +45,7 @@ def test_two_ranks_write_traces_of_the_profiled_steps(tmp_path) -> None:
         assert any("allgather" in n.lower() or "all_gather" in n.lower() for n in names)
         assert any("reduce_scatter" in n.lower() for n in names)
         assert any(e.get("args", {}).get("Input Dims") for e in spans)  # record_shapes
+    assert_planned_traffic(run)
     records = {r["step"]: r for r in read_metrics(run / "metrics.jsonl")}
     assert sorted(records) == [1, 2, 3, 4, 5, 6]  # each step under the profiler logged alone
     assert [s for s, r in records.items() if r.get("profiled")] == [1, 2, 3]

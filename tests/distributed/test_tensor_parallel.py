@@ -9,6 +9,9 @@ written without our code."""
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 import torch
 
@@ -20,7 +23,7 @@ COMMON = ["model=llama_tiny", "logging=none", "eval.every_steps=20", "eval.holdo
 LAYOUTS = {
     "ddp": ["+recipe=ddp"],
     "tp2": ["parallelism.tensor_parallel=2", "train.micro_batch_size=8",
-            "checkpoint.every_steps=10"],
+            "checkpoint.every_steps=10", "train.profile.steps=[3,3]"],
     # with activation checkpointing: recomputing a block re-runs its collectives
     "zero3_tp2": ["+recipe=fsdp_zero3", "parallelism.tensor_parallel=2",
                   "cluster.gpus_per_node=4", "train.activation_checkpointing=true"],
@@ -93,3 +96,34 @@ def test_a_tensor_parallel_checkpoint_resumes_under_another_layout(runs, tmp_pat
     got = losses(tmp_path)
     assert len(got) == 10
     assert max(abs(a - b) for a, b in zip(got, losses(runs["ddp"])[10:], strict=True)) <= LOSS_TOL
+
+
+def sent_bytes(event: dict, group: int) -> float:
+    """Bytes one rank sends for a traced collective, as a ring moves it (4-byte elements):
+    its whole tensor times (n-1)/n, twice for an all-reduce."""
+    dims = event["args"]["Input Dims"]
+    name = event["name"]
+    if name == "c10d::allreduce_":
+        whole, times = dims[0][0], 2
+    elif name == "c10d::allgather_into_tensor_coalesced_":
+        whole, times = dims[0][0], 1  # (outputs, inputs): the gathered tensor
+    else:  # reduce_scatter_tensor_coalesced_: (outputs, inputs): the tensor reduced
+        whole, times = dims[1][0], 1
+    return times * (group - 1) / group * math.prod(whole) * 4
+
+
+def test_the_planned_tensor_parallel_traffic_is_what_the_ranks_sent(runs) -> None:
+    """The plan's bytes per step on the tp dimension against the collectives in rank 0's trace
+    of step 3 (`train.profile`): every all-gather, reduce-scatter and activation-sized
+    all-reduce (TP alone: the only data-parallel traffic there is, none; the smaller ones are
+    the norms' gradients, the clip norm and the logged loss)."""
+    plan = json.loads((runs["tp2"] / "plan.json").read_text())
+    trace = json.loads((runs["tp2"] / "profile" / "rank0.json").read_text())["traceEvents"]
+    names = ("c10d::allreduce_", "c10d::allgather_into_tensor_coalesced_",
+             "c10d::reduce_scatter_tensor_coalesced_")
+    events = [e for e in trace if e.get("name") in names
+              and math.prod(e["args"]["Input Dims"][0][0]) >= 1024]
+    assert len(events) == 21  # 2 blocks x 8, the head's 3, the embedding's, the first slice's
+    assert plan["comm_bytes"]["tp"] == pytest.approx(sum(sent_bytes(e, 2) for e in events),
+                                                     rel=1e-9)
+    assert plan["comm_bytes"]["dp"] == 0

@@ -1,0 +1,77 @@
+"""Bytes one rank sends per optimizer step on each dimension of the device mesh, as ring
+collectives move them (what NCCL does for large messages): an all-gather or reduce-scatter whose
+whole tensor is B bytes sends (n-1)/n·B from each of the n ranks, an all-reduce twice that.
+
+- `dp` (data parallel): DDP all-reduces the gradients once per step (accumulation micro-steps
+  skip it); ZeRO-1 also all-gathers the updated parameters; FSDP2 all-gathers each unit's
+  parameters in every micro-step's forward (ZeRO-3: again in backward, except the root it keeps)
+  and reduce-scatters the gradients once per step; HSDP adds an all-reduce of each shard's
+  gradients across the replicas. DeepSpeed: the ZeRO paper's 2Ψ (stages 1/2) and 3Ψ (stage 3).
+- `tp` (tensor parallel with sequence parallelism, run/mesh.py's layout), per micro batch: each
+  block's attention and MLP all-gather their input sequence and reduce-scatter their output, in
+  forward and (as the reverse collectives) in backward: 8 collectives of s·b·h per block, 12 when
+  activation checkpointing recomputes the forward; the embedding's all-reduce, the head's
+  all-gathers of its input and of the logits (s·b·V), and the reverse collectives of the head's
+  input and of the first block's slice in backward: s·b·(5h + V) more. Activations move in the
+  compute dtype (fp32 runs: 4 bytes).
+"""
+
+from __future__ import annotations
+
+from orchestrator.config.derived import data_parallel_size
+from orchestrator.config.schema import JobConfig
+from orchestrator.models.specs import ROOT_GROUP, ParamSpec
+from orchestrator.planning.activations import ACT_BYTES
+from orchestrator.planning.memory import DTYPE_BYTES, master_bytes
+
+
+def _ring(n: int) -> float:
+    """The share of a collective's whole tensor each of n ranks sends (all-gather or
+    reduce-scatter); an all-reduce sends twice this."""
+    return (n - 1) / n
+
+
+def tensor_parallel_bytes(job: JobConfig, accum: int) -> int:
+    """`tp` bytes per step (see the module docstring); 0 without tensor parallelism."""
+    t = job.parallelism.tensor_parallel
+    if t == 1:
+        return 0
+    m = job.model
+    s, b = job.data.seq_len, job.train.micro_batch_size
+    per_block = 12 if job.train.activation_checkpointing else 8
+    elements = s * b * (m.d_model * (per_block * m.n_layer + 5) + m.vocab_size)
+    return int(accum * _ring(t) * elements * ACT_BYTES[job.precision.name])
+
+
+def _grad_bytes(job: JobConfig) -> int:
+    """Bytes of a gradient element as it is reduced: FSDP2's reduce dtype (precision.reduce_dtype,
+    else fp32 master gradients), DDP's parameter dtype."""
+    chosen = job.precision.reduce_dtype
+    return DTYPE_BYTES[chosen] if chosen not in (None, "auto") else master_bytes(
+        job.precision.name)
+
+
+def data_parallel_bytes(job: JobConfig, specs: list[ParamSpec], accum: int,
+                        shard_size: int) -> int:
+    """`dp` bytes per step over `specs` (each rank's tensor-parallel slices), with FSDP2
+    sharding over `shard_size` ranks and replicating over the rest (HSDP)."""
+    p, n = job.parallelism, data_parallel_size(job)
+    if n == 1:
+        return 0
+    total = sum(s.numel for s in specs)
+    trained = sum(s.numel for s in specs if s.trainable)
+    g = _grad_bytes(job)
+    if p.backend == "deepspeed":
+        return int((3 if p.zero_stage == 3 else 2) * _ring(n) * total
+                   * DTYPE_BYTES[job.precision.name])
+    if p.zero_stage in (0, 1):
+        gathered = _ring(n) * total * master_bytes(job.precision.name) if p.zero_stage else 0
+        return int(2 * _ring(n) * trained * g + gathered)
+    shard = shard_size or n
+    param = DTYPE_BYTES[job.precision.param_dtype if job.precision.param_dtype != "auto"
+                        else job.precision.name]
+    root = sum(s.numel for s in specs if s.group == ROOT_GROUP)
+    gathers = total + (total - root if p.zero_stage == 3 else 0)  # per micro batch
+    replicas = n // shard
+    cross = 2 * _ring(replicas) * trained / shard * g if replicas > 1 else 0
+    return int(accum * _ring(shard) * gathers * param + _ring(shard) * trained * g + cross)
