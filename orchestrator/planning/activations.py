@@ -10,8 +10,8 @@ in the compute dtype and their fp32 copy and gradient (s·b·V·(bytes + 8)).
 
 Tensor parallelism with sequence parallelism (the paper's section 4.2.2, always on with TP
 here) divides every per-layer term by t: s·b·h·34/t + 5·a·s²·b/t (2-byte activations), and a
-checkpointed block's input is one sequence slice (s·b·h/t). The head's logits are gathered for
-the loss, so their term stays, plus each rank's vocabulary slice before the gather (s·b·V/t).
+checkpointed block's input is one sequence slice (s·b·h/t). The logits stay split by vocabulary
+through the loss (`loss_parallel`), so their term is divided by t as well.
 """
 
 from __future__ import annotations
@@ -37,7 +37,5 @@ def activation_bytes(job: JobConfig, micro_batch: int | None = None) -> int:
         body = layers * s * b * m.d_model * act // t + per_layer
     else:
         body = layers * per_layer
-    logits = s * b * m.vocab_size * (act + 8)
-    if t > 1:
-        logits += s * b * m.vocab_size * act // t
+    logits = s * b * m.vocab_size * (act + 8) // t
     return body + logits

@@ -11,9 +11,10 @@ whole tensor is B bytes sends (n-1)/n·B from each of the n ranks, an all-reduce
   block's attention and MLP all-gather their input sequence and reduce-scatter their output, in
   forward and (as the reverse collectives) in backward: 8 collectives of s·b·h per block, 12 when
   activation checkpointing recomputes the forward; the embedding's all-reduce, the head's
-  all-gathers of its input and of the logits (s·b·V), and the reverse collectives of the head's
-  input and of the first block's slice in backward: s·b·(5h + V) more. Activations move in the
-  compute dtype (fp32 runs: 4 bytes).
+  all-gather of its input, and the reverse collectives of the head's input and of the first
+  block's slice in backward: 5·s·b·h more. The logits stay split by vocabulary; the loss
+  reduces three values per token across the group (s·b, left out: under 1/h of the rest).
+  Activations move in the compute dtype (fp32 runs: 4 bytes).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def tensor_parallel_bytes(job: JobConfig, accum: int) -> int:
     m = job.model
     s, b = job.data.seq_len, job.train.micro_batch_size
     per_block = 12 if job.train.activation_checkpointing else 8
-    elements = s * b * (m.d_model * (per_block * m.n_layer + 5) + m.vocab_size)
+    elements = s * b * m.d_model * (per_block * m.n_layer + 5)
     return int(accum * _ring(t) * elements * ACT_BYTES[job.precision.name])
 
 

@@ -13,7 +13,8 @@ derives positions and the causal mask from the embedding's output: that output s
 its own slice of the sequence. From there the residual stream is sharded by sequence: norms
 run on each rank's slice; attention and MLP gather the sequence, compute their own heads or
 columns, and reduce-scatter back to slices; the final norm's slices are gathered for the
-vocabulary-parallel head, whose logits are gathered for the loss.
+vocabulary-parallel head, whose logits stay split by vocabulary for the loss (torch's
+`loss_parallel`, entered by the engine around forward and backward).
 """
 
 from __future__ import annotations
@@ -91,8 +92,11 @@ def tensor_parallelize(model: nn.Module, tp_mesh: DeviceMesh, family: str) -> No
                        RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
                        src_data_rank=None)
     parallelize_module(decoder.norm, tp_mesh, SequenceParallel(), src_data_rank=None)
+    # the logits stay split by vocabulary: the loss is computed on them under `loss_parallel`
+    # (the engine's loss_context), never gathering s·b·V values on a rank
     parallelize_module(model.get_output_embeddings(), tp_mesh,
-                       ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
+                       ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1),
+                                       use_local_output=False),
                        src_data_rank=None)
 
 

@@ -134,15 +134,15 @@ def test_each_rank_holds_its_slice_of_the_split_layers() -> None:
 def test_activations_follow_the_papers_sequence_parallel_formula() -> None:
     """Eager attention (its scores stored), bf16, micro batch 2: per layer
     s·b·h·(34/t + 5·a·s/(h·t)) bytes (paper eq. 4 with sequence parallelism), with
-    checkpointing each layer's input slice s·b·h·2/t; logits s·b·V·(2 + 8) plus the head's
-    own slice s·b·V·2/t."""
+    checkpointing each layer's input slice s·b·h·2/t; the logits, split by vocabulary through
+    the loss, s·b·V·(2 + 8)/t."""
     common = [*LLAMA, "precision=bf16", "model.attn_implementation=eager",
               "train.micro_batch_size=2", "data.seq_len=64"]
     s, b, h, a, v, layers = 64, 2, 64, 4, 512, 2
     for t in (1, 2, 4):
         tp = [f"parallelism.tensor_parallel={t}", f"cluster.gpus_per_node={max(t, 2)}"]
         per_layer = s * b * h * (34 / t + 5 * a * s / (h * t))
-        logits = s * b * v * 10 + (s * b * v * 2 / t if t > 1 else 0)
+        logits = s * b * v * 10 / t
         assert activation_bytes(make_job([*common, *tp])) == layers * per_layer + logits
         checkpointed = make_job([*common, *tp, "train.activation_checkpointing=true"])
         assert activation_bytes(checkpointed) == layers * s * b * h * 2 / t + per_layer + logits

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from orchestrator.config.derived import optimizer_kernel
 from orchestrator.config.schema import JobConfig
@@ -22,6 +23,11 @@ from orchestrator.models.storage import storage_bytes
 from orchestrator.run import precision as prec
 
 Probe = Callable[[str], None]
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor of all of `t`: a DTensor's full value (gathered if sharded), else `t`."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def trainable(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
@@ -109,6 +115,11 @@ class Engine:
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         return prec.autocast(self.job.precision.name, self.device)
 
+    def loss_context(self) -> contextlib.AbstractContextManager[Any]:
+        """Around a forward and its backward: what the model's loss needs (tensor
+        parallelism: the vocabulary-parallel cross-entropy)."""
+        return contextlib.nullcontext()
+
     def precision_metrics(self) -> dict[str, float]:
         """fp16: `loss_scale` and `overflow_steps` (the steps skipped on an inf/NaN gradient so
         far), the same on every rank; nothing for other precisions."""
@@ -184,8 +195,8 @@ class Engine:
         """[summed token loss, scored tokens, correct argmax predictions] for one batch
         (`shift` for causal LMs, whose position t predicts token t+1)."""
         inputs = {k: v.to(self.device) for k, v in batch.items()}
-        with self.autocast():
-            logits = self.model(**inputs).logits.float()
+        with self.loss_context(), self.autocast():
+            logits = whole(self.model(**inputs).logits).float()
         labels = inputs["labels"]
         if shift:
             logits, labels = logits[:, :-1], labels[:, 1:]
@@ -215,7 +226,7 @@ class Engine:
         rng = torch.random.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state_all() if cuda else None
         inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        with self.no_sync(True):
+        with self.no_sync(True), self.loss_context():
             with self.autocast():
                 loss = self.model(**inputs).loss
             loss.backward()
@@ -232,7 +243,7 @@ class Engine:
         for i, batch in enumerate(micro_batches):
             last = i == n - 1
             inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            with self.no_sync(last):
+            with self.no_sync(last), self.loss_context():
                 with self.autocast():
                     output = self.model(**inputs)
                     loss = output.loss / n
@@ -242,7 +253,7 @@ class Engine:
                 scale = self.backward_scale()
                 scaled = loss if scale == 1 else loss * scale
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            total += loss.detach().float()
+            total += whole(loss.detach()).float()
         if self.probe:
             self.probe("after_backward")
         if self.scaler:
