@@ -98,6 +98,8 @@ class Plan:
     auto_reason: Optional[str] = None  # set when parallelism.auto chose the strategy
     mesh: str = ""  # the device mesh, e.g. "2 replicas x 4 shards" (HSDP), "... x tp 2"
     tensor_parallel: int = 1  # ranks per tensor-parallel group (the data-parallel size: world/T)
+    # pipeline parallelism: stages, schedule, micro-batches, bubble_fraction; None without
+    pipeline: Optional[dict[str, Any]] = None
     # bytes one rank sends per optimizer step on each mesh dimension (planning/communication.py)
     comm_bytes: dict[str, int] = field(default_factory=dict)
     # int8 PTQ (quantize.method, or a quantized model): quantization/int8.py's QuantizedSize

@@ -57,15 +57,24 @@ def _ask_deepspeed_cpu_fp16() -> bool:
 
 
 def data_parallel_size(job: JobConfig) -> int:
-    """The ranks that see different data: the world over the tensor-parallel degree (the
-    ranks of one tensor-parallel group compute on the same batch)."""
-    return job.world_size // job.parallelism.tensor_parallel
+    """The ranks that see different data: the world over the tensor- and pipeline-parallel
+    degrees (the ranks of one tensor-parallel group, and the stages of one pipeline, compute on
+    the same batch)."""
+    p = job.parallelism
+    return job.world_size // (p.tensor_parallel * p.pipeline_parallel)
 
 
 def data_parallel_rank(job: JobConfig, rank: int) -> int:
-    """Which share of the data global rank `rank` reads: tensor-parallel groups are runs of
-    consecutive ranks (the innermost dimension of the device mesh, run/mesh.py)."""
-    return rank // job.parallelism.tensor_parallel
+    """Which share of the data global rank `rank` reads. The device mesh (run/mesh.py) is
+    pp x dp x tp, outermost first: tensor-parallel groups are runs of consecutive ranks, and
+    each pipeline stage holds one block of dp x tp ranks."""
+    return rank // job.parallelism.tensor_parallel % data_parallel_size(job)
+
+
+def pipeline_microbatches(job: JobConfig) -> int:
+    """The micro-batches each step's batch runs as through the pipeline (None: 2 x stages)."""
+    p = job.parallelism
+    return p.pipeline_microbatches or 2 * p.pipeline_parallel
 
 
 def resolve_batch(job: JobConfig) -> tuple[int, int]:
@@ -112,6 +121,8 @@ def strategy_name(job: JobConfig) -> str:
     tensor-parallel job, whose device mesh that strategy builds)."""
     if job.parallelism.backend == "deepspeed":
         return "deepspeed"
+    if job.parallelism.pipeline_parallel > 1:
+        return "pipeline"
     if job.parallelism.tensor_parallel > 1:  # the device mesh: TP, then FSDP2 over dp ranks
         return "fsdp2"
     return TORCH_STRATEGIES[job.parallelism.zero_stage]

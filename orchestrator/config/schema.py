@@ -86,15 +86,17 @@ class ParallelismConfig:
     # replicate across the R groups, so parameter all-gathers stay inside a node; DeepSpeed
     # stage 3 gets the equivalent hierarchical partition (zero_hpz_partition_size = world/R)
     replicate_degree: int = 1
-    # tensor parallelism (Megatron's layout with sequence parallelism, Llama family): each
-    # block's heads and MLP columns split over T consecutive ranks; the data-parallel size is
-    # world / T, over which FSDP2 (zero_stage 2/3, HSDP) shards. T divides the heads, KV
-    # heads, d_ff, vocabulary and sequence length.
+    # tensor parallelism (Llama): heads and MLP columns split over T consecutive ranks, with
+    # sequence parallelism; FSDP2 shards over the world / T data-parallel ranks
     tensor_parallel: int = 1
-    # let a tensor-parallel group span nodes (its per-layer collectives then cross the network)
-    tp_across_nodes: bool = False
-    # auto: pick the cheapest strategy that fits cluster.gpu (DDP → ZeRO-1 → 2 → 3 → ZeRO-3
-    # with CPU offload) and the largest micro batch that fits, and say why
+    tp_across_nodes: bool = False  # let a tensor-parallel group span nodes
+    # pipeline parallelism (Llama): the blocks in P stages; each step's batch runs as
+    # pipeline_microbatches (None = 2 x P) under gpipe or 1f1b (torch.distributed.pipelining)
+    pipeline_parallel: int = 1
+    pipeline_schedule: str = choice("1f1b", "1f1b", "gpipe")
+    pipeline_microbatches: Optional[int] = None
+    # auto: pick the cheapest layout that fits cluster.gpu (DDP → ZeRO-1 → 2 → 3 → ZeRO-3 x TP
+    # → ZeRO-3 with CPU offload) and the largest micro batch that fits, and say why
     auto: bool = False
     offload_optimizer: bool = False  # deepspeed: optimizer state and fp32 master on the CPU
     offload_params: bool = False  # deepspeed stage 3: parameters on the CPU

@@ -17,25 +17,55 @@ through the loss (`loss_parallel`), so their term is divided by t as well.
 from __future__ import annotations
 
 from orchestrator.config.schema import JobConfig
+from orchestrator.models.pipeline import stage_blocks
 
 ACT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "bf16_pure": 2, "fp8": 2}  # fp8: bf16 activations
 
 
 def activation_bytes(job: JobConfig, micro_batch: int | None = None) -> int:
-    m, s = job.model, job.data.seq_len
+    """One micro batch's activations on a rank holding every block (pipeline parallelism:
+    `pipeline_activation_bytes`)."""
+    m = job.model
     b = micro_batch if micro_batch is not None else job.train.micro_batch_size
     if job.dpo_beta is not None:  # DPO: chosen and rejected both go through the policy
         b *= 2
+    layers = m.n_layer * (2 if m.family == "t5" else 1)  # encoder and decoder stacks
+    kept, recomputed = _blocks_bytes(job, b, layers)
+    return kept + recomputed + _logits_bytes(job, b)
+
+
+def _per_layer_bytes(job: JobConfig, b: int) -> int:
+    m, s, t = job.model, job.data.seq_len, job.parallelism.tensor_parallel
     act = ACT_BYTES[job.precision.name]
-    stacks = 2 if m.family == "t5" else 1  # encoder and decoder stacks
-    t = job.parallelism.tensor_parallel
     linear = 34 * s * b * m.d_model * act // (2 * t)
     scores = 0 if m.attn_implementation == "sdpa" else 5 * m.n_head * s * s * b * act // (2 * t)
-    per_layer = linear + scores
-    layers = m.n_layer * stacks
-    if job.train.activation_checkpointing:
-        body = layers * s * b * m.d_model * act // t + per_layer
-    else:
-        body = layers * per_layer
-    logits = s * b * m.vocab_size * (act + 8) // t
-    return body + logits
+    return linear + scores
+
+
+def _blocks_bytes(job: JobConfig, b: int, layers: int) -> tuple[int, int]:
+    """(kept until backward, one block's recomputation) for `layers` blocks of micro batch b."""
+    per_layer = _per_layer_bytes(job, b)
+    if not job.train.activation_checkpointing:
+        return layers * per_layer, 0
+    act, t = ACT_BYTES[job.precision.name], job.parallelism.tensor_parallel
+    return layers * job.data.seq_len * b * job.model.d_model * act // t, per_layer
+
+
+def _logits_bytes(job: JobConfig, b: int) -> int:
+    act, t = ACT_BYTES[job.precision.name], job.parallelism.tensor_parallel
+    return job.data.seq_len * b * job.model.vocab_size * (act + 8) // t
+
+
+def pipeline_activation_bytes(job: JobConfig, batch: int, microbatches: int) -> int:
+    """The most any stage holds: the micro-batches it has in flight (GPipe: all of them until
+    the backwards start; 1F1B: stage i at most P - i) times one micro-batch's activations of its
+    blocks, plus the logits on the last stage; `batch` is the step's, split in `microbatches`."""
+    stages, b = job.parallelism.pipeline_parallel, batch // microbatches
+    worst = 0
+    for i, blocks in enumerate(stage_blocks(job.model.n_layer, stages)):
+        gpipe = job.parallelism.pipeline_schedule == "gpipe"
+        in_flight = microbatches if gpipe else min(stages - i, microbatches)
+        kept, recomputed = _blocks_bytes(job, b, len(blocks))
+        last = _logits_bytes(job, b) if i == stages - 1 else 0
+        worst = max(worst, in_flight * (kept + last) + recomputed)
+    return worst

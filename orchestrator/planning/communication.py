@@ -15,6 +15,9 @@ whole tensor is B bytes sends (n-1)/n·B from each of the n ranks, an all-reduce
   block's slice in backward: 5·s·b·h more. The logits stay split by vocabulary; the loss
   reduces three values per token across the group (s·b, left out: under 1/h of the rest).
   Activations move in the compute dtype (fp32 runs: 4 bytes).
+- `pp` (pipeline parallel): each stage sends its output activations (s·b·h per micro batch) to
+  the next stage and the gradients of its input to the previous one, point to point: s·B·h per
+  step each way for the step's batch B; a middle stage sends both.
 """
 
 from __future__ import annotations
@@ -76,3 +79,13 @@ def data_parallel_bytes(job: JobConfig, specs: list[ParamSpec], accum: int,
     replicas = n // shard
     cross = 2 * _ring(replicas) * trained / shard * g if replicas > 1 else 0
     return int(accum * _ring(shard) * gathers * param + _ring(shard) * trained * g + cross)
+
+
+def pipeline_parallel_bytes(job: JobConfig, accum: int) -> int:
+    """`pp` bytes per step sent by the busiest stage; 0 without pipeline parallelism."""
+    stages = job.parallelism.pipeline_parallel
+    if stages == 1:
+        return 0
+    batch = job.train.micro_batch_size * accum
+    one_way = job.data.seq_len * batch * job.model.d_model * ACT_BYTES[job.precision.name]
+    return one_way * (2 if stages > 2 else 1)

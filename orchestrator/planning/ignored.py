@@ -54,6 +54,8 @@ READERS: tuple[Reader, ...] = (
     Reader(("parallelism.bucket_cap_mb",), lambda j: j.parallelism.backend == "torch"
            and j.parallelism.zero_stage in (0, 1) and j.parallelism.tensor_parallel == 1,
            "DDP or ZeRO-1 without tensor parallelism (DDP's gradient buckets)"),
+    Reader(("parallelism.pipeline_schedule", "parallelism.pipeline_microbatches"),
+           lambda j: j.parallelism.pipeline_parallel > 1, "parallelism.pipeline_parallel > 1"),
     Reader(("parallelism.tp_across_nodes",), lambda j: j.parallelism.tensor_parallel > 1
            and j.cluster.nodes > 1, "parallelism.tensor_parallel > 1 on more than one node"),
     Reader(("data.path", "data.cache_dir"), lambda j: j.data.name != "synthetic",
@@ -130,6 +132,7 @@ CHECKED = {
     "precision.reduce_dtype": "config/precision.py: FSDP2 only",
     "parallelism.replicate_degree": "planning/mesh.py: HSDP stages only",
     "parallelism.tensor_parallel": "planning/mesh.py: the Llama family, backend=torch",
+    "parallelism.pipeline_parallel": "planning/mesh.py: the Llama family, one rank per stage",
     "parallelism.offload_optimizer": "planning/preflight.py: DeepSpeed only",
     "parallelism.offload_params": "planning/preflight.py: DeepSpeed stage 3 only",
     "parallelism.deepspeed": "planning/preflight.py: DeepSpeed only",

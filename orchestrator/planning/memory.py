@@ -316,12 +316,15 @@ def estimate_deepspeed(specs: list[ParamSpec], world_size: int, zero_stage: int,
 
 
 def describe_mesh(strategy: str, world_size: int, zero_stage: int, shard_size: int = 0,
-                  hpz_partition_size: int = 1, tensor_parallel: int = 1) -> str:
+                  hpz_partition_size: int = 1, tensor_parallel: int = 1,
+                  pipeline_parallel: int = 1) -> str:
     """The layout in words: "2 replicas x 4 shards" (HSDP), "8 replicas" (DDP), with
-    `tensor_parallel` > 1 "... x tp 2 (sequence parallel)"; `world_size`: the data-parallel
-    ranks."""
+    `tensor_parallel` > 1 "... x tp 2 (sequence parallel)", with `pipeline_parallel` > 1
+    "pp 4 x ..."; `world_size`: the data-parallel ranks."""
     text = _describe_data_parallel(strategy, world_size, zero_stage, shard_size,
                                    hpz_partition_size)
+    if pipeline_parallel > 1:
+        text = f"pp {pipeline_parallel} x {text}"
     if tensor_parallel > 1:
         text += f" x tp {tensor_parallel} (sequence parallel)"
     return text

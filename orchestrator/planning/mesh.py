@@ -1,4 +1,4 @@
-"""What must divide what on the device mesh (run/mesh.py): replicas x shard group x
+"""What must divide what on the device mesh (run/mesh.py): stages x replicas x shard group x
 tensor-parallel degree = the world size, checked on the typed job alone. One line each, naming
 the key, the value and what is allowed.
 """
@@ -6,18 +6,56 @@ the key, the value and what is allowed.
 from __future__ import annotations
 
 from orchestrator.common.errors import ConfigError
-from orchestrator.config.derived import data_parallel_size
+from orchestrator.config.derived import data_parallel_size, pipeline_microbatches, resolve_batch
 from orchestrator.config.rules import positive
 from orchestrator.config.schema import JobConfig
 from orchestrator.models.tensor_parallel import PLANS
 
 TP_KEY = "parallelism.tensor_parallel"
+PP_KEY = "parallelism.pipeline_parallel"
 
 
 def check_mesh(job: JobConfig) -> None:
-    """The tensor-parallel degree, then the replicas of the data-parallel ranks left."""
+    """The pipeline and tensor-parallel degrees, then the replicas of the data-parallel ranks
+    left."""
+    _check_pipeline(job)
     _check_tensor_parallel(job)
     _check_replicas(job)
+
+
+def _check_pipeline(job: JobConfig) -> None:
+    p, n = job.parallelism, job.parallelism.pipeline_parallel
+    positive(PP_KEY, n)
+    if n == 1:
+        return
+    if job.world_size != n:
+        raise ConfigError(PP_KEY, n, f"the world size {job.world_size} (one rank per stage: "
+                          "pipeline parallelism does not compose with data or tensor "
+                          "parallelism yet)")
+    if job.model.family not in PLANS:
+        raise ConfigError(PP_KEY, n, f"1 for model.family={job.model.family} (pipeline "
+                          f"parallelism is built for: {', '.join(PLANS)})")
+    if n > job.model.n_layer:
+        raise ConfigError(PP_KEY, n, f"at most model.n_layer={job.model.n_layer} (each stage "
+                          "holds whole blocks)")
+    micro = pipeline_microbatches(job)
+    if micro < n:
+        raise ConfigError("parallelism.pipeline_microbatches", micro, f"at least "
+                          f"{PP_KEY}={n} (with fewer, some stage is idle all step)")
+    batch = job.train.micro_batch_size * resolve_batch(job)[0]
+    if batch % micro:
+        raise ConfigError("parallelism.pipeline_microbatches", micro, "a divisor of the batch "
+                          f"each step runs through the pipeline (micro_batch_size x "
+                          f"grad_accum_steps = {batch})")
+    if p.backend == "deepspeed" or p.zero_stage:
+        key, value = (("parallelism.backend", p.backend) if p.backend == "deepspeed"
+                      else ("parallelism.zero_stage", p.zero_stage))
+        raise ConfigError(key, value, f"torch with zero_stage 0 with {PP_KEY}={n} (each stage "
+                          "holds its own blocks whole; sharding them is not built yet)")
+    if job.eval.every_steps:
+        raise ConfigError("eval.every_steps", job.eval.every_steps, f"0 with {PP_KEY}={n} "
+                          "(evaluation through the pipeline is not built yet)")
+    _check_not_yet(job, PP_KEY, n, "pipeline")
 
 
 def _check_replicas(job: JobConfig) -> None:
@@ -64,7 +102,7 @@ def _check_tensor_parallel(job: JobConfig) -> None:
                           f"and {dp} data-parallel ranks (FSDP2 shards over the data-parallel "
                           "dimension of the device mesh; DDP across tensor-parallel groups is "
                           "not built)")
-    _check_not_yet(job, t)
+    _check_not_yet(job, TP_KEY, t, "tensor")
 
 
 def _check_splits(job: JobConfig, t: int) -> None:
@@ -81,8 +119,9 @@ def _check_splits(job: JobConfig, t: int) -> None:
             raise ConfigError(TP_KEY, t, f"a divisor of {key}={n} ({why})")
 
 
-def _check_not_yet(job: JobConfig, t: int) -> None:
-    """Combinations tensor parallelism does not run with yet: refused, never ignored."""
+def _check_not_yet(job: JobConfig, key: str, t: int, what: str) -> None:
+    """Combinations tensor or pipeline parallelism does not run with yet: refused, never
+    ignored."""
     pr, tr = job.precision, job.train
     refused = [("train.task", tr.task, tr.task != "pretrain"),
                ("train.compile", tr.compile, tr.compile),
@@ -90,8 +129,8 @@ def _check_not_yet(job: JobConfig, t: int) -> None:
                ("objective.name", "dpo", job.dpo_beta is not None),
                ("precision.name", pr.name, pr.name in ("fp16", "fp8")),
                ("precision.qat", pr.qat, pr.qat != "none")]
-    for key, value, on in refused:
+    for name, value, on in refused:
         if on:
-            raise ConfigError(key, value, f"not with {TP_KEY}={t} yet (tensor parallelism "
+            raise ConfigError(name, value, f"not with {key}={t} yet ({what} parallelism "
                               "trains pretrain/SFT jobs in fp32, bf16 or bf16_pure, without "
                               "compile, LoRA, DPO or QAT)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,15 +11,20 @@ from typing import Any, Optional
 from orchestrator.common.contract import CONFIG_YAML, DEVICE_ENV, RECIPES
 from orchestrator.common.files import cache_dir
 from orchestrator.common.plan import MemoryEstimate, Plan
-from orchestrator.config.derived import data_parallel_size, resolve_batch, strategy_name
+from orchestrator.config.derived import (
+    data_parallel_size,
+    pipeline_microbatches,
+    resolve_batch,
+    strategy_name,
+)
 from orchestrator.config.gpus import GPUS, device_memory_bytes
 from orchestrator.config.launcher import torchrun_flags
 from orchestrator.config.schema import JobConfig
-from orchestrator.models import tensor_parallel
+from orchestrator.models import pipeline, tensor_parallel
 from orchestrator.models.spec_cache import cached_specs
 from orchestrator.models.specs import REFERENCE, ParamSpec
 from orchestrator.planning import communication, compute, memory
-from orchestrator.planning.activations import activation_bytes
+from orchestrator.planning.activations import activation_bytes, pipeline_activation_bytes
 from orchestrator.quantization import int8
 
 
@@ -89,7 +95,8 @@ def _model_state(job: JobConfig, specs: list[ParamSpec], device: str, accum: int
         return _ModelState(memory.estimate(
             specs, dp, p.zero_stage, job.precision.name, job.optim.name,
             job.optim.momentum, shard_size=shard, param_dtype=job.precision.param_dtype,
-            float8_gather=job.precision.fp8_all_gather, buckets=p.tensor_parallel == 1),
+            float8_gather=job.precision.fp8_all_gather,
+            buckets=p.tensor_parallel == 1 and p.pipeline_parallel == 1),
             None, 1)
     from orchestrator.planning import deepspeed_config
 
@@ -107,6 +114,35 @@ def _model_state(job: JobConfig, specs: list[ParamSpec], device: str, accum: int
         max_reuse_distance=int(zero.get("stage3_max_reuse_distance", 1_000_000_000)),
         hpz_partition_size=hpz)
     return _ModelState(mem, ds_config, hpz)
+
+
+def _heaviest_stage(job: JobConfig, specs: list[ParamSpec]) -> tuple[int, list[ParamSpec]]:
+    """Pipeline parallelism: the stage holding the most parameters, and those; else (0, all)."""
+    stages = job.parallelism.pipeline_parallel
+    if stages == 1:
+        return 0, specs
+    held = [pipeline.stage_specs(specs, job.model.n_layer, stages, i) for i in range(stages)]
+    stage = max(range(stages), key=lambda i: sum(s.numel for s in held[i]))
+    return stage, held[stage]
+
+
+def _activations(job: JobConfig, accum: int) -> int:
+    if job.parallelism.pipeline_parallel == 1:
+        return activation_bytes(job)
+    return pipeline_activation_bytes(job, job.train.micro_batch_size * accum,
+                                     pipeline_microbatches(job))
+
+
+def _pipeline_entry(job: JobConfig, accum: int) -> Optional[dict[str, Any]]:
+    """The pipeline's shape in the plan: stages, schedule, micro-batches and the bubble
+    (P - 1) / (M + P - 1), the share of each step a stage waits (GPipe and 1F1B alike)."""
+    p = job.parallelism
+    if p.pipeline_parallel == 1:
+        return None
+    stages, micro = p.pipeline_parallel, pipeline_microbatches(job)
+    return {"stages": stages, "schedule": p.pipeline_schedule, "microbatches": micro,
+            "microbatch_size": job.train.micro_batch_size * accum // micro,
+            "bubble_fraction": (stages - 1) / (micro + stages - 1)}
 
 
 def _rank_env(job: JobConfig, device: str, cpu_count: int, python: str) -> dict[str, str]:
@@ -130,14 +166,17 @@ def make_plan(job: JobConfig, device: str, cpu_count: int, python: str = sys.exe
     specs = cached_specs(job.model, job.lora, job.dpo_beta)
     config_path = str(Path(job.run_dir) / CONFIG_YAML)
     slices = tensor_parallel.local_specs(specs, job.model.family, job.parallelism.tensor_parallel)
+    heavy, slices = _heaviest_stage(job, slices)
     state = _model_state(job, slices, device, accum, global_batch)
+    if heavy:  # the stage the figures describe (its rank: one rank per stage for now)
+        state = dataclasses.replace(state, memory=dataclasses.replace(state.memory, rank=heavy))
     strategy, stage = strategy_name(job), job.parallelism.zero_stage
     psi = sum(s.numel for s in specs)
     # DPO: the frozen reference copy is memory, not model size
     model_specs = [s for s in specs if not s.name.startswith(REFERENCE)]
     n_model = sum(s.numel for s in model_specs)
     qat_bytes, qat_flops = int8.qat_overhead(job, specs)  # precision.qat
-    mem = memory.with_activations(state.memory, activation_bytes(job) + qat_bytes,
+    mem = memory.with_activations(state.memory, _activations(job, accum) + qat_bytes,
                                   job.plan.memory_overhead, psi,
                                   state.memory.shard_size or data_parallel_size(job), stage,
                                   job.precision.name)
@@ -164,11 +203,14 @@ def make_plan(job: JobConfig, device: str, cpu_count: int, python: str = sys.exe
                                         if s.lookup and s.trainable)),
         deepspeed_config=state.deepspeed_config,
         mesh=memory.describe_mesh(strategy, data_parallel_size(job), stage, mem.shard_size,
-                                  state.hpz, job.parallelism.tensor_parallel),
+                                  state.hpz, job.parallelism.tensor_parallel,
+                                  job.parallelism.pipeline_parallel),
         tensor_parallel=job.parallelism.tensor_parallel,
+        pipeline=_pipeline_entry(job, accum),
         comm_bytes={"dp": communication.data_parallel_bytes(job, slices, accum,
                                                             state.memory.shard_size),
-                    "tp": communication.tensor_parallel_bytes(job, accum)},
+                    "tp": communication.tensor_parallel_bytes(job, accum),
+                    "pp": communication.pipeline_parallel_bytes(job, accum)},
         quantize=int8.plan_entry(job, specs),
         gpu=job.cluster.gpu if gpu else None,
         # on the machine itself (launcher=local) the device's own total_memory, if it is one

@@ -17,6 +17,21 @@ def _fmt(value: float | None, fmt: str, unit: str = "") -> str:
     return "n/a" if value is None else f"{value:{fmt}}{unit}"
 
 
+def _mesh_rows(plan: Plan) -> list[tuple[str, str]]:
+    """The pipeline's shape and bubble, and the bytes sent per step on each mesh dimension."""
+    rows = []
+    if plan.pipeline:
+        pp = plan.pipeline
+        rows.append(("pipeline", f"{pp['stages']} stages, {pp['schedule']}, "
+                     f"{pp['microbatches']} micro-batches of {pp['microbatch_size']}: bubble "
+                     f"{pp['bubble_fraction']:.0%} of each step"))
+    sent = {dim: n for dim, n in plan.comm_bytes.items() if n}
+    if sent:
+        rows.append(("sent per step (per rank)", " + ".join(
+            f"{dim} {human_bytes(n)}" for dim, n in sent.items())))
+    return rows
+
+
 def plan_rows(plan: Plan) -> list[tuple[str, str]]:
     c, m = plan.compute, plan.memory
     frozen = c.trainable_params is not None and c.trainable_params != c.params
@@ -38,10 +53,7 @@ def plan_rows(plan: Plan) -> list[tuple[str, str]]:
     if c.budget_flops:
         rows.append(("compute-optimal for budget", f"{c.budget_flops:.3g} FLOPs -> N* = "
                      f"{c.optimal_params:,} params, D* = {c.optimal_tokens:,} tokens"))
-    sent = {dim: n for dim, n in plan.comm_bytes.items() if n}
-    if sent:
-        rows.append(("sent per step (per rank)", " + ".join(
-            f"{dim} {human_bytes(n)}" for dim, n in sent.items())))
+    rows += _mesh_rows(plan)
     for name, mb in m.moments.items():
         rows.append((f"rank {m.rank} model state {name}",
                      f"{human_bytes(mb.total_bytes)} = params {human_bytes(mb.params_bytes)} + "

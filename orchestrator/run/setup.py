@@ -30,6 +30,7 @@ STRATEGIES = {
     "zero1": "orchestrator.run.strategies.zero1",
     "fsdp2": "orchestrator.run.strategies.fsdp",
     "deepspeed": "orchestrator.run.strategies.deepspeed",
+    "pipeline": "orchestrator.run.strategies.pipeline",
 }
 
 

@@ -28,6 +28,8 @@ NOT_READ = {
     "precision.fp8_filter": ["precision.fp8_filter=all"],
     "parallelism.bucket_cap_mb": ["+recipe=fsdp_zero3", "parallelism.bucket_cap_mb=50"],
     "parallelism.tp_across_nodes": ["parallelism.tp_across_nodes=true"],
+    "parallelism.pipeline_schedule": ["parallelism.pipeline_schedule=gpipe"],
+    "parallelism.pipeline_microbatches": ["parallelism.pipeline_microbatches=4"],
     "data.path": ["data.path=/tmp/x.txt"], "data.cache_dir": ["data.cache_dir=/tmp/c"],
     "data.num_proc": ["data.num_proc=2"], "data.text_field": ["data.text_field=body"],
     "data.on_error": ["data.on_error=skip"],

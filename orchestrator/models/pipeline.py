@@ -1,0 +1,39 @@
+"""Pipeline parallelism's split of a model into stages, as plain data (no torch): which blocks
+and which of the other parameters each stage holds. The ranks split the model with it
+(run/strategies/pipeline.py); the planner counts the same stages (planning/plan.py).
+
+Blocks go to stages in order, as evenly as they divide; when they do not, the extra blocks go
+to the middle stages first, since the first stage also holds the embedding and the last the
+final norm and the head (torchtitan balances its splits the same way).
+"""
+
+from __future__ import annotations
+
+from orchestrator.models.specs import ParamSpec
+
+FIRST_STAGE_ROOT = ("embed_tokens",)  # the root parameters the first stage holds; the rest: last
+
+
+def stage_blocks(n_layer: int, stages: int) -> list[range]:
+    """The block indices of each stage."""
+    base, extra = divmod(n_layer, stages)
+    middle_first = sorted(range(stages), key=lambda s: (s in (0, stages - 1), s))
+    sizes = [base + (1 if middle_first.index(s) < extra else 0) for s in range(stages)]
+    out, start = [], 0
+    for size in sizes:
+        out.append(range(start, start + size))
+        start += size
+    return out
+
+
+def stage_of(name: str, n_layer: int, stages: int) -> int:
+    """The stage holding parameter `name` (e.g. `model.layers.3.mlp.up_proj.weight`)."""
+    if ".layers." in name:
+        block = int(name.split(".layers.")[1].split(".")[0])
+        return next(i for i, r in enumerate(stage_blocks(n_layer, stages)) if block in r)
+    return 0 if any(f".{m}." in f".{name}" for m in FIRST_STAGE_ROOT) else stages - 1
+
+
+def stage_specs(specs: list[ParamSpec], n_layer: int, stages: int, stage: int) -> list[ParamSpec]:
+    """The parameters stage `stage` holds."""
+    return [s for s in specs if stage_of(s.name, n_layer, stages) == stage]
