@@ -8,6 +8,9 @@ written without our code."""
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 import torch
 
@@ -22,7 +25,7 @@ LAYOUTS = {
               "train.save_model=false"],
     "1f1b": ["parallelism.pipeline_parallel=2", "parallelism.pipeline_schedule=1f1b",
              "train.micro_batch_size=8", "parallelism.pipeline_microbatches=4",
-             "checkpoint.every_steps=10"],
+             "checkpoint.every_steps=10", "train.profile.steps=[3,3]"],
 }
 LOSS_TOL = 1e-5
 
@@ -66,3 +69,16 @@ def test_the_stages_export_one_hugging_face_model(runs) -> None:
     logits = {name: AutoModelForCausalLM.from_pretrained(runs[name] / "model")(
         input_ids=ids).logits for name in ("ddp", "1f1b")}
     assert (logits["1f1b"] - logits["ddp"]).abs().max() <= 1e-5
+
+
+def test_the_planned_pipeline_traffic_is_what_each_stage_sent(runs) -> None:
+    """The plan's pp bytes per step against the sends in each rank's trace of step 3: stage 0
+    sends 4 micro-batches' activations forward, stage 1 their gradients back (2 x 64 x 64
+    floats each)."""
+    planned = json.loads((runs["1f1b"] / "plan.json").read_text())["comm_bytes"]
+    for rank in (0, 1):
+        trace = json.loads((runs["1f1b"] / "profile" / f"rank{rank}.json").read_text())
+        sends = [e for e in trace["traceEvents"] if e.get("name") == "c10d::send"]
+        assert len(sends) == 4, rank
+        sent = sum(math.prod(e["args"]["Input Dims"][0][0]) * 4 for e in sends)
+        assert planned["pp"] == sent, rank
