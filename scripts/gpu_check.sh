@@ -2,8 +2,8 @@
 # The GPU check: run where a CUDA GPU is lent (never a CI dependency). One command, a few
 # minutes on one H100/H200-class GPU: world size 1 (NCCL) for DDP, FSDP2 ZeRO-3 and DeepSpeed
 # ZeRO-3 in bf16 and fp16, DeepSpeed ZeRO-3 with CPU offload (DeepSpeedCPUAdam, pinned memory),
-# fp8 (torchao float8) against bf16 on a Llama shape under FSDP2 and DDP, tensor parallelism
-# (TP=2, where 2 GPUs are visible),
+# fp8 (torchao float8) against bf16 on a Llama shape under FSDP2 and DDP, tensor and pipeline
+# parallelism (TP=2, PP=2, where 2 GPUs are visible),
 # then evaluate and generate on the saved model; prints one table (loss first -> last,
 # tokens/s, MFU, planned vs max_memory_allocated peak) and runs the `gpu` tests.
 #   bash scripts/gpu_check.sh [OUT_DIR]      (default runs/gpu_check/<time>)
@@ -80,19 +80,23 @@ run llama-fsdp_zero3-fp8-all_gather +recipe=fsdp_zero3 "${llama[@]}" precision=f
   precision.fp8_all_gather=true train.compile=true
 run llama-ddp-fp8 +recipe=ddp "${llama[@]}" precision=fp8 train.compile=true
 # tensor parallelism over NCCL (the same Llama shape, TP=2, sequence parallel): DTensor's
-# collectives on CUDA. It needs 2 GPUs (NCCL refuses two ranks on one device); with one the
-# row is skipped and said so under the table
+# collectives on CUDA; and pipeline parallelism. They need 2 GPUs (NCCL refuses two ranks on
+# one device); with one the rows are skipped and said so under the table
 tp=(model=llama_tiny model.d_model=1024 model.n_layer=8 model.n_head=16 model.n_kv_head=8
     model.d_ff=2816 model.vocab_size=32768 model.max_seq_len=1024 data=text
-    data.seq_len=1024 train.micro_batch_size=8 train.steps=30 train.log_every=5
+    data.seq_len=1024 train.steps=30 train.log_every=5
     cluster.device=cuda cluster.gpus_per_node=2 "cluster.gpu=$gpu" logging=none
-    logging.progress=false train.save_model=false parallelism.tensor_parallel=2)
+    logging.progress=false train.save_model=false)
 ngpu=$([ "$dry" = 1 ] && echo 2 || "$py" -c "import torch; print(torch.cuda.device_count())")
 tp_skipped=""
 if [ "$ngpu" -ge 2 ]; then
-  run llama-tp2-bf16 "${tp[@]}" precision=bf16
+  run llama-tp2-bf16 "${tp[@]}" parallelism.tensor_parallel=2 precision=bf16 \
+    train.micro_batch_size=8
+  # pipeline parallelism over NCCL: 2 stages of 4 blocks, 1F1B, point-to-point sends
+  run llama-pp2-bf16 "${tp[@]}" parallelism.pipeline_parallel=2 precision=bf16 \
+    train.micro_batch_size=16 parallelism.pipeline_microbatches=4
 else
-  tp_skipped="llama-tp2-bf16 skipped: tensor parallelism needs 2 GPUs, this machine has $ngpu"
+  tp_skipped="llama-tp2-bf16, llama-pp2-bf16 skipped: they need 2 GPUs, this machine has $ngpu"
   echo "gpu_check: $tp_skipped"
 fi
 # checkpoint + restart over NCCL: DCP shards of a CUDA model, a SIGKILLed rank, torchrun's

@@ -73,15 +73,17 @@ def _prune(model: nn.Module, stage: int, stages: int) -> None:
     model.forward = types.MethodType(_stage_forward, model)
 
 
-def _send_stages(model: nn.Module, full: dict[str, torch.Tensor], owner: dict[str, int]) -> None:
-    """Rank 0 sends each parameter to the rank of the stage that holds it (in `full`'s order,
-    which every rank knows), then every buffer to every rank."""
+def _send_stages(model: nn.Module, full: dict[str, torch.Tensor], owner: dict[str, int],
+                 device: torch.device) -> None:
+    """Rank 0 sends each parameter to the rank of the stage that holds it (in `owner`'s order,
+    which every rank knows), from the device (NCCL sends device tensors; rank 0 built the
+    model on the host), then every buffer to every rank."""
     rank, mine = dist.get_rank(), dict(model.named_parameters())
     for name, stage in owner.items():
         if stage == 0:
             continue
         if rank == 0:
-            dist.send(full[name].contiguous(), dst=stage)
+            dist.send(full[name].to(device).contiguous(), dst=stage)
         elif rank == stage:
             with torch.no_grad():
                 dist.recv(mine[name].data, src=0)
@@ -144,9 +146,12 @@ def setup(model: nn.Module, job: JobConfig, device: str) -> Engine:
     owner = {name: stage_of(name, n_layer, stages) for name, _ in model.named_parameters()}
     _prune(model, stage, stages)
     materialize(model, device)
-    _send_stages(model, full, owner)
+    # this rank's own GPU (distributed.init made it the current device), never GPU 0's
+    here = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else \
+        torch.device(device)
+    _send_stages(model, full, owner, here)
     del full
-    pipe = PipelineStage(model, stage, stages, torch.device(device))
+    pipe = PipelineStage(model, stage, stages, here)
     schedule = SCHEDULES[job.parallelism.pipeline_schedule](
         pipe, n_microbatches=pipeline_microbatches(job), loss_fn=causal_loss, scale_grads=True)
     optimizer = build_optimizer(model.parameters(), job)
