@@ -13,6 +13,9 @@ Pairs (our recipe → the plain script of its own engine):
     tp2             → plain_tp.py              (parallelize_module, TP=2 with sequence
                                                 parallelism; ours: parallelism.tensor_parallel=2
                                                 on a Llama of the same shape)
+    pp2             → plain_pp.py              (torch.distributed.pipelining, 2 stages, 1F1B,
+                                                4 micro-batches; ours:
+                                                parallelism.pipeline_parallel=2, the same)
 
 Ours is launched as a user would, `python -m orchestrator +recipe=<recipe> model=gpt2_small_cpu
 train.steps=N logging=none logging.progress=false train.save_model=false train.log_every=1
@@ -85,7 +88,7 @@ class Pair:
     ours: tuple[str, ...] = ()  # our overrides; default: +recipe=<recipe> model=MODEL
 
 
-# tp2: a Llama of gpt2_small_cpu's size (plain_tp.py builds the same), TP=2 on the 2 ranks
+# tp2, pp2: a Llama of gpt2_small_cpu's size (plain_tp.py builds the same) on the 2 ranks
 LLAMA_SMALL = ("model=llama_tiny", "model.d_model=256", "model.n_layer=4", "model.n_head=8",
                "model.n_kv_head=4", "model.d_ff=688", "model.vocab_size=2048",
                "model.max_seq_len=256")
@@ -98,6 +101,9 @@ PAIRS: dict[str, Pair] = {p.recipe: p for p in (
     Pair("deepspeed_zero3", "plain DeepSpeed ZeRO-3", "plain_deepspeed.py", ("--stage", "3")),
     Pair("tp2", "plain TP (parallelize_module)", "plain_tp.py",
          ours=(*LLAMA_SMALL, "parallelism.tensor_parallel=2")),
+    Pair("pp2", "plain PP (1F1B, 4 micro-batches)", "plain_pp.py",
+         ours=(*LLAMA_SMALL, "parallelism.pipeline_parallel=2", "train.micro_batch_size=8",
+               "parallelism.pipeline_microbatches=4")),
 )}
 
 
