@@ -9,11 +9,11 @@ import dataclasses
 import importlib.util
 
 from orchestrator.common.contract import RECIPES
-from orchestrator.config.derived import TORCH_STRATEGIES
+from orchestrator.config.derived import TORCH_STRATEGIES, strategy_name
 from orchestrator.config.schema import TrainConfig
 from orchestrator.run.setup import STRATEGIES
 from orchestrator.transforms.converters import CONVERTERS
-from tests.conftest import REPO
+from tests.conftest import REPO, make_job
 
 LAYERS = {"common", "config", "data", "models", "quantization", "transforms", "planning",
           "launch", "run", "reports"}
@@ -27,7 +27,8 @@ def test_the_top_level_holds_only_the_entry_points_and_the_layers() -> None:
 def test_every_task_has_a_recipe_and_every_strategy_a_module() -> None:
     (task,) = [f for f in dataclasses.fields(TrainConfig) if f.name == "task"]
     assert set(RECIPES) == set(task.metadata["choices"])
-    assert set(STRATEGIES) == {*TORCH_STRATEGIES.values(), "deepspeed"}
+    pipeline = strategy_name(make_job(["model=llama_tiny", "parallelism.pipeline_parallel=2"]))
+    assert set(STRATEGIES) == {*TORCH_STRATEGIES.values(), "deepspeed", pipeline}
     for module in (*RECIPES.values(), *STRATEGIES.values()):
         assert importlib.util.find_spec(module) is not None, module
     assert [c.name for c in CONVERTERS] == ["lora", "dpo_reference", "qat", "float8",
