@@ -61,9 +61,9 @@ def pipeline_activation_bytes(job: JobConfig, batch: int, microbatches: int) -> 
     the backwards start; 1F1B: stage i at most P - i) times one micro-batch's activations of its
     blocks, plus the logits on the last stage; `batch` is the step's, split in `microbatches`."""
     stages, b = job.parallelism.pipeline_parallel, batch // microbatches
+    gpipe = job.parallelism.pipeline_schedule == "gpipe"
     worst = 0
     for i, blocks in enumerate(stage_blocks(job.model.n_layer, stages)):
-        gpipe = job.parallelism.pipeline_schedule == "gpipe"
         in_flight = microbatches if gpipe else min(stages - i, microbatches)
         kept, recomputed = _blocks_bytes(job, b, len(blocks))
         last = _logits_bytes(job, b) if i == stages - 1 else 0

@@ -74,13 +74,18 @@ def _allowed(job: JobConfig, candidate: JobConfig) -> bool:
     return _global_batch(job) % data_parallel_size(candidate) == 0
 
 
+def _rungs(job: JobConfig) -> Iterator[tuple[str, tuple[str, int, bool, int], JobConfig]]:
+    """The ladder's rungs this job can run: (label, rung, the rung at micro batch 1)."""
+    for label, *rung in LADDER:
+        first = _variant(job, *rung, 1)
+        if _allowed(job, first):
+            yield label, tuple(rung), first
+
+
 def _candidates(job: JobConfig) -> Iterator[tuple[str, JobConfig]]:
-    for label, backend, stage, offload, tp in LADDER:
-        rung = _variant(job, backend, stage, offload, tp, 1)
-        if not _allowed(job, rung):
-            continue
-        for micro in _micro_batches(_global_batch(job), data_parallel_size(rung)):
-            yield label, _variant(job, backend, stage, offload, tp, micro)
+    for label, rung, first in _rungs(job):
+        for micro in _micro_batches(_global_batch(job), data_parallel_size(first)):
+            yield label, _variant(job, *rung, micro)
 
 
 def cheapest_fit(job: JobConfig, make_plan: MakePlan) -> tuple[str, JobConfig, Plan] | None:
@@ -102,7 +107,7 @@ def choose(job: JobConfig, make_plan: MakePlan) -> tuple[JobConfig, str]:
                           f"{job.cluster.gpu} even with ZeRO-3 (over tensor parallelism, or "
                           "with CPU offload) and micro batch 1")
     label, chosen, plan = found
-    tried = {name for name, _ in _candidates(job)}
+    tried = {name for name, *_ in _rungs(job)}
     skipped = [name for name, *_ in LADDER[: [x[0] for x in LADDER].index(label)]
                if name in tried]
     reason = (f"{label} with micro batch {chosen.train.micro_batch_size} needs "
