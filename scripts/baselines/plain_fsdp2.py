@@ -68,6 +68,28 @@ def lr_at(step: int, args: argparse.Namespace) -> float:
     return floor + (args.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def record(records: list[dict], step: int, start: float, tokens_per_step: int, loss: float,
+           lr: float) -> float:
+    """Append step `step`'s time (from `start`, the end of the previous step), tokens/s, loss
+    and LR; return now, the next step's start."""
+    now = time.perf_counter()
+    records.append({"step": step, "time_s": now - start,
+                    "tokens_per_s": tokens_per_step / (now - start), "loss": loss, "lr": lr})
+    return now
+
+
+def write_result(args: argparse.Namespace, tokens_per_step: int, records: list[dict],
+                 **about: object) -> None:
+    """Rank 0's `--out`: `about` (script, world size, ...), every step, the median tokens/s
+    over the steps after `--skip` and the sum of all steps' times."""
+    timed = [r["tokens_per_s"] for r in records[args.skip:]]
+    Path(args.out).write_text(json.dumps({
+        **about, "tokens_per_step": tokens_per_step,
+        "median_tokens_per_s": statistics.median(timed) if timed else None,
+        "steps_time_s": sum(r["time_s"] for r in records), "steps": records,
+    }, indent=2) + "\n")
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="JSON file rank 0 writes")
@@ -113,19 +135,10 @@ def main() -> None:
         optimizer.zero_grad()
         mean_loss = loss.detach().clone()
         dist.all_reduce(mean_loss)
-        now = time.perf_counter()
-        records.append({"step": step, "time_s": now - start,
-                        "tokens_per_s": tokens_per_step / (now - start),
-                        "loss": mean_loss.item() / world, "lr": lr})
-        start = now
+        start = record(records, step, start, tokens_per_step, mean_loss.item() / world, lr)
     if rank == 0:
-        timed = [r["tokens_per_s"] for r in records[args.skip:]]
-        Path(args.out).write_text(json.dumps({
-            "script": "plain_fsdp2", "reshard": args.reshard, "world_size": world,
-            "tokens_per_step": tokens_per_step,
-            "median_tokens_per_s": statistics.median(timed) if timed else None,
-            "steps_time_s": sum(r["time_s"] for r in records), "steps": records,
-        }, indent=2) + "\n")
+        write_result(args, tokens_per_step, records, script="plain_fsdp2",
+                     reshard=args.reshard, world_size=world)
     dist.barrier()  # no rank tears gloo down while another still uses it (a rank whose
     # peer had closed its connections aborted with SIGABRT at exit, seen once)
     # Free what holds the process group before destroying it: freeing a DDP reducer (or an

@@ -22,16 +22,13 @@ What it does, and what it matches in our run (the Llama of plain_tp.py's shape,
 
 from __future__ import annotations
 
-import json
-import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from plain_fsdp2 import lr_at, parse_args
+from plain_fsdp2 import lr_at, parse_args, record, write_result
 from plain_tp import VOCAB, build_model
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
@@ -108,19 +105,10 @@ def main() -> None:
         optimizer.zero_grad()
         loss = torch.stack(losses).mean().detach() if losses else torch.zeros(())
         dist.broadcast(loss, src=world - 1)
-        now = time.perf_counter()
-        records.append({"step": step, "time_s": now - start,
-                        "tokens_per_s": tokens_per_step / (now - start),
-                        "loss": loss.item(), "lr": lr})
-        start = now
+        start = record(records, step, start, tokens_per_step, loss.item(), lr)
     if rank == 0:
-        timed = [r["tokens_per_s"] for r in records[args.skip:]]
-        Path(args.out).write_text(json.dumps({
-            "script": "plain_pp", "schedule": schedule_name, "world_size": world,
-            "tokens_per_step": tokens_per_step,
-            "median_tokens_per_s": statistics.median(timed) if timed else None,
-            "steps_time_s": sum(r["time_s"] for r in records), "steps": records,
-        }, indent=2) + "\n")
+        write_result(args, tokens_per_step, records, script="plain_pp", schedule=schedule_name,
+                     world_size=world)
     dist.barrier()
     del stage, pipe, schedule, optimizer
     dist.destroy_process_group()

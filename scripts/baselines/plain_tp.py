@@ -24,14 +24,11 @@ What it does, and what it matches in our run (`model=llama_tiny` resized to the 
 
 from __future__ import annotations
 
-import json
-import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from plain_fsdp2 import lr_at, parse_args
+from plain_fsdp2 import lr_at, parse_args, record, write_result
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
@@ -108,18 +105,9 @@ def main() -> None:
         optimizer.zero_grad()
         mean_loss = loss.detach().clone()
         dist.all_reduce(mean_loss)
-        now = time.perf_counter()
-        records.append({"step": step, "time_s": now - start,
-                        "tokens_per_s": tokens_per_step / (now - start),
-                        "loss": mean_loss.item() / world, "lr": lr})
-        start = now
+        start = record(records, step, start, tokens_per_step, mean_loss.item() / world, lr)
     if rank == 0:
-        timed = [r["tokens_per_s"] for r in records[args.skip:]]
-        Path(args.out).write_text(json.dumps({
-            "script": "plain_tp", "world_size": world, "tokens_per_step": tokens_per_step,
-            "median_tokens_per_s": statistics.median(timed) if timed else None,
-            "steps_time_s": sum(r["time_s"] for r in records), "steps": records,
-        }, indent=2) + "\n")
+        write_result(args, tokens_per_step, records, script="plain_tp", world_size=world)
     dist.barrier()
     del model, optimizer, mesh
     dist.destroy_process_group()
