@@ -80,25 +80,34 @@ run llama-fsdp_zero3-fp8-all_gather +recipe=fsdp_zero3 "${llama[@]}" precision=f
   precision.fp8_all_gather=true train.compile=true
 run llama-ddp-fp8 +recipe=ddp "${llama[@]}" precision=fp8 train.compile=true
 # tensor parallelism over NCCL (the same Llama shape, TP=2, sequence parallel): DTensor's
-# collectives on CUDA; and pipeline parallelism. They need 2 GPUs (NCCL refuses two ranks on
-# one device); with one the rows are skipped and said so under the table
+# collectives on CUDA; and pipeline parallelism, alone and with FSDP2 beside it. They need 2 and
+# 4 GPUs (NCCL refuses two ranks on one device); with fewer the rows are skipped and said so
+# under the table
 tp=(model=llama_tiny model.d_model=1024 model.n_layer=8 model.n_head=16 model.n_kv_head=8
     model.d_ff=2816 model.vocab_size=32768 model.max_seq_len=1024 data=text
     data.seq_len=1024 train.steps=30 train.log_every=5
-    cluster.device=cuda cluster.gpus_per_node=2 "cluster.gpu=$gpu" logging=none
-    logging.progress=false train.save_model=false)
-ngpu=$([ "$dry" = 1 ] && echo 2 || "$py" -c "import torch; print(torch.cuda.device_count())")
+    cluster.device=cuda "cluster.gpu=$gpu" logging=none logging.progress=false
+    train.save_model=false)
+ngpu=$([ "$dry" = 1 ] && echo 4 || "$py" -c "import torch; print(torch.cuda.device_count())")
 tp_skipped=""
 if [ "$ngpu" -ge 2 ]; then
-  run llama-tp2-bf16 "${tp[@]}" parallelism.tensor_parallel=2 precision=bf16 \
-    train.micro_batch_size=8
+  run llama-tp2-bf16 "${tp[@]}" cluster.gpus_per_node=2 parallelism.tensor_parallel=2 \
+    precision=bf16 train.micro_batch_size=8
   # pipeline parallelism over NCCL: 2 stages of 4 blocks, 1F1B, point-to-point sends
-  run llama-pp2-bf16 "${tp[@]}" parallelism.pipeline_parallel=2 precision=bf16 \
-    train.micro_batch_size=16 parallelism.pipeline_microbatches=4
+  run llama-pp2-bf16 "${tp[@]}" cluster.gpus_per_node=2 parallelism.pipeline_parallel=2 \
+    precision=bf16 train.micro_batch_size=16 parallelism.pipeline_microbatches=4
 else
   tp_skipped="llama-tp2-bf16, llama-pp2-bf16 skipped: they need 2 GPUs, this machine has $ngpu"
-  echo "gpu_check: $tp_skipped"
 fi
+if [ "$ngpu" -ge 4 ]; then
+  # 2 stages x 2 FSDP2 ranks each: the schedule's deferred reshard and reduce-scatter on NCCL
+  run llama-pp2-fsdp2-bf16 "${tp[@]}" cluster.gpus_per_node=4 parallelism.pipeline_parallel=2 \
+    parallelism.zero_stage=2 precision=bf16 train.micro_batch_size=8 \
+    parallelism.pipeline_microbatches=4
+else
+  tp_skipped="${tp_skipped:+$tp_skipped; }llama-pp2-fsdp2-bf16 skipped: it needs 4 GPUs, this machine has $ngpu"
+fi
+[ -z "$tp_skipped" ] || echo "gpu_check: $tp_skipped"
 # checkpoint + restart over NCCL: DCP shards of a CUDA model, a SIGKILLed rank, torchrun's
 # restart with its own store prefix, resume from step 10 (losses 11-30 as uninterrupted)
 run resume-fsdp_zero3-bf16 +recipe=fsdp_zero3 "${common[@]}" precision=bf16 \

@@ -48,7 +48,10 @@ def run_ok(overrides: list[str], run_dir: Path, env: dict[str, str] | None = Non
            timeout: float = 600) -> subprocess.CompletedProcess[str]:
     """`run_cli` that must succeed: the test fails with the end of its stderr otherwise."""
     proc = run_cli(overrides, run_dir, env, timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    if proc.returncode != 0:  # the first rank's traceback, then how the launcher ended
+        first = proc.stderr.find("Traceback")
+        head = proc.stderr[first:first + 4000] + "\n[...]\n" if first >= 0 else ""
+        pytest.fail(f"exit code {proc.returncode}\n{head}{proc.stderr[-3000:]}")
     return proc
 
 

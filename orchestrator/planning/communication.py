@@ -6,7 +6,9 @@ whole tensor is B bytes sends (n-1)/n·B from each of the n ranks, an all-reduce
   skip it); ZeRO-1 also all-gathers the updated parameters; FSDP2 all-gathers each unit's
   parameters in every micro-step's forward (ZeRO-3: again in backward, except the root it keeps)
   and reduce-scatters the gradients once per step; HSDP adds an all-reduce of each shard's
-  gradients across the replicas. DeepSpeed: the ZeRO paper's 2Ψ (stages 1/2) and 3Ψ (stage 3).
+  gradients across the replicas. Under a pipeline (`specs`: the heaviest stage's), FSDP2
+  gathers a stage's units once per step, as the schedule keeps them gathered. DeepSpeed: the
+  ZeRO paper's 2Ψ (stages 1/2) and 3Ψ (stage 3).
 - `tp` (tensor parallel with sequence parallelism, run/mesh.py's layout), per micro batch: each
   block's attention and MLP all-gather their input sequence and reduce-scatter their output, in
   forward and (as the reverse collectives) in backward: 8 collectives of s·b·h per block, 12 when
@@ -76,6 +78,8 @@ def data_parallel_bytes(job: JobConfig, specs: list[ParamSpec], accum: int,
                         else job.precision.name]
     root = sum(s.numel for s in specs if s.group == ROOT_GROUP)
     gathers = total + (total - root if p.zero_stage == 3 else 0)  # per micro batch
+    if p.pipeline_parallel > 1:  # the schedule keeps a stage's units gathered all step
+        accum = 1
     replicas = n // shard
     cross = 2 * _ring(replicas) * trained / shard * g if replicas > 1 else 0
     return int(accum * _ring(shard) * gathers * param + _ring(shard) * trained * g + cross)

@@ -52,8 +52,10 @@ READERS: tuple[Reader, ...] = (
            lambda j: j.precision.name == "fp16", "precision=fp16 (the loss scaler's keys)"),
     Reader(("precision.fp8_filter",), lambda j: j.precision.name == "fp8", "precision=fp8"),
     Reader(("parallelism.bucket_cap_mb",), lambda j: j.parallelism.backend == "torch"
-           and j.parallelism.zero_stage in (0, 1) and j.parallelism.tensor_parallel == 1,
-           "DDP or ZeRO-1 without tensor parallelism (DDP's gradient buckets)"),
+           and j.parallelism.zero_stage in (0, 1) and j.parallelism.tensor_parallel == 1
+           and j.world_size > j.parallelism.pipeline_parallel,
+           "DDP or ZeRO-1 without tensor parallelism, or data-parallel pipeline stages "
+           "(gradient buckets)"),
     Reader(("parallelism.pipeline_schedule", "parallelism.pipeline_microbatches"),
            lambda j: j.parallelism.pipeline_parallel > 1, "parallelism.pipeline_parallel > 1"),
     Reader(("parallelism.tp_across_nodes",), lambda j: j.parallelism.tensor_parallel > 1
@@ -132,7 +134,7 @@ CHECKED = {
     "precision.reduce_dtype": "config/precision.py: FSDP2 only",
     "parallelism.replicate_degree": "planning/mesh.py: HSDP stages only",
     "parallelism.tensor_parallel": "planning/mesh.py: the Llama family, backend=torch",
-    "parallelism.pipeline_parallel": "planning/mesh.py: the Llama family, one rank per stage",
+    "parallelism.pipeline_parallel": "planning/mesh.py: the Llama family, backend=torch",
     "parallelism.offload_optimizer": "planning/preflight.py: DeepSpeed only",
     "parallelism.offload_params": "planning/preflight.py: DeepSpeed stage 3 only",
     "parallelism.deepspeed": "planning/preflight.py: DeepSpeed only",

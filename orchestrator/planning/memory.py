@@ -122,6 +122,15 @@ def _replicated(specs: list[ParamSpec], opt_numels: list[int], optimizer: str,
                            opt) for m in MOMENTS}
 
 
+def _largest_bucket(sizes: list[int], cap: int) -> int:
+    """The largest of consecutive groups of `sizes` up to `cap` bytes each (one larger alone)."""
+    largest, size = 0, 0
+    for n in sizes:
+        size = n if size and size + n > cap else size + n
+        largest = max(largest, size)
+    return largest
+
+
 def _gathered_by_group(specs: list[ParamSpec], shard_size: int,
                        trainable_only: bool = False,
                        bytes_of: Callable[[ParamSpec], int] | None = None) -> dict[str, int]:
@@ -145,7 +154,7 @@ def _gather_bytes(compute_bytes: int, float8: bool) -> Callable[[ParamSpec], int
 
 def _fsdp(specs: list[ParamSpec], world_size: int, rank: int, stage: int,
           bytes_of: Callable[[ParamSpec], int], optimizer: str, momentum: float,
-          w: int) -> dict[str, MomentBytes]:
+          w: int, pipeline: bool = False) -> dict[str, MomentBytes]:
     padded_shard, grad_shard, local = 0, 0, []
     for s in specs:
         rows_padded, rows_local = _chunk(s.shape[0], world_size, rank)
@@ -157,6 +166,8 @@ def _fsdp(specs: list[ParamSpec], world_size: int, rank: int, stage: int,
     unsharded = _gathered_by_group(specs, world_size, bytes_of=bytes_of)
     opt = _optimizer_bytes(local, optimizer, momentum, w)
     held = sum(unsharded.values()) if stage == 2 else unsharded.get(ROOT_GROUP, 0)
+    if pipeline:  # measured before the schedule runs, when every unit is sharded
+        held = 0
     return {
         "after_forward": MomentBytes(w * padded_shard + held, 0, opt),
         "after_backward": MomentBytes(w * padded_shard, w * grad_shard, opt),
@@ -164,7 +175,8 @@ def _fsdp(specs: list[ParamSpec], world_size: int, rank: int, stage: int,
 
 
 def _fsdp_working_set(specs: list[ParamSpec], shard_size: int, stage: int,
-                      bytes_of: Callable[[ParamSpec], int], reduce_bytes: int) -> dict[str, int]:
+                      bytes_of: Callable[[ParamSpec], int], reduce_bytes: int,
+                      pipeline: bool = False) -> dict[str, int]:
     """FSDP2's transient bytes inside backward, beyond each modelled moment.
 
     Units are the `fully_shard` groups: one per block, plus the root (embeddings, final norm,
@@ -174,9 +186,14 @@ def _fsdp_working_set(specs: list[ParamSpec], shard_size: int, stage: int,
       block already. Both reduce-scatter one block's unsharded gradients (reduce dtype).
     - beyond `after_backward` (the end of backward): the root is still gathered while its own
       gradients are reduce-scattered, after which it is resharded.
+    Under a pipeline schedule (`pipeline`) every unit of the stage is gathered from the first
+    micro-batch's forward and its unsharded gradients accumulate until the last backward.
     """
     params = _gathered_by_group(specs, shard_size, bytes_of=bytes_of)
     grads = _gathered_by_group(specs, shard_size, trainable_only=True)
+    if pipeline:  # the stage's units stay gathered, their gradients unreduced, all schedule
+        return {"after_forward": sum(params.values()) + reduce_bytes * sum(grads.values()),
+                "after_backward": 0}
     blocks = sorted((n for g, n in params.items() if g != ROOT_GROUP), reverse=True)
     block_grads = max((n for g, n in grads.items() if g != ROOT_GROUP), default=0)
     gathered = sum(blocks[:2]) if stage == 3 else 0  # the unit computed + the prefetched next
@@ -189,7 +206,8 @@ def _fsdp_working_set(specs: list[ParamSpec], shard_size: int, stage: int,
 def estimate(specs: list[ParamSpec], world_size: int, zero_stage: int, precision: str,
              optimizer: str = "adamw", momentum: float = 0.9,
              shard_size: int | None = None, param_dtype: str = "auto",
-             float8_gather: bool = False, buckets: bool = True) -> MemoryEstimate:
+             float8_gather: bool = False, buckets: bool = True,
+             pipeline: bool = False, flat_bucket_bytes: int = 0) -> MemoryEstimate:
     """Model-state bytes on the most loaded rank at each modelled moment of a training step.
 
     `shard_size`: FSDP2 (stages 2/3) shards over groups of this many ranks and replicates over
@@ -197,8 +215,12 @@ def estimate(specs: list[ParamSpec], world_size: int, zero_stage: int, precision
     it would in a `shard_size`-rank job. `param_dtype`: FSDP2's `precision.param_dtype`, the
     dtype units are gathered in (auto: the compute dtype); `float8_gather`:
     `precision.fp8_all_gather` (linear weights gathered in one byte); `buckets`: stages 0/1
-    keep gradients in DDP's buckets (False: the model is not wrapped, tensor parallel alone).
-    Under tensor parallelism `specs` are one rank's slices (models/tensor_parallel.py) and
+    keep gradients in DDP's buckets (False: the model is not wrapped, tensor parallel alone);
+    `pipeline`: `specs` are one pipeline stage's, whose moments are measured around the
+    schedule (run/strategies/pipeline.py), with everything gathered in between;
+    `flat_bucket_bytes`: stages 0 whose gradients are averaged after backward through flat
+    buffers of at most this many bytes (a replicated pipeline stage). Under tensor
+    parallelism `specs` are one rank's slices (models/tensor_parallel.py) and
     `world_size` the data-parallel size."""
     w = master_bytes(precision)
     gathered = DTYPE_BYTES[param_dtype if param_dtype != "auto" else precision]
@@ -212,13 +234,17 @@ def estimate(specs: list[ParamSpec], world_size: int, zero_stage: int, precision
         rank = per_rank.index(max(per_rank))  # ZeRO-1's greedy split can be uneven
         moments = _replicated(specs, [trained[i].numel for i in owned[rank]], optimizer,
                               momentum, w, buckets)
+        if flat_bucket_bytes:
+            working = {"after_backward": _largest_bucket([w * s.numel for s in trained],
+                                                         flat_bucket_bytes)}
     else:
         rank = 0  # dim-0 chunks are largest on rank 0; padded shards are equal everywhere
         shard = shard_size or world_size
         bytes_of = _gather_bytes(gathered, float8_gather)
-        moments = _fsdp(specs, shard, rank, zero_stage, bytes_of, optimizer, momentum, w)
+        moments = _fsdp(specs, shard, rank, zero_stage, bytes_of, optimizer, momentum, w,
+                        pipeline)
         # precision.fsdp_policy reduces in fp32 for bf16/fp16, in the param dtype otherwise
-        working = _fsdp_working_set(specs, shard, zero_stage, bytes_of, w)
+        working = _fsdp_working_set(specs, shard, zero_stage, bytes_of, w, pipeline)
     peak = max(MOMENTS, key=lambda m: moments[m].total_bytes)
     return MemoryEstimate(TORCH_STRATEGIES[zero_stage], rank, peak, moments,
                           working_set_by_moment=working,

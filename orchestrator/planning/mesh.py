@@ -28,10 +28,13 @@ def _check_pipeline(job: JobConfig) -> None:
     positive(PP_KEY, n)
     if n == 1:
         return
-    if job.world_size != n:
-        raise ConfigError(PP_KEY, n, f"the world size {job.world_size} (one rank per stage: "
-                          "pipeline parallelism does not compose with data or tensor "
-                          "parallelism yet)")
+    if job.world_size % n:
+        raise ConfigError(PP_KEY, n, f"a divisor of the world size {job.world_size} (nodes x "
+                          "gpus_per_node; each stage runs on world / pipeline_parallel "
+                          "data-parallel ranks)")
+    if p.tensor_parallel > 1:
+        raise ConfigError(TP_KEY, p.tensor_parallel, f"1 with {PP_KEY}={n} (pipeline stages "
+                          "split over tensor-parallel groups are not built yet)")
     if job.model.family not in PLANS:
         raise ConfigError(PP_KEY, n, f"1 for model.family={job.model.family} (pipeline "
                           f"parallelism is built for: {', '.join(PLANS)})")
@@ -47,15 +50,29 @@ def _check_pipeline(job: JobConfig) -> None:
         raise ConfigError("parallelism.pipeline_microbatches", micro, "a divisor of the batch "
                           f"each step runs through the pipeline (micro_batch_size x "
                           f"grad_accum_steps = {batch})")
-    if p.backend == "deepspeed" or p.zero_stage:
-        key, value = (("parallelism.backend", p.backend) if p.backend == "deepspeed"
-                      else ("parallelism.zero_stage", p.zero_stage))
-        raise ConfigError(key, value, f"torch with zero_stage 0 with {PP_KEY}={n} (each stage "
-                          "holds its own blocks whole; sharding them is not built yet)")
+    _check_pipeline_data_parallel(job, n)
     if job.eval.every_steps:
         raise ConfigError("eval.every_steps", job.eval.every_steps, f"0 with {PP_KEY}={n} "
                           "(evaluation through the pipeline is not built yet)")
     _check_not_yet(job, PP_KEY, n, "pipeline")
+
+
+def _check_pipeline_data_parallel(job: JobConfig, n: int) -> None:
+    """Each stage's data-parallel ranks: DDP (zero_stage 0) or FSDP2 ZeRO-2 over them."""
+    p = job.parallelism
+    if p.backend == "deepspeed":
+        raise ConfigError("parallelism.backend", p.backend, f"torch with {PP_KEY}={n} "
+                          "(DeepSpeed's pipeline engine needs its own model class; stages run on "
+                          "torch.distributed.pipelining)")
+    if p.zero_stage == 1:
+        raise ConfigError("parallelism.zero_stage", 1, f"0 or 2 with {PP_KEY}={n} (ZeRO-1 "
+                          "across a stage's data-parallel ranks is not built; ZeRO-2 also "
+                          "shards the optimizer state)")
+    if p.zero_stage == 3:
+        raise ConfigError("parallelism.zero_stage", 3, f"0 or 2 with {PP_KEY}={n} (the "
+                          "pipeline schedule keeps each stage's parameters gathered from its "
+                          "first micro-batch to its last, so ZeRO-3 would hold what ZeRO-2 "
+                          "holds and gather them more often)")
 
 
 def _check_replicas(job: JobConfig) -> None:
@@ -65,7 +82,8 @@ def _check_replicas(job: JobConfig) -> None:
     positive("parallelism.replicate_degree", r)
     dp = data_parallel_size(job)
     if dp % r:
-        what = "the world size" if p.tensor_parallel == 1 else "the data-parallel size"
+        alone = p.tensor_parallel == 1 and p.pipeline_parallel == 1
+        what = "the world size" if alone else "the data-parallel size"
         raise ConfigError("parallelism.replicate_degree", r, f"a divisor of {what} {dp} "
                           "(replicas x shard group x tensor_parallel = nodes x gpus_per_node)")
     stages = (3,) if p.backend == "deepspeed" else (2, 3)

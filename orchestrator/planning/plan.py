@@ -96,7 +96,10 @@ def _model_state(job: JobConfig, specs: list[ParamSpec], device: str, accum: int
             specs, dp, p.zero_stage, job.precision.name, job.optim.name,
             job.optim.momentum, shard_size=shard, param_dtype=job.precision.param_dtype,
             float8_gather=job.precision.fp8_all_gather,
-            buckets=p.tensor_parallel == 1 and p.pipeline_parallel == 1),
+            buckets=p.tensor_parallel == 1 and p.pipeline_parallel == 1,  # DDP's
+            pipeline=p.pipeline_parallel > 1,
+            flat_bucket_bytes=int(p.bucket_cap_mb * 2**20) if p.pipeline_parallel > 1
+            and dp > 1 else 0),
             None, 1)
     from orchestrator.planning import deepspeed_config
 
@@ -168,8 +171,9 @@ def make_plan(job: JobConfig, device: str, cpu_count: int, python: str = sys.exe
     slices = tensor_parallel.local_specs(specs, job.model.family, job.parallelism.tensor_parallel)
     heavy, slices = _heaviest_stage(job, slices)
     state = _model_state(job, slices, device, accum, global_batch)
-    if heavy:  # the stage the figures describe (its rank: one rank per stage for now)
-        state = dataclasses.replace(state, memory=dataclasses.replace(state.memory, rank=heavy))
+    if heavy:  # the stage the figures describe: its data-parallel ranks follow its first
+        rank = heavy * data_parallel_size(job) + state.memory.rank
+        state = dataclasses.replace(state, memory=dataclasses.replace(state.memory, rank=rank))
     strategy, stage = strategy_name(job), job.parallelism.zero_stage
     psi = sum(s.numel for s in specs)
     # DPO: the frozen reference copy is memory, not model size

@@ -41,7 +41,8 @@ def plan_rows(plan: Plan) -> list[tuple[str, str]]:
                   + (f", {plan.gpu}" if plan.gpu else "") + ")"),
         *([("mesh", plan.mesh)] if plan.mesh else []),
         ("batch", f"global {plan.global_batch_size} = micro {plan.micro_batch_size} x accum "
-                  f"{plan.grad_accum_steps} x dp {plan.world_size // plan.tensor_parallel}"),
+                  f"{plan.grad_accum_steps} x dp "
+                  f"{plan.global_batch_size // (plan.micro_batch_size * plan.grad_accum_steps)}"),
         ("parameters", f"{c.params:,}" + (f" ({c.trainable_params:,} trainable, LoRA)"
                                           if frozen else "")
          + (" + a frozen DPO reference copy" if c.reference else "")),

@@ -1,8 +1,9 @@
 """One named device mesh for every dimension a torch job uses, and tensor parallelism on it.
 
-Dimensions, outermost first: `dp_replicate` (HSDP's replicas), `dp_shard` (FSDP2's shard
-group), `tp` (tensor parallelism, innermost: consecutive ranks, so a group stays in one node);
-`dp_shard` always, the others when larger than 1 (a plain FSDP2 job gets a 1-D mesh). Their product
+Dimensions, outermost first: `pp` (pipeline stages), `dp_replicate` (HSDP's replicas),
+`dp_shard` (FSDP2's shard group, or DDP's ranks beside a pipeline), `tp` (tensor parallelism,
+innermost: consecutive ranks, so a group stays in one node); `dp_shard` always, the others
+when larger than 1 (a plain FSDP2 job gets a 1-D mesh). Their product
 is the world size (checked before launch, planning/mesh.py); the data stream splits over the
 data-parallel ranks only (config/derived.py: `data_parallel_rank`).
 
@@ -36,12 +37,13 @@ from torch.distributed.tensor.parallel import (
 from orchestrator.models.build import transformer_blocks
 from orchestrator.models.tensor_parallel import COLWISE, PLANS
 
-DP_REPLICATE, DP_SHARD, TP = "dp_replicate", "dp_shard", "tp"
+PP, DP_REPLICATE, DP_SHARD, TP = "pp", "dp_replicate", "dp_shard", "tp"
 
 
-def device_mesh(device: str, world_size: int, replicas: int, tp: int) -> DeviceMesh:
-    """The job's mesh: R replicas x world/(R·T) shards x T tensor-parallel ranks."""
-    sizes = {DP_REPLICATE: replicas, DP_SHARD: world_size // (replicas * tp), TP: tp}
+def device_mesh(device: str, world_size: int, replicas: int, tp: int, pp: int = 1) -> DeviceMesh:
+    """The job's mesh: P stages x R replicas x world/(P·R·T) shards x T tensor-parallel ranks."""
+    sizes = {PP: pp, DP_REPLICATE: replicas, DP_SHARD: world_size // (pp * replicas * tp),
+             TP: tp}
     dims = {name: n for name, n in sizes.items() if n > 1 or name == DP_SHARD}
     return init_device_mesh(device, tuple(dims.values()), mesh_dim_names=tuple(dims))
 

@@ -18,10 +18,15 @@ from tests.conftest import make_job
 PP2 = ["model=llama_tiny", "parallelism.pipeline_parallel=2", "train.micro_batch_size=8"]
 
 REFUSED = {
-    "world": (["model=llama_tiny", "parallelism.pipeline_parallel=2", "cluster.gpus_per_node=4"],
-              "config key 'parallelism.pipeline_parallel' has value 2; allowed: the world size "
-              "4 (one rank per stage: pipeline parallelism does not compose with data or "
-              "tensor parallelism yet)"),
+    "world": (["model=llama_tiny", "parallelism.pipeline_parallel=2", "cluster.gpus_per_node=3"],
+              "config key 'parallelism.pipeline_parallel' has value 2; allowed: a divisor of the "
+              "world size 3 (nodes x gpus_per_node; each stage runs on world / "
+              "pipeline_parallel data-parallel ranks)"),
+    "with tensor parallelism": (
+        [*PP2, "cluster.gpus_per_node=4", "parallelism.tensor_parallel=2"],
+        "config key 'parallelism.tensor_parallel' has value 2; allowed: 1 with "
+        "parallelism.pipeline_parallel=2 (pipeline stages split over tensor-parallel groups "
+        "are not built yet)"),
     "family": (["model=gpt2_tiny", "parallelism.pipeline_parallel=2"],
                "config key 'parallelism.pipeline_parallel' has value 2; allowed: 1 for "
                "model.family=gpt2 (pipeline parallelism is built for: llama)"),
@@ -37,11 +42,16 @@ REFUSED = {
         [*PP2, "parallelism.pipeline_microbatches=3"],
         "config key 'parallelism.pipeline_microbatches' has value 3; allowed: a divisor of the "
         "batch each step runs through the pipeline (micro_batch_size x grad_accum_steps = 8)"),
-    "sharded stages": (
-        [*PP2, "parallelism.zero_stage=3"],
-        "config key 'parallelism.zero_stage' has value 3; allowed: torch with zero_stage 0 with "
-        "parallelism.pipeline_parallel=2 (each stage holds its own blocks whole; sharding them "
-        "is not built yet)"),
+    "ZeRO-3 stages": (
+        [*PP2, "cluster.gpus_per_node=4", "parallelism.zero_stage=3"],
+        "config key 'parallelism.zero_stage' has value 3; allowed: 0 or 2 with "
+        "parallelism.pipeline_parallel=2 (the pipeline schedule keeps each stage's parameters "
+        "gathered from its first micro-batch to its last, so ZeRO-3 would hold what ZeRO-2 "
+        "holds and gather them more often)"),
+    "DeepSpeed stages": (
+        [*PP2, "+recipe=deepspeed_zero2"],
+        "config key 'parallelism.backend' has value 'deepspeed'; allowed: torch with "
+        "parallelism.pipeline_parallel=2"),
     "evaluation": ([*PP2, "eval.every_steps=5", "eval.holdout=0.1"],
                    "config key 'eval.every_steps' has value 5; allowed: 0 with "
                    "parallelism.pipeline_parallel=2 (evaluation through the pipeline is not "

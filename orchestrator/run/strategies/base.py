@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions
 from torch.distributed.tensor import DTensor
 
 from orchestrator.config.derived import optimizer_kernel
@@ -23,6 +24,7 @@ from orchestrator.models.storage import storage_bytes
 from orchestrator.run import precision as prec
 
 Probe = Callable[[str], None]
+DCP_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 def whole(t: torch.Tensor) -> torch.Tensor:
@@ -159,9 +161,8 @@ class Engine:
         """Every rank writes its share of the model and optimizer state to `path` with
         torch.distributed.checkpoint (a collective; replicated tensors are written once)."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model, optim = get_state_dict(self.model, self.optimizer)
+        model, optim = self._dcp_state()
         dcp.save({"model": model, "optim": optim}, checkpoint_id=str(path))
 
     def async_save_checkpoint(self, path: Path, group: Any, stager: Any) -> Any:
@@ -172,9 +173,8 @@ class Engine:
         collectives run on `group`, a gloo group of its own, so they never interleave with the
         training step's."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model, optim = get_state_dict(self.model, self.optimizer)
+        model, optim = self._dcp_state()
         return dcp.async_save({"model": model, "optim": optim}, checkpoint_id=str(path),
                               storage_writer=background_writer(path), process_group=group,
                               async_stager=stager)
@@ -182,13 +182,22 @@ class Engine:
     def load_checkpoint(self, path: Path) -> None:
         """Load `save_checkpoint`'s files, resharded to this engine's layout and world size."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import set_state_dict
 
-        model, optim = get_state_dict(self.model, self.optimizer)
+        model, optim = self._dcp_state()
         state = {"model": model, "optim": optim}
         dcp.load(state, checkpoint_id=str(path))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
+                       optim_state_dict=state["optim"], options=DCP_OPTIONS)
+
+    def _dcp_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The model's and optimizer's state as DCP saves and loads them: keyed by parameter
+        name, the optimizer's hyperparameters too (`param_groups.<name>.lr`), so that ranks
+        holding different parameters (pipeline stages) never write one shared
+        `param_groups` entry, of which DCP would keep only the first rank's."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        return get_state_dict(self.model, self.optimizer, options=DCP_OPTIONS)
 
     @torch.no_grad()
     def eval_step(self, batch: dict[str, torch.Tensor], shift: bool) -> torch.Tensor:

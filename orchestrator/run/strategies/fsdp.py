@@ -14,7 +14,7 @@ dimension (run/mesh.py), then FSDP2 shards those slices over its data-parallel d
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -68,16 +68,19 @@ class FSDPEngine(MeshEngine):
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext()  # the MixedPrecisionPolicy casts parameters instead
 
-    def _fsdp_params(self) -> Iterator[Any]:
-        for module in self.model.modules():
-            if isinstance(module, FSDPModule):
-                group = module._get_fsdp_state()._fsdp_param_group
-                if group is not None:
-                    yield from group.fsdp_params
-
     def held_tensors(self) -> dict[str, Iterable[torch.Tensor]]:
-        params, grads = [], []
-        for fp in self._fsdp_params():
+        return fsdp_held_tensors(self.model, self.optimizer_state())
+
+
+def fsdp_held_tensors(model: nn.Module,
+                      optimizer_state: Iterable[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+    """What FSDP2 holds for `model` now: each parameter's padded local shard, its gathered copy
+    and that copy's gradient while alive, the sharded gradient, and `optimizer_state`."""
+    params, grads = [], []
+    for module in model.modules():
+        group = module._get_fsdp_state()._fsdp_param_group if isinstance(
+            module, FSDPModule) else None
+        for fp in group.fsdp_params if group is not None else ():
             params.append(fp._sharded_param_data)  # the padded local shard
             unsharded = getattr(fp, "_unsharded_param", None)  # gathered copy, if alive
             if unsharded is not None:
@@ -86,8 +89,8 @@ class FSDPEngine(MeshEngine):
                     grads.append(unsharded.grad)
             if fp.sharded_param.grad is not None:
                 grads.append(fp.sharded_param.grad)
-        return {"params_bytes": params, "grads_bytes": grads,
-                "optimizer_bytes": list(self.optimizer_state())}
+    return {"params_bytes": params, "grads_bytes": grads,
+            "optimizer_bytes": list(optimizer_state)}
 
 
 def load_from_rank0(model: nn.Module, full: dict[str, torch.Tensor]) -> None:

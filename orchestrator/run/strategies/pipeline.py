@@ -2,15 +2,22 @@
 transformers Llama (models/pipeline.py: which blocks, the embedding on the first, the final
 norm and head on the last) and runs each step's batch as micro-batches under GPipe or 1F1B.
 
+The mesh is pp x dp (run/mesh.py): world / P data-parallel ranks hold each stage, each reading
+its own share of the data, and average their stage's gradients with DDP (zero_stage 0) or
+shard them with FSDP2 (zero_stage 2, parameters gathered once per step: the schedule defers
+FSDP's reshard and gradient reduction to the stage's last backward, `perform_reduce_grad`).
+
 The stage is the model itself with the other stages' blocks replaced by empty modules and its
 forward replaced by the stage's part of Llama's, so every parameter keeps its name: a
 checkpoint written by the stages is the whole model's (DCP), and loads under another layout.
 Weights: rank 0 built the whole model, the others theirs on the meta device; rank 0 sends each
-stage its parameters (point to point) and every rank its buffers (rotary frequencies).
+rank its stage's parameters (point to point) and every rank its buffers (rotary frequencies);
+FSDP2 then keeps each rank's shard of them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import types
 from typing import Any
 
@@ -18,17 +25,25 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.distributed.tensor import DTensor
 
-from orchestrator.config.derived import pipeline_microbatches
+from orchestrator.config.derived import data_parallel_size, pipeline_microbatches
 from orchestrator.config.schema import JobConfig
+from orchestrator.models.build import transformer_blocks
 from orchestrator.models.pipeline import stage_blocks, stage_of
+from orchestrator.run import precision as prec
+from orchestrator.run.mesh import PP, data_mesh, device_mesh
 from orchestrator.run.strategies.base import (
     Engine,
     broadcast_from_rank0,
     build_optimizer,
     materialize,
+    whole,
 )
+from orchestrator.run.strategies.fsdp import fsdp_held_tensors
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
@@ -74,47 +89,83 @@ def _prune(model: nn.Module, stage: int, stages: int) -> None:
 
 
 def _send_stages(model: nn.Module, full: dict[str, torch.Tensor], owner: dict[str, int],
-                 device: torch.device) -> None:
-    """Rank 0 sends each parameter to the rank of the stage that holds it (in `owner`'s order,
-    which every rank knows), from the device (NCCL sends device tensors; rank 0 built the
-    model on the host), then every buffer to every rank."""
+                 stage_of_rank: list[int], device: torch.device) -> None:
+    """Rank 0 sends each parameter to every rank holding its stage (in `owner`'s order, which
+    every rank knows), from the device (NCCL sends device tensors; rank 0 built the model on
+    the host), then every buffer to every rank."""
     rank, mine = dist.get_rank(), dict(model.named_parameters())
     for name, stage in owner.items():
-        if stage == 0:
-            continue
-        if rank == 0:
-            dist.send(full[name].to(device).contiguous(), dst=stage)
-        elif rank == stage:
-            with torch.no_grad():
-                dist.recv(mine[name].data, src=0)
+        for dst in range(1, len(stage_of_rank)):
+            if stage_of_rank[dst] != stage:
+                continue
+            if rank == 0:
+                dist.send(full[name].to(device).contiguous(), dst=dst)
+            elif rank == dst:
+                with torch.no_grad():
+                    dist.recv(mine[name].data, src=0)
     broadcast_from_rank0(model.buffers())
 
 
 class PipelineEngine(Engine):
-    """One stage: `train_step` runs the schedule over the step's whole batch."""
+    """One stage on one rank: `train_step` runs the schedule over the step's whole batch."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, job: JobConfig,
-                 device: str, schedule: Any, stage: int, stages: int) -> None:
+                 device: str, schedule: Any, mesh: DeviceMesh) -> None:
         super().__init__(model, optimizer, job, device)
-        self.schedule, self.stage, self.stages = schedule, stage, stages
+        self.schedule, self.mesh = schedule, mesh
+        self.stage, self.stages = mesh[PP].get_local_rank(), mesh[PP].size()
+        self.sharded = job.parallelism.zero_stage == 2
+
+    def autocast(self) -> Any:
+        # FSDP2's MixedPrecisionPolicy casts the parameters instead
+        return contextlib.nullcontext() if self.sharded else super().autocast()
+
+    def held_tensors(self) -> dict[str, Any]:
+        if self.sharded:
+            return fsdp_held_tensors(self.model, self.optimizer_state())
+        return super().held_tensors()
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every stage's weights gathered on rank 0 (a collective)."""
-        mine = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        parts: list[Any] = [None] * self.stages
-        dist.all_gather_object(parts, mine)
-        return {k: v for part in parts for k, v in part.items()}
+        """Every stage's weights gathered on rank 0 (a collective: FSDP2's shards are gathered
+        within each stage first)."""
+        mine = {k: whole(v).detach().cpu() for k, v in self.hf_model().state_dict().items()}
+        parts: list[Any] = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(mine if _data_rank(self.mesh) == 0 else {}, parts, dst=0)
+        return {k: v for part in parts or [] for k, v in part.items()}
+
+    def average_grads(self) -> None:
+        """zero_stage 0 with data-parallel ranks: the stage's gradients averaged over them once
+        the schedule has accumulated every micro-batch's, in flat buckets of at most
+        `parallelism.bucket_cap_mb`. (torch's DDP inside a pipeline schedule fails its bucket
+        rebuild on the second step, and with `static_graph` its losses differed from the
+        2-rank DDP run's from the second step on: test_pipeline_data_parallel.py's layouts.)"""
+        n = data_parallel_size(self.job)
+        if n == 1 or self.sharded:
+            return
+        group = data_mesh(self.mesh).get_group()
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        for bucket in _buckets(grads, int(self.job.parallelism.bucket_cap_mb * 2**20)):
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat, group=group)
+            flat /= n
+            for g, part in zip(bucket, flat.split([g.numel() for g in bucket]), strict=True):
+                g.copy_(part.view_as(g))
 
     def clip(self, max_norm: float) -> None:
-        """The global gradient norm over all stages, clipped as clip_grad_norm_ does."""
+        """The global gradient norm over all stages, clipped as clip_grad_norm_ does: each
+        rank's squares (its shard's, under FSDP2) summed over the world, where every element
+        appears once per replica of it (DDP: each data-parallel rank; HSDP: each replica)."""
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         squares = torch.zeros((), device=self.device)
         for g in grads:
-            squares += g.detach().float().norm() ** 2
+            local = g.to_local() if isinstance(g, DTensor) else g
+            squares += local.detach().float().norm() ** 2
         dist.all_reduce(squares)
+        p = self.job.parallelism
+        squares /= p.replicate_degree if self.sharded else data_parallel_size(self.job)
         coef = torch.clamp(max_norm / (squares.sqrt() + 1e-6), max=1.0)
         for g in grads:
-            g.detach().mul_(coef.to(g.dtype))
+            (g.to_local() if isinstance(g, DTensor) else g).detach().mul_(coef.to(g.dtype))
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
         ids = torch.cat([b["input_ids"] for b in micro_batches]).to(self.device)
@@ -129,19 +180,57 @@ class PipelineEngine(Engine):
                                losses=losses if last else None)
         loss = (torch.stack(losses).mean().detach() if last
                 else torch.zeros((), device=self.device))
-        dist.broadcast(loss, src=self.stages - 1)
+        dist.broadcast(loss, group=self.mesh[PP].get_group(), group_src=self.stages - 1)
+        self.average_grads()
         if self.probe:
             self.probe("after_backward")
         if self.job.train.grad_clip > 0:
             self.clip(self.job.train.grad_clip)
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=self.set_to_none)
         return loss
 
 
+def _buckets(grads: list[torch.Tensor], cap: int) -> list[list[torch.Tensor]]:
+    """Consecutive gradients of one dtype, at most `cap` bytes each (a larger one alone)."""
+    out: list[list[torch.Tensor]] = []
+    size = 0
+    for g in grads:
+        nbytes = g.numel() * g.element_size()
+        if not out or size + nbytes > cap or out[-1][0].dtype != g.dtype:
+            out.append([])
+            size = 0
+        out[-1].append(g)
+        size += nbytes
+    return out
+
+
+def _data_rank(mesh: DeviceMesh) -> int:
+    """This rank's place among its stage's data-parallel ranks (0: the stage's first)."""
+    return dist.get_rank() % (dist.get_world_size() // mesh[PP].size())
+
+
+def _data_parallel(model: nn.Module, job: JobConfig, mesh: DeviceMesh) -> nn.Module:
+    """The stage sharded by FSDP2 ZeRO-2 over its data-parallel ranks in `mesh` (parameters
+    gathered from the first forward to the last backward), or as it is (zero_stage 0)."""
+    p = job.parallelism
+    if p.zero_stage == 0:  # replicated: PipelineEngine.average_grads after each schedule
+        return model
+    prec_cfg = job.precision
+    policy = prec.fsdp_policy(prec_cfg.name, prec_cfg.param_dtype, prec_cfg.reduce_dtype)
+    kwargs = {"mesh": data_mesh(mesh), "mp_policy": policy, "reshard_after_forward": False}
+    for block in transformer_blocks(model):
+        if any(True for _ in block.parameters()):  # other stages' blocks are empty
+            fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
 def setup(model: nn.Module, job: JobConfig, device: str) -> Engine:
-    stage, stages = dist.get_rank(), job.parallelism.pipeline_parallel
-    full = model.state_dict() if stage == 0 else {}
+    world, stages = dist.get_world_size(), job.parallelism.pipeline_parallel
+    mesh = device_mesh(device, world, job.parallelism.replicate_degree, 1, pp=stages)
+    stage = mesh[PP].get_local_rank()
+    full = model.state_dict() if dist.get_rank() == 0 else {}
     n_layer = len(model.model.layers)
     owner = {name: stage_of(name, n_layer, stages) for name, _ in model.named_parameters()}
     _prune(model, stage, stages)
@@ -149,10 +238,11 @@ def setup(model: nn.Module, job: JobConfig, device: str) -> Engine:
     # this rank's own GPU (distributed.init made it the current device), never GPU 0's
     here = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else \
         torch.device(device)
-    _send_stages(model, full, owner, here)
+    _send_stages(model, full, owner, [r // (world // stages) for r in range(world)], here)
     del full
-    pipe = PipelineStage(model, stage, stages, here)
+    model = _data_parallel(model, job, mesh)
+    pipe = PipelineStage(model, stage, stages, here, group=mesh[PP].get_group())
     schedule = SCHEDULES[job.parallelism.pipeline_schedule](
         pipe, n_microbatches=pipeline_microbatches(job), loss_fn=causal_loss, scale_grads=True)
     optimizer = build_optimizer(model.parameters(), job)
-    return PipelineEngine(model, optimizer, job, device, schedule, stage, stages)
+    return PipelineEngine(model, optimizer, job, device, schedule, mesh)
