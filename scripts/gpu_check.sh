@@ -3,7 +3,7 @@
 # minutes on one H100/H200-class GPU: world size 1 (NCCL) for DDP, FSDP2 ZeRO-3 and DeepSpeed
 # ZeRO-3 in bf16 and fp16, DeepSpeed ZeRO-3 with CPU offload (DeepSpeedCPUAdam, pinned memory),
 # fp8 (torchao float8) against bf16 on a Llama shape under FSDP2 and DDP, tensor and pipeline
-# parallelism (TP=2, PP=2, where 2 GPUs are visible),
+# parallelism (TP=2, PP=2, CP=2 where 2 GPUs are visible, PP=2 x FSDP2 where 4 are),
 # then evaluate and generate on the saved model; prints one table (loss first -> last,
 # tokens/s, MFU, planned vs max_memory_allocated peak) and runs the `gpu` tests.
 #   bash scripts/gpu_check.sh [OUT_DIR]      (default runs/gpu_check/<time>)
@@ -96,8 +96,12 @@ if [ "$ngpu" -ge 2 ]; then
   # pipeline parallelism over NCCL: 2 stages of 4 blocks, 1F1B, point-to-point sends
   run llama-pp2-bf16 "${tp[@]}" cluster.gpus_per_node=2 parallelism.pipeline_parallel=2 \
     precision=bf16 train.micro_batch_size=16 parallelism.pipeline_microbatches=4
+  # context parallelism: each 1024-token sequence over 2 GPUs, ring attention on flash
+  # (its losses against FSDP2's: tests/gpu/test_context_parallel.py, in the gpu tests below)
+  run llama-cp2-bf16 "${tp[@]}" cluster.gpus_per_node=2 parallelism.context_parallel=2 \
+    parallelism.zero_stage=3 precision=bf16 train.micro_batch_size=8
 else
-  tp_skipped="llama-tp2-bf16, llama-pp2-bf16 skipped: they need 2 GPUs, this machine has $ngpu"
+  tp_skipped="llama-tp2-bf16, llama-pp2-bf16, llama-cp2-bf16 skipped: they need 2 GPUs, this machine has $ngpu"
 fi
 if [ "$ngpu" -ge 4 ]; then
   # 2 stages x 2 FSDP2 ranks each: the schedule's deferred reshard and reduce-scatter on NCCL

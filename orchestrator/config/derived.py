@@ -57,18 +57,26 @@ def _ask_deepspeed_cpu_fp16() -> bool:
 
 
 def data_parallel_size(job: JobConfig) -> int:
-    """The ranks that see different data: the world over the tensor- and pipeline-parallel
-    degrees (the ranks of one tensor-parallel group, and the stages of one pipeline, compute on
-    the same batch)."""
+    """The ranks that see different data: the world over the tensor-, pipeline- and
+    context-parallel degrees (the ranks of one tensor-parallel group, the stages of one
+    pipeline, and the ranks splitting one sequence compute on the same batch)."""
     p = job.parallelism
-    return job.world_size // (p.tensor_parallel * p.pipeline_parallel)
+    return job.world_size // (p.tensor_parallel * p.pipeline_parallel * p.context_parallel)
+
+
+def gradient_ranks(job: JobConfig) -> int:
+    """The ranks a parameter's gradient is reduced over (FSDP2's data-parallel dimensions): the
+    data-parallel ranks and, under context parallelism, each sequence's C ranks too."""
+    return data_parallel_size(job) * job.parallelism.context_parallel
 
 
 def data_parallel_rank(job: JobConfig, rank: int) -> int:
     """Which share of the data global rank `rank` reads. The device mesh (run/mesh.py) is
-    pp x dp x tp, outermost first: tensor-parallel groups are runs of consecutive ranks, and
-    each pipeline stage holds one block of dp x tp ranks."""
-    return rank // job.parallelism.tensor_parallel % data_parallel_size(job)
+    pp x dp x cp x tp, outermost first: tensor-parallel groups are runs of consecutive ranks,
+    the C ranks of one sequence (context parallel) runs of C·T, and each pipeline stage holds
+    one block of dp x cp x tp ranks."""
+    p = job.parallelism
+    return rank // (p.tensor_parallel * p.context_parallel) % data_parallel_size(job)
 
 
 def pipeline_microbatches(job: JobConfig) -> int:
@@ -123,6 +131,8 @@ def strategy_name(job: JobConfig) -> str:
         return "deepspeed"
     if job.parallelism.pipeline_parallel > 1:
         return "pipeline"
+    if job.parallelism.context_parallel > 1:  # FSDP2 over every rank, ring attention within
+        return "context_parallel"
     if job.parallelism.tensor_parallel > 1:  # the device mesh: TP, then FSDP2 over dp ranks
         return "fsdp2"
     return TORCH_STRATEGIES[job.parallelism.zero_stage]

@@ -95,6 +95,9 @@ class ParallelismConfig:
     pipeline_parallel: int = 1
     pipeline_schedule: str = choice("1f1b", "1f1b", "gpipe")
     pipeline_microbatches: Optional[int] = None
+    # context parallelism (Llama, CUDA): each sequence split over C ranks, attention as ring
+    # attention (torch's context_parallel); FSDP2 shards over the data- and context-parallel ranks
+    context_parallel: int = 1
     # auto: pick the cheapest layout that fits cluster.gpu (DDP → ZeRO-1 → 2 → 3 → ZeRO-3 x TP
     # → ZeRO-3 with CPU offload) and the largest micro batch that fits, and say why
     auto: bool = False

@@ -12,6 +12,10 @@ Tensor parallelism with sequence parallelism (the paper's section 4.2.2, always 
 here) divides every per-layer term by t: s·b·h·34/t + 5·a·s²·b/t (2-byte activations), and a
 checkpointed block's input is one sequence slice (s·b·h/t). The logits stay split by vocabulary
 through the loss (`loss_parallel`), so their term is divided by t as well.
+
+Context parallelism splits each sequence over c ranks, so every term (all linear in s: it
+needs fused attention) is that of a sequence s/c long; the ring attention adds, one layer at a
+time, the whole sequence's keys and values all-gathered (2·s·b·kv_heads·head_dim).
 """
 
 from __future__ import annotations
@@ -31,11 +35,25 @@ def activation_bytes(job: JobConfig, micro_batch: int | None = None) -> int:
         b *= 2
     layers = m.n_layer * (2 if m.family == "t5" else 1)  # encoder and decoder stacks
     kept, recomputed = _blocks_bytes(job, b, layers)
-    return kept + recomputed + _logits_bytes(job, b)
+    return kept + recomputed + _logits_bytes(job, b) + _ring_kv_bytes(job, b)
+
+
+def _seq(job: JobConfig) -> int:
+    """The tokens of each sequence one rank holds: s / context_parallel."""
+    return job.data.seq_len // job.parallelism.context_parallel
+
+
+def _ring_kv_bytes(job: JobConfig, b: int) -> int:
+    """Context parallelism: one layer's keys and values of the whole sequence, gathered."""
+    m = job.model
+    if job.parallelism.context_parallel == 1:
+        return 0
+    kv_dim = (m.n_kv_head or m.n_head) * (m.d_model // m.n_head)
+    return 2 * job.data.seq_len * b * kv_dim * ACT_BYTES[job.precision.name]
 
 
 def _per_layer_bytes(job: JobConfig, b: int) -> int:
-    m, s, t = job.model, job.data.seq_len, job.parallelism.tensor_parallel
+    m, s, t = job.model, _seq(job), job.parallelism.tensor_parallel
     act = ACT_BYTES[job.precision.name]
     linear = 34 * s * b * m.d_model * act // (2 * t)
     scores = 0 if m.attn_implementation == "sdpa" else 5 * m.n_head * s * s * b * act // (2 * t)
@@ -48,12 +66,12 @@ def _blocks_bytes(job: JobConfig, b: int, layers: int) -> tuple[int, int]:
     if not job.train.activation_checkpointing:
         return layers * per_layer, 0
     act, t = ACT_BYTES[job.precision.name], job.parallelism.tensor_parallel
-    return layers * job.data.seq_len * b * job.model.d_model * act // t, per_layer
+    return layers * _seq(job) * b * job.model.d_model * act // t, per_layer
 
 
 def _logits_bytes(job: JobConfig, b: int) -> int:
     act, t = ACT_BYTES[job.precision.name], job.parallelism.tensor_parallel
-    return job.data.seq_len * b * job.model.vocab_size * (act + 8) // t
+    return _seq(job) * b * job.model.vocab_size * (act + 8) // t
 
 
 def pipeline_activation_bytes(job: JobConfig, batch: int, microbatches: int) -> int:

@@ -17,6 +17,10 @@ whole tensor is B bytes sends (n-1)/n·B from each of the n ranks, an all-reduce
   block's slice in backward: 5·s·b·h more. The logits stay split by vocabulary; the loss
   reduces three values per token across the group (s·b, left out: under 1/h of the rest).
   Activations move in the compute dtype (fp32 runs: 4 bytes).
+- `cp` (context parallel, torch's ring attention with its default all-gather rotation), per
+  block and micro batch: the whole sequence's keys and values (2·s·b·kv_heads·head_dim) are
+  all-gathered in forward, again in backward (and in the recomputed forward under activation
+  checkpointing), and their gradients travel the ring once in fp32 (C sends of a 1/C chunk).
 - `pp` (pipeline parallel): each stage sends its output activations (s·b·h per micro batch) to
   the next stage and the gradients of its input to the previous one, point to point: s·B·h per
   step each way for the step's batch B; a middle stage sends both.
@@ -24,7 +28,7 @@ whole tensor is B bytes sends (n-1)/n·B from each of the n ranks, an all-reduce
 
 from __future__ import annotations
 
-from orchestrator.config.derived import data_parallel_size
+from orchestrator.config.derived import gradient_ranks
 from orchestrator.config.schema import JobConfig
 from orchestrator.models.specs import ROOT_GROUP, ParamSpec
 from orchestrator.planning.activations import ACT_BYTES
@@ -61,7 +65,7 @@ def data_parallel_bytes(job: JobConfig, specs: list[ParamSpec], accum: int,
                         shard_size: int) -> int:
     """`dp` bytes per step over `specs` (each rank's tensor-parallel slices), with FSDP2
     sharding over `shard_size` ranks and replicating over the rest (HSDP)."""
-    p, n = job.parallelism, data_parallel_size(job)
+    p, n = job.parallelism, gradient_ranks(job)
     if n == 1:
         return 0
     total = sum(s.numel for s in specs)
@@ -93,3 +97,15 @@ def pipeline_parallel_bytes(job: JobConfig, accum: int) -> int:
     batch = job.train.micro_batch_size * accum
     one_way = job.data.seq_len * batch * job.model.d_model * ACT_BYTES[job.precision.name]
     return one_way * (2 if stages > 2 else 1)
+
+
+def context_parallel_bytes(job: JobConfig, accum: int) -> int:
+    """`cp` bytes per step (see the module docstring); 0 without context parallelism."""
+    c, m = job.parallelism.context_parallel, job.model
+    if c == 1:
+        return 0
+    kv = 2 * job.data.seq_len * job.train.micro_batch_size * (m.n_kv_head or m.n_head) * (
+        m.d_model // m.n_head)
+    gathers = 3 if job.train.activation_checkpointing else 2
+    per_block = gathers * _ring(c) * kv * ACT_BYTES[job.precision.name] + kv * 4
+    return int(accum * m.n_layer * per_block)

@@ -135,6 +135,7 @@ CHECKED = {
     "parallelism.replicate_degree": "planning/mesh.py: HSDP stages only",
     "parallelism.tensor_parallel": "planning/mesh.py: the Llama family, backend=torch",
     "parallelism.pipeline_parallel": "planning/mesh.py: the Llama family, backend=torch",
+    "parallelism.context_parallel": "planning/mesh.py: the Llama family, CUDA, FSDP2",
     "parallelism.offload_optimizer": "planning/preflight.py: DeepSpeed only",
     "parallelism.offload_params": "planning/preflight.py: DeepSpeed stage 3 only",
     "parallelism.deepspeed": "planning/preflight.py: DeepSpeed only",

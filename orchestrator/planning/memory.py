@@ -343,12 +343,15 @@ def estimate_deepspeed(specs: list[ParamSpec], world_size: int, zero_stage: int,
 
 def describe_mesh(strategy: str, world_size: int, zero_stage: int, shard_size: int = 0,
                   hpz_partition_size: int = 1, tensor_parallel: int = 1,
-                  pipeline_parallel: int = 1) -> str:
+                  pipeline_parallel: int = 1, context_parallel: int = 1) -> str:
     """The layout in words: "2 replicas x 4 shards" (HSDP), "8 replicas" (DDP), with
     `tensor_parallel` > 1 "... x tp 2 (sequence parallel)", with `pipeline_parallel` > 1
-    "pp 4 x ..."; `world_size`: the data-parallel ranks."""
+    "pp 4 x ...", with `context_parallel` > 1 "... (cp 2: each sequence over 2 of them)";
+    `world_size`: the ranks gradients are reduced over (data- and context-parallel)."""
     text = _describe_data_parallel(strategy, world_size, zero_stage, shard_size,
                                    hpz_partition_size)
+    if context_parallel > 1:  # the shard group holds each sequence's C ranks
+        text += f" (cp {context_parallel}: each sequence over {context_parallel} of them)"
     if pipeline_parallel > 1:
         text = f"pp {pipeline_parallel} x {text}"
     if tensor_parallel > 1:

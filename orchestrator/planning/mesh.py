@@ -1,18 +1,25 @@
 """What must divide what on the device mesh (run/mesh.py): stages x replicas x shard group x
-tensor-parallel degree = the world size, checked on the typed job alone. One line each, naming
+tensor-parallel degree = the world size (the shard group holding the context-parallel ranks),
+checked on the typed job alone (and, for context parallelism, its device). One line each, naming
 the key, the value and what is allowed.
 """
 
 from __future__ import annotations
 
 from orchestrator.common.errors import ConfigError
-from orchestrator.config.derived import data_parallel_size, pipeline_microbatches, resolve_batch
+from orchestrator.config.derived import (
+    data_parallel_size,
+    gradient_ranks,
+    pipeline_microbatches,
+    resolve_batch,
+)
 from orchestrator.config.rules import positive
 from orchestrator.config.schema import JobConfig
 from orchestrator.models.tensor_parallel import PLANS
 
 TP_KEY = "parallelism.tensor_parallel"
 PP_KEY = "parallelism.pipeline_parallel"
+CP_KEY = "parallelism.context_parallel"
 
 
 def check_mesh(job: JobConfig) -> None:
@@ -20,7 +27,47 @@ def check_mesh(job: JobConfig) -> None:
     left."""
     _check_pipeline(job)
     _check_tensor_parallel(job)
+    _check_context_parallel(job)
     _check_replicas(job)
+
+
+def check_context_parallel_device(job: JobConfig, device: str) -> None:
+    """Ring attention needs fused attention kernels: CUDA only."""
+    c = job.parallelism.context_parallel
+    if c > 1 and device != "cuda":
+        raise ConfigError(CP_KEY, c, f"1 on {device} (ring attention runs on CUDA's fused SDPA "
+                          "kernels, flash, memory-efficient or cuDNN; torch has no "
+                          "context-parallel path for CPU attention)")
+
+
+def _check_context_parallel(job: JobConfig) -> None:
+    """C ranks split each sequence: FSDP2 reduces gradients over them (ZeRO-2/3), every rank
+    gets a head and a tail chunk of each sequence (torch's load balancer), attention is SDPA."""
+    p, c, m = job.parallelism, job.parallelism.context_parallel, job.model
+    positive(CP_KEY, c)
+    if c == 1:
+        return
+    if job.world_size % c:
+        raise ConfigError(CP_KEY, c, f"a divisor of the world size {job.world_size}")
+    if m.family not in PLANS:
+        raise ConfigError(CP_KEY, c, f"1 for model.family={m.family} (context parallelism is "
+                          f"built for: {', '.join(PLANS)})")
+    others = [(TP_KEY, p.tensor_parallel), (PP_KEY, p.pipeline_parallel)]
+    for key, n in others:
+        if n > 1:
+            raise ConfigError(key, n, f"1 with {CP_KEY}={c} (not built yet)")
+    if p.backend == "deepspeed" or p.zero_stage not in (2, 3):
+        key, value = (("parallelism.backend", p.backend) if p.backend == "deepspeed"
+                      else ("parallelism.zero_stage", p.zero_stage))
+        raise ConfigError(key, value, f"torch with zero_stage 2 or 3 with {CP_KEY}={c} "
+                          "(FSDP2 reduces each sequence's gradients over its ranks)")
+    if job.data.seq_len % (2 * c):
+        raise ConfigError("data.seq_len", job.data.seq_len, f"a multiple of 2 x {CP_KEY} = "
+                          f"{2 * c} (each rank holds a head and a tail chunk of every sequence)")
+    if m.attn_implementation != "sdpa":
+        raise ConfigError("model.attn_implementation", m.attn_implementation, f"'sdpa' with "
+                          f"{CP_KEY}={c} (ring attention replaces SDPA)")
+    _check_not_yet(job, CP_KEY, c, "context")
 
 
 def _check_pipeline(job: JobConfig) -> None:
@@ -80,7 +127,7 @@ def _check_replicas(job: JobConfig) -> None:
     DeepSpeed stage 3's hierarchical partition)."""
     r, p = job.parallelism.replicate_degree, job.parallelism
     positive("parallelism.replicate_degree", r)
-    dp = data_parallel_size(job)
+    dp = gradient_ranks(job)
     if dp % r:
         alone = p.tensor_parallel == 1 and p.pipeline_parallel == 1
         what = "the world size" if alone else "the data-parallel size"

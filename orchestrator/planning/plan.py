@@ -13,6 +13,7 @@ from orchestrator.common.files import cache_dir
 from orchestrator.common.plan import MemoryEstimate, Plan
 from orchestrator.config.derived import (
     data_parallel_size,
+    gradient_ranks,
     pipeline_microbatches,
     resolve_batch,
     strategy_name,
@@ -90,7 +91,7 @@ def _model_state(job: JobConfig, specs: list[ParamSpec], device: str, accum: int
     if p.backend != "deepspeed":
         # over the data-parallel ranks left beside TP; HSDP: FSDP2 shards over dp/R ranks and
         # replicates over R
-        dp = data_parallel_size(job)
+        dp = gradient_ranks(job)
         shard = dp // p.replicate_degree if p.zero_stage in (2, 3) else None
         return _ModelState(memory.estimate(
             specs, dp, p.zero_stage, job.precision.name, job.optim.name,
@@ -182,7 +183,7 @@ def make_plan(job: JobConfig, device: str, cpu_count: int, python: str = sys.exe
     qat_bytes, qat_flops = int8.qat_overhead(job, specs)  # precision.qat
     mem = memory.with_activations(state.memory, _activations(job, accum) + qat_bytes,
                                   job.plan.memory_overhead, psi,
-                                  state.memory.shard_size or data_parallel_size(job), stage,
+                                  state.memory.shard_size or gradient_ranks(job), stage,
                                   job.precision.name)
     gpu = GPUS.get(job.cluster.gpu)
     local = job.launcher.name == "local" and device == "cuda"
@@ -206,14 +207,16 @@ def make_plan(job: JobConfig, device: str, cpu_count: int, python: str = sys.exe
             trainable_lookup_params=sum(s.numel for s in model_specs
                                         if s.lookup and s.trainable)),
         deepspeed_config=state.deepspeed_config,
-        mesh=memory.describe_mesh(strategy, data_parallel_size(job), stage, mem.shard_size,
+        mesh=memory.describe_mesh(strategy, gradient_ranks(job), stage, mem.shard_size,
                                   state.hpz, job.parallelism.tensor_parallel,
-                                  job.parallelism.pipeline_parallel),
+                                  job.parallelism.pipeline_parallel,
+                                  job.parallelism.context_parallel),
         tensor_parallel=job.parallelism.tensor_parallel,
         pipeline=_pipeline_entry(job, accum),
         comm_bytes={"dp": communication.data_parallel_bytes(job, slices, accum,
                                                             state.memory.shard_size),
                     "tp": communication.tensor_parallel_bytes(job, accum),
+                    "cp": communication.context_parallel_bytes(job, accum),
                     "pp": communication.pipeline_parallel_bytes(job, accum)},
         quantize=int8.plan_entry(job, specs),
         gpu=job.cluster.gpu if gpu else None,

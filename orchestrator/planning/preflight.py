@@ -23,7 +23,7 @@ from orchestrator.data import FAMILY_OBJECTIVE, data_vocab, ids_needed, objectiv
 from orchestrator.data.check import check_data, check_eval, check_sources, check_tokenizer
 from orchestrator.models.check import check_model_dir
 from orchestrator.planning.ignored import check_ignored
-from orchestrator.planning.mesh import check_mesh
+from orchestrator.planning.mesh import check_context_parallel_device, check_mesh
 from orchestrator.quantization import int8
 from orchestrator.quantization.checks import check as check_quantize
 from orchestrator.transforms.converters import check_converters
@@ -102,6 +102,7 @@ def validate(job: JobConfig, hw: Hardware) -> None:
     check_eval(job)  # eval.max_batches, eval.every_steps (needs eval.holdout > 0)
     check_quantize(job)  # quantize.method, +recipe=quantize, quantized model directories
     device = resolve_device(job, hw)
+    check_context_parallel_device(job, device)  # ring attention: CUDA only
     check_precision(job, device, hw)  # precision × strategy × device
     check_converters(job, device, hw)  # LoRA, QAT, fp8, compile (transforms/converters.py)
     check_data(job)  # it reads the data file

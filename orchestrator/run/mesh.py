@@ -38,6 +38,7 @@ from orchestrator.models.build import transformer_blocks
 from orchestrator.models.tensor_parallel import COLWISE, PLANS
 
 PP, DP_REPLICATE, DP_SHARD, TP = "pp", "dp_replicate", "dp_shard", "tp"
+CP, CP_REPLICA = "cp", "cp_replica"  # context parallelism's own 2-D mesh (`context_mesh`)
 
 
 def device_mesh(device: str, world_size: int, replicas: int, tp: int, pp: int = 1) -> DeviceMesh:
@@ -46,6 +47,13 @@ def device_mesh(device: str, world_size: int, replicas: int, tp: int, pp: int = 
              TP: tp}
     dims = {name: n for name, n in sizes.items() if n > 1 or name == DP_SHARD}
     return init_device_mesh(device, tuple(dims.values()), mesh_dim_names=tuple(dims))
+
+
+def context_mesh(device: str, world_size: int, c: int) -> DeviceMesh:
+    """The C ranks that split each sequence (context parallelism): runs of C consecutive ranks,
+    inside the data-parallel dimensions FSDP2 shards over (config/derived.py:
+    `data_parallel_rank` gives them one share of the data)."""
+    return init_device_mesh(device, (world_size // c, c), mesh_dim_names=(CP_REPLICA, CP))[CP]
 
 
 def data_mesh(mesh: DeviceMesh) -> DeviceMesh:

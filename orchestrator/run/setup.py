@@ -31,6 +31,7 @@ STRATEGIES = {
     "fsdp2": "orchestrator.run.strategies.fsdp",
     "deepspeed": "orchestrator.run.strategies.deepspeed",
     "pipeline": "orchestrator.run.strategies.pipeline",
+    "context_parallel": "orchestrator.run.strategies.context_parallel",
 }
 
 

@@ -28,7 +28,8 @@ def test_every_task_has_a_recipe_and_every_strategy_a_module() -> None:
     (task,) = [f for f in dataclasses.fields(TrainConfig) if f.name == "task"]
     assert set(RECIPES) == set(task.metadata["choices"])
     pipeline = strategy_name(make_job(["model=llama_tiny", "parallelism.pipeline_parallel=2"]))
-    assert set(STRATEGIES) == {*TORCH_STRATEGIES.values(), "deepspeed", pipeline}
+    context = strategy_name(make_job(["model=llama_tiny", "parallelism.context_parallel=2"]))
+    assert set(STRATEGIES) == {*TORCH_STRATEGIES.values(), "deepspeed", pipeline, context}
     for module in (*RECIPES.values(), *STRATEGIES.values()):
         assert importlib.util.find_spec(module) is not None, module
     assert [c.name for c in CONVERTERS] == ["lora", "dpo_reference", "qat", "float8",

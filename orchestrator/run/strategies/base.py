@@ -263,6 +263,11 @@ class Engine:
                 scaled = loss if scale == 1 else loss * scale
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             total += whole(loss.detach()).float()
+        self.finish_step()
+        return total
+
+    def finish_step(self) -> None:
+        """After the step's backwards: unscale, clip and step the optimizer, free gradients."""
         if self.probe:
             self.probe("after_backward")
         if self.scaler:
@@ -275,4 +280,3 @@ class Engine:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=self.set_to_none)
-        return total

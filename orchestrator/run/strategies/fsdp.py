@@ -103,6 +103,15 @@ def load_from_rank0(model: nn.Module, full: dict[str, torch.Tensor]) -> None:
 
 
 def setup(model: nn.Module, job: JobConfig, device: str) -> Engine:
+    model, optimizer, scaler = build(model, job, device)
+    engine = FSDPEngine if job.parallelism.zero_stage in (2, 3) else MeshEngine
+    return engine(model, optimizer, job, device, scaler=scaler)
+
+
+def build(model: nn.Module, job: JobConfig,
+          device: str) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
+    """The model on the mesh (split by TP, sharded by FSDP2, weights from rank 0), its
+    optimizer and fp16's grad scaler (None otherwise)."""
     import torch.distributed as dist
 
     world, p, prec_cfg = dist.get_world_size(), job.parallelism, job.precision
@@ -133,5 +142,4 @@ def setup(model: nn.Module, job: JobConfig, device: str) -> Engine:
             lambda *_: precompute_float8_dynamic_scale_for_fsdp(model))
     scaler = prec.grad_scaler(prec_cfg.name, device, True, prec_cfg.init_scale,
                               prec_cfg.growth_interval)
-    engine = FSDPEngine if sharded else MeshEngine
-    return engine(model, optimizer, job, device, scaler=scaler)
+    return model, optimizer, scaler
