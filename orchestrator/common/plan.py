@@ -102,6 +102,9 @@ class Plan:
     pipeline: Optional[dict[str, Any]] = None
     # bytes one rank sends per optimizer step on each mesh dimension (planning/communication.py)
     comm_bytes: dict[str, int] = field(default_factory=dict)
+    # seconds per step: compute, bubble, each dimension's transfers, the total
+    # (planning/communication.py: step_estimate); None without a GPU or an MFU to plan with
+    step_estimate: Optional[dict[str, float]] = None
     # int8 PTQ (quantize.method, or a quantized model): quantization/int8.py's QuantizedSize
     quantize: Optional[dict[str, Any]] = None
 

@@ -29,6 +29,9 @@ class GPU:
     fp16: Optional[float]
     fp32: float
     fp8: Optional[float]
+    # bytes/s one GPU sends to another in its node, one direction: NVLink (SXM parts; half the
+    # data sheet's bidirectional figure) or PCIe x16 (PCIe parts)
+    link_bytes_per_s: float
 
     def peak_flops(self, precision: str) -> Optional[float]:
         """The peak MFU is measured against: fp8 training's too is the bf16 peak, since its
@@ -41,19 +44,20 @@ class GPU:
 
 # memory_bytes: the capacity on the vendor's data sheet (32, 40, 80, 141, 24 "GB"), in GiB.
 GPUS: dict[str, GPU] = {
-    "v100": GPU("NVIDIA V100 SXM2 32GB", 32 * GiB, None, 125 * TFLOPS, 15.7 * TFLOPS, None),
+    "v100": GPU("NVIDIA V100 SXM2 32GB", 32 * GiB, None, 125 * TFLOPS, 15.7 * TFLOPS, None,
+                150 * GB),
     "a100_40gb": GPU("NVIDIA A100 SXM 40GB", 40 * GiB, 312 * TFLOPS, 312 * TFLOPS,
-                     19.5 * TFLOPS, None),
+                     19.5 * TFLOPS, None, 300 * GB),
     "a100_80gb": GPU("NVIDIA A100 SXM 80GB", 80 * GiB, 312 * TFLOPS, 312 * TFLOPS,
-                     19.5 * TFLOPS, None),
+                     19.5 * TFLOPS, None, 300 * GB),
     "h100": GPU("NVIDIA H100 SXM 80GB", 80 * GiB, 989.4 * TFLOPS, 989.4 * TFLOPS,
-                66.9 * TFLOPS, 1978.9 * TFLOPS),
+                66.9 * TFLOPS, 1978.9 * TFLOPS, 450 * GB),
     "h100_pcie": GPU("NVIDIA H100 PCIe 80GB", 80 * GiB, 756.5 * TFLOPS, 756.5 * TFLOPS,
-                     51.2 * TFLOPS, 1513 * TFLOPS),
+                     51.2 * TFLOPS, 1513 * TFLOPS, 64 * GB),
     "h200": GPU("NVIDIA H200 SXM 141GB", 141 * GiB, 989.4 * TFLOPS, 989.4 * TFLOPS,
-                66.9 * TFLOPS, 1978.9 * TFLOPS),
+                66.9 * TFLOPS, 1978.9 * TFLOPS, 450 * GB),
     "l4": GPU("NVIDIA L4 24GB", 24 * GiB, 121 * TFLOPS, 121 * TFLOPS, 30.3 * TFLOPS,
-              242.5 * TFLOPS),
+              242.5 * TFLOPS, 32 * GB),
 }
 
 

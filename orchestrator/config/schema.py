@@ -98,8 +98,8 @@ class ParallelismConfig:
     # context parallelism (Llama, CUDA): each sequence split over C ranks, attention as ring
     # attention (torch's context_parallel); FSDP2 shards over the data- and context-parallel ranks
     context_parallel: int = 1
-    # auto: pick the cheapest layout that fits cluster.gpu (DDP → ZeRO-1 → 2 → 3 → ZeRO-3 x TP
-    # → ZeRO-3 with CPU offload) and the largest micro batch that fits, and say why
+    # auto: of the layouts that fit cluster.gpu (DDP, ZeRO-1/2/3, ZeRO-3 x TP; CPU offload last),
+    # each at its largest micro batch, the one with the shortest estimated step, and say why
     auto: bool = False
     offload_optimizer: bool = False  # deepspeed: optimizer state and fp32 master on the CPU
     offload_params: bool = False  # deepspeed stage 3: parameters on the CPU
@@ -248,6 +248,9 @@ class ClusterConfig:
     gpu: str = choice("none", "none", "v100", "a100_40gb", "a100_80gb", "h100", "h100_pcie",
                       "h200", "l4")
     gpu_hour_usd: Optional[float] = None  # price of one GPU-hour, for the cost estimate
+    # each GPU's network bandwidth to other nodes, Gbit/s one way (InfiniBand NDR: 400): the
+    # plan's communication time on more than one node
+    network_gbps: float = 400.0
 
 
 @dataclass

@@ -28,7 +28,10 @@ whole tensor is B bytes sends (n-1)/n·B from each of the n ranks, an all-reduce
 
 from __future__ import annotations
 
+from typing import Optional
+
 from orchestrator.config.derived import gradient_ranks
+from orchestrator.config.gpus import GPU
 from orchestrator.config.schema import JobConfig
 from orchestrator.models.specs import ROOT_GROUP, ParamSpec
 from orchestrator.planning.activations import ACT_BYTES
@@ -109,3 +112,36 @@ def context_parallel_bytes(job: JobConfig, accum: int) -> int:
     gathers = 3 if job.train.activation_checkpointing else 2
     per_block = gathers * _ring(c) * kv * ACT_BYTES[job.precision.name] + kv * 4
     return int(accum * m.n_layer * per_block)
+
+
+def _spans_nodes(job: JobConfig) -> dict[str, bool]:
+    """Whether each dimension's group reaches beyond one node (the mesh is pp x dp x cp x tp,
+    outermost first): a group of tp, cp·tp or dp·cp·tp consecutive ranks stays in a node of
+    gpus_per_node; pipeline stages are counted across nodes whenever there are several."""
+    p, g, several = job.parallelism, job.cluster.gpus_per_node, job.cluster.nodes > 1
+    t = p.tensor_parallel
+    return {"dp": several and gradient_ranks(job) * t > g, "tp": several and t > g,
+            "cp": several and p.context_parallel * t > g, "pp": several}
+
+
+def step_estimate(job: JobConfig, comm_bytes: dict[str, int], compute_s: Optional[float],
+                  bubble: float, gpu: Optional[GPU]) -> Optional[dict[str, float]]:
+    """Seconds per step: the compute at the planned MFU, stretched by the pipeline's bubble,
+    plus the communication the compute does not hide. Each dimension's bytes move at NVLink's
+    (or PCIe's) one-way bandwidth inside a node and `cluster.network_gbps` across nodes. The
+    data-parallel collectives overlap the compute (DDP's buckets, FSDP2's and DeepSpeed's
+    prefetch), so only what exceeds it counts; tensor-, context- and pipeline-parallel
+    transfers sit on the critical path and count whole. An estimate to compare layouts by,
+    not a measurement."""
+    if compute_s is None or gpu is None:
+        return None
+    network = job.cluster.network_gbps * 1e9 / 8
+    spans = _spans_nodes(job)
+    secs = {dim: n / (network if spans[dim] else gpu.link_bytes_per_s)
+            for dim, n in comm_bytes.items()}
+    stretched = compute_s / (1 - bubble)
+    exposed_dp = max(0.0, secs.get("dp", 0.0) - compute_s)
+    critical = sum(v for dim, v in secs.items() if dim != "dp")
+    return {"compute_s": compute_s, "bubble_s": stretched - compute_s,
+            **{f"{dim}_s": v for dim, v in secs.items()}, "dp_exposed_s": exposed_dp,
+            "total_s": stretched + exposed_dp + critical}

@@ -1,12 +1,15 @@
 """Will it fit? Refuse a run whose per-rank peak exceeds the planned GPU's memory, naming the
 cheapest setting that would fit; and `parallelism.auto`, which picks that setting itself.
 
-"Cheapest" follows the seed lecture's rule of thumb: DDP while the model fits one device, then
+The ladder follows the seed lecture's rule of thumb: DDP while the model fits one device, then
 ZeRO-1, ZeRO-2, ZeRO-3 (each shards more and communicates more), then ZeRO-3 over tensor
 parallelism of 2, 4, 8 ranks inside a node (Llama family: TP divides the activations and the
 unit FSDP gathers, at the price of collectives in every layer), then ZeRO-3 with optimizer and
 parameter offload to CPU memory (DeepSpeed). Within a rung the largest micro batch that fits
-wins (the global batch is kept by raising gradient accumulation).
+wins (the global batch is kept by raising gradient accumulation). A run too big for its GPU is
+told the cheapest rung that fits; `parallelism.auto` takes, of the rungs that fit, the one with
+the shortest estimated step, so a layout that fits but moves less over the network (TP inside
+the node instead of FSDP across nodes) wins over a cheaper rung.
 """
 
 from __future__ import annotations
@@ -96,25 +99,48 @@ def cheapest_fit(job: JobConfig, make_plan: MakePlan) -> tuple[str, JobConfig, P
     return None
 
 
+def _fitting(job: JobConfig, make_plan: MakePlan) -> list[tuple[str, JobConfig, Plan]]:
+    """Every rung that fits, each with the largest micro batch that does, in ladder order."""
+    found: dict[str, tuple[str, JobConfig, Plan]] = {}
+    for label, candidate in _candidates(job):
+        if label not in found:
+            plan = make_plan(candidate)
+            if plan.fits:
+                found[label] = (label, candidate, plan)
+    return list(found.values())
+
+
+def _seconds(plan: Plan) -> float:
+    return plan.step_estimate["total_s"] if plan.step_estimate else float("inf")
+
+
 def choose(job: JobConfig, make_plan: MakePlan) -> tuple[JobConfig, str]:
-    """`parallelism.auto`: the cheapest strategy and largest micro batch that fit, and why."""
+    """`parallelism.auto`: of the rungs that fit (each at its largest micro batch), the one
+    with the shortest estimated step (compute plus the communication it does not hide:
+    planning/communication.py), the cheaper rung on a tie; and why."""
     if job.cluster.gpu == "none":
         raise ConfigError("parallelism.auto", True,
                           "false unless cluster.gpu names the device to fit (e.g. h100)")
-    found = cheapest_fit(job, make_plan)
-    if found is None:
+    fitting = _fitting(job, make_plan)
+    if not fitting:
         raise ConfigError("parallelism.auto", True, "a job that fits somewhere: nothing fits "
                           f"{job.cluster.gpu} even with ZeRO-3 (over tensor parallelism, or "
                           "with CPU offload) and micro batch 1")
-    label, chosen, plan = found
-    tried = {name for name, *_ in _rungs(job)}
-    skipped = [name for name, *_ in LADDER[: [x[0] for x in LADDER].index(label)]
-               if name in tried]
+    # CPU offload is the last resort: its host transfers and CPU optimizer are not estimated
+    on_device = [f for f in fitting if not f[1].parallelism.offload_optimizer] or fitting
+    label, chosen, plan = min(on_device, key=lambda f: _seconds(f[2]))  # first of equals
+    fit_labels = {name for name, *_ in fitting}
+    too_big = [name for name, *_ in _rungs(job) if name not in fit_labels]
+    others = sorted((f for f in on_device if f[0] != label), key=lambda f: _seconds(f[2]))
     reason = (f"{label} with micro batch {chosen.train.micro_batch_size} needs "
               f"{human_bytes(plan.memory.peak_total_bytes)} of "
-              f"{human_bytes(plan.device_memory_bytes or 0)} per GPU"
-              + (f"; the cheaper {', '.join(skipped)} would not fit" if skipped else
-                 "; the cheapest strategy fits"))
+              f"{human_bytes(plan.device_memory_bytes or 0)} per GPU")
+    if plan.step_estimate:
+        reason += f", about {_seconds(plan):.3g} s/step"
+    if others and plan.step_estimate:
+        reason += "; slower: " + ", ".join(f"{n} {_seconds(p):.3g} s" for n, _, p in others[:3])
+    if too_big:
+        reason += f"; would not fit: {', '.join(too_big)}"
     return chosen, reason
 
 

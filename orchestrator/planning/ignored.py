@@ -58,6 +58,8 @@ READERS: tuple[Reader, ...] = (
            "(gradient buckets)"),
     Reader(("parallelism.pipeline_schedule", "parallelism.pipeline_microbatches"),
            lambda j: j.parallelism.pipeline_parallel > 1, "parallelism.pipeline_parallel > 1"),
+    Reader(("cluster.network_gbps",), lambda j: j.cluster.nodes > 1 and j.cluster.gpu != "none",
+           "cluster.nodes > 1 with cluster.gpu set (the plan's time across nodes)", warn=True),
     Reader(("parallelism.tp_across_nodes",), lambda j: j.parallelism.tensor_parallel > 1
            and j.cluster.nodes > 1, "parallelism.tensor_parallel > 1 on more than one node"),
     Reader(("data.path", "data.cache_dir"), lambda j: j.data.name != "synthetic",

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 from orchestrator.common.contract import CONFIG_YAML, DEVICE_ENV, RECIPES
 from orchestrator.common.files import cache_dir
-from orchestrator.common.plan import MemoryEstimate, Plan
+from orchestrator.common.plan import ComputeEstimate, MemoryEstimate, Plan
 from orchestrator.config.derived import (
     data_parallel_size,
     gradient_ranks,
@@ -18,7 +18,7 @@ from orchestrator.config.derived import (
     resolve_batch,
     strategy_name,
 )
-from orchestrator.config.gpus import GPUS, device_memory_bytes
+from orchestrator.config.gpus import GPU, GPUS, device_memory_bytes
 from orchestrator.config.launcher import torchrun_flags
 from orchestrator.config.schema import JobConfig
 from orchestrator.models import pipeline, tensor_parallel
@@ -164,6 +164,23 @@ def _rank_env(job: JobConfig, device: str, cpu_count: int, python: str) -> dict[
     return env
 
 
+def _compute(job: JobConfig, specs: list[ParamSpec], global_batch: int, qat_flops: float,
+             gpu: Optional[GPU]) -> ComputeEstimate:
+    """FLOPs, tokens and (with a GPU) time and cost; the DPO reference copy is memory, not
+    model size."""
+    model_specs = [s for s in specs if not s.name.startswith(REFERENCE)]
+    layers = job.model.n_layer * (2 if job.model.family == "t5" else 1)
+    return compute.estimate(
+        sum(s.numel for s in model_specs), global_batch, job.data.seq_len, job.train.steps,
+        layers, job.model.d_model, job.world_size,
+        gpu.peak_flops(job.precision.name) if gpu else None, job.plan.mfu,
+        job.plan.budget_flops, job.cluster.gpu_hour_usd,
+        trainable_params=sum(s.numel for s in specs if s.trainable),
+        reference=job.dpo_beta is not None, extra_flops_per_token=qat_flops,
+        lookup_params=sum(s.numel for s in model_specs if s.lookup),
+        trainable_lookup_params=sum(s.numel for s in model_specs if s.lookup and s.trainable))
+
+
 def make_plan(job: JobConfig, device: str, cpu_count: int, python: str = sys.executable) -> Plan:
     """Everything a launcher needs, computed without allocating the model."""
     accum, global_batch = resolve_batch(job)
@@ -177,17 +194,19 @@ def make_plan(job: JobConfig, device: str, cpu_count: int, python: str = sys.exe
         state = dataclasses.replace(state, memory=dataclasses.replace(state.memory, rank=rank))
     strategy, stage = strategy_name(job), job.parallelism.zero_stage
     psi = sum(s.numel for s in specs)
-    # DPO: the frozen reference copy is memory, not model size
-    model_specs = [s for s in specs if not s.name.startswith(REFERENCE)]
-    n_model = sum(s.numel for s in model_specs)
     qat_bytes, qat_flops = int8.qat_overhead(job, specs)  # precision.qat
     mem = memory.with_activations(state.memory, _activations(job, accum) + qat_bytes,
                                   job.plan.memory_overhead, psi,
                                   state.memory.shard_size or gradient_ranks(job), stage,
                                   job.precision.name)
     gpu = GPUS.get(job.cluster.gpu)
+    compute_estimate = _compute(job, specs, global_batch, qat_flops, gpu)
+    comm = {"dp": communication.data_parallel_bytes(job, slices, accum, state.memory.shard_size),
+            "tp": communication.tensor_parallel_bytes(job, accum),
+            "cp": communication.context_parallel_bytes(job, accum),
+            "pp": communication.pipeline_parallel_bytes(job, accum)}
+    pipeline_entry = _pipeline_entry(job, accum)
     local = job.launcher.name == "local" and device == "cuda"
-    layers = job.model.n_layer * (2 if job.model.family == "t5" else 1)
     return Plan(
         world_size=job.world_size, nnodes=job.cluster.nodes,
         nproc_per_node=job.cluster.gpus_per_node, device=device,
@@ -197,27 +216,18 @@ def make_plan(job: JobConfig, device: str, cpu_count: int, python: str = sys.exe
         commands=node_commands(job, config_path, python),
         env=_rank_env(job, device, cpu_count, python), run_dir=job.run_dir,
         config_path=config_path, memory=mem,
-        compute=compute.estimate(
-            n_model, global_batch, job.data.seq_len, job.train.steps, layers, job.model.d_model,
-            job.world_size, gpu.peak_flops(job.precision.name) if gpu else None, job.plan.mfu,
-            job.plan.budget_flops, job.cluster.gpu_hour_usd,
-            trainable_params=sum(s.numel for s in specs if s.trainable),
-            reference=job.dpo_beta is not None, extra_flops_per_token=qat_flops,
-            lookup_params=sum(s.numel for s in model_specs if s.lookup),
-            trainable_lookup_params=sum(s.numel for s in model_specs
-                                        if s.lookup and s.trainable)),
+        compute=compute_estimate,
         deepspeed_config=state.deepspeed_config,
         mesh=memory.describe_mesh(strategy, gradient_ranks(job), stage, mem.shard_size,
                                   state.hpz, job.parallelism.tensor_parallel,
                                   job.parallelism.pipeline_parallel,
                                   job.parallelism.context_parallel),
         tensor_parallel=job.parallelism.tensor_parallel,
-        pipeline=_pipeline_entry(job, accum),
-        comm_bytes={"dp": communication.data_parallel_bytes(job, slices, accum,
-                                                            state.memory.shard_size),
-                    "tp": communication.tensor_parallel_bytes(job, accum),
-                    "cp": communication.context_parallel_bytes(job, accum),
-                    "pp": communication.pipeline_parallel_bytes(job, accum)},
+        pipeline=pipeline_entry,
+        comm_bytes=comm,
+        step_estimate=communication.step_estimate(
+            job, comm, compute_estimate.step_time_s,
+            pipeline_entry["bubble_fraction"] if pipeline_entry else 0.0, gpu),
         quantize=int8.plan_entry(job, specs),
         gpu=job.cluster.gpu if gpu else None,
         # on the machine itself (launcher=local) the device's own total_memory, if it is one

@@ -29,7 +29,21 @@ def _mesh_rows(plan: Plan) -> list[tuple[str, str]]:
     if sent:
         rows.append(("sent per step (per rank)", " + ".join(
             f"{dim} {human_bytes(n)}" for dim, n in sent.items())))
+    if plan.step_estimate:
+        rows.append(("step time (estimate)", step_text(plan.step_estimate)))
     return rows
+
+
+def step_text(est: dict[str, float]) -> str:
+    """"4.7 s = compute 4.6 + dp 0.1 not hidden (dp 4.7 s overlapped) + tp 0.02 ..."."""
+    parts = [f"compute {est['compute_s']:.3g}"]
+    if est["bubble_s"]:
+        parts.append(f"bubble {est['bubble_s']:.3g}")
+    if est.get("dp_s"):
+        parts.append(f"dp {est['dp_exposed_s']:.3g} not hidden by compute (of "
+                     f"{est['dp_s']:.3g})")
+    parts += [f"{dim} {est[f'{dim}_s']:.3g}" for dim in ("tp", "cp", "pp") if est.get(f"{dim}_s")]
+    return f"{est['total_s']:.3g} s = " + " + ".join(parts)
 
 
 def plan_rows(plan: Plan) -> list[tuple[str, str]]:

@@ -131,7 +131,8 @@ def test_auto_picks_ddp_with_the_largest_micro_batch_when_it_fits() -> None:
     job = make_job(["parallelism=auto", "cluster.gpu=h100", "train.global_batch_size=32"])
     chosen, reason = fit.choose(job, planner())
     assert (chosen.parallelism.zero_stage, chosen.parallelism.backend) == (0, "torch")
-    assert chosen.train.micro_batch_size == 16 and "cheapest strategy fits" in reason
+    assert chosen.train.micro_batch_size == 16 and reason.startswith("ddp with micro batch 16")
+    assert "; slower: zero1" in reason  # the same all-reduce, plus ZeRO-1's parameter gather
 
 
 def test_auto_climbs_the_ladder_only_as_far_as_needed() -> None:
