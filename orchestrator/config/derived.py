@@ -79,6 +79,17 @@ def data_parallel_rank(job: JobConfig, rank: int) -> int:
     return rank // (p.tensor_parallel * p.context_parallel) % data_parallel_size(job)
 
 
+MULTI_STAGE_SCHEDULES = ("interleaved_1f1b",)  # several stages per rank
+
+
+def pipeline_stages_per_rank(job: JobConfig) -> int:
+    """V, the stages each rank holds (None: 2 for an interleaved schedule, else 1)."""
+    p = job.parallelism
+    if p.pipeline_stages_per_rank is not None:
+        return p.pipeline_stages_per_rank
+    return 2 if p.pipeline_schedule in MULTI_STAGE_SCHEDULES else 1
+
+
 def pipeline_microbatches(job: JobConfig) -> int:
     """The micro-batches each step's batch runs as through the pipeline (None: 2 x stages)."""
     p = job.parallelism

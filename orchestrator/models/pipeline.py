@@ -4,7 +4,9 @@ and which of the other parameters each stage holds. The ranks split the model wi
 
 Blocks go to stages in order, as evenly as they divide; when they do not, the extra blocks go
 to the middle stages first, since the first stage also holds the embedding and the last the
-final norm and the head (torchtitan balances its splits the same way).
+final norm and the head (torchtitan balances its splits the same way). With V stages per rank
+(interleaved schedules) there are P·V stages, and stage k runs on rank k mod P (torch's
+looped placement: rank r holds stages r, r + P, ...).
 """
 
 from __future__ import annotations
@@ -37,3 +39,15 @@ def stage_of(name: str, n_layer: int, stages: int) -> int:
 def stage_specs(specs: list[ParamSpec], n_layer: int, stages: int, stage: int) -> list[ParamSpec]:
     """The parameters stage `stage` holds."""
     return [s for s in specs if stage_of(s.name, n_layer, stages) == stage]
+
+
+def stages_of_rank(rank: int, ranks: int, per_rank: int) -> list[int]:
+    """The stages pipeline rank `rank` of `ranks` holds, `per_rank` of them (looped)."""
+    return [rank + v * ranks for v in range(per_rank)]
+
+
+def rank_specs(specs: list[ParamSpec], n_layer: int, ranks: int, per_rank: int,
+               rank: int) -> list[ParamSpec]:
+    """The parameters pipeline rank `rank` holds: those of all its stages."""
+    mine = set(stages_of_rank(rank, ranks, per_rank))
+    return [s for s in specs if stage_of(s.name, n_layer, ranks * per_rank) in mine]

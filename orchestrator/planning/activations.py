@@ -20,6 +20,7 @@ time, the whole sequence's keys and values all-gathered (2·s·b·kv_heads·head
 
 from __future__ import annotations
 
+from orchestrator.config.derived import pipeline_stages_per_rank
 from orchestrator.config.schema import JobConfig
 from orchestrator.models.pipeline import stage_blocks
 
@@ -75,15 +76,27 @@ def _logits_bytes(job: JobConfig, b: int) -> int:
 
 
 def pipeline_activation_bytes(job: JobConfig, batch: int, microbatches: int) -> int:
-    """The most any stage holds: the micro-batches it has in flight (GPipe: all of them until
-    the backwards start; 1F1B: stage i at most P - i) times one micro-batch's activations of its
-    blocks, plus the logits on the last stage; `batch` is the step's, split in `microbatches`."""
-    stages, b = job.parallelism.pipeline_parallel, batch // microbatches
-    gpipe = job.parallelism.pipeline_schedule == "gpipe"
+    """The most any pipeline rank holds: the micro-batches it has in flight times one
+    micro-batch's activations of its blocks, plus the logits on the last stage; `batch` is the
+    step's, split in `microbatches`. GPipe holds every micro-batch until the backwards start;
+    1F1B at most P - r on rank r; interleaved 1F1B (V stages per rank) runs torch's warm-up of
+    (V - 1)·(M / rounds) + 2·(P - 1 - r) stage-forwards, then one more before each backward,
+    each holding one stage's blocks."""
+    p = job.parallelism
+    ranks, b = p.pipeline_parallel, batch // microbatches
+    v = pipeline_stages_per_rank(job)
+    split = stage_blocks(job.model.n_layer, ranks * v)
+    per_stage = max(len(blocks) for blocks in split)
     worst = 0
-    for i, blocks in enumerate(stage_blocks(job.model.n_layer, stages)):
-        in_flight = microbatches if gpipe else min(stages - i, microbatches)
-        kept, recomputed = _blocks_bytes(job, b, len(blocks))
-        last = _logits_bytes(job, b) if i == stages - 1 else 0
-        worst = max(worst, in_flight * (kept + last) + recomputed)
+    for r in range(ranks):
+        if p.pipeline_schedule == "gpipe":
+            in_flight = microbatches
+        elif v == 1:
+            in_flight = min(ranks - r, microbatches)
+        else:
+            per_round = microbatches // max(1, microbatches // ranks)
+            in_flight = min((v - 1) * per_round + 2 * (ranks - 1 - r) + 1, v * microbatches)
+        kept, recomputed = _blocks_bytes(job, b, per_stage if v > 1 else len(split[r]))
+        last = _logits_bytes(job, b) * min(in_flight, microbatches) if r == ranks - 1 else 0
+        worst = max(worst, in_flight * kept + last + recomputed)
     return worst

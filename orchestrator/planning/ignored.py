@@ -56,7 +56,8 @@ READERS: tuple[Reader, ...] = (
            and j.world_size > j.parallelism.pipeline_parallel,
            "DDP or ZeRO-1 without tensor parallelism, or data-parallel pipeline stages "
            "(gradient buckets)"),
-    Reader(("parallelism.pipeline_schedule", "parallelism.pipeline_microbatches"),
+    Reader(("parallelism.pipeline_schedule", "parallelism.pipeline_microbatches",
+            "parallelism.pipeline_stages_per_rank"),
            lambda j: j.parallelism.pipeline_parallel > 1, "parallelism.pipeline_parallel > 1"),
     Reader(("cluster.network_gbps",), lambda j: j.cluster.nodes > 1 and j.cluster.gpu != "none",
            "cluster.nodes > 1 with cluster.gpu set (the plan's time across nodes)", warn=True),

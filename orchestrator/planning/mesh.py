@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from orchestrator.common.errors import ConfigError
 from orchestrator.config.derived import (
+    MULTI_STAGE_SCHEDULES,
     data_parallel_size,
     gradient_ranks,
     pipeline_microbatches,
+    pipeline_stages_per_rank,
     resolve_batch,
 )
 from orchestrator.config.rules import positive
@@ -20,6 +22,7 @@ from orchestrator.models.tensor_parallel import PLANS
 TP_KEY = "parallelism.tensor_parallel"
 PP_KEY = "parallelism.pipeline_parallel"
 CP_KEY = "parallelism.context_parallel"
+STAGES_KEY = "parallelism.pipeline_stages_per_rank"
 
 
 def check_mesh(job: JobConfig) -> None:
@@ -85,13 +88,19 @@ def _check_pipeline(job: JobConfig) -> None:
     if job.model.family not in PLANS:
         raise ConfigError(PP_KEY, n, f"1 for model.family={job.model.family} (pipeline "
                           f"parallelism is built for: {', '.join(PLANS)})")
-    if n > job.model.n_layer:
-        raise ConfigError(PP_KEY, n, f"at most model.n_layer={job.model.n_layer} (each stage "
-                          "holds whole blocks)")
+    v = _check_stages_per_rank(job)
+    if n * v > job.model.n_layer:
+        raise ConfigError(PP_KEY, n, f"at most model.n_layer={job.model.n_layer} / "
+                          f"{v} stages per rank (each stage holds whole blocks)")
     micro = pipeline_microbatches(job)
     if micro < n:
         raise ConfigError("parallelism.pipeline_microbatches", micro, f"at least "
                           f"{PP_KEY}={n} (with fewer, some stage is idle all step)")
+    rounds = max(1, micro // n)
+    if v > 1 and micro % rounds:
+        raise ConfigError("parallelism.pipeline_microbatches", micro, f"a multiple of {rounds} "
+                          f"with {PP_KEY}={n} and {v} stages per rank (the interleaved "
+                          "schedule runs them in equal rounds)")
     batch = job.train.micro_batch_size * resolve_batch(job)[0]
     if batch % micro:
         raise ConfigError("parallelism.pipeline_microbatches", micro, "a divisor of the batch "
@@ -102,6 +111,23 @@ def _check_pipeline(job: JobConfig) -> None:
         raise ConfigError("eval.every_steps", job.eval.every_steps, f"0 with {PP_KEY}={n} "
                           "(evaluation through the pipeline is not built yet)")
     _check_not_yet(job, PP_KEY, n, "pipeline")
+
+
+def _check_stages_per_rank(job: JobConfig) -> int:
+    """V: at least 2 for an interleaved schedule, 1 for the others."""
+    p, v = job.parallelism, pipeline_stages_per_rank(job)
+    positive(STAGES_KEY, v)
+    multi = p.pipeline_schedule in MULTI_STAGE_SCHEDULES
+    if multi and v < 2:
+        raise ConfigError(STAGES_KEY, v, f"at least 2 with pipeline_schedule="
+                          f"{p.pipeline_schedule} (it interleaves several stages per rank)")
+    if not multi and v > 1:
+        raise ConfigError(STAGES_KEY, v, f"1 with pipeline_schedule={p.pipeline_schedule} "
+                          "(one stage per rank; interleaved_1f1b runs several)")
+    if v > 1 and p.zero_stage:
+        raise ConfigError("parallelism.zero_stage", p.zero_stage, f"0 with {STAGES_KEY}={v} "
+                          "(FSDP2 over several stages per rank is not built yet)")
+    return v
 
 
 def _check_pipeline_data_parallel(job: JobConfig, n: int) -> None:

@@ -15,6 +15,7 @@ from orchestrator.config.derived import (
     data_parallel_size,
     gradient_ranks,
     pipeline_microbatches,
+    pipeline_stages_per_rank,
     resolve_batch,
     strategy_name,
 )
@@ -121,13 +122,15 @@ def _model_state(job: JobConfig, specs: list[ParamSpec], device: str, accum: int
 
 
 def _heaviest_stage(job: JobConfig, specs: list[ParamSpec]) -> tuple[int, list[ParamSpec]]:
-    """Pipeline parallelism: the stage holding the most parameters, and those; else (0, all)."""
-    stages = job.parallelism.pipeline_parallel
-    if stages == 1:
+    """Pipeline parallelism: the pipeline rank holding the most parameters (its stages'), and
+    those; else (0, all)."""
+    ranks, per_rank = job.parallelism.pipeline_parallel, pipeline_stages_per_rank(job)
+    if ranks == 1:
         return 0, specs
-    held = [pipeline.stage_specs(specs, job.model.n_layer, stages, i) for i in range(stages)]
-    stage = max(range(stages), key=lambda i: sum(s.numel for s in held[i]))
-    return stage, held[stage]
+    held = [pipeline.rank_specs(specs, job.model.n_layer, ranks, per_rank, r)
+            for r in range(ranks)]
+    rank = max(range(ranks), key=lambda r: sum(s.numel for s in held[r]))
+    return rank, held[rank]
 
 
 def _activations(job: JobConfig, accum: int) -> int:
@@ -139,14 +142,16 @@ def _activations(job: JobConfig, accum: int) -> int:
 
 def _pipeline_entry(job: JobConfig, accum: int) -> Optional[dict[str, Any]]:
     """The pipeline's shape in the plan: stages, schedule, micro-batches and the bubble
-    (P - 1) / (M + P - 1), the share of each step a stage waits (GPipe and 1F1B alike)."""
+    (P - 1) / (V·M + P - 1), the share of each step a rank waits (GPipe and 1F1B: V = 1;
+    interleaving V stages per rank shortens each stage, and so the bubble, V times)."""
     p = job.parallelism
     if p.pipeline_parallel == 1:
         return None
-    stages, micro = p.pipeline_parallel, pipeline_microbatches(job)
-    return {"stages": stages, "schedule": p.pipeline_schedule, "microbatches": micro,
+    ranks, micro, v = p.pipeline_parallel, pipeline_microbatches(job), pipeline_stages_per_rank(job)
+    return {"stages": ranks * v, "stages_per_rank": v, "schedule": p.pipeline_schedule,
+            "microbatches": micro,
             "microbatch_size": job.train.micro_batch_size * accum // micro,
-            "bubble_fraction": (stages - 1) / (micro + stages - 1)}
+            "bubble_fraction": (ranks - 1) / (v * micro + ranks - 1)}
 
 
 def _rank_env(job: JobConfig, device: str, cpu_count: int, python: str) -> dict[str, str]:

@@ -33,7 +33,27 @@ REFUSED = {
     "more stages than blocks": (
         [*PP2, "cluster.gpus_per_node=4", "parallelism.pipeline_parallel=4"],
         "config key 'parallelism.pipeline_parallel' has value 4; allowed: at most "
-        "model.n_layer=2 (each stage holds whole blocks)"),
+        "model.n_layer=2 / 1 stages per rank (each stage holds whole blocks)"),
+    "interleaved, more stages than blocks": (
+        [*PP2, "parallelism.pipeline_schedule=interleaved_1f1b",
+         "parallelism.pipeline_stages_per_rank=2"],
+        "config key 'parallelism.pipeline_parallel' has value 2; allowed: at most "
+        "model.n_layer=2 / 2 stages per rank (each stage holds whole blocks)"),
+    "interleaved with one stage per rank": (
+        [*PP2, "model.n_layer=4", "parallelism.pipeline_schedule=interleaved_1f1b",
+         "parallelism.pipeline_stages_per_rank=1"],
+        "config key 'parallelism.pipeline_stages_per_rank' has value 1; allowed: at least 2 "
+        "with pipeline_schedule=interleaved_1f1b (it interleaves several stages per rank)"),
+    "stages per rank without interleaving": (
+        [*PP2, "model.n_layer=4", "parallelism.pipeline_stages_per_rank=2"],
+        "config key 'parallelism.pipeline_stages_per_rank' has value 2; allowed: 1 with "
+        "pipeline_schedule=1f1b (one stage per rank; interleaved_1f1b runs several)"),
+    "interleaved under FSDP2": (
+        [*PP2, "model.n_layer=4", "cluster.gpus_per_node=4", "train.micro_batch_size=4",
+         "parallelism.pipeline_schedule=interleaved_1f1b", "parallelism.zero_stage=2"],
+        "config key 'parallelism.zero_stage' has value 2; allowed: 0 with "
+        "parallelism.pipeline_stages_per_rank=2 (FSDP2 over several stages per rank is not "
+        "built yet)"),
     "too few micro-batches": (
         [*PP2, "parallelism.pipeline_microbatches=1"],
         "config key 'parallelism.pipeline_microbatches' has value 1; allowed: at least "
@@ -98,3 +118,22 @@ def test_the_plan_counts_the_bubble_and_the_micro_batches_in_flight(schedule: st
                                         "train.micro_batch_size=2"]))
     want = 8 * (2 * per_layer + logits) if schedule == "gpipe" else 4 * 2 * per_layer
     assert plan.memory.activations_bytes == want
+
+
+def test_the_plan_of_an_interleaved_pipeline() -> None:
+    """2 ranks x 2 stages of 2 blocks (8 layers), 4 micro-batches of 2: bubble
+    (P-1)/(V·M+P-1) = 1/9. In flight, from torch's interleaved warm-up
+    ((V-1)·M/rounds + 2·(P-1-r) stage-forwards, rounds = M/P, then one more): rank 0 holds 5
+    stage-micro-batches of 2 blocks, rank 1 3 and their logits; the plan takes the larger."""
+    job = make_job(["model=llama_tiny", "model.n_layer=8", "parallelism.pipeline_parallel=2",
+                    "parallelism.pipeline_schedule=interleaved_1f1b",
+                    "parallelism.pipeline_microbatches=4", "train.micro_batch_size=8"])
+    plan = make_plan(job, "cpu", 2)
+    assert plan.pipeline["bubble_fraction"] == pytest.approx(1 / 9)
+    assert (plan.pipeline["stages"], plan.pipeline["stages_per_rank"]) == (4, 2)
+    one = make_job(["model=llama_tiny", "model.n_layer=8", "train.micro_batch_size=2"])
+    empty = make_job(["model=llama_tiny", "model.n_layer=0", "train.micro_batch_size=2"])
+    per_layer = (activation_bytes(one) - activation_bytes(empty)) // 8
+    logits = activation_bytes(empty)
+    assert plan.memory.activations_bytes == max(5 * 2 * per_layer,
+                                                3 * 2 * per_layer + 3 * logits)

@@ -7,9 +7,10 @@ its own share of the data, and average their stage's gradients with DDP (zero_st
 shard them with FSDP2 (zero_stage 2, parameters gathered once per step: the schedule defers
 FSDP's reshard and gradient reduction to the stage's last backward, `perform_reduce_grad`).
 
-The stage is the model itself with the other stages' blocks replaced by empty modules and its
-forward replaced by the stage's part of Llama's, so every parameter keeps its name: a
-checkpoint written by the stages is the whole model's (DCP), and loads under another layout.
+Each rank's stages are cut from the model in place (pipeline_stage.py), so every parameter
+keeps its name: a checkpoint written by the stages is the whole model's (DCP), and loads under
+another layout. With `interleaved_1f1b` each rank holds V stages (k, k + P, ...) and runs them
+replicated (zero_stage 0).
 Weights: rank 0 built the whole model, the others theirs on the meta device; rank 0 sends each
 rank its stage's parameters (point to point) and every rank its buffers (rotary frequencies);
 FSDP2 then keeps each rank's shard of them.
@@ -18,7 +19,6 @@ FSDP2 then keeps each rank's shard of them.
 from __future__ import annotations
 
 import contextlib
-import types
 from typing import Any
 
 import torch
@@ -27,13 +27,22 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+)
 from torch.distributed.tensor import DTensor
 
-from orchestrator.config.derived import data_parallel_size, pipeline_microbatches
+from orchestrator.config.derived import (
+    data_parallel_size,
+    pipeline_microbatches,
+    pipeline_stages_per_rank,
+)
 from orchestrator.config.schema import JobConfig
 from orchestrator.models.build import transformer_blocks
-from orchestrator.models.pipeline import stage_blocks, stage_of
+from orchestrator.models.pipeline import stage_of, stages_of_rank
 from orchestrator.run import precision as prec
 from orchestrator.run.mesh import PP, data_mesh, device_mesh
 from orchestrator.run.strategies.base import (
@@ -44,6 +53,7 @@ from orchestrator.run.strategies.base import (
     whole,
 )
 from orchestrator.run.strategies.fsdp import fsdp_held_tensors
+from orchestrator.run.strategies.pipeline_stage import StageChunk, prune
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
@@ -56,47 +66,15 @@ def causal_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            labels[:, 1:].reshape(-1), ignore_index=-100)
 
 
-def _stage_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Llama's forward for the blocks this stage holds (`self._stage_blocks`): token ids in on
-    the first stage, hidden states between stages, logits out of the last."""
-    from transformers.masking_utils import create_causal_mask
-
-    inner = self.model
-    h = inner.embed_tokens(x) if inner.embed_tokens is not None else x
-    positions = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
-    mask = create_causal_mask(config=self.config, inputs_embeds=h, attention_mask=None,
-                              cache=None, position_ids=positions)
-    rotary = inner.rotary_emb(h, position_ids=positions)
-    for i in self._stage_blocks:
-        h = inner.layers[i](h, attention_mask=mask, position_ids=positions,
-                            position_embeddings=rotary)
-    return self.lm_head(inner.norm(h)) if inner.norm is not None else h
-
-
-def _prune(model: nn.Module, stage: int, stages: int) -> None:
-    """Keep this stage's blocks (and root parts); the rest become empty modules."""
-    inner = model.model
-    blocks = stage_blocks(len(inner.layers), stages)[stage]
-    for i in range(len(inner.layers)):
-        if i not in blocks:
-            inner.layers[i] = nn.Identity()
-    if stage != 0:
-        inner.embed_tokens = None
-    if stage != stages - 1:
-        inner.norm, model.lm_head = None, None
-    model._stage_blocks = list(blocks)
-    model.forward = types.MethodType(_stage_forward, model)
-
-
 def _send_stages(model: nn.Module, full: dict[str, torch.Tensor], owner: dict[str, int],
-                 stage_of_rank: list[int], device: torch.device) -> None:
-    """Rank 0 sends each parameter to every rank holding its stage (in `owner`'s order, which
-    every rank knows), from the device (NCCL sends device tensors; rank 0 built the model on
-    the host), then every buffer to every rank."""
+                 pipeline_rank: list[int], device: torch.device) -> None:
+    """Rank 0 sends each parameter to every rank whose pipeline rank holds it (`owner`, in an
+    order every rank knows), from the device (NCCL sends device tensors; rank 0 built the model
+    on the host), then every buffer to every rank."""
     rank, mine = dist.get_rank(), dict(model.named_parameters())
-    for name, stage in owner.items():
-        for dst in range(1, len(stage_of_rank)):
-            if stage_of_rank[dst] != stage:
+    for name, holder in owner.items():
+        for dst in range(1, len(pipeline_rank)):
+            if pipeline_rank[dst] != holder:
                 continue
             if rank == 0:
                 dist.send(full[name].to(device).contiguous(), dst=dst)
@@ -110,10 +88,12 @@ class PipelineEngine(Engine):
     """One stage on one rank: `train_step` runs the schedule over the step's whole batch."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, job: JobConfig,
-                 device: str, schedule: Any, mesh: DeviceMesh) -> None:
+                 device: str, schedule: Any, mesh: DeviceMesh, held: list[int]) -> None:
         super().__init__(model, optimizer, job, device)
         self.schedule, self.mesh = schedule, mesh
-        self.stage, self.stages = mesh[PP].get_local_rank(), mesh[PP].size()
+        self.ranks = mesh[PP].size()  # the last stage is on the last pipeline rank
+        self.first = 0 in held
+        self.last = self.ranks * pipeline_stages_per_rank(job) - 1 in held
         self.sharded = job.parallelism.zero_stage == 2
 
     def autocast(self) -> Any:
@@ -170,7 +150,7 @@ class PipelineEngine(Engine):
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
         ids = torch.cat([b["input_ids"] for b in micro_batches]).to(self.device)
         labels = torch.cat([b["labels"] for b in micro_batches]).to(self.device)
-        first, last = self.stage == 0, self.stage == self.stages - 1
+        first, last = self.first, self.last
         if self.probe:  # gradients are freed: the model state a forward holds
             self.probe("after_forward")
         losses: list[torch.Tensor] = []
@@ -180,7 +160,7 @@ class PipelineEngine(Engine):
                                losses=losses if last else None)
         loss = (torch.stack(losses).mean().detach() if last
                 else torch.zeros((), device=self.device))
-        dist.broadcast(loss, group=self.mesh[PP].get_group(), group_src=self.stages - 1)
+        dist.broadcast(loss, group=self.mesh[PP].get_group(), group_src=self.ranks - 1)
         self.average_grads()
         if self.probe:
             self.probe("after_backward")
@@ -226,23 +206,40 @@ def _data_parallel(model: nn.Module, job: JobConfig, mesh: DeviceMesh) -> nn.Mod
     return model
 
 
+def _schedule(model: nn.Module, job: JobConfig, mesh: DeviceMesh, held: list[int],
+              here: torch.device) -> Any:
+    """The schedule over this rank's stages: the model itself (DDP- or FSDP2-wrapped) as its one
+    stage, or a chunk of it per stage (interleaved)."""
+    stages = mesh[PP].size() * pipeline_stages_per_rank(job)
+    group, micro = mesh[PP].get_group(), pipeline_microbatches(job)
+    kind = job.parallelism.pipeline_schedule
+    if len(held) == 1:
+        pipe = PipelineStage(model, held[0], stages, here, group=group)
+        return SCHEDULES[kind](pipe, n_microbatches=micro, loss_fn=causal_loss,
+                               scale_grads=True)
+    pipes = [PipelineStage(StageChunk(model, k, stages), k, stages, here, group=group)
+             for k in held]
+    return ScheduleInterleaved1F1B(pipes, n_microbatches=micro, loss_fn=causal_loss,
+                                   scale_grads=True)
+
+
 def setup(model: nn.Module, job: JobConfig, device: str) -> Engine:
-    world, stages = dist.get_world_size(), job.parallelism.pipeline_parallel
-    mesh = device_mesh(device, world, job.parallelism.replicate_degree, 1, pp=stages)
-    stage = mesh[PP].get_local_rank()
+    world, ranks = dist.get_world_size(), job.parallelism.pipeline_parallel
+    per_rank = pipeline_stages_per_rank(job)
+    mesh = device_mesh(device, world, job.parallelism.replicate_degree, 1, pp=ranks)
+    held = stages_of_rank(mesh[PP].get_local_rank(), ranks, per_rank)
     full = model.state_dict() if dist.get_rank() == 0 else {}
     n_layer = len(model.model.layers)
-    owner = {name: stage_of(name, n_layer, stages) for name, _ in model.named_parameters()}
-    _prune(model, stage, stages)
+    owner = {name: stage_of(name, n_layer, ranks * per_rank) % ranks
+             for name, _ in model.named_parameters()}
+    prune(model, held, ranks * per_rank)
     materialize(model, device)
     # this rank's own GPU (distributed.init made it the current device), never GPU 0's
     here = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else \
         torch.device(device)
-    _send_stages(model, full, owner, [r // (world // stages) for r in range(world)], here)
+    _send_stages(model, full, owner, [r // (world // ranks) for r in range(world)], here)
     del full
     model = _data_parallel(model, job, mesh)
-    pipe = PipelineStage(model, stage, stages, here, group=mesh[PP].get_group())
-    schedule = SCHEDULES[job.parallelism.pipeline_schedule](
-        pipe, n_microbatches=pipeline_microbatches(job), loss_fn=causal_loss, scale_grads=True)
+    schedule = _schedule(model, job, mesh, held, here)
     optimizer = build_optimizer(model.parameters(), job)
-    return PipelineEngine(model, optimizer, job, device, schedule, mesh)
+    return PipelineEngine(model, optimizer, job, device, schedule, mesh, held)
