@@ -30,6 +30,7 @@ NOT_READ = {
     "parallelism.tp_across_nodes": ["parallelism.tp_across_nodes=true"],
     "parallelism.pipeline_schedule": ["parallelism.pipeline_schedule=gpipe"],
     "parallelism.pipeline_microbatches": ["parallelism.pipeline_microbatches=4"],
+    "parallelism.pipeline_stages_per_rank": ["parallelism.pipeline_stages_per_rank=2"],
     "data.path": ["data.path=/tmp/x.txt"], "data.cache_dir": ["data.cache_dir=/tmp/c"],
     "data.num_proc": ["data.num_proc=2"], "data.text_field": ["data.text_field=body"],
     "data.on_error": ["data.on_error=skip"],
