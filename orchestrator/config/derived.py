@@ -79,7 +79,8 @@ def data_parallel_rank(job: JobConfig, rank: int) -> int:
     return rank // (p.tensor_parallel * p.context_parallel) % data_parallel_size(job)
 
 
-MULTI_STAGE_SCHEDULES = ("interleaved_1f1b",)  # several stages per rank
+# several stages per rank: stage k on rank k mod P, or V-shaped (zbv: rank r holds r, 2P-1-r)
+MULTI_STAGE_SCHEDULES = ("interleaved_1f1b", "interleaved_zb", "zbv")
 
 
 def pipeline_stages_per_rank(job: JobConfig) -> int:

@@ -91,10 +91,12 @@ class ParallelismConfig:
     tensor_parallel: int = 1
     tp_across_nodes: bool = False  # let a tensor-parallel group span nodes
     # pipeline parallelism (Llama): the blocks in P stages; each step's batch runs as
-    # pipeline_microbatches (None = 2 x P) under gpipe, 1f1b or interleaved_1f1b (V stages per
-    # rank, pipeline_stages_per_rank; None = 2 for interleaved_1f1b, else 1)
+    # pipeline_microbatches (None = 2 x P) under gpipe, 1f1b, or with V stages per rank
+    # (pipeline_stages_per_rank; None = 2 for these, else 1) interleaved_1f1b, interleaved_zb
+    # (zero bubble) or zbv (zero bubble, V-shaped: exactly 2 stages per rank)
     pipeline_parallel: int = 1
-    pipeline_schedule: str = choice("1f1b", "1f1b", "gpipe", "interleaved_1f1b")
+    pipeline_schedule: str = choice("1f1b", "1f1b", "gpipe", "interleaved_1f1b", "interleaved_zb",
+                                    "zbv")
     pipeline_microbatches: Optional[int] = None
     pipeline_stages_per_rank: Optional[int] = None
     # context parallelism (Llama, CUDA): each sequence split over C ranks, attention as ring

@@ -6,7 +6,8 @@ Blocks go to stages in order, as evenly as they divide; when they do not, the ex
 to the middle stages first, since the first stage also holds the embedding and the last the
 final norm and the head (torchtitan balances its splits the same way). With V stages per rank
 (interleaved schedules) there are P·V stages, and stage k runs on rank k mod P (torch's
-looped placement: rank r holds stages r, r + P, ...).
+looped placement: rank r holds stages r, r + P, ...), or V-shaped for zbv (rank r holds
+stages r and 2P - 1 - r).
 """
 
 from __future__ import annotations
@@ -41,13 +42,24 @@ def stage_specs(specs: list[ParamSpec], n_layer: int, stages: int, stage: int) -
     return [s for s in specs if stage_of(s.name, n_layer, stages) == stage]
 
 
-def stages_of_rank(rank: int, ranks: int, per_rank: int) -> list[int]:
-    """The stages pipeline rank `rank` of `ranks` holds, `per_rank` of them (looped)."""
+V_SHAPED = ("zbv",)  # schedules whose 2 stages per rank are placed V-shaped
+
+
+def stages_of_rank(rank: int, ranks: int, per_rank: int, schedule: str = "1f1b") -> list[int]:
+    """The stages pipeline rank `rank` of `ranks` holds, `per_rank` of them: looped (rank r holds
+    r, r + P, ...), or V-shaped for zbv (r and 2P - 1 - r: the first and last stage on rank 0)."""
+    if schedule in V_SHAPED:
+        return [rank, 2 * ranks - 1 - rank]
     return [rank + v * ranks for v in range(per_rank)]
 
 
+def rank_of_stage(stage: int, ranks: int, per_rank: int, schedule: str = "1f1b") -> int:
+    """The pipeline rank holding `stage`."""
+    return next(r for r in range(ranks) if stage in stages_of_rank(r, ranks, per_rank, schedule))
+
+
 def rank_specs(specs: list[ParamSpec], n_layer: int, ranks: int, per_rank: int,
-               rank: int) -> list[ParamSpec]:
+               rank: int, schedule: str = "1f1b") -> list[ParamSpec]:
     """The parameters pipeline rank `rank` holds: those of all its stages."""
-    mine = set(stages_of_rank(rank, ranks, per_rank))
+    mine = set(stages_of_rank(rank, ranks, per_rank, schedule))
     return [s for s in specs if stage_of(s.name, n_layer, ranks * per_rank) in mine]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from orchestrator.config.derived import pipeline_stages_per_rank
 from orchestrator.config.schema import JobConfig
-from orchestrator.models.pipeline import stage_blocks
+from orchestrator.models.pipeline import rank_of_stage, stage_blocks, stages_of_rank
 
 ACT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "bf16_pure": 2, "fp8": 2}  # fp8: bf16 activations
 
@@ -75,28 +75,39 @@ def _logits_bytes(job: JobConfig, b: int) -> int:
     return _seq(job) * b * job.model.vocab_size * (act + 8) // t
 
 
+def _in_flight(job: JobConfig, rank: int, microbatches: int) -> int:
+    """Stage-micro-batches pipeline rank `rank` holds at most, from torch's schedules: GPipe
+    every micro-batch; 1F1B P - r; the interleaved ones their warm-up, (V - 1)·M/rounds plus
+    2·(P - 1 - r) (1F1B) or P - 1 - r (zero bubble) stage-forwards, then one more before each
+    backward; zbv its V-shaped warm-up, 3P - r - 1 forwards before its first backward."""
+    p = job.parallelism
+    ranks, v, kind = p.pipeline_parallel, pipeline_stages_per_rank(job), p.pipeline_schedule
+    if kind == "gpipe":
+        return microbatches
+    if v == 1:
+        return min(ranks - rank, microbatches)
+    if kind == "zbv":
+        return min(3 * ranks - rank - 1, v * microbatches)
+    per_round = microbatches // max(1, microbatches // ranks)
+    hops = (2 if kind == "interleaved_1f1b" else 1) * (ranks - 1 - rank)
+    return min((v - 1) * per_round + hops + 1, v * microbatches)
+
+
 def pipeline_activation_bytes(job: JobConfig, batch: int, microbatches: int) -> int:
-    """The most any pipeline rank holds: the micro-batches it has in flight times one
-    micro-batch's activations of its blocks, plus the logits on the last stage; `batch` is the
-    step's, split in `microbatches`. GPipe holds every micro-batch until the backwards start;
-    1F1B at most P - r on rank r; interleaved 1F1B (V stages per rank) runs torch's warm-up of
-    (V - 1)·(M / rounds) + 2·(P - 1 - r) stage-forwards, then one more before each backward,
-    each holding one stage's blocks."""
+    """The most any pipeline rank holds: the stage-micro-batches it has in flight
+    (`_in_flight`) times one micro-batch's activations of a stage's blocks, plus the logits on
+    the rank of the last stage; `batch` is the step's, split in `microbatches`. (The zero-bubble
+    schedules also keep each deferred weight gradient's inputs until it runs: not counted.)"""
     p = job.parallelism
     ranks, b = p.pipeline_parallel, batch // microbatches
     v = pipeline_stages_per_rank(job)
     split = stage_blocks(job.model.n_layer, ranks * v)
-    per_stage = max(len(blocks) for blocks in split)
+    last_rank = rank_of_stage(ranks * v - 1, ranks, v, p.pipeline_schedule)
     worst = 0
     for r in range(ranks):
-        if p.pipeline_schedule == "gpipe":
-            in_flight = microbatches
-        elif v == 1:
-            in_flight = min(ranks - r, microbatches)
-        else:
-            per_round = microbatches // max(1, microbatches // ranks)
-            in_flight = min((v - 1) * per_round + 2 * (ranks - 1 - r) + 1, v * microbatches)
-        kept, recomputed = _blocks_bytes(job, b, per_stage if v > 1 else len(split[r]))
-        last = _logits_bytes(job, b) * min(in_flight, microbatches) if r == ranks - 1 else 0
+        held = stages_of_rank(r, ranks, v, p.pipeline_schedule)
+        in_flight = _in_flight(job, r, microbatches)
+        kept, recomputed = _blocks_bytes(job, b, max(len(split[k]) for k in held))
+        last = _logits_bytes(job, b) * min(in_flight, microbatches) if r == last_rank else 0
         worst = max(worst, in_flight * kept + last + recomputed)
     return worst

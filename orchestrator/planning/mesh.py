@@ -121,9 +121,13 @@ def _check_stages_per_rank(job: JobConfig) -> int:
     if multi and v < 2:
         raise ConfigError(STAGES_KEY, v, f"at least 2 with pipeline_schedule="
                           f"{p.pipeline_schedule} (it interleaves several stages per rank)")
+    if p.pipeline_schedule == "zbv" and v != 2:
+        raise ConfigError(STAGES_KEY, v, "2 with pipeline_schedule=zbv (its V shape places "
+                          "exactly two stages on each rank)")
     if not multi and v > 1:
         raise ConfigError(STAGES_KEY, v, f"1 with pipeline_schedule={p.pipeline_schedule} "
-                          "(one stage per rank; interleaved_1f1b runs several)")
+                          "(one stage per rank; interleaved_1f1b, interleaved_zb and zbv run "
+                          "several)")
     if v > 1 and p.zero_stage:
         raise ConfigError("parallelism.zero_stage", p.zero_stage, f"0 with {STAGES_KEY}={v} "
                           "(FSDP2 over several stages per rank is not built yet)")

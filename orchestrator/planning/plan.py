@@ -127,8 +127,8 @@ def _heaviest_stage(job: JobConfig, specs: list[ParamSpec]) -> tuple[int, list[P
     ranks, per_rank = job.parallelism.pipeline_parallel, pipeline_stages_per_rank(job)
     if ranks == 1:
         return 0, specs
-    held = [pipeline.rank_specs(specs, job.model.n_layer, ranks, per_rank, r)
-            for r in range(ranks)]
+    held = [pipeline.rank_specs(specs, job.model.n_layer, ranks, per_rank, r,
+                                job.parallelism.pipeline_schedule) for r in range(ranks)]
     rank = max(range(ranks), key=lambda r: sum(s.numel for s in held[r]))
     return rank, held[rank]
 
@@ -143,7 +143,8 @@ def _activations(job: JobConfig, accum: int) -> int:
 def _pipeline_entry(job: JobConfig, accum: int) -> Optional[dict[str, Any]]:
     """The pipeline's shape in the plan: stages, schedule, micro-batches and the bubble
     (P - 1) / (V·M + P - 1), the share of each step a rank waits (GPipe and 1F1B: V = 1;
-    interleaving V stages per rank shortens each stage, and so the bubble, V times)."""
+    interleaving V stages per rank shortens each stage, and so the bubble, V times; the
+    zero-bubble schedules fill part of it with weight gradients: for them, an upper bound)."""
     p = job.parallelism
     if p.pipeline_parallel == 1:
         return None

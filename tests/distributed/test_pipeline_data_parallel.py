@@ -2,7 +2,8 @@
 as 2 stages x 2 data-parallel ranks, the stage's gradients averaged after the schedule or
 sharded by FSDP2 ZeRO-2, trains like 2-rank DDP on the same 8 samples per step (each
 data-parallel rank reads DDP's rank's share); a checkpoint of 4 stages (one rank each) resumes
-as 2 stages x FSDP2; 2 ranks holding 2 stages each (interleaved 1F1B) train like DDP too; every
+as 2 stages x FSDP2; 2 ranks holding 2 stages each (interleaved 1F1B, interleaved zero bubble,
+ZB-V) train like DDP too; every
 rank holds its planned bytes.
 
 The DDP run is the reference: test_reference_loop.py checks our DDP against a plain PyTorch loop
@@ -17,6 +18,7 @@ from tests.distributed.checks import assert_memory_matches_plan, losses
 
 COMMON = ["model=llama_tiny", "model.n_layer=4", "logging=none", "train.steps=12",
           "train.save_model=false"]
+MULTI = ("interleaved_1f1b", "interleaved_zb", "zbv")  # schedules with 2 stages per rank
 FOUR = ["cluster.gpus_per_node=4", "train.micro_batch_size=4"]  # 2 data-parallel ranks x 4
 LAYOUTS = {
     "ddp": ["+recipe=ddp"],  # 2 ranks x 4 samples
@@ -25,9 +27,10 @@ LAYOUTS = {
             "checkpoint.every_steps=6"],
     "pp2_ddp2": [*FOUR, "parallelism.pipeline_parallel=2", "parallelism.pipeline_microbatches=2"],
     # 2 ranks x 2 stages of one block: rank 0 holds blocks 0 and 2, rank 1 blocks 1 and 3
-    "interleaved": ["parallelism.pipeline_parallel=2", "train.micro_batch_size=8",
-                    "parallelism.pipeline_schedule=interleaved_1f1b",
-                    "parallelism.pipeline_microbatches=4"],
+    # (zbv, V-shaped: rank 0 blocks 0 and 3, with the embedding, the final norm and the head)
+    **{schedule: ["parallelism.pipeline_parallel=2", "train.micro_batch_size=8",
+                  f"parallelism.pipeline_schedule={schedule}",
+                  "parallelism.pipeline_microbatches=4"] for schedule in MULTI},
 }
 PP2_FSDP2 = [*FOUR, "parallelism.pipeline_parallel=2", "parallelism.pipeline_schedule=gpipe",
              "parallelism.pipeline_microbatches=2", "parallelism.zero_stage=2"]
@@ -52,7 +55,7 @@ def _max_diff(got: list[float], ref: list[float]) -> float:
     return max(abs(a - b) for a, b in zip(got, ref, strict=True))
 
 
-@pytest.mark.parametrize("layout", ["pp4", "pp2_ddp2", "interleaved"])
+@pytest.mark.parametrize("layout", ["pp4", "pp2_ddp2", *MULTI])
 def test_stages_with_data_parallel_ranks_train_like_ddp(runs, layout: str) -> None:
     """Within 1e-5 for 12 steps; the loss must move. A pipeline whose data-parallel ranks read
     the same data, or skipped DDP's average, would drift at once."""
@@ -69,10 +72,10 @@ def test_a_four_stage_checkpoint_resumes_as_two_stages_under_fsdp(runs, resumed)
     assert _max_diff(got, losses(runs["ddp"])[6:]) <= LOSS_TOL
 
 
-@pytest.mark.parametrize("layout", ["pp2_ddp2", "pp2_fsdp2", "interleaved"])
+@pytest.mark.parametrize("layout", ["pp2_ddp2", "pp2_fsdp2", *MULTI])
 def test_each_rank_holds_its_planned_bytes(runs, resumed, layout: str) -> None:
     """Replicated: each stage's parameters, gradients and optimizer state whole on both of its
-    ranks; FSDP2: half of each, gathered only inside the schedule; interleaved: each rank its
-    two stages' (rank 1, with the final norm and the head, is the one planned)."""
+    ranks; FSDP2: half of each, gathered only inside the schedule; 2 stages per rank: each
+    rank its two stages' (the plan describes the heavier rank)."""
     run = resumed if layout == "pp2_fsdp2" else runs[layout]
-    assert_memory_matches_plan(run, 0.02, ranks=2 if layout == "interleaved" else 4)
+    assert_memory_matches_plan(run, 0.02, ranks=2 if layout in MULTI else 4)

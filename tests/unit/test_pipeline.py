@@ -47,7 +47,8 @@ REFUSED = {
     "stages per rank without interleaving": (
         [*PP2, "model.n_layer=4", "parallelism.pipeline_stages_per_rank=2"],
         "config key 'parallelism.pipeline_stages_per_rank' has value 2; allowed: 1 with "
-        "pipeline_schedule=1f1b (one stage per rank; interleaved_1f1b runs several)"),
+        "pipeline_schedule=1f1b (one stage per rank; interleaved_1f1b, interleaved_zb and zbv "
+        "run several)"),
     "interleaved under FSDP2": (
         [*PP2, "model.n_layer=4", "cluster.gpus_per_node=4", "train.micro_batch_size=4",
          "parallelism.pipeline_schedule=interleaved_1f1b", "parallelism.zero_stage=2"],

@@ -32,6 +32,8 @@ from torch.distributed.pipelining import (
     Schedule1F1B,
     ScheduleGPipe,
     ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
+    ScheduleZBVZeroBubble,
 )
 from torch.distributed.tensor import DTensor
 
@@ -42,7 +44,7 @@ from orchestrator.config.derived import (
 )
 from orchestrator.config.schema import JobConfig
 from orchestrator.models.build import transformer_blocks
-from orchestrator.models.pipeline import stage_of, stages_of_rank
+from orchestrator.models.pipeline import rank_of_stage, stage_of, stages_of_rank
 from orchestrator.run import precision as prec
 from orchestrator.run.mesh import PP, data_mesh, device_mesh
 from orchestrator.run.strategies.base import (
@@ -56,6 +58,8 @@ from orchestrator.run.strategies.fsdp import fsdp_held_tensors
 from orchestrator.run.strategies.pipeline_stage import StageChunk, prune
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+MULTI_STAGE = {"interleaved_1f1b": ScheduleInterleaved1F1B,
+               "interleaved_zb": ScheduleInterleavedZeroBubble, "zbv": ScheduleZBVZeroBubble}
 
 
 def causal_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -91,9 +95,10 @@ class PipelineEngine(Engine):
                  device: str, schedule: Any, mesh: DeviceMesh, held: list[int]) -> None:
         super().__init__(model, optimizer, job, device)
         self.schedule, self.mesh = schedule, mesh
-        self.ranks = mesh[PP].size()  # the last stage is on the last pipeline rank
-        self.first = 0 in held
-        self.last = self.ranks * pipeline_stages_per_rank(job) - 1 in held
+        ranks, per_rank = mesh[PP].size(), pipeline_stages_per_rank(job)
+        stages, kind = ranks * per_rank, job.parallelism.pipeline_schedule
+        self.first, self.last = 0 in held, stages - 1 in held
+        self.last_rank = rank_of_stage(stages - 1, ranks, per_rank, kind)  # has the loss
         self.sharded = job.parallelism.zero_stage == 2
 
     def autocast(self) -> Any:
@@ -160,7 +165,7 @@ class PipelineEngine(Engine):
                                losses=losses if last else None)
         loss = (torch.stack(losses).mean().detach() if last
                 else torch.zeros((), device=self.device))
-        dist.broadcast(loss, group=self.mesh[PP].get_group(), group_src=self.ranks - 1)
+        dist.broadcast(loss, group=self.mesh[PP].get_group(), group_src=self.last_rank)
         self.average_grads()
         if self.probe:
             self.probe("after_backward")
@@ -219,19 +224,19 @@ def _schedule(model: nn.Module, job: JobConfig, mesh: DeviceMesh, held: list[int
                                scale_grads=True)
     pipes = [PipelineStage(StageChunk(model, k, stages), k, stages, here, group=group)
              for k in held]
-    return ScheduleInterleaved1F1B(pipes, n_microbatches=micro, loss_fn=causal_loss,
-                                   scale_grads=True)
+    return MULTI_STAGE[kind](pipes, n_microbatches=micro, loss_fn=causal_loss, scale_grads=True)
 
 
 def setup(model: nn.Module, job: JobConfig, device: str) -> Engine:
     world, ranks = dist.get_world_size(), job.parallelism.pipeline_parallel
     per_rank = pipeline_stages_per_rank(job)
     mesh = device_mesh(device, world, job.parallelism.replicate_degree, 1, pp=ranks)
-    held = stages_of_rank(mesh[PP].get_local_rank(), ranks, per_rank)
+    kind = job.parallelism.pipeline_schedule
+    held = stages_of_rank(mesh[PP].get_local_rank(), ranks, per_rank, kind)
     full = model.state_dict() if dist.get_rank() == 0 else {}
     n_layer = len(model.model.layers)
-    owner = {name: stage_of(name, n_layer, ranks * per_rank) % ranks
-             for name, _ in model.named_parameters()}
+    owner = {name: rank_of_stage(stage_of(name, n_layer, ranks * per_rank), ranks, per_rank,
+                                 kind) for name, _ in model.named_parameters()}
     prune(model, held, ranks * per_rank)
     materialize(model, device)
     # this rank's own GPU (distributed.init made it the current device), never GPU 0's
