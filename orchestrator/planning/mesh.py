@@ -107,9 +107,6 @@ def _check_pipeline(job: JobConfig) -> None:
                           f"each step runs through the pipeline (micro_batch_size x "
                           f"grad_accum_steps = {batch})")
     _check_pipeline_data_parallel(job, n)
-    if job.eval.every_steps:
-        raise ConfigError("eval.every_steps", job.eval.every_steps, f"0 with {PP_KEY}={n} "
-                          "(evaluation through the pipeline is not built yet)")
     _check_not_yet(job, PP_KEY, n, "pipeline")
 
 

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import pytest
 
+from orchestrator.common.records import read_metrics
 from tests.conftest import run_ok
 from tests.distributed.checks import assert_memory_matches_plan, losses
 
+# 256 held-out sequences (1/16 of 4096), evaluated whole at steps 6 and 12 by every layout
 COMMON = ["model=llama_tiny", "model.n_layer=4", "logging=none", "train.steps=12",
-          "train.save_model=false"]
+          "train.save_model=false", "eval.holdout=0.0625", "eval.every_steps=6",
+          "eval.max_batches=64"]
 MULTI = ("interleaved_1f1b", "interleaved_zb", "zbv")  # schedules with 2 stages per rank
 FOUR = ["cluster.gpus_per_node=4", "train.micro_batch_size=4"]  # 2 data-parallel ranks x 4
 LAYOUTS = {
@@ -62,6 +65,20 @@ def test_stages_with_data_parallel_ranks_train_like_ddp(runs, layout: str) -> No
     ref, got = losses(runs["ddp"]), losses(runs[layout])
     assert len(got) == 12 and ref[-1] < ref[0] - 0.2
     assert _max_diff(got, ref) <= LOSS_TOL
+
+
+@pytest.mark.parametrize("layout", ["pp4", "pp2_ddp2", "pp2_fsdp2", *MULTI])
+def test_evaluation_runs_through_the_pipeline(runs, resumed, layout: str) -> None:
+    """The held-out loss and accuracy at step 12 (the stages' forward, sent rank to rank) equal
+    DDP's within 1e-5: every layout scores the same 256 sequences once."""
+    def val(run) -> dict[str, float]:
+        last = [m for m in read_metrics(run / "metrics.jsonl") if "val/loss" in m][-1]
+        return {k: last[k] for k in ("step", "val/loss", "val/accuracy")}
+
+    ref, got = val(runs["ddp"]), val(resumed if layout == "pp2_fsdp2" else runs[layout])
+    assert got["step"] == ref["step"] == 12
+    assert abs(got["val/loss"] - ref["val/loss"]) <= LOSS_TOL
+    assert abs(got["val/accuracy"] - ref["val/accuracy"]) <= LOSS_TOL
 
 
 def test_a_four_stage_checkpoint_resumes_as_two_stages_under_fsdp(runs, resumed) -> None:

@@ -73,10 +73,6 @@ REFUSED = {
         [*PP2, "+recipe=deepspeed_zero2"],
         "config key 'parallelism.backend' has value 'deepspeed'; allowed: torch with "
         "parallelism.pipeline_parallel=2"),
-    "evaluation": ([*PP2, "eval.every_steps=5", "eval.holdout=0.1"],
-                   "config key 'eval.every_steps' has value 5; allowed: 0 with "
-                   "parallelism.pipeline_parallel=2 (evaluation through the pipeline is not "
-                   "built yet)"),
     "lora": ([*PP2, "lora.rank=4"],
              "config key 'lora.rank' has value 4; allowed: not with "
              "parallelism.pipeline_parallel=2 yet (pipeline parallelism trains"),

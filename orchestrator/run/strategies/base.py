@@ -95,6 +95,20 @@ def background_writer(path: Path) -> Any:
     return FileSystemWriter(str(path), per_thread_copy_ahead=0)
 
 
+def token_sums(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> torch.Tensor:
+    """[summed token loss, scored tokens, correct argmax predictions] of one batch's logits
+    (`shift` for causal LMs, whose position t predicts token t+1; -100 is not scored)."""
+    logits = logits.float()
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    scored = labels != -100
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                             labels.reshape(-1), ignore_index=-100,
+                                             reduction="sum")
+    correct = ((logits.argmax(-1) == labels) & scored).sum()
+    return torch.stack([loss, scored.sum().float(), correct.float()])
+
+
 class Engine:
     """What the loop sees: `train_step`, the optimizer (for the LR schedule) and measurements."""
 
@@ -206,15 +220,7 @@ class Engine:
         inputs = {k: v.to(self.device) for k, v in batch.items()}
         with self.loss_context(), self.autocast():
             logits = whole(self.model(**inputs).logits).float()
-        labels = inputs["labels"]
-        if shift:
-            logits, labels = logits[:, :-1], labels[:, 1:]
-        scored = labels != -100
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                 labels.reshape(-1), ignore_index=-100,
-                                                 reduction="sum")
-        correct = ((logits.argmax(-1) == labels) & scored).sum()
-        return torch.stack([loss, scored.sum().float(), correct.float()])
+        return token_sums(logits, inputs["labels"], shift)
 
     # -- shared -----------------------------------------------------------------------------
     def collect(self, output: Any, n: int) -> None:

@@ -52,6 +52,7 @@ from orchestrator.run.strategies.base import (
     broadcast_from_rank0,
     build_optimizer,
     materialize,
+    token_sums,
     whole,
 )
 from orchestrator.run.strategies.fsdp import fsdp_held_tensors
@@ -92,13 +93,15 @@ class PipelineEngine(Engine):
     """One stage on one rank: `train_step` runs the schedule over the step's whole batch."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, job: JobConfig,
-                 device: str, schedule: Any, mesh: DeviceMesh, held: list[int]) -> None:
+                 device: str, schedule: Any, mesh: DeviceMesh,
+                 stage_modules: dict[int, nn.Module]) -> None:
         super().__init__(model, optimizer, job, device)
-        self.schedule, self.mesh = schedule, mesh
+        self.schedule, self.mesh, self.stage_modules = schedule, mesh, stage_modules
         ranks, per_rank = mesh[PP].size(), pipeline_stages_per_rank(job)
-        stages, kind = ranks * per_rank, job.parallelism.pipeline_schedule
-        self.first, self.last = 0 in held, stages - 1 in held
-        self.last_rank = rank_of_stage(stages - 1, ranks, per_rank, kind)  # has the loss
+        self.n_stages, kind = ranks * per_rank, job.parallelism.pipeline_schedule
+        self.rank_of = lambda stage: rank_of_stage(stage, ranks, per_rank, kind)
+        self.first, self.last = 0 in stage_modules, self.n_stages - 1 in stage_modules
+        self.last_rank = self.rank_of(self.n_stages - 1)  # computes the loss
         self.sharded = job.parallelism.zero_stage == 2
 
     def autocast(self) -> Any:
@@ -151,6 +154,26 @@ class PipelineEngine(Engine):
         coef = torch.clamp(max_norm / (squares.sqrt() + 1e-6), max=1.0)
         for g in grads:
             (g.to_local() if isinstance(g, DTensor) else g).detach().mul_(coef.to(g.dtype))
+
+    @torch.no_grad()
+    def eval_step(self, batch: dict[str, torch.Tensor], shift: bool) -> torch.Tensor:
+        """One forward of the batch through every stage in order (each rank receives the hidden
+        states of the stage before each of its own, point to point, in fp32), the sums on the
+        last stage's rank, broadcast to the pipeline's ranks."""
+        group, h = self.mesh[PP].get_group(), batch["input_ids"].to(self.device)
+        me, shape = self.mesh[PP].get_local_rank(), (*h.shape, self.hf_model().config.hidden_size)
+        for k in sorted(self.stage_modules):
+            if k > 0 and self.rank_of(k - 1) != me:  # zbv: stages P-1 and P share a rank
+                h = torch.empty(shape, device=self.device)
+                dist.recv(h, group=group, group_src=self.rank_of(k - 1))
+            with self.autocast():
+                h = self.stage_modules[k](h)
+            if k < self.n_stages - 1 and self.rank_of(k + 1) != me:
+                dist.send(h.float().contiguous(), group=group, group_dst=self.rank_of(k + 1))
+        sums = (token_sums(h, batch["labels"].to(self.device), shift) if self.last
+                else torch.zeros(3, device=self.device))
+        dist.broadcast(sums, group=group, group_src=self.last_rank)
+        return sums
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
         ids = torch.cat([b["input_ids"] for b in micro_batches]).to(self.device)
@@ -211,19 +234,16 @@ def _data_parallel(model: nn.Module, job: JobConfig, mesh: DeviceMesh) -> nn.Mod
     return model
 
 
-def _schedule(model: nn.Module, job: JobConfig, mesh: DeviceMesh, held: list[int],
+def _schedule(modules: dict[int, nn.Module], job: JobConfig, mesh: DeviceMesh,
               here: torch.device) -> Any:
-    """The schedule over this rank's stages: the model itself (DDP- or FSDP2-wrapped) as its one
-    stage, or a chunk of it per stage (interleaved)."""
+    """The schedule over this rank's stages (`modules`, by stage index)."""
     stages = mesh[PP].size() * pipeline_stages_per_rank(job)
     group, micro = mesh[PP].get_group(), pipeline_microbatches(job)
     kind = job.parallelism.pipeline_schedule
-    if len(held) == 1:
-        pipe = PipelineStage(model, held[0], stages, here, group=group)
-        return SCHEDULES[kind](pipe, n_microbatches=micro, loss_fn=causal_loss,
+    pipes = [PipelineStage(m, k, stages, here, group=group) for k, m in modules.items()]
+    if len(pipes) == 1:
+        return SCHEDULES[kind](pipes[0], n_microbatches=micro, loss_fn=causal_loss,
                                scale_grads=True)
-    pipes = [PipelineStage(StageChunk(model, k, stages), k, stages, here, group=group)
-             for k in held]
     return MULTI_STAGE[kind](pipes, n_microbatches=micro, loss_fn=causal_loss, scale_grads=True)
 
 
@@ -245,6 +265,9 @@ def setup(model: nn.Module, job: JobConfig, device: str) -> Engine:
     _send_stages(model, full, owner, [r // (world // ranks) for r in range(world)], here)
     del full
     model = _data_parallel(model, job, mesh)
-    schedule = _schedule(model, job, mesh, held, here)
+    # the model itself (replicated or FSDP2-wrapped) is its one stage, or a chunk of it each
+    modules = {held[0]: model} if len(held) == 1 else {
+        k: StageChunk(model, k, ranks * per_rank) for k in held}
+    schedule = _schedule(modules, job, mesh, here)
     optimizer = build_optimizer(model.parameters(), job)
-    return PipelineEngine(model, optimizer, job, device, schedule, mesh, held)
+    return PipelineEngine(model, optimizer, job, device, schedule, mesh, modules)
