@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from orchestrator.config.derived import data_parallel_rank, data_parallel_size
+from orchestrator.config.derived import data_parallel_rank
 from orchestrator.config.schema import JobConfig
 from orchestrator.data import make_collate, objective_of
 from orchestrator.run.strategies.base import Engine
@@ -35,7 +35,9 @@ def held_out_sums(engine: Engine, held_out: Dataset, job: JobConfig, rank: int,
     The shares are the data-parallel ranks': a tensor-parallel group (or a pipeline, or the
     ranks splitting a sequence) evaluates one share together, and each of its ranks holds the
     same sums, so the total is divided by their number."""
-    share, shares = data_parallel_rank(job, rank), data_parallel_size(job)
+    par = job.parallelism
+    holders = par.tensor_parallel * par.pipeline_parallel * par.context_parallel  # per share
+    share, shares = data_parallel_rank(job, rank), world_size // holders
     sampler = DistributedSampler(held_out, shares, share, shuffle=False)
     loader = DataLoader(held_out, batch_size=job.train.micro_batch_size, sampler=sampler,
                         collate_fn=make_collate(job, share))
@@ -44,7 +46,7 @@ def held_out_sums(engine: Engine, held_out: Dataset, job: JobConfig, rank: int,
     for batch in itertools.islice(loader, job.eval.max_batches):
         total += engine.eval_step(batch, shift=shift)
     dist.all_reduce(total)
-    return total / (world_size // shares)
+    return total / holders
 
 
 def summarize(total: torch.Tensor) -> dict[str, float]:
