@@ -30,9 +30,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-from orchestrator.config.derived import gradient_ranks
+from orchestrator.config.derived import gradient_ranks, pipeline_stages_per_rank
 from orchestrator.config.gpus import GPU
 from orchestrator.config.schema import JobConfig
+from orchestrator.models.pipeline import stage_blocks
 from orchestrator.models.specs import ROOT_GROUP, ParamSpec
 from orchestrator.planning.activations import ACT_BYTES
 from orchestrator.planning.memory import DTYPE_BYTES, master_bytes
@@ -49,10 +50,12 @@ def tensor_parallel_bytes(job: JobConfig, accum: int) -> int:
     t = job.parallelism.tensor_parallel
     if t == 1:
         return 0
-    m = job.model
+    m, p = job.model, job.parallelism
     s, b = job.data.seq_len, job.train.micro_batch_size
     per_block = 12 if job.train.activation_checkpointing else 8
-    elements = s * b * m.d_model * (per_block * m.n_layer + 5)
+    stages = p.pipeline_parallel * pipeline_stages_per_rank(job)  # a rank's blocks
+    blocks = max(len(r) for r in stage_blocks(m.n_layer, stages)) * (stages // p.pipeline_parallel)
+    elements = s * b * m.d_model * (per_block * blocks + 5)
     return int(accum * _ring(t) * elements * ACT_BYTES[job.precision.name])
 
 

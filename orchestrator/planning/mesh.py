@@ -82,9 +82,14 @@ def _check_pipeline(job: JobConfig) -> None:
         raise ConfigError(PP_KEY, n, f"a divisor of the world size {job.world_size} (nodes x "
                           "gpus_per_node; each stage runs on world / pipeline_parallel "
                           "data-parallel ranks)")
-    if p.tensor_parallel > 1:
-        raise ConfigError(TP_KEY, p.tensor_parallel, f"1 with {PP_KEY}={n} (pipeline stages "
-                          "split over tensor-parallel groups are not built yet)")
+    if p.tensor_parallel > 1 and pipeline_stages_per_rank(job) > 1:
+        raise ConfigError(TP_KEY, p.tensor_parallel, f"1 with pipeline_schedule="
+                          f"{p.pipeline_schedule} (several stages per rank split over "
+                          "tensor-parallel groups are not built yet)")
+    if p.tensor_parallel > 1 and job.model.attn_implementation != "sdpa":
+        raise ConfigError("model.attn_implementation", job.model.attn_implementation,
+                          f"'sdpa' with {PP_KEY}={n} and {TP_KEY}={p.tensor_parallel} (stages "
+                          "pass sequence slices: only causal SDPA needs no mask of them)")
     if job.model.family not in PLANS:
         raise ConfigError(PP_KEY, n, f"1 for model.family={job.model.family} (pipeline "
                           f"parallelism is built for: {', '.join(PLANS)})")

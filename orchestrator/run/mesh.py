@@ -91,23 +91,28 @@ def tensor_parallelize(model: nn.Module, tp_mesh: DeviceMesh, family: str) -> No
     weights (`src_data_rank=None`: no communication); on ranks built on the meta device they
     stay meta, and the strategy then fills every rank's slices from rank 0's full weights."""
     plan = PLANS[family]
-    blocks = transformer_blocks(model)
+    # a pipeline stage holds some blocks (the others are empty) and maybe no embedding or head
+    blocks = [b for b in transformer_blocks(model) if any(True for _ in b.parameters())]
     for block in blocks:
         parallelize_module(block, tp_mesh, _block_plan(block, plan), src_data_rank=None)
-    # the whole embedding output enters the first block, which keeps its slice of it
-    parallelize_module(blocks[0], tp_mesh, PrepareModuleInput(
-        input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),), use_local_output=True))
-    decoder = model.get_decoder()
-    parallelize_module(decoder.embed_tokens, tp_mesh,
-                       RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
-                       src_data_rank=None)
-    parallelize_module(decoder.norm, tp_mesh, SequenceParallel(), src_data_rank=None)
-    # the logits stay split by vocabulary: the loss is computed on them under `loss_parallel`
-    # (the engine's loss_context), never gathering s·b·V values on a rank
-    parallelize_module(model.get_output_embeddings(), tp_mesh,
-                       ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1),
-                                       use_local_output=False),
-                       src_data_rank=None)
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    if decoder.embed_tokens is not None:
+        # the whole embedding output enters the first block, which keeps its slice of it
+        parallelize_module(blocks[0], tp_mesh, PrepareModuleInput(
+            input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),),
+            use_local_output=True))
+        parallelize_module(decoder.embed_tokens, tp_mesh,
+                           RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+                           src_data_rank=None)
+    if decoder.norm is not None:
+        parallelize_module(decoder.norm, tp_mesh, SequenceParallel(), src_data_rank=None)
+    if head is not None:
+        # the logits stay split by vocabulary: the loss is computed on them under
+        # `loss_parallel` (the engine's loss_context), never gathering s·b·V values on a rank
+        parallelize_module(head, tp_mesh,
+                           ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1),
+                                           use_local_output=False),
+                           src_data_rank=None)
 
 
 def keep_grads_in_place(model: nn.Module) -> None:

@@ -22,11 +22,12 @@ REFUSED = {
               "config key 'parallelism.pipeline_parallel' has value 2; allowed: a divisor of the "
               "world size 3 (nodes x gpus_per_node; each stage runs on world / "
               "pipeline_parallel data-parallel ranks)"),
-    "with tensor parallelism": (
-        [*PP2, "cluster.gpus_per_node=4", "parallelism.tensor_parallel=2"],
+    "interleaved with tensor parallelism": (
+        [*PP2, "model.n_layer=4", "cluster.gpus_per_node=4", "parallelism.tensor_parallel=2",
+         "parallelism.pipeline_schedule=interleaved_1f1b"],
         "config key 'parallelism.tensor_parallel' has value 2; allowed: 1 with "
-        "parallelism.pipeline_parallel=2 (pipeline stages split over tensor-parallel groups "
-        "are not built yet)"),
+        "pipeline_schedule=interleaved_1f1b (several stages per rank split over "
+        "tensor-parallel groups are not built yet)"),
     "family": (["model=gpt2_tiny", "parallelism.pipeline_parallel=2"],
                "config key 'parallelism.pipeline_parallel' has value 2; allowed: 1 for "
                "model.family=gpt2 (pipeline parallelism is built for: llama)"),

@@ -19,6 +19,7 @@ FSDP2 then keeps each rank's shard of them.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any
 
 import torch
@@ -46,7 +47,14 @@ from orchestrator.config.schema import JobConfig
 from orchestrator.models.build import transformer_blocks
 from orchestrator.models.pipeline import rank_of_stage, stage_of, stages_of_rank
 from orchestrator.run import precision as prec
-from orchestrator.run.mesh import PP, data_mesh, device_mesh
+from orchestrator.run.mesh import (
+    PP,
+    TP,
+    data_mesh,
+    device_mesh,
+    keep_grads_in_place,
+    tensor_parallelize,
+)
 from orchestrator.run.strategies.base import (
     Engine,
     broadcast_from_rank0,
@@ -108,6 +116,13 @@ class PipelineEngine(Engine):
         # FSDP2's MixedPrecisionPolicy casts the parameters instead
         return contextlib.nullcontext() if self.sharded else super().autocast()
 
+    def loss_context(self) -> Any:
+        if self.job.parallelism.tensor_parallel == 1:
+            return contextlib.nullcontext()
+        from torch.distributed.tensor.parallel import loss_parallel
+
+        return loss_parallel()  # the last stage's logits stay split by vocabulary
+
     def held_tensors(self) -> dict[str, Any]:
         if self.sharded:
             return fsdp_held_tensors(self.model, self.optimizer_state())
@@ -141,16 +156,15 @@ class PipelineEngine(Engine):
 
     def clip(self, max_norm: float) -> None:
         """The global gradient norm over all stages, clipped as clip_grad_norm_ does: each
-        rank's squares (its shard's, under FSDP2) summed over the world, where every element
-        appears once per replica of it (DDP: each data-parallel rank; HSDP: each replica)."""
+        rank's squares (its slice's, under FSDP2 and TP) summed over the world, each divided by
+        the number of ranks holding the same elements (`_copies`)."""
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         squares = torch.zeros((), device=self.device)
+        replicated = data_parallel_size(self.job)  # a plain gradient: on every dp rank
         for g in grads:
             local = g.to_local() if isinstance(g, DTensor) else g
-            squares += local.detach().float().norm() ** 2
+            squares += local.detach().float().norm() ** 2 / _copies(g, replicated)
         dist.all_reduce(squares)
-        p = self.job.parallelism
-        squares /= p.replicate_degree if self.sharded else data_parallel_size(self.job)
         coef = torch.clamp(max_norm / (squares.sqrt() + 1e-6), max=1.0)
         for g in grads:
             (g.to_local() if isinstance(g, DTensor) else g).detach().mul_(coef.to(g.dtype))
@@ -161,7 +175,9 @@ class PipelineEngine(Engine):
         states of the stage before each of its own, point to point, in fp32), the sums on the
         last stage's rank, broadcast to the pipeline's ranks."""
         group, h = self.mesh[PP].get_group(), batch["input_ids"].to(self.device)
-        me, shape = self.mesh[PP].get_local_rank(), (*h.shape, self.hf_model().config.hidden_size)
+        t = self.job.parallelism.tensor_parallel  # TP ranks pass their slices of the sequence
+        shape = (h.shape[0], h.shape[1] // t, self.hf_model().config.hidden_size)
+        me = self.mesh[PP].get_local_rank()
         for k in sorted(self.stage_modules):
             if k > 0 and self.rank_of(k - 1) != me:  # zbv: stages P-1 and P share a rank
                 h = torch.empty(shape, device=self.device)
@@ -170,7 +186,7 @@ class PipelineEngine(Engine):
                 h = self.stage_modules[k](h)
             if k < self.n_stages - 1 and self.rank_of(k + 1) != me:
                 dist.send(h.float().contiguous(), group=group, group_dst=self.rank_of(k + 1))
-        sums = (token_sums(h, batch["labels"].to(self.device), shift) if self.last
+        sums = (token_sums(whole(h), batch["labels"].to(self.device), shift) if self.last
                 else torch.zeros(3, device=self.device))
         dist.broadcast(sums, group=group, group_src=self.last_rank)
         return sums
@@ -182,11 +198,11 @@ class PipelineEngine(Engine):
         if self.probe:  # gradients are freed: the model state a forward holds
             self.probe("after_forward")
         losses: list[torch.Tensor] = []
-        with self.autocast():
+        with self.autocast(), self.loss_context():
             args = (ids,) if first else ()
             self.schedule.step(*args, target=labels if last else None,
                                losses=losses if last else None)
-        loss = (torch.stack(losses).mean().detach() if last
+        loss = (whole(torch.stack(losses).mean().detach()) if last
                 else torch.zeros((), device=self.device))
         dist.broadcast(loss, group=self.mesh[PP].get_group(), group_src=self.last_rank)
         self.average_grads()
@@ -197,6 +213,16 @@ class PipelineEngine(Engine):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=self.set_to_none)
         return loss
+
+
+def _copies(g: torch.Tensor, plain: int) -> int:
+    """How many ranks of a pipeline stage hold each element of gradient `g`: a DTensor's
+    replicated mesh dimensions (HSDP's replicas, the tensor-parallel ranks of a norm), or
+    `plain` for a plain tensor."""
+    if not isinstance(g, DTensor):
+        return plain
+    return math.prod(g.device_mesh.size(i) for i, p in enumerate(g.placements)
+                     if p.is_replicate())
 
 
 def _buckets(grads: list[torch.Tensor], cap: int) -> list[list[torch.Tensor]]:
@@ -250,21 +276,26 @@ def _schedule(modules: dict[int, nn.Module], job: JobConfig, mesh: DeviceMesh,
 def setup(model: nn.Module, job: JobConfig, device: str) -> Engine:
     world, ranks = dist.get_world_size(), job.parallelism.pipeline_parallel
     per_rank = pipeline_stages_per_rank(job)
-    mesh = device_mesh(device, world, job.parallelism.replicate_degree, 1, pp=ranks)
+    t = job.parallelism.tensor_parallel
+    mesh = device_mesh(device, world, job.parallelism.replicate_degree, t, pp=ranks)
     kind = job.parallelism.pipeline_schedule
     held = stages_of_rank(mesh[PP].get_local_rank(), ranks, per_rank, kind)
     full = model.state_dict() if dist.get_rank() == 0 else {}
     n_layer = len(model.model.layers)
     owner = {name: rank_of_stage(stage_of(name, n_layer, ranks * per_rank), ranks, per_rank,
                                  kind) for name, _ in model.named_parameters()}
-    prune(model, held, ranks * per_rank)
+    prune(model, held, ranks * per_rank, seq_split=t)
     materialize(model, device)
     # this rank's own GPU (distributed.init made it the current device), never GPU 0's
     here = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else \
         torch.device(device)
     _send_stages(model, full, owner, [r // (world // ranks) for r in range(world)], here)
     del full
+    if t > 1:  # each rank keeps its slices of its full stage weights
+        tensor_parallelize(model, mesh[TP], job.model.family)
     model = _data_parallel(model, job, mesh)
+    if t > 1 and job.parallelism.zero_stage == 0:
+        keep_grads_in_place(model)
     # the model itself (replicated or FSDP2-wrapped) is its one stage, or a chunk of it each
     modules = {held[0]: model} if len(held) == 1 else {
         k: StageChunk(model, k, ranks * per_rank) for k in held}

@@ -21,13 +21,15 @@ from orchestrator.models.pipeline import stage_blocks
 
 def _forward(config: object, rotary: nn.Module, embed: nn.Module | None,
              blocks: Sequence[nn.Module], norm: nn.Module | None, head: nn.Module | None,
-             x: torch.Tensor) -> torch.Tensor:
+             x: torch.Tensor, seq_split: int) -> torch.Tensor:
     """Llama's forward through `blocks`: token ids in when `embed` is given, hidden states
-    otherwise; logits out when `norm` and `head` are, hidden states otherwise."""
+    otherwise (under tensor parallelism this rank's slice, 1/`seq_split` of the sequence);
+    logits out when `norm` and `head` are, hidden states otherwise."""
     from transformers.masking_utils import create_causal_mask
 
     h = embed(x) if embed is not None else x
-    positions = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
+    seq = h.shape[1] * (1 if embed is not None else seq_split)
+    positions = torch.arange(seq, device=h.device).unsqueeze(0)
     mask = create_causal_mask(config=config, inputs_embeds=h, attention_mask=None, cache=None,
                               position_ids=positions)
     position_embeddings = rotary(h, position_ids=positions)
@@ -40,12 +42,14 @@ def _forward(config: object, rotary: nn.Module, embed: nn.Module | None,
 def _model_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     inner = self.model
     return _forward(self.config, inner.rotary_emb, inner.embed_tokens,
-                    [inner.layers[i] for i in self._stage_blocks], inner.norm, self.lm_head, x)
+                    [inner.layers[i] for i in self._stage_blocks], inner.norm, self.lm_head, x,
+                    self._seq_split)
 
 
-def prune(model: nn.Module, held: Sequence[int], stages: int) -> None:
+def prune(model: nn.Module, held: Sequence[int], stages: int, seq_split: int = 1) -> None:
     """Keep the blocks (and root parts) of stages `held` of `stages`; with one stage held, the
-    model's forward becomes that stage's."""
+    model's forward becomes that stage's (`seq_split`: the tensor-parallel degree, whose ranks
+    pass each other stage's slices of the sequence)."""
     inner = model.model
     split = stage_blocks(len(inner.layers), stages)
     kept = sorted(i for k in held for i in split[k])
@@ -56,7 +60,7 @@ def prune(model: nn.Module, held: Sequence[int], stages: int) -> None:
         inner.embed_tokens = None
     if stages - 1 not in held:
         inner.norm, model.lm_head = None, None
-    model._stage_blocks = kept
+    model._stage_blocks, model._seq_split = kept, seq_split
     if len(held) == 1:
         model.forward = types.MethodType(_model_forward, model)
 
@@ -74,7 +78,8 @@ class StageChunk(nn.Module):
             inner.layers[i] for i in stage_blocks(len(inner.layers), stages)[stage])
         self.norm = inner.norm if last else None
         self.lm_head = model.lm_head if last else None
+        self.seq_split = model._seq_split
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _forward(self.config, self.rotary_emb, self.embed_tokens, self.layers,
-                        self.norm, self.lm_head, x)
+                        self.norm, self.lm_head, x, self.seq_split)
