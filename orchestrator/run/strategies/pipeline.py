@@ -1,16 +1,17 @@
 """Pipeline parallelism with `torch.distributed.pipelining`: each rank holds one stage of a
 transformers Llama (models/pipeline.py: which blocks, the embedding on the first, the final
-norm and head on the last) and runs each step's batch as micro-batches under GPipe or 1F1B.
+norm and head on the last), or V of them under the multi-stage schedules, and runs each step's
+batch as micro-batches under GPipe, 1F1B, interleaved 1F1B or the zero-bubble schedules.
 
-The mesh is pp x dp (run/mesh.py): world / P data-parallel ranks hold each stage, each reading
-its own share of the data, and average their stage's gradients with DDP (zero_stage 0) or
-shard them with FSDP2 (zero_stage 2, parameters gathered once per step: the schedule defers
-FSDP's reshard and gradient reduction to the stage's last backward, `perform_reduce_grad`).
+The mesh is pp x dp x tp (run/mesh.py): world / P ranks hold each stage. Its data-parallel
+ranks each read their own share of the data and average the stage's gradients after the
+schedule (zero_stage 0) or shard them with FSDP2 (zero_stage 2, parameters gathered once per
+step: the schedule defers FSDP's reshard and gradient reduction to the stage's last backward,
+`perform_reduce_grad`); its tensor-parallel ranks split it as run/mesh.py splits a model.
 
 Each rank's stages are cut from the model in place (pipeline_stage.py), so every parameter
 keeps its name: a checkpoint written by the stages is the whole model's (DCP), and loads under
-another layout. With `interleaved_1f1b` each rank holds V stages (k, k + P, ...) and runs them
-replicated (zero_stage 0).
+another layout.
 Weights: rank 0 built the whole model, the others theirs on the meta device; rank 0 sends each
 rank its stage's parameters (point to point) and every rank its buffers (rotary frequencies);
 FSDP2 then keeps each rank's shard of them.
@@ -98,7 +99,7 @@ def _send_stages(model: nn.Module, full: dict[str, torch.Tensor], owner: dict[st
 
 
 class PipelineEngine(Engine):
-    """One stage on one rank: `train_step` runs the schedule over the step's whole batch."""
+    """This rank's stages: `train_step` runs the schedule over the step's whole batch."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, job: JobConfig,
                  device: str, schedule: Any, mesh: DeviceMesh,
