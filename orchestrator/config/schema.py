@@ -102,8 +102,8 @@ class ParallelismConfig:
     # context parallelism (Llama, CUDA): each sequence split over C ranks, attention as ring
     # attention (torch's context_parallel); FSDP2 shards over the data- and context-parallel ranks
     context_parallel: int = 1
-    # auto: of the layouts that fit cluster.gpu (DDP, ZeRO-1/2/3, ZeRO-3 x TP; CPU offload last),
-    # each at its largest micro batch, the one with the shortest estimated step, and say why
+    # auto: of the layouts that fit cluster.gpu (DDP, ZeRO-1/2/3, ZeRO-3 x TP, PP, PP x TP;
+    # CPU offload last), each at its largest micro batch, the fastest by the plan's estimate
     auto: bool = False
     offload_optimizer: bool = False  # deepspeed: optimizer state and fp32 master on the CPU
     offload_params: bool = False  # deepspeed stage 3: parameters on the CPU

@@ -4,8 +4,9 @@ cheapest setting that would fit; and `parallelism.auto`, which picks that settin
 The ladder follows the seed lecture's rule of thumb: DDP while the model fits one device, then
 ZeRO-1, ZeRO-2, ZeRO-3 (each shards more and communicates more), then ZeRO-3 over tensor
 parallelism of 2, 4, 8 ranks inside a node (Llama family: TP divides the activations and the
-unit FSDP gathers, at the price of collectives in every layer), then ZeRO-3 with optimizer and
-parameter offload to CPU memory (DeepSpeed). Within a rung the largest micro batch that fits
+unit FSDP gathers, at the price of collectives in every layer), then pipelines (ZeRO-2 over each
+stage's ranks, alone or over TP 8), then ZeRO-3 with optimizer and parameter offload to CPU
+memory (DeepSpeed). Within a rung the largest micro batch that fits
 wins (the global batch is kept by raising gradient accumulation). A run too big for its GPU is
 told the cheapest rung that fits; `parallelism.auto` takes, of the rungs that fit, the one with
 the shortest estimated step, so a layout that fits but moves less over the network (TP inside
@@ -26,15 +27,19 @@ from orchestrator.planning.mesh import check_mesh
 
 MakePlan = Callable[[JobConfig], Plan]
 
-LADDER = (  # (label, backend, zero_stage, offload, tensor_parallel)
-    ("ddp", "torch", 0, False, 1),
-    ("zero1", "torch", 1, False, 1),
-    ("fsdp_zero2", "torch", 2, False, 1),
-    ("fsdp_zero3", "torch", 3, False, 1),
-    ("fsdp_zero3 x tp 2", "torch", 3, False, 2),
-    ("fsdp_zero3 x tp 4", "torch", 3, False, 4),
-    ("fsdp_zero3 x tp 8", "torch", 3, False, 8),
-    ("deepspeed_zero3_offload", "deepspeed", 3, True, 1),
+LADDER = (  # (label, backend, zero_stage, offload, tensor_parallel, pipeline_parallel)
+    ("ddp", "torch", 0, False, 1, 1),
+    ("zero1", "torch", 1, False, 1, 1),
+    ("fsdp_zero2", "torch", 2, False, 1, 1),
+    ("fsdp_zero3", "torch", 3, False, 1, 1),
+    ("fsdp_zero3 x tp 2", "torch", 3, False, 2, 1),
+    ("fsdp_zero3 x tp 4", "torch", 3, False, 4, 1),
+    ("fsdp_zero3 x tp 8", "torch", 3, False, 8, 1),
+    # pipelines (Llama): ZeRO-2 over each stage's data-parallel ranks (replicated when a stage
+    # has none), alone or over TP 8 inside each node
+    *((f"pp {pp}", "torch", 2, False, 1, pp) for pp in (2, 4, 8)),
+    *((f"pp {pp} x tp 8", "torch", 2, False, 8, pp) for pp in (2, 4, 8, 16)),
+    ("deepspeed_zero3_offload", "deepspeed", 3, True, 1, 1),
 )
 
 
@@ -45,14 +50,16 @@ def _global_batch(job: JobConfig) -> int:
                                            * data_parallel_size(job))
 
 
-def _variant(job: JobConfig, backend: str, stage: int, offload: bool, tp: int,
+def _variant(job: JobConfig, backend: str, stage: int, offload: bool, tp: int, pp: int,
              micro: int) -> JobConfig:
+    if pp > 1 and job.world_size == pp * tp:
+        stage = 0  # no data-parallel ranks beside the pipeline: nothing to shard over
     # replicate_degree (HSDP / hpZ) is kept where the rung supports it, else 1 (plain DP)
     hsdp = stage in ((3,) if backend == "deepspeed" else (2, 3))
     par = dataclasses.replace(job.parallelism, backend=backend, zero_stage=stage,
                               offload_optimizer=offload, offload_params=offload, auto=False,
                               replicate_degree=job.parallelism.replicate_degree if hsdp else 1,
-                              tensor_parallel=tp)
+                              tensor_parallel=tp, pipeline_parallel=pp)
     train = dataclasses.replace(job.train, micro_batch_size=micro,
                                 global_batch_size=_global_batch(job), grad_accum_steps=None)
     return dataclasses.replace(job, parallelism=par, train=train)
@@ -77,7 +84,7 @@ def _allowed(job: JobConfig, candidate: JobConfig) -> bool:
     return _global_batch(job) % data_parallel_size(candidate) == 0
 
 
-def _rungs(job: JobConfig) -> Iterator[tuple[str, tuple[str, int, bool, int], JobConfig]]:
+def _rungs(job: JobConfig) -> Iterator[tuple[str, tuple[str, int, bool, int, int], JobConfig]]:
     """The ladder's rungs this job can run: (label, rung, the rung at micro batch 1)."""
     for label, *rung in LADDER:
         first = _variant(job, *rung, 1)

@@ -78,10 +78,11 @@ def _check_pipeline(job: JobConfig) -> None:
     positive(PP_KEY, n)
     if n == 1:
         return
-    if job.world_size % n:
-        raise ConfigError(PP_KEY, n, f"a divisor of the world size {job.world_size} (nodes x "
-                          "gpus_per_node; each stage runs on world / pipeline_parallel "
-                          "data-parallel ranks)")
+    if job.world_size % (n * p.tensor_parallel):
+        per = (f" / {TP_KEY} {p.tensor_parallel}" if p.tensor_parallel > 1 else "")
+        raise ConfigError(PP_KEY, n, f"a divisor of the world size {job.world_size}{per} "
+                          "(nodes x gpus_per_node; each stage runs on world / pipeline_parallel "
+                          "ranks)")
     if p.tensor_parallel > 1 and pipeline_stages_per_rank(job) > 1:
         raise ConfigError(TP_KEY, p.tensor_parallel, f"1 with pipeline_schedule="
                           f"{p.pipeline_schedule} (several stages per rank split over "

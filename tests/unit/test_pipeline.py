@@ -21,7 +21,12 @@ REFUSED = {
     "world": (["model=llama_tiny", "parallelism.pipeline_parallel=2", "cluster.gpus_per_node=3"],
               "config key 'parallelism.pipeline_parallel' has value 2; allowed: a divisor of the "
               "world size 3 (nodes x gpus_per_node; each stage runs on world / "
-              "pipeline_parallel data-parallel ranks)"),
+              "pipeline_parallel ranks)"),
+    "stages x TP beyond the world": (
+        [*PP2, "model.n_layer=4", "cluster.gpus_per_node=4", "parallelism.pipeline_parallel=4",
+         "parallelism.tensor_parallel=2"],
+        "config key 'parallelism.pipeline_parallel' has value 4; allowed: a divisor of the "
+        "world size 4 / parallelism.tensor_parallel 2"),
     "interleaved with tensor parallelism": (
         [*PP2, "model.n_layer=4", "cluster.gpus_per_node=4", "parallelism.tensor_parallel=2",
          "parallelism.pipeline_schedule=interleaved_1f1b"],

@@ -142,7 +142,7 @@ def test_auto_climbs_the_ladder_only_as_far_as_needed() -> None:
     chosen, reason = fit.choose(job, planner())
     plan = make_plan(chosen, "cuda", 2)
     assert plan.fits and chosen.parallelism.zero_stage >= 1 and "ddp" in reason
-    cheaper = fit._variant(job, "torch", chosen.parallelism.zero_stage - 1, False, 1, 1)
+    cheaper = fit._variant(job, "torch", chosen.parallelism.zero_stage - 1, False, 1, 1, 1)
     assert make_plan(cheaper, "cuda", 2).fits is False  # even at micro batch 1
 
 

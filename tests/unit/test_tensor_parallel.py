@@ -169,16 +169,19 @@ def _auto(model: str, nodes: int) -> tuple[object, str]:
 def test_auto_takes_the_fitting_layout_with_the_shortest_estimated_step() -> None:
     """Llama 3 70B on 4x8 H100 fits under ZeRO-3 alone, but its all-gathers cross the network
     every step: TP=2 inside the node sends 8x less over it and wins on time. 405B on 16x8 fits
-    only over TP, where TP=4 is the fastest. Each reason names the slower fitting layouts and
-    those that would not fit."""
+    only over TP (ZeRO-3 x TP, or 16 pipeline stages x TP 8), where ZeRO-3 x TP=4 is the
+    fastest. Each reason names the slower fitting layouts and those that would not fit."""
     chosen, reason = _auto("llama3_70b", 4)
     assert chosen.parallelism.tensor_parallel == 2 and chosen.parallelism.zero_stage == 3
     assert reason.startswith("fsdp_zero3 x tp 2 with micro batch 4 needs ")
     assert "fsdp_zero3 1" in reason.split("; slower: ")[1]  # fits, and is slower
-    assert reason.endswith("would not fit: ddp, zero1, fsdp_zero2")
+    # pipelines under ZeRO-2 hold a whole stage gathered with its gradients: too much here
+    assert reason.endswith("would not fit: ddp, zero1, fsdp_zero2, pp 2, pp 4, pp 8")
     chosen, reason = _auto("llama3_405b", 16)
     assert chosen.parallelism.tensor_parallel == 4
-    assert reason.endswith("would not fit: ddp, zero1, fsdp_zero2, fsdp_zero3")
+    assert "fsdp_zero3 x tp 8" in reason.split("; slower: ")[1]  # 16 stages x TP 8 too
+    assert reason.endswith("would not fit: ddp, zero1, fsdp_zero2, fsdp_zero3, pp 2, pp 4, "
+                           "pp 8, pp 2 x tp 8, pp 4 x tp 8, pp 8 x tp 8")
     assert check_mesh(chosen) is None
 
 
