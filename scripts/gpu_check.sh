@@ -3,7 +3,8 @@
 # minutes on one H100/H200-class GPU: world size 1 (NCCL) for DDP, FSDP2 ZeRO-3 and DeepSpeed
 # ZeRO-3 in bf16 and fp16, DeepSpeed ZeRO-3 with CPU offload (DeepSpeedCPUAdam, pinned memory),
 # fp8 (torchao float8) against bf16 on a Llama shape under FSDP2 and DDP, tensor and pipeline
-# parallelism (TP=2, PP=2, CP=2 where 2 GPUs are visible, PP=2 x FSDP2 where 4 are),
+# parallelism (TP=2, PP=2, CP=2 where 2 GPUs are visible, PP=2 x FSDP2 and PP=2 x TP=2 where 4
+# are),
 # then evaluate and generate on the saved model; prints one table (loss first -> last,
 # tokens/s, MFU, planned vs max_memory_allocated peak) and runs the `gpu` tests.
 #   bash scripts/gpu_check.sh [OUT_DIR]      (default runs/gpu_check/<time>)
@@ -108,8 +109,12 @@ if [ "$ngpu" -ge 4 ]; then
   run llama-pp2-fsdp2-bf16 "${tp[@]}" cluster.gpus_per_node=4 parallelism.pipeline_parallel=2 \
     parallelism.zero_stage=2 precision=bf16 train.micro_batch_size=8 \
     parallelism.pipeline_microbatches=4
+  # 2 stages x TP 2: sequence slices sent stage to stage, the loss under loss_parallel
+  run llama-pp2-tp2-bf16 "${tp[@]}" cluster.gpus_per_node=4 parallelism.pipeline_parallel=2 \
+    parallelism.tensor_parallel=2 precision=bf16 train.micro_batch_size=16 \
+    parallelism.pipeline_microbatches=4
 else
-  tp_skipped="${tp_skipped:+$tp_skipped; }llama-pp2-fsdp2-bf16 skipped: it needs 4 GPUs, this machine has $ngpu"
+  tp_skipped="${tp_skipped:+$tp_skipped; }llama-pp2-fsdp2-bf16, llama-pp2-tp2-bf16 skipped: they need 4 GPUs, this machine has $ngpu"
 fi
 [ -z "$tp_skipped" ] || echo "gpu_check: $tp_skipped"
 # checkpoint + restart over NCCL: DCP shards of a CUDA model, a SIGKILLed rank, torchrun's
