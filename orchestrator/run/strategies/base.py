@@ -25,6 +25,20 @@ from orchestrator.run import precision as prec
 
 Probe = Callable[[str], None]
 DCP_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+# checkpoints written before the flattened layout: one `optim.param_groups` list
+LEGACY_DCP_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=False)
+
+
+def flat_optimizer_state(path: Path) -> bool:
+    """Whether the DCP checkpoint at `path` keys its optimizer hyperparameters by parameter
+    name (`optim.param_groups.<name>.lr`, DCP_OPTIONS), read from its metadata file."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    prefix = "optim.param_groups."
+    keys = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    # legacy: optim.param_groups.<group index>.<hyperparameter>; flat: ...<parameter name>.lr
+    legacy = (k[len(prefix):].split(".") for k in keys if k.startswith(prefix))
+    return not any(len(parts) == 2 and parts[0].isdigit() for parts in legacy)
 
 
 def whole(t: torch.Tensor) -> torch.Tensor:
@@ -198,20 +212,21 @@ class Engine:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
-        model, optim = self._dcp_state()
+        options = DCP_OPTIONS if flat_optimizer_state(path) else LEGACY_DCP_OPTIONS
+        model, optim = self._dcp_state(options)
         state = {"model": model, "optim": optim}
         dcp.load(state, checkpoint_id=str(path))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"], options=DCP_OPTIONS)
+                       optim_state_dict=state["optim"], options=options)
 
-    def _dcp_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+    def _dcp_state(self, options: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
         """The model's and optimizer's state as DCP saves and loads them: keyed by parameter
         name, the optimizer's hyperparameters too (`param_groups.<name>.lr`), so that ranks
         holding different parameters (pipeline stages) never write one shared
         `param_groups` entry, of which DCP would keep only the first rank's."""
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        return get_state_dict(self.model, self.optimizer, options=DCP_OPTIONS)
+        return get_state_dict(self.model, self.optimizer, options=options or DCP_OPTIONS)
 
     @torch.no_grad()
     def eval_step(self, batch: dict[str, torch.Tensor], shift: bool) -> torch.Tensor:
