@@ -56,12 +56,16 @@ def _ask_deepspeed_cpu_fp16() -> bool:
     return proc.returncode != 0 or proc.stdout.split()[-1:] != ["False"]
 
 
-def data_parallel_size(job: JobConfig) -> int:
-    """The ranks that see different data: the world over the tensor-, pipeline- and
-    context-parallel degrees (the ranks of one tensor-parallel group, the stages of one
-    pipeline, and the ranks splitting one sequence compute on the same batch)."""
+def ranks_per_share(job: JobConfig) -> int:
+    """The ranks that compute on one share of the data: the ranks of one tensor-parallel
+    group, the stages of one pipeline, and the ranks splitting one sequence."""
     p = job.parallelism
-    return job.world_size // (p.tensor_parallel * p.pipeline_parallel * p.context_parallel)
+    return p.tensor_parallel * p.pipeline_parallel * p.context_parallel
+
+
+def data_parallel_size(job: JobConfig) -> int:
+    """The ranks that see different data: the world over `ranks_per_share`."""
+    return job.world_size // ranks_per_share(job)
 
 
 def gradient_ranks(job: JobConfig) -> int:

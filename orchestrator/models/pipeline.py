@@ -37,11 +37,6 @@ def stage_of(name: str, n_layer: int, stages: int) -> int:
     return 0 if any(f".{m}." in f".{name}" for m in FIRST_STAGE_ROOT) else stages - 1
 
 
-def stage_specs(specs: list[ParamSpec], n_layer: int, stages: int, stage: int) -> list[ParamSpec]:
-    """The parameters stage `stage` holds."""
-    return [s for s in specs if stage_of(s.name, n_layer, stages) == stage]
-
-
 V_SHAPED = ("zbv",)  # schedules whose 2 stages per rank are placed V-shaped
 
 

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from orchestrator.config.derived import data_parallel_rank
+from orchestrator.config.derived import data_parallel_rank, ranks_per_share
 from orchestrator.config.schema import JobConfig
 from orchestrator.data import make_collate, objective_of
 from orchestrator.run.strategies.base import Engine
@@ -35,8 +35,7 @@ def held_out_sums(engine: Engine, held_out: Dataset, job: JobConfig, rank: int,
     The shares are the data-parallel ranks': a tensor-parallel group (or a pipeline, or the
     ranks splitting a sequence) evaluates one share together, and each of its ranks holds the
     same sums, so the total is divided by their number."""
-    par = job.parallelism
-    holders = par.tensor_parallel * par.pipeline_parallel * par.context_parallel  # per share
+    holders = ranks_per_share(job)
     share, shares = data_parallel_rank(job, rank), world_size // holders
     sampler = DistributedSampler(held_out, shares, share, shuffle=False)
     loader = DataLoader(held_out, batch_size=job.train.micro_batch_size, sampler=sampler,

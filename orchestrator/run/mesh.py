@@ -86,13 +86,18 @@ def _block_plan(block: nn.Module, plan: dict[str, tuple[str, int]]) -> dict[str,
     return styles
 
 
+def held_blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks this rank holds: all of them, or a pipeline stage's (the other
+    stages' blocks are empty modules there, and the stage may hold no embedding or head)."""
+    return [b for b in transformer_blocks(model) if any(True for _ in b.parameters())]
+
+
 def tensor_parallelize(model: nn.Module, tp_mesh: DeviceMesh, family: str) -> None:
     """Split `model`'s layers over `tp_mesh` in place. Each rank keeps its own slice of its own
     weights (`src_data_rank=None`: no communication); on ranks built on the meta device they
     stay meta, and the strategy then fills every rank's slices from rank 0's full weights."""
     plan = PLANS[family]
-    # a pipeline stage holds some blocks (the others are empty) and maybe no embedding or head
-    blocks = [b for b in transformer_blocks(model) if any(True for _ in b.parameters())]
+    blocks = held_blocks(model)
     for block in blocks:
         parallelize_module(block, tp_mesh, _block_plan(block, plan), src_data_rank=None)
     decoder, head = model.get_decoder(), model.get_output_embeddings()

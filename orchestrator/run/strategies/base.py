@@ -147,8 +147,13 @@ class Engine:
 
     def loss_context(self) -> contextlib.AbstractContextManager[Any]:
         """Around a forward and its backward: what the model's loss needs (tensor
-        parallelism: the vocabulary-parallel cross-entropy)."""
-        return contextlib.nullcontext()
+        parallelism: the vocabulary-parallel cross-entropy, as the head's logits stay split by
+        vocabulary: run/mesh.py)."""
+        if self.job.parallelism.tensor_parallel == 1:
+            return contextlib.nullcontext()
+        from torch.distributed.tensor.parallel import loss_parallel
+
+        return loss_parallel()
 
     def precision_metrics(self) -> dict[str, float]:
         """fp16: `loss_scale` and `overflow_steps` (the steps skipped on an inf/NaN gradient so
@@ -271,21 +276,34 @@ class Engine:
         total = torch.zeros((), device=self.device)
         self.step_metrics = {}
         for i, batch in enumerate(micro_batches):
-            last = i == n - 1
-            inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            with self.no_sync(last), self.loss_context():
-                with self.autocast():
-                    output = self.model(**inputs)
-                    loss = output.loss / n
-                self.collect(output, n)
-                if last and self.probe:
-                    self.probe("after_forward")
-                scale = self.backward_scale()
-                scaled = loss if scale == 1 else loss * scale
-                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            total += whole(loss.detach()).float()
+            total += self.micro_step(batch, n, last=i == n - 1)
         self.finish_step()
         return total
+
+    def micro_step(self, batch: dict[str, torch.Tensor], n: int, last: bool) -> torch.Tensor:
+        """Forward and backward of one of the step's `n` micro batches (gradient sync on the
+        `last`); returns its share of the step's mean loss."""
+        inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        with self.no_sync(last), self.loss_context():
+            with self.autocast():
+                output = self.model(**inputs)
+                loss = output.loss / n
+            self.collect(output, n)
+            self.backward(loss, last)
+        return whole(loss.detach()).float()
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        """The model state's probe after the step's last forward, then `loss`'s backward
+        (scaled by fp16's grad scaler, or by `debug.inf_grad_at_step`)."""
+        if last and self.probe:
+            self.probe("after_forward")
+        scale = self.backward_scale()
+        scaled = loss if scale == 1 else loss * scale
+        (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+
+    def clip(self, max_norm: float) -> None:
+        """Scale the gradients to a global norm of at most `max_norm`."""
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
 
     def finish_step(self) -> None:
         """After the step's backwards: unscale, clip and step the optimizer, free gradients."""
@@ -294,7 +312,7 @@ class Engine:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         if self.job.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.job.train.grad_clip)
+            self.clip(self.job.train.grad_clip)
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()

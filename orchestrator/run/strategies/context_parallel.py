@@ -77,26 +77,15 @@ class ContextParallelEngine(fsdp.FSDPEngine):
         super().__init__(model, optimizer, job, device, scaler=scaler)
         self.cp_mesh = cp_mesh
 
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-        n, c = len(micro_batches), self.cp_mesh.size()
-        total = torch.zeros((), device=self.device)
-        self.step_metrics = {}
-        for i, batch in enumerate(micro_batches):
-            last = i == n - 1
-            ids, targets, positions = sequence_buffers(batch, self.device)
-            scored = (targets != IGNORE).sum()  # the whole sequences', before the split
-            with self.no_sync(last), ring_attention(self.cp_mesh, [ids, targets, positions]):
-                logits = self.model(input_ids=ids, position_ids=positions,
-                                    attention_mask=torch.ones_like(ids)).logits
-                loss = shard_loss(logits, targets, scored, c) / n
-                if last and self.probe:
-                    self.probe("after_forward")
-                scale = self.backward_scale()
-                scaled = loss if scale == 1 else loss * scale
-                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            total += loss.detach().float()
-        self.finish_step()
-        return total
+    def micro_step(self, batch: dict[str, torch.Tensor], n: int, last: bool) -> torch.Tensor:
+        ids, targets, positions = sequence_buffers(batch, self.device)
+        scored = (targets != IGNORE).sum()  # the whole sequences', before the split
+        with self.no_sync(last), ring_attention(self.cp_mesh, [ids, targets, positions]):
+            logits = self.model(input_ids=ids, position_ids=positions,
+                                attention_mask=torch.ones_like(ids)).logits
+            loss = shard_loss(logits, targets, scored, self.cp_mesh.size()) / n
+            self.backward(loss, last)
+        return loss.detach().float()
 
 
 def setup(model: nn.Module, job: JobConfig, device: str) -> Engine:

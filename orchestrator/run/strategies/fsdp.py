@@ -48,13 +48,6 @@ from orchestrator.run.strategies.base import (
 class MeshEngine(Engine):
     """A model whose parameters are DTensors on the device mesh (tensor parallel only)."""
 
-    def loss_context(self) -> contextlib.AbstractContextManager[Any]:
-        if self.job.parallelism.tensor_parallel == 1:
-            return contextlib.nullcontext()
-        from torch.distributed.tensor.parallel import loss_parallel
-
-        return loss_parallel()  # the head's logits stay split by vocabulary (run/mesh.py)
-
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_model_state_dict(self.model, options=options)

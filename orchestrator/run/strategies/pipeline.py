@@ -45,7 +45,6 @@ from orchestrator.config.derived import (
     pipeline_stages_per_rank,
 )
 from orchestrator.config.schema import JobConfig
-from orchestrator.models.build import transformer_blocks
 from orchestrator.models.pipeline import rank_of_stage, stage_of, stages_of_rank
 from orchestrator.run import precision as prec
 from orchestrator.run.mesh import (
@@ -53,6 +52,7 @@ from orchestrator.run.mesh import (
     TP,
     data_mesh,
     device_mesh,
+    held_blocks,
     keep_grads_in_place,
     tensor_parallelize,
 )
@@ -116,13 +116,6 @@ class PipelineEngine(Engine):
     def autocast(self) -> Any:
         # FSDP2's MixedPrecisionPolicy casts the parameters instead
         return contextlib.nullcontext() if self.sharded else super().autocast()
-
-    def loss_context(self) -> Any:
-        if self.job.parallelism.tensor_parallel == 1:
-            return contextlib.nullcontext()
-        from torch.distributed.tensor.parallel import loss_parallel
-
-        return loss_parallel()  # the last stage's logits stay split by vocabulary
 
     def held_tensors(self) -> dict[str, Any]:
         if self.sharded:
@@ -207,12 +200,7 @@ class PipelineEngine(Engine):
                 else torch.zeros((), device=self.device))
         dist.broadcast(loss, group=self.mesh[PP].get_group(), group_src=self.last_rank)
         self.average_grads()
-        if self.probe:
-            self.probe("after_backward")
-        if self.job.train.grad_clip > 0:
-            self.clip(self.job.train.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=self.set_to_none)
+        self.finish_step()
         return loss
 
 
@@ -254,9 +242,8 @@ def _data_parallel(model: nn.Module, job: JobConfig, mesh: DeviceMesh) -> nn.Mod
     prec_cfg = job.precision
     policy = prec.fsdp_policy(prec_cfg.name, prec_cfg.param_dtype, prec_cfg.reduce_dtype)
     kwargs = {"mesh": data_mesh(mesh), "mp_policy": policy, "reshard_after_forward": False}
-    for block in transformer_blocks(model):
-        if any(True for _ in block.parameters()):  # other stages' blocks are empty
-            fully_shard(block, **kwargs)
+    for block in held_blocks(model):
+        fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
     return model
 
