@@ -12,7 +12,6 @@ from orchestrator.common.contract import CONFIG_YAML, DEVICE_ENV, RECIPES
 from orchestrator.common.files import cache_dir
 from orchestrator.common.plan import ComputeEstimate, MemoryEstimate, Plan
 from orchestrator.config.derived import (
-    data_parallel_size,
     gradient_ranks,
     pipeline_microbatches,
     pipeline_stages_per_rank,
@@ -195,8 +194,8 @@ def make_plan(job: JobConfig, device: str, cpu_count: int, python: str = sys.exe
     slices = tensor_parallel.local_specs(specs, job.model.family, job.parallelism.tensor_parallel)
     heavy, slices = _heaviest_stage(job, slices)
     state = _model_state(job, slices, device, accum, global_batch)
-    if heavy:  # the stage the figures describe: its data-parallel ranks follow its first
-        rank = heavy * data_parallel_size(job) + state.memory.rank
+    if heavy:  # the stage the figures describe: world / P ranks hold each stage
+        rank = heavy * (job.world_size // job.parallelism.pipeline_parallel) + state.memory.rank
         state = dataclasses.replace(state, memory=dataclasses.replace(state.memory, rank=rank))
     strategy, stage = strategy_name(job), job.parallelism.zero_stage
     psi = sum(s.numel for s in specs)
