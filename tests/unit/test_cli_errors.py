@@ -56,6 +56,17 @@ CASES = {
     "tensor parallel on GPT-2": (["parallelism.tensor_parallel=2"], "error: config key "
                                  "'parallelism.tensor_parallel' has value 2; allowed: 1 for "
                                  "model.family=gpt2 (tensor parallelism is built for: llama)"),
+    "context parallel on CPU": (
+        ["model=llama_tiny", "parallelism.context_parallel=2", "parallelism.zero_stage=3"],
+        "error: config key 'parallelism.context_parallel' has value 2; allowed: 1 on cpu (ring "
+        "attention runs on CUDA's fused SDPA kernels, flash, memory-efficient or cuDNN; torch "
+        "has no context-parallel path for CPU attention)"),
+    "stages x TP beyond the world": (
+        ["model=llama_tiny", "model.n_layer=4", "parallelism.pipeline_parallel=2",
+         "parallelism.tensor_parallel=2", "train.micro_batch_size=8"],
+        "error: config key 'parallelism.pipeline_parallel' has value 2; allowed: a divisor of "
+        "the world size 2 / parallelism.tensor_parallel 2 (nodes x gpus_per_node; each stage "
+        "runs on world / pipeline_parallel ranks)"),
     "profile past the run": (["train.profile.steps=[5,30]"], "error: config key "
                              "'train.profile.steps' has value [5, 30]; allowed: [first, last] "
                              "with 1 <= first <= last <= train.steps=20 (steps first..last "
