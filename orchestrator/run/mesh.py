@@ -98,6 +98,7 @@ def tensor_parallelize(model: nn.Module, tp_mesh: DeviceMesh, family: str) -> No
     stay meta, and the strategy then fills every rank's slices from rank 0's full weights."""
     plan = PLANS[family]
     blocks = held_blocks(model)
+    tied = tied_head(model)
     for block in blocks:
         parallelize_module(block, tp_mesh, _block_plan(block, plan), src_data_rank=None)
     decoder, head = model.get_decoder(), model.get_output_embeddings()
@@ -118,6 +119,22 @@ def tensor_parallelize(model: nn.Module, tp_mesh: DeviceMesh, family: str) -> No
                            ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1),
                                            use_local_output=False),
                            src_data_rank=None)
+    if tied:
+        retie(model)
+
+
+def tied_head(model: nn.Module) -> bool:
+    """Whether the head is the input embedding itself (`model.tie_embeddings`)."""
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    return head is not None and embed is not None and head.weight is embed.weight
+
+
+def retie(model: nn.Module) -> None:
+    """Make the head share the embedding's weight again. Splitting the embedding and the head
+    each distributes its own `weight` (the vocabulary-parallel embedding and head both split
+    it by vocabulary rows: one layout), and materializing or loading may swap in new
+    parameter objects: without this the two would train as separate copies."""
+    model.get_output_embeddings().weight = model.get_input_embeddings().weight
 
 
 def keep_grads_in_place(model: nn.Module) -> None:

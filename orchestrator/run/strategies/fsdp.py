@@ -34,7 +34,9 @@ from orchestrator.run.mesh import (
     data_mesh,
     device_mesh,
     keep_grads_in_place,
+    retie,
     tensor_parallelize,
+    tied_head,
 )
 from orchestrator.run.strategies.base import (
     Engine,
@@ -50,7 +52,13 @@ class MeshEngine(Engine):
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(self.model, options=options)
+        state = get_model_state_dict(self.model, options=options)
+        model = self.hf_model()
+        if tied_head(model):  # one tensor under both names, as save_pretrained expects of a tie
+            names = {id(m): name for name, m in model.named_modules()}
+            head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+            state[f"{names[id(head)]}.weight"] = state[f"{names[id(embed)]}.weight"]
+        return state
 
 
 class FSDPEngine(MeshEngine):
@@ -112,6 +120,7 @@ def build(model: nn.Module, job: JobConfig,
     # their shards after sharding. Rank 0's full weights are kept by reference until sent.
     full = model.state_dict() if world > 1 and not on_meta(model) else {}
     mesh = device_mesh(device, world, p.replicate_degree, p.tensor_parallel)
+    tied = tied_head(model)
     if p.tensor_parallel > 1:
         tensor_parallelize(model, mesh[TP], job.model.family)
     sharded = p.zero_stage in (2, 3)
@@ -125,6 +134,8 @@ def build(model: nn.Module, job: JobConfig,
         materialize(model, device)
         load_from_rank0(model, full)  # may swap in new parameter objects: hooks come after
         del full
+    if tied and not sharded:  # FSDP2 keeps the tie it was given (tensor_parallelize's)
+        retie(model)
     if p.tensor_parallel > 1 and not sharded:
         keep_grads_in_place(model)
     optimizer = build_optimizer(model.parameters(), job)
