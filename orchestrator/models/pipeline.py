@@ -12,9 +12,15 @@ stages r and 2P - 1 - r).
 
 from __future__ import annotations
 
+import re
+
 from orchestrator.models.specs import ParamSpec
 
-FIRST_STAGE_ROOT = ("embed_tokens",)  # the root parameters the first stage holds; the rest: last
+FAMILIES = ("llama", "gpt2")  # the families cut into stages (run/strategies/pipeline_stage.py)
+# the root modules the first stage holds (Llama's embedding, GPT-2's token and position
+# embeddings); the other root parameters (final norm, head) are the last stage's
+FIRST_STAGE_ROOT = ("embed_tokens", "wte", "wpe")
+_BLOCK = re.compile(r"\.(?:layers|h)\.(\d+)\.")  # a block's parameter: Llama's, GPT-2's
 
 
 def stage_blocks(n_layer: int, stages: int) -> list[range]:
@@ -30,9 +36,11 @@ def stage_blocks(n_layer: int, stages: int) -> list[range]:
 
 
 def stage_of(name: str, n_layer: int, stages: int) -> int:
-    """The stage holding parameter `name` (e.g. `model.layers.3.mlp.up_proj.weight`)."""
-    if ".layers." in name:
-        block = int(name.split(".layers.")[1].split(".")[0])
+    """The stage holding parameter `name` (e.g. `model.layers.3.mlp.up_proj.weight`,
+    `transformer.h.3.mlp.c_fc.weight`)."""
+    found = _BLOCK.search(name)
+    if found:
+        block = int(found.group(1))
         return next(i for i, r in enumerate(stage_blocks(n_layer, stages)) if block in r)
     return 0 if any(f".{m}." in f".{name}" for m in FIRST_STAGE_ROOT) else stages - 1
 

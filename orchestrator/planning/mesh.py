@@ -20,6 +20,7 @@ from orchestrator.config.derived import (
 )
 from orchestrator.config.rules import positive
 from orchestrator.config.schema import JobConfig
+from orchestrator.models.pipeline import FAMILIES as PIPELINE_FAMILIES
 from orchestrator.models.tensor_parallel import PLANS
 
 TP_KEY = "parallelism.tensor_parallel"
@@ -94,9 +95,9 @@ def _check_pipeline(job: JobConfig) -> None:
         raise ConfigError("model.attn_implementation", job.model.attn_implementation,
                           f"'sdpa' with {PP_KEY}={n} and {TP_KEY}={p.tensor_parallel} (stages "
                           "pass sequence slices: only causal SDPA needs no mask of them)")
-    if job.model.family not in PLANS:
+    if job.model.family not in PIPELINE_FAMILIES:
         raise ConfigError(PP_KEY, n, f"1 for model.family={job.model.family} (pipeline "
-                          f"parallelism is built for: {', '.join(PLANS)})")
+                          f"parallelism is built for: {', '.join(PIPELINE_FAMILIES)})")
     if _tied(job):
         raise ConfigError("model.tie_embeddings", True, f"false with {PP_KEY}={n} (the first "
                           "stage holds the embedding and the last the head: one tied weight "

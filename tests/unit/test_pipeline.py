@@ -35,9 +35,13 @@ REFUSED = {
         "config key 'parallelism.tensor_parallel' has value 2; allowed: 1 with "
         "pipeline_schedule=interleaved_1f1b (several stages per rank split over "
         "tensor-parallel groups are not built yet)"),
-    "family": (["model=gpt2_tiny", "parallelism.pipeline_parallel=2"],
+    "family": (["model=bert_tiny", "parallelism.pipeline_parallel=2"],
                "config key 'parallelism.pipeline_parallel' has value 2; allowed: 1 for "
-               "model.family=gpt2 (pipeline parallelism is built for: llama)"),
+               "model.family=bert (pipeline parallelism is built for: llama, gpt2)"),
+    "GPT-2 tied by default": (
+        ["model=gpt2_tiny", "parallelism.pipeline_parallel=2", "train.micro_batch_size=8"],
+        "config key 'model.tie_embeddings' has value True; allowed: false with "
+        "parallelism.pipeline_parallel=2"),
     "more stages than blocks": (
         [*PP2, "cluster.gpus_per_node=4", "parallelism.pipeline_parallel=4"],
         "config key 'parallelism.pipeline_parallel' has value 4; allowed: at most "

@@ -269,7 +269,7 @@ def setup(model: nn.Module, job: JobConfig, device: str) -> Engine:
     kind = job.parallelism.pipeline_schedule
     held = stages_of_rank(mesh[PP].get_local_rank(), ranks, per_rank, kind)
     full = model.state_dict() if dist.get_rank() == 0 else {}
-    n_layer = len(model.model.layers)
+    n_layer = model.config.num_hidden_layers
     owner = {name: rank_of_stage(stage_of(name, n_layer, ranks * per_rank), ranks, per_rank,
                                  kind) for name, _ in model.named_parameters()}
     prune(model, held, ranks * per_rank, seq_split=t)
