@@ -12,6 +12,7 @@ stages r and 2P - 1 - r).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 from orchestrator.models.specs import ParamSpec
@@ -20,6 +21,7 @@ FAMILIES = ("llama", "gpt2")  # the families cut into stages (run/strategies/pip
 # the root modules the first stage holds (Llama's embedding, GPT-2's token and position
 # embeddings); the other root parameters (final norm, head) are the last stage's
 FIRST_STAGE_ROOT = ("embed_tokens", "wte", "wpe")
+HEAD = "lm_head.weight"  # the causal LM's output projection (both families)
 _BLOCK = re.compile(r"\.(?:layers|h)\.(\d+)\.")  # a block's parameter: Llama's, GPT-2's
 
 
@@ -65,4 +67,9 @@ def rank_specs(specs: list[ParamSpec], n_layer: int, ranks: int, per_rank: int,
                rank: int, schedule: str = "1f1b") -> list[ParamSpec]:
     """The parameters pipeline rank `rank` holds: those of all its stages."""
     mine = set(stages_of_rank(rank, ranks, per_rank, schedule))
-    return [s for s in specs if stage_of(s.name, n_layer, ranks * per_rank) in mine]
+    stages = ranks * per_rank
+    held = [s for s in specs if stage_of(s.name, n_layer, stages) in mine]
+    if stages - 1 in mine:  # a tied head: the last stage's own copy (zbv's rank 0 too)
+        held += [dataclasses.replace(s, name=HEAD) for s in specs
+                 if s.head and stage_of(s.name, n_layer, stages) == 0]
+    return held

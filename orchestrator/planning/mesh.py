@@ -6,9 +6,6 @@ the key, the value and what is allowed.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from orchestrator.common.errors import ConfigError
 from orchestrator.config.derived import (
     MULTI_STAGE_SCHEDULES,
@@ -98,10 +95,6 @@ def _check_pipeline(job: JobConfig) -> None:
     if job.model.family not in PIPELINE_FAMILIES:
         raise ConfigError(PP_KEY, n, f"1 for model.family={job.model.family} (pipeline "
                           f"parallelism is built for: {', '.join(PIPELINE_FAMILIES)})")
-    if _tied(job):
-        raise ConfigError("model.tie_embeddings", True, f"false with {PP_KEY}={n} (the first "
-                          "stage holds the embedding and the last the head: one tied weight "
-                          "on two ranks, whose two copies are not kept equal yet)")
     v = _check_stages_per_rank(job)
     if n * v > job.model.n_layer:
         raise ConfigError(PP_KEY, n, f"at most model.n_layer={job.model.n_layer} / "
@@ -122,18 +115,6 @@ def _check_pipeline(job: JobConfig) -> None:
                           f"grad_accum_steps = {batch})")
     _check_pipeline_data_parallel(job, n)
     _check_not_yet(job, PP_KEY, n, "pipeline")
-
-
-def _tied(job: JobConfig) -> bool:
-    """Whether the head shares the embedding's weight: the model directory's config.json
-    decides for `model.pretrained_path` (transformers' default: tied), the job otherwise."""
-    config = Path(job.model.pretrained_path or "", "config.json")
-    if job.model.pretrained_path is None or not config.is_file():
-        return job.model.tie_embeddings
-    try:
-        return bool(json.loads(config.read_text()).get("tie_word_embeddings", True))
-    except (OSError, ValueError):
-        return job.model.tie_embeddings  # the model directory's own check names the problem
 
 
 def _check_stages_per_rank(job: JobConfig) -> int:

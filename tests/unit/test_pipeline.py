@@ -5,8 +5,6 @@ tests/distributed/test_pipeline.py."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from orchestrator.common.errors import ConfigError
@@ -38,10 +36,6 @@ REFUSED = {
     "family": (["model=bert_tiny", "parallelism.pipeline_parallel=2"],
                "config key 'parallelism.pipeline_parallel' has value 2; allowed: 1 for "
                "model.family=bert (pipeline parallelism is built for: llama, gpt2)"),
-    "GPT-2 tied by default": (
-        ["model=gpt2_tiny", "parallelism.pipeline_parallel=2", "train.micro_batch_size=8"],
-        "config key 'model.tie_embeddings' has value True; allowed: false with "
-        "parallelism.pipeline_parallel=2"),
     "more stages than blocks": (
         [*PP2, "cluster.gpus_per_node=4", "parallelism.pipeline_parallel=4"],
         "config key 'parallelism.pipeline_parallel' has value 4; allowed: at most "
@@ -85,11 +79,6 @@ REFUSED = {
         [*PP2, "+recipe=deepspeed_zero2"],
         "config key 'parallelism.backend' has value 'deepspeed'; allowed: torch with "
         "parallelism.pipeline_parallel=2"),
-    "tied embedding": (
-        [*PP2, "model.tie_embeddings=true"],
-        "config key 'model.tie_embeddings' has value True; allowed: false with "
-        "parallelism.pipeline_parallel=2 (the first stage holds the embedding and the last the "
-        "head: one tied weight on two ranks, whose two copies are not kept equal yet)"),
     "lora": ([*PP2, "lora.rank=4"],
              "config key 'lora.rank' has value 4; allowed: not with "
              "parallelism.pipeline_parallel=2 yet (pipeline parallelism trains"),
@@ -152,12 +141,3 @@ def test_the_plan_of_an_interleaved_pipeline() -> None:
     assert plan.memory.activations_bytes == max(5 * 2 * per_layer,
                                                 3 * 2 * per_layer + 3 * logits)
 
-
-def test_a_model_directory_with_a_tied_head_is_refused_too(tmp_path) -> None:
-    """config.json decides the architecture of `model.pretrained_path`: its tie counts, not the
-    job's `model.tie_embeddings` (false for llama_tiny)."""
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama",
-                                                      "tie_word_embeddings": True}))
-    with pytest.raises(ConfigError) as err:
-        validate(make_job([*PP2, f"model.pretrained_path={tmp_path}"]), Hardware())
-    assert str(err.value).startswith("config key 'model.tie_embeddings' has value True")

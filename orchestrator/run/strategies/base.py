@@ -221,6 +221,7 @@ class Engine:
         model, optim = self._dcp_state(options)
         state = {"model": model, "optim": optim}
         dcp.load(state, checkpoint_id=str(path))
+        self._from_checkpoint(state["model"], state["optim"])
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"], options=options)
 
@@ -232,6 +233,10 @@ class Engine:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         return get_state_dict(self.model, self.optimizer, options=options or DCP_OPTIONS)
+
+    def _from_checkpoint(self, model: dict[str, Any], optim: dict[str, Any]) -> None:
+        """After DCP filled `_dcp_state`'s dicts: undo any name it gave the checkpoint (a
+        pipeline's tied head); nothing here."""
 
     @torch.no_grad()
     def eval_step(self, batch: dict[str, torch.Tensor], shift: bool) -> torch.Tensor:

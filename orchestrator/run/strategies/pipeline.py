@@ -45,7 +45,7 @@ from orchestrator.config.derived import (
     pipeline_stages_per_rank,
 )
 from orchestrator.config.schema import JobConfig
-from orchestrator.models.pipeline import rank_of_stage, stage_of, stages_of_rank
+from orchestrator.models.pipeline import HEAD, rank_of_stage, stage_of, stages_of_rank
 from orchestrator.run import precision as prec
 from orchestrator.run.mesh import (
     PP,
@@ -55,6 +55,7 @@ from orchestrator.run.mesh import (
     held_blocks,
     keep_grads_in_place,
     tensor_parallelize,
+    tied_head,
 )
 from orchestrator.run.strategies.base import (
     Engine,
@@ -65,7 +66,8 @@ from orchestrator.run.strategies.base import (
     whole,
 )
 from orchestrator.run.strategies.fsdp import fsdp_held_tensors
-from orchestrator.run.strategies.pipeline_stage import StageChunk, prune
+from orchestrator.run.strategies.pipeline_stage import StageChunk, embedding_name, prune
+from orchestrator.run.strategies.pipeline_tie import TiedCopies, untie
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 MULTI_STAGE = {"interleaved_1f1b": ScheduleInterleaved1F1B,
@@ -85,7 +87,7 @@ def _send_stages(model: nn.Module, full: dict[str, torch.Tensor], owner: dict[st
     """Rank 0 sends each parameter to every rank whose pipeline rank holds it (`owner`, in an
     order every rank knows), from the device (NCCL sends device tensors; rank 0 built the model
     on the host), then every buffer to every rank."""
-    rank, mine = dist.get_rank(), dict(model.named_parameters())
+    rank, mine = dist.get_rank(), dict(model.named_parameters(remove_duplicate=False))
     for name, holder in owner.items():
         for dst in range(1, len(pipeline_rank)):
             if pipeline_rank[dst] != holder:
@@ -103,9 +105,10 @@ class PipelineEngine(Engine):
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, job: JobConfig,
                  device: str, schedule: Any, mesh: DeviceMesh,
-                 stage_modules: dict[int, nn.Module]) -> None:
+                 stage_modules: dict[int, nn.Module], tie: TiedCopies | None = None) -> None:
         super().__init__(model, optimizer, job, device)
         self.schedule, self.mesh, self.stage_modules = schedule, mesh, stage_modules
+        self.tie = tie  # a tied head's two copies on the first and the last stage
         ranks, per_rank = mesh[PP].size(), pipeline_stages_per_rank(job)
         self.n_stages, kind = ranks * per_rank, job.parallelism.pipeline_schedule
         self.rank_of = lambda stage: rank_of_stage(stage, ranks, per_rank, kind)
@@ -128,7 +131,20 @@ class PipelineEngine(Engine):
         mine = {k: whole(v).detach().cpu() for k, v in self.hf_model().state_dict().items()}
         parts: list[Any] = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
         dist.gather_object(mine if _data_rank(self.mesh) == 0 else {}, parts, dst=0)
-        return {k: v for part in parts or [] for k, v in part.items()}
+        state = {k: v for part in parts or [] for k, v in part.items()}
+        if self.tie and state:  # one tensor under both names, as save_pretrained expects
+            state[HEAD] = state[self.tie.embedding]
+        return state
+
+    def _dcp_state(self, options: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        model, optim = super()._dcp_state(options)
+        if self.tie:
+            self.tie.to_checkpoint(model, optim)
+        return model, optim
+
+    def _from_checkpoint(self, model: dict[str, Any], optim: dict[str, Any]) -> None:
+        if self.tie:
+            self.tie.from_checkpoint(model, optim)
 
     def average_grads(self) -> None:
         """zero_stage 0 with data-parallel ranks: the stage's gradients averaged over them once
@@ -152,12 +168,14 @@ class PipelineEngine(Engine):
         """The global gradient norm over all stages, clipped as clip_grad_norm_ does: each
         rank's squares (its slice's, under FSDP2 and TP) summed over the world, each divided by
         the number of ranks holding the same elements (`_copies`)."""
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grads = [p.grad for p in params]
         squares = torch.zeros((), device=self.device)
         replicated = data_parallel_size(self.job)  # a plain gradient: on every dp rank
-        for g in grads:
+        for p, g in zip(params, grads, strict=True):
             local = g.to_local() if isinstance(g, DTensor) else g
-            squares += local.detach().float().norm() ** 2 / _copies(g, replicated)
+            copies = _copies(g, replicated) * (self.tie.copies(p) if self.tie else 1)
+            squares += local.detach().float().norm() ** 2 / copies
         dist.all_reduce(squares)
         coef = torch.clamp(max_norm / (squares.sqrt() + 1e-6), max=1.0)
         for g in grads:
@@ -200,6 +218,8 @@ class PipelineEngine(Engine):
                 else torch.zeros((), device=self.device))
         dist.broadcast(loss, group=self.mesh[PP].get_group(), group_src=self.last_rank)
         self.average_grads()
+        if self.tie:
+            self.tie.sync()
         self.finish_step()
         return loss
 
@@ -269,9 +289,11 @@ def setup(model: nn.Module, job: JobConfig, device: str) -> Engine:
     kind = job.parallelism.pipeline_schedule
     held = stages_of_rank(mesh[PP].get_local_rank(), ranks, per_rank, kind)
     full = model.state_dict() if dist.get_rank() == 0 else {}
-    n_layer = model.config.num_hidden_layers
+    n_layer, tied = model.config.num_hidden_layers, tied_head(model)
+    # every name of each parameter: a tied head is sent to the last stage as well
     owner = {name: rank_of_stage(stage_of(name, n_layer, ranks * per_rank), ranks, per_rank,
-                                 kind) for name, _ in model.named_parameters()}
+                                 kind) for name, _ in model.named_parameters(
+                                     remove_duplicate=False)}
     prune(model, held, ranks * per_rank, seq_split=t)
     materialize(model, device)
     # this rank's own GPU (distributed.init made it the current device), never GPU 0's
@@ -279,6 +301,8 @@ def setup(model: nn.Module, job: JobConfig, device: str) -> Engine:
         torch.device(device)
     _send_stages(model, full, owner, [r // (world // ranks) for r in range(world)], here)
     del full
+    if tied:
+        untie(model, embedding_name(model))
     if t > 1:  # each rank keeps its slices of its full stage weights
         tensor_parallelize(model, mesh[TP], job.model.family)
     model = _data_parallel(model, job, mesh)
@@ -289,4 +313,6 @@ def setup(model: nn.Module, job: JobConfig, device: str) -> Engine:
         k: StageChunk(model, k, ranks * per_rank) for k in held}
     schedule = _schedule(modules, job, mesh, here)
     optimizer = build_optimizer(model.parameters(), job)
-    return PipelineEngine(model, optimizer, job, device, schedule, mesh, modules)
+    ends = [rank_of_stage(k, ranks, per_rank, kind) for k in (0, ranks * per_rank - 1)]
+    tie = TiedCopies(embedding_name(model), mesh, *ends, model) if tied else None
+    return PipelineEngine(model, optimizer, job, device, schedule, mesh, modules, tie)

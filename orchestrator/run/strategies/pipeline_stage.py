@@ -49,6 +49,12 @@ def _parts(stack: nn.Module, layout: Layout, embed: bool) -> dict[str, nn.Module
     return {name: getattr(stack, name) for name in names}
 
 
+def embedding_name(model: nn.Module) -> str:
+    """The input embedding's weight, by name (a tied head's other name)."""
+    layout = _layout(model)
+    return f"{layout.stack}.{layout.embeddings[0]}.weight"
+
+
 def _embed(parts: Mapping[str, nn.Module], x: torch.Tensor,
            positions: torch.Tensor) -> torch.Tensor:
     """The first stage's input: token embeddings (GPT-2: plus learned positions, dropout)."""
