@@ -29,21 +29,34 @@ PLANS: dict[str, dict[str, tuple[str, int]]] = {
         "embed_tokens": (ROWWISE, 0),
         "lm_head": (COLWISE, 0),
     },
+    # transformers' Conv1D stores its weight (in, out): column-wise splits dim 1, row-wise dim 0.
+    # c_attn computes q, k and v in one matmul: its columns are regrouped before the split so
+    # that each rank's are its own heads' q, k and v (`FUSED_QKV`, run/strategies/fused_qkv.py)
+    "gpt2": {
+        "c_attn": (COLWISE, 1), "c_proj": (ROWWISE, 0),  # attention's, and the MLP's c_proj
+        "c_fc": (COLWISE, 1),
+        "wte": (ROWWISE, 0), "lm_head": (COLWISE, 0),
+    },
 }
+FUSED_QKV = {"gpt2": "c_attn"}  # family -> the module computing [q | k | v] in one matmul
 
 
 def split_dim(family: str, name: str) -> int | None:
     """The dimension of parameter `name` (e.g. `model.layers.0.self_attn.q_proj.weight`) that
     tensor parallelism splits; None: every rank holds all of it (norms; a row-wise layer's
     bias, added once after the reduction)."""
-    *path, kind = name.split(".")
-    entry = PLANS[family].get(path[-1]) if path else None
+    entry = _entry(family, name)
     if entry is None:
         return None
     style, dim = entry
-    if kind == "bias":
+    if name.endswith(".bias"):
         return 0 if style == COLWISE else None
     return dim
+
+
+def _entry(family: str, name: str) -> tuple[str, int] | None:
+    path = name.split(".")[:-1]
+    return PLANS[family].get(path[-1]) if path else None
 
 
 def local_specs(specs: list[ParamSpec], family: str, tp: int) -> list[ParamSpec]:
@@ -58,6 +71,7 @@ def local_specs(specs: list[ParamSpec], family: str, tp: int) -> list[ParamSpec]
             out.append(s)
             continue
         shape = tuple(n // tp if i == dim else n for i, n in enumerate(s.shape))
-        rows = s.out_features // tp if s.out_features and dim == 0 else s.out_features
+        column_wise = _entry(family, s.name) == (COLWISE, dim)  # output features split
+        rows = s.out_features // tp if column_wise else s.out_features
         out.append(dataclasses.replace(s, shape=shape, out_features=rows))
     return out

@@ -136,7 +136,8 @@ CHECKED = {
     "precision.param_dtype": "config/precision.py: FSDP2 only",
     "precision.reduce_dtype": "config/precision.py: FSDP2 only",
     "parallelism.replicate_degree": "planning/mesh.py: HSDP stages only",
-    "parallelism.tensor_parallel": "planning/mesh.py: the Llama family, backend=torch",
+    "parallelism.tensor_parallel": "planning/mesh.py: the Llama and GPT-2 families, "
+                                   "backend=torch",
     "parallelism.pipeline_parallel": "planning/mesh.py: the Llama and GPT-2 families, "
                                    "backend=torch",
     "parallelism.context_parallel": "planning/mesh.py: the Llama family, CUDA, FSDP2",

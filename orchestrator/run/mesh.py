@@ -24,7 +24,13 @@ from typing import Any
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import (
+    DTensor,
+    Replicate,
+    Shard,
+    distribute_module,
+    distribute_tensor,
+)
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -35,7 +41,8 @@ from torch.distributed.tensor.parallel import (
 )
 
 from orchestrator.models.build import transformer_blocks
-from orchestrator.models.tensor_parallel import COLWISE, PLANS
+from orchestrator.models.layout import LAYOUTS
+from orchestrator.models.tensor_parallel import COLWISE, FUSED_QKV, PLANS
 
 PP, DP_REPLICATE, DP_SHARD, TP = "pp", "dp_replicate", "dp_shard", "tp"
 CP, CP_REPLICA = "cp", "cp_replica"  # context parallelism's own 2-D mesh (`context_mesh`)
@@ -67,23 +74,82 @@ def _linear(kind: str, **kwargs: Any) -> ParallelStyle:
     return ColwiseParallel(**kwargs) if kind == COLWISE else RowwiseParallel(**kwargs)
 
 
-def _block_plan(block: nn.Module, plan: dict[str, tuple[str, int]]) -> dict[str, ParallelStyle]:
+# family -> (the block's norms, its attention module, whether the block passes attention its
+# input by keyword)
+BLOCK_PARTS = {"llama": (("input_layernorm", "post_attention_layernorm"), "self_attn", True),
+               "gpt2": (("ln_1", "ln_2"), "attn", False)}
+
+
+def _block_plan(block: nn.Module, family: str) -> dict[str, ParallelStyle]:
     """A decoder block: column-wise projections take the gathered sequence, row-wise ones
-    reduce-scatter their output back to sequence slices."""
-    styles: dict[str, ParallelStyle] = {
-        "input_layernorm": SequenceParallel(),
-        "post_attention_layernorm": SequenceParallel(),
-        "self_attn": PrepareModuleInput(input_kwarg_layouts={"hidden_states": Shard(1)},
-                                        desired_input_kwarg_layouts={
-                                            "hidden_states": Replicate()}),
-        "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-    }
-    for name, _ in block.named_modules():
-        kind = plan.get(name.rsplit(".", 1)[-1])
-        if kind is not None and name:
+    reduce-scatter their output back to sequence slices (nn.Linear's; GPT-2's Conv1D layers
+    are split by `_conv1d`)."""
+    norms, attention, by_keyword = BLOCK_PARTS[family]
+    gather = ({"input_kwarg_layouts": {"hidden_states": Shard(1)},
+               "desired_input_kwarg_layouts": {"hidden_states": Replicate()}} if by_keyword
+              else {"input_layouts": (Shard(1),), "desired_input_layouts": (Replicate(),)})
+    styles: dict[str, ParallelStyle] = {name: SequenceParallel() for name in norms}
+    styles[attention] = PrepareModuleInput(**gather)
+    styles["mlp"] = PrepareModuleInput(input_layouts=(Shard(1),),
+                                       desired_input_layouts=(Replicate(),))
+    for name, module in block.named_modules():
+        kind = PLANS[family].get(name.rsplit(".", 1)[-1])
+        if kind is not None and name and isinstance(module, nn.Linear):
             out = {} if kind[0] == COLWISE else {"output_layouts": Shard(1)}
             styles[name] = _linear(kind[0], **out)
     return styles
+
+
+def _conv1d(module: nn.Module, mesh: DeviceMesh, kind: str) -> None:
+    """transformers' Conv1D (y = x W + b, W stored (in, out)) split as a linear layer is:
+    column-wise, W by columns and b with them, the gathered sequence in, this rank's columns
+    out; row-wise, W by rows, b whole (added once to the reduced sum), this rank's columns
+    in, the sum reduce-scattered to sequence slices out."""
+    column = kind == COLWISE
+
+    def partition(_: str, mod: nn.Module, mesh: DeviceMesh) -> None:
+        for name, param in list(mod.named_parameters(recurse=False)):
+            place = (Shard(1) if name == "weight" else Shard(0)) if column else (
+                Shard(0) if name == "weight" else Replicate())
+            mod.register_parameter(name, nn.Parameter(
+                distribute_tensor(param, mesh, [place], src_data_rank=None)))
+
+    def inputs(_: nn.Module, args: tuple, mesh: DeviceMesh) -> tuple:
+        place = Replicate() if column else Shard(-1)
+        x = args[0]
+        x = (x.redistribute(mesh, [place]) if isinstance(x, DTensor)
+             else DTensor.from_local(x, mesh, [place], run_check=False))
+        return (x, *args[1:])
+
+    def output(_: nn.Module, out: DTensor, mesh: DeviceMesh) -> Any:
+        return out.to_local() if column else out.redistribute(mesh, [Shard(1)]).to_local()
+
+    distribute_module(module, mesh, partition, inputs, output)
+
+
+def _replicate(module: nn.Module, mesh: DeviceMesh) -> None:
+    """A module every rank holds whole (GPT-2's position embedding), its inputs and outputs
+    plain tensors."""
+    def inputs(_: nn.Module, args: tuple, mesh: DeviceMesh) -> tuple:
+        return (DTensor.from_local(args[0], mesh, [Replicate()], run_check=False), *args[1:])
+
+    def partition(_: str, mod: nn.Module, mesh: DeviceMesh) -> None:
+        for name, param in list(mod.named_parameters(recurse=False)):
+            mod.register_parameter(name, nn.Parameter(
+                distribute_tensor(param, mesh, [Replicate()], src_data_rank=None)))
+
+    distribute_module(module, mesh, partition, inputs, lambda _, out, __: out.to_local())
+
+
+def _sequence_slice(mesh: DeviceMesh) -> Any:
+    """A forward pre-hook: the module's first input (the whole sequence, on every rank) cut to
+    this rank's slice of the sequence (its gradient is gathered back in backward). A hook of its
+    own, as transformers passes a block a varying number of positional inputs."""
+    def hook(_: nn.Module, args: tuple) -> tuple:
+        whole = DTensor.from_local(args[0], mesh, [Replicate()], run_check=False)
+        return (whole.redistribute(mesh, [Shard(1)]).to_local(), *args[1:])
+
+    return hook
 
 
 def held_blocks(model: nn.Module) -> list[nn.Module]:
@@ -92,26 +158,42 @@ def held_blocks(model: nn.Module) -> list[nn.Module]:
     return [b for b in transformer_blocks(model) if any(True for _ in b.parameters())]
 
 
+def _split_block(block: nn.Module, tp_mesh: DeviceMesh, family: str) -> None:
+    from transformers.pytorch_utils import Conv1D
+
+    for name, module in block.named_modules():
+        kind = PLANS[family].get(name.rsplit(".", 1)[-1])
+        if kind is not None and isinstance(module, Conv1D):
+            _conv1d(module, tp_mesh, kind[0])
+    parallelize_module(block, tp_mesh, _block_plan(block, family), src_data_rank=None)
+    fused = FUSED_QKV.get(family)
+    attention = getattr(block, BLOCK_PARTS[family][1])
+    if fused is not None:  # each rank's [q | k | v] columns: its own heads' (fused_qkv.py)
+        attention.split_size //= tp_mesh.size()
+
+
 def tensor_parallelize(model: nn.Module, tp_mesh: DeviceMesh, family: str) -> None:
     """Split `model`'s layers over `tp_mesh` in place. Each rank keeps its own slice of its own
     weights (`src_data_rank=None`: no communication); on ranks built on the meta device they
     stay meta, and the strategy then fills every rank's slices from rank 0's full weights."""
-    plan = PLANS[family]
+    layout = LAYOUTS[family]
     blocks = held_blocks(model)
     tied = tied_head(model)
     for block in blocks:
-        parallelize_module(block, tp_mesh, _block_plan(block, plan), src_data_rank=None)
-    decoder, head = model.get_decoder(), model.get_output_embeddings()
-    if decoder.embed_tokens is not None:
+        _split_block(block, tp_mesh, family)
+    stack, head = getattr(model, layout.stack), model.get_output_embeddings()
+    embed = getattr(stack, layout.embeddings[0])
+    if embed is not None:
         # the whole embedding output enters the first block, which keeps its slice of it
-        parallelize_module(blocks[0], tp_mesh, PrepareModuleInput(
-            input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),),
-            use_local_output=True))
-        parallelize_module(decoder.embed_tokens, tp_mesh,
+        blocks[0].register_forward_pre_hook(_sequence_slice(tp_mesh))
+        parallelize_module(embed, tp_mesh,
                            RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
                            src_data_rank=None)
-    if decoder.norm is not None:
-        parallelize_module(decoder.norm, tp_mesh, SequenceParallel(), src_data_rank=None)
+        for name in layout.embeddings[1:]:  # GPT-2's positions: whole on every rank
+            _replicate(getattr(stack, name), tp_mesh)
+    norm = getattr(stack, layout.norm)
+    if norm is not None:
+        parallelize_module(norm, tp_mesh, SequenceParallel(), src_data_rank=None)
     if head is not None:
         # the logits stay split by vocabulary: the loss is computed on them under
         # `loss_parallel` (the engine's loss_context), never gathering s·b·V values on a rank

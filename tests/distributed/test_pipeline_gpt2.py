@@ -1,10 +1,11 @@
 """Pipeline parallelism for GPT-2 (learned positions, LayerNorm, fused attention projection, the
 head tied to the token embedding) on real gloo process groups. gpt2_tiny with 4 blocks runs as
-2 stages under 1F1B (the tied weight's two copies on two ranks, their gradients summed) and as
+2 stages under 1F1B (the tied weight's two copies on two ranks, their gradients summed), as
 2 ranks x 2 stages under zbv (V-shaped: rank 0 holds the embeddings and the head, two copies
-there), and as 2 stages each sharded by FSDP2 over 2 ranks. All train and evaluate like the 2-rank DDP run with the same 8 samples per step; each
-rank holds its planned bytes; checkpoints move both ways between the stages and DDP; the
-stages' saved model is one Hugging Face model.
+there), and as 2 stages each sharded by FSDP2 over 2 ranks. All train and evaluate like the
+2-rank DDP run with the same 8 samples per step; each rank holds its planned bytes;
+checkpoints move both ways between the stages and DDP; the stages' saved model is one Hugging
+Face model.
 
 The DDP run is the reference: test_reference_loop.py checks our DDP against a plain PyTorch loop
 written without our code."""

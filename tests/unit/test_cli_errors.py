@@ -53,9 +53,10 @@ CASES = {
                          "in 'WandbConfig'"),
     "our own check": (["train.steps=0"], "error: config key 'train.steps' has value 0; "
                       "allowed: a number > 0"),
-    "tensor parallel on GPT-2": (["parallelism.tensor_parallel=2"], "error: config key "
-                                 "'parallelism.tensor_parallel' has value 2; allowed: 1 for "
-                                 "model.family=gpt2 (tensor parallelism is built for: llama)"),
+    "tensor parallel on BERT": (["model=bert_tiny", "parallelism.tensor_parallel=2"],
+                                "error: config key 'parallelism.tensor_parallel' has value 2; "
+                                "allowed: 1 for model.family=bert (tensor parallelism is built "
+                                "for: llama, gpt2)"),
     "context parallel on CPU": (
         ["model=llama_tiny", "parallelism.context_parallel=2", "parallelism.zero_stage=3"],
         "error: config key 'parallelism.context_parallel' has value 2; allowed: 1 on cpu (ring "

@@ -6,6 +6,7 @@ tests/distributed/test_tensor_parallel.py.)"""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from orchestrator.common.errors import ConfigError
 from orchestrator.config.derived import Hardware, data_parallel_rank, data_parallel_size
@@ -26,9 +27,9 @@ REFUSED = {
         "config key 'parallelism.tensor_parallel' has value 3; allowed: a divisor of the world "
         "size 2 (nodes x gpus_per_node; the data-parallel size is world / tensor_parallel)"),
     "family": (
-        ["model=gpt2_tiny", "parallelism.tensor_parallel=2"],
+        ["model=bert_tiny", "parallelism.tensor_parallel=2"],
         "config key 'parallelism.tensor_parallel' has value 2; allowed: 1 for "
-        "model.family=gpt2 (tensor parallelism is built for: llama)"),
+        "model.family=bert (tensor parallelism is built for: llama, gpt2)"),
     "heads": (
         [*LLAMA, "cluster.gpus_per_node=8", "parallelism.tensor_parallel=8"],
         "config key 'parallelism.tensor_parallel' has value 8; allowed: a divisor of "
@@ -198,3 +199,42 @@ def test_the_step_estimate_hides_data_parallel_traffic_behind_compute_only() -> 
     assert est["dp_s"] == pytest.approx(sent["dp"] / 50e9)
     assert est["total_s"] == pytest.approx(
         compute + max(0.0, sent["dp"] / 50e9 - compute) + sent["tp"] / 450e9)
+
+
+def test_gpt2s_fused_columns_give_each_rank_its_own_heads() -> None:
+    """c_attn's [q | k | v] columns (4 heads of 2, so H = 8), regrouped for 2 ranks: rank r's
+    half is q, k and v of heads 2r and 2r+1, written out here index by index; and the inverse
+    restores transformers' order (what checkpoints and the saved model hold)."""
+    from orchestrator.run.strategies.fused_qkv import regroup
+
+    h, head, tp = 8, 2, 2
+    columns = torch.arange(3 * h).float().unsqueeze(0)  # Conv1D weight (in=1, out=3H)
+    grouped = regroup(columns, 1, tp)
+    for r in range(tp):
+        mine = [part * h + c for part in range(3)  # q, k, v blocks of the fused output
+                for c in range(r * h // tp, (r + 1) * h // tp)]
+        assert grouped[0, r * 3 * h // tp:(r + 1) * 3 * h // tp].tolist() == mine
+        assert len(mine) == 3 * 2 * head  # two heads' q, k and v
+    assert torch.equal(regroup(grouped, 1, tp, inverse=True), columns)
+    bias = torch.arange(3 * h).float()
+    assert torch.equal(regroup(bias, 0, tp), grouped[0])
+
+
+def test_the_plan_splits_gpt2s_conv1d_layers_as_the_ranks_do() -> None:
+    """Conv1D stores (in, out): c_attn and c_fc split by columns (dim 1, and their biases),
+    attention's and the MLP's c_proj by rows (dim 0, their biases whole); the token embedding
+    and the head by vocabulary; position embedding and norms whole."""
+    from orchestrator.models.build import param_specs
+
+    specs = param_specs(make_job(["model=gpt2_tiny", "model.tie_embeddings=false"]).model)
+    got = {s.name: s.shape for s in local_specs(specs, "gpt2", 2)}
+    h, v = 64, 512
+    assert got["transformer.h.0.attn.c_attn.weight"] == (h, 3 * h // 2)
+    assert got["transformer.h.0.attn.c_attn.bias"] == (3 * h // 2,)
+    assert got["transformer.h.0.attn.c_proj.weight"] == (h // 2, h)
+    assert got["transformer.h.0.attn.c_proj.bias"] == (h,)
+    assert got["transformer.h.0.mlp.c_fc.weight"] == (h, 4 * h // 2)
+    assert got["transformer.h.0.mlp.c_proj.weight"] == (4 * h // 2, h)
+    assert got["transformer.wte.weight"] == got["lm_head.weight"] == (v // 2, h)
+    assert got["transformer.wpe.weight"] == (128, h)
+    assert got["transformer.h.0.ln_1.weight"] == (h,)

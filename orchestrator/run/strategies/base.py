@@ -136,6 +136,10 @@ class Engine:
         self.step_metrics: dict[str, torch.Tensor] = {}
         self.compiled_blocks = 0  # transformer blocks compiled in place (`train.compile`)
         self.step = 0  # the optimizer step being taken (set by the loop)
+        # what the ranks hold otherwise than checkpoints and the saved model do (a pipeline's
+        # tied head, GPT-2's regrouped attention columns): to_checkpoint / from_checkpoint /
+        # to_whole, applied in order (undone in reverse)
+        self.adapters: list[Any] = []
 
     # -- strategy hooks -------------------------------------------------------------------
     def no_sync(self, sync: bool) -> contextlib.AbstractContextManager[Any]:
@@ -232,11 +236,16 @@ class Engine:
         `param_groups` entry, of which DCP would keep only the first rank's."""
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        return get_state_dict(self.model, self.optimizer, options=options or DCP_OPTIONS)
+        model, optim = get_state_dict(self.model, self.optimizer,
+                                      options=options or DCP_OPTIONS)
+        for adapter in self.adapters:
+            adapter.to_checkpoint(model, optim)
+        return model, optim
 
     def _from_checkpoint(self, model: dict[str, Any], optim: dict[str, Any]) -> None:
-        """After DCP filled `_dcp_state`'s dicts: undo any name it gave the checkpoint (a
-        pipeline's tied head); nothing here."""
+        """After DCP filled `_dcp_state`'s dicts: back to this rank's own names and layout."""
+        for adapter in reversed(self.adapters):
+            adapter.from_checkpoint(model, optim)
 
     @torch.no_grad()
     def eval_step(self, batch: dict[str, torch.Tensor], shift: bool) -> torch.Tensor:

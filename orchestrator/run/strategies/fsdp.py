@@ -28,6 +28,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from orchestrator.config.schema import JobConfig
 from orchestrator.models.build import transformer_blocks
+from orchestrator.models.tensor_parallel import FUSED_QKV
 from orchestrator.run import precision as prec
 from orchestrator.run.mesh import (
     TP,
@@ -45,6 +46,7 @@ from orchestrator.run.strategies.base import (
     materialize,
     on_meta,
 )
+from orchestrator.run.strategies.fused_qkv import FusedQKV, regroup_state
 
 
 class MeshEngine(Engine):
@@ -58,6 +60,8 @@ class MeshEngine(Engine):
             names = {id(m): name for name, m in model.named_modules()}
             head, embed = model.get_output_embeddings(), model.get_input_embeddings()
             state[f"{names[id(head)]}.weight"] = state[f"{names[id(embed)]}.weight"]
+        for adapter in self.adapters:
+            adapter.to_whole(state)
         return state
 
 
@@ -106,7 +110,11 @@ def load_from_rank0(model: nn.Module, full: dict[str, torch.Tensor]) -> None:
 def setup(model: nn.Module, job: JobConfig, device: str) -> Engine:
     model, optimizer, scaler = build(model, job, device)
     engine = FSDPEngine if job.parallelism.zero_stage in (2, 3) else MeshEngine
-    return engine(model, optimizer, job, device, scaler=scaler)
+    out = engine(model, optimizer, job, device, scaler=scaler)
+    t, family = job.parallelism.tensor_parallel, job.model.family
+    if t > 1 and family in FUSED_QKV:
+        out.adapters.append(FusedQKV(model, family, t))
+    return out
 
 
 def build(model: nn.Module, job: JobConfig,
@@ -119,6 +127,8 @@ def build(model: nn.Module, job: JobConfig,
     # Rank 0 built the real model; the others built it on the meta device and allocate only
     # their shards after sharding. Rank 0's full weights are kept by reference until sent.
     full = model.state_dict() if world > 1 and not on_meta(model) else {}
+    if p.tensor_parallel > 1:  # GPT-2: each rank's attention columns its own heads' q, k, v
+        regroup_state(full, job.model.family, p.tensor_parallel)
     mesh = device_mesh(device, world, p.replicate_degree, p.tensor_parallel)
     tied = tied_head(model)
     if p.tensor_parallel > 1:

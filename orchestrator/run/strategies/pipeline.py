@@ -45,7 +45,9 @@ from orchestrator.config.derived import (
     pipeline_stages_per_rank,
 )
 from orchestrator.config.schema import JobConfig
-from orchestrator.models.pipeline import HEAD, rank_of_stage, stage_of, stages_of_rank
+from orchestrator.models.layout import embedding_name
+from orchestrator.models.pipeline import rank_of_stage, stage_of, stages_of_rank
+from orchestrator.models.tensor_parallel import FUSED_QKV, split_dim
 from orchestrator.run import precision as prec
 from orchestrator.run.mesh import (
     PP,
@@ -66,7 +68,8 @@ from orchestrator.run.strategies.base import (
     whole,
 )
 from orchestrator.run.strategies.fsdp import fsdp_held_tensors
-from orchestrator.run.strategies.pipeline_stage import StageChunk, embedding_name, prune
+from orchestrator.run.strategies.fused_qkv import FusedQKV, fused_names, regroup
+from orchestrator.run.strategies.pipeline_stage import StageChunk, prune
 from orchestrator.run.strategies.pipeline_tie import TiedCopies, untie
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
@@ -109,6 +112,7 @@ class PipelineEngine(Engine):
         super().__init__(model, optimizer, job, device)
         self.schedule, self.mesh, self.stage_modules = schedule, mesh, stage_modules
         self.tie = tie  # a tied head's two copies on the first and the last stage
+        self.adapters = [tie] if tie else []
         ranks, per_rank = mesh[PP].size(), pipeline_stages_per_rank(job)
         self.n_stages, kind = ranks * per_rank, job.parallelism.pipeline_schedule
         self.rank_of = lambda stage: rank_of_stage(stage, ranks, per_rank, kind)
@@ -132,19 +136,9 @@ class PipelineEngine(Engine):
         parts: list[Any] = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
         dist.gather_object(mine if _data_rank(self.mesh) == 0 else {}, parts, dst=0)
         state = {k: v for part in parts or [] for k, v in part.items()}
-        if self.tie and state:  # one tensor under both names, as save_pretrained expects
-            state[HEAD] = state[self.tie.embedding]
+        for adapter in self.adapters if state else ():
+            adapter.to_whole(state)
         return state
-
-    def _dcp_state(self, options: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
-        model, optim = super()._dcp_state(options)
-        if self.tie:
-            self.tie.to_checkpoint(model, optim)
-        return model, optim
-
-    def _from_checkpoint(self, model: dict[str, Any], optim: dict[str, Any]) -> None:
-        if self.tie:
-            self.tie.from_checkpoint(model, optim)
 
     def average_grads(self) -> None:
         """zero_stage 0 with data-parallel ranks: the stage's gradients averaged over them once
@@ -302,8 +296,9 @@ def setup(model: nn.Module, job: JobConfig, device: str) -> Engine:
     _send_stages(model, full, owner, [r // (world // ranks) for r in range(world)], here)
     del full
     if tied:
-        untie(model, embedding_name(model))
+        untie(model, embedding_name(model.config.model_type))
     if t > 1:  # each rank keeps its slices of its full stage weights
+        _regroup_fused(model, job.model.family, t)
         tensor_parallelize(model, mesh[TP], job.model.family)
     model = _data_parallel(model, job, mesh)
     if t > 1 and job.parallelism.zero_stage == 0:
@@ -314,5 +309,16 @@ def setup(model: nn.Module, job: JobConfig, device: str) -> Engine:
     schedule = _schedule(modules, job, mesh, here)
     optimizer = build_optimizer(model.parameters(), job)
     ends = [rank_of_stage(k, ranks, per_rank, kind) for k in (0, ranks * per_rank - 1)]
-    tie = TiedCopies(embedding_name(model), mesh, *ends, model) if tied else None
-    return PipelineEngine(model, optimizer, job, device, schedule, mesh, modules, tie)
+    tie = TiedCopies(embedding_name(model.config.model_type), mesh, *ends, model) if tied else None
+    engine = PipelineEngine(model, optimizer, job, device, schedule, mesh, modules, tie)
+    if t > 1 and job.model.family in FUSED_QKV:
+        engine.adapters.append(FusedQKV(model, job.model.family, t))
+    return engine
+
+
+def _regroup_fused(model: nn.Module, family: str, tp: int) -> None:
+    """GPT-2's attention columns regrouped in place, each TP rank's its own heads' q, k, v."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in fused_names(params, family):
+            params[name].copy_(regroup(params[name], split_dim(family, name), tp))

@@ -11,35 +11,19 @@ model's own modules, sharing their parameters.
 
 from __future__ import annotations
 
-import dataclasses
 import types
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
+from orchestrator.models.layout import LAYOUTS, Layout
 from orchestrator.models.pipeline import stage_blocks
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """Where a family keeps its parts: the decoder stack (an attribute of the causal-LM model),
-    its list of blocks, its embeddings (the first stage's), the parameter-free modules every
-    stage uses, and its final norm (the last stage's, with the model's `lm_head`)."""
-
-    stack: str
-    blocks: str
-    embeddings: tuple[str, ...]
-    shared: tuple[str, ...]
-    norm: str
-
-
-LAYOUTS = {"llama": Layout("model", "layers", ("embed_tokens",), ("rotary_emb",), "norm"),
-           "gpt2": Layout("transformer", "h", ("wte", "wpe"), ("drop",), "ln_f")}
 
 
 def _layout(model: nn.Module) -> Layout:
     return LAYOUTS[model.config.model_type]
+
 
 
 def _parts(stack: nn.Module, layout: Layout, embed: bool) -> dict[str, nn.Module]:
@@ -47,12 +31,6 @@ def _parts(stack: nn.Module, layout: Layout, embed: bool) -> dict[str, nn.Module
     embeddings when it is the first stage."""
     names = (*layout.shared, *(layout.embeddings if embed else ()))
     return {name: getattr(stack, name) for name in names}
-
-
-def embedding_name(model: nn.Module) -> str:
-    """The input embedding's weight, by name (a tied head's other name)."""
-    layout = _layout(model)
-    return f"{layout.stack}.{layout.embeddings[0]}.weight"
 
 
 def _embed(parts: Mapping[str, nn.Module], x: torch.Tensor,

@@ -80,6 +80,11 @@ class TiedCopies:
                 optim[head_key] = value.clone() if isinstance(value, torch.Tensor) else value
 
 
+    def to_whole(self, state: dict[str, torch.Tensor]) -> None:
+        """The saved model: one tensor under both names, as save_pretrained expects of a tie."""
+        state[HEAD] = state[self.embedding]
+
+
 def _local(grad: torch.Tensor) -> torch.Tensor:
     return grad.to_local() if isinstance(grad, DTensor) else grad
 
