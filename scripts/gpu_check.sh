@@ -84,16 +84,19 @@ run llama-ddp-fp8 +recipe=ddp "${llama[@]}" precision=fp8 train.compile=true
 # collectives on CUDA; and pipeline parallelism, alone and with FSDP2 beside it. They need 2 and
 # 4 GPUs (NCCL refuses two ranks on one device); with fewer the rows are skipped and said so
 # under the table
-tp=(model=llama_tiny model.d_model=1024 model.n_layer=8 model.n_head=16 model.n_kv_head=8
-    model.d_ff=2816 model.vocab_size=32768 model.max_seq_len=1024 data=text
-    data.seq_len=1024 train.steps=30 train.log_every=5
-    cluster.device=cuda "cluster.gpu=$gpu" logging=none logging.progress=false
-    train.save_model=false)
+shape=(model.d_model=1024 model.n_layer=8 model.n_head=16 model.vocab_size=32768
+       model.max_seq_len=1024 data=text data.seq_len=1024 train.steps=30 train.log_every=5
+       cluster.device=cuda "cluster.gpu=$gpu" logging=none logging.progress=false
+       train.save_model=false)
+tp=(model=llama_tiny model.n_kv_head=8 model.d_ff=2816 "${shape[@]}")
 ngpu=$([ "$dry" = 1 ] && echo 4 || "$py" -c "import torch; print(torch.cuda.device_count())")
 tp_skipped=""
 if [ "$ngpu" -ge 2 ]; then
   run llama-tp2-bf16 "${tp[@]}" cluster.gpus_per_node=2 parallelism.tensor_parallel=2 \
     precision=bf16 train.micro_batch_size=8
+  # GPT-2 over NCCL: Conv1D slices (addmm on DTensors), c_attn's regrouped q/k/v columns
+  run gpt2-tp2-bf16 model=gpt2_tiny "${shape[@]}" cluster.gpus_per_node=2 \
+    parallelism.tensor_parallel=2 precision=bf16 train.micro_batch_size=8
   # pipeline parallelism over NCCL: 2 stages of 4 blocks, 1F1B, point-to-point sends
   run llama-pp2-bf16 "${tp[@]}" cluster.gpus_per_node=2 parallelism.pipeline_parallel=2 \
     precision=bf16 train.micro_batch_size=16 parallelism.pipeline_microbatches=4
@@ -102,7 +105,7 @@ if [ "$ngpu" -ge 2 ]; then
   run llama-cp2-bf16 "${tp[@]}" cluster.gpus_per_node=2 parallelism.context_parallel=2 \
     parallelism.zero_stage=3 precision=bf16 train.micro_batch_size=8
 else
-  tp_skipped="llama-tp2-bf16, llama-pp2-bf16, llama-cp2-bf16 skipped: they need 2 GPUs, this machine has $ngpu"
+  tp_skipped="llama-tp2-bf16, gpt2-tp2-bf16, llama-pp2-bf16, llama-cp2-bf16 skipped: they need 2 GPUs, this machine has $ngpu"
 fi
 if [ "$ngpu" -ge 4 ]; then
   # 2 stages x 2 FSDP2 ranks each: the schedule's deferred reshard and reduce-scatter on NCCL

@@ -26,8 +26,8 @@ def test_gpu_check_runs_are_valid_one_gpu_nccl_plans(tmp_path) -> None:
                           env={**os.environ, "ORCHESTRATOR_GPU_CHECK_DRY": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     runs = sorted(p.name for p in out.iterdir() if p.is_dir() and p.name != "dry-model")
-    assert runs == sorted([*RUNS, "llama-tp2-bf16", "llama-pp2-bf16", "llama-pp2-fsdp2-bf16",
-                           "llama-cp2-bf16", "llama-pp2-tp2-bf16"])
+    assert runs == sorted([*RUNS, "llama-tp2-bf16", "gpt2-tp2-bf16", "llama-pp2-bf16",
+                           "llama-pp2-fsdp2-bf16", "llama-cp2-bf16", "llama-pp2-tp2-bf16"])
     pp = json.loads((out / "llama-pp2-bf16" / "plan.json").read_text())
     assert (pp["strategy"], pp["world_size"], pp["pipeline"]["stages"]) == ("pipeline", 2, 2)
     pp = json.loads((out / "llama-pp2-fsdp2-bf16" / "plan.json").read_text())
@@ -39,6 +39,8 @@ def test_gpu_check_runs_are_valid_one_gpu_nccl_plans(tmp_path) -> None:
     tp = json.loads((out / "llama-tp2-bf16" / "plan.json").read_text())
     assert (tp["backend"], tp["world_size"], tp["tensor_parallel"]) == ("nccl", 2, 2)
     assert tp["mesh"] == "1 replica x tp 2 (sequence parallel)"
+    gpt2 = json.loads((out / "gpt2-tp2-bf16" / "plan.json").read_text())
+    assert gpt2["mesh"] == tp["mesh"]
     for name in RUNS:
         assert (out / name / "status").read_text().strip() == "0", (
             out / f"{name}.log").read_text()[-2000:]
@@ -70,7 +72,7 @@ def test_gpu_check_fails_when_a_run_fails(tmp_path) -> None:
                           env={**os.environ, "ORCHESTRATOR_GPU_CHECK_DRY": "1",
                                "ORCHESTRATOR_GPU_CHECK_EXTRA": "optim.lr=-1"})
     assert proc.returncode == 1, proc.stdout[-2000:]
-    assert f"gpu_check: {len(RUNS) + 5} failed (runs or the gpu tests)" in proc.stderr
+    assert f"gpu_check: {len(RUNS) + 6} failed (runs or the gpu tests)" in proc.stderr
     assert (out / "table.md").is_file()
 
 
