@@ -220,11 +220,13 @@ def _check_splits(job: JobConfig, t: int) -> None:
 
 
 def _check_not_yet(job: JobConfig, key: str, t: int, what: str) -> None:
-    """Combinations tensor or pipeline parallelism does not run with yet: refused, never
-    ignored."""
+    """Combinations tensor, pipeline or context parallelism does not run with yet: refused,
+    never ignored (compile: tensor parallelism only)."""
     pr, tr = job.precision, job.train
+    if tr.compile and key != TP_KEY:
+        raise ConfigError("train.compile", True, f"false with {key}={t} ({what} parallelism "
+                          "runs eager; tensor parallelism alone takes train.compile)")
     refused = [("train.task", tr.task, tr.task != "pretrain"),
-               ("train.compile", tr.compile, tr.compile),
                ("lora.rank", job.lora.rank, job.lora.rank > 0),
                ("objective.name", "dpo", job.dpo_beta is not None),
                ("precision.name", pr.name, pr.name in ("fp16", "fp8")),
@@ -233,4 +235,4 @@ def _check_not_yet(job: JobConfig, key: str, t: int, what: str) -> None:
         if on:
             raise ConfigError(name, value, f"not with {key}={t} yet ({what} parallelism "
                               "trains pretrain/SFT jobs in fp32, bf16 or bf16_pure, without "
-                              "compile, LoRA, DPO or QAT)")
+                              "LoRA, DPO or QAT)")

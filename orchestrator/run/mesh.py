@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import (
@@ -144,12 +145,14 @@ def _replicate(module: nn.Module, mesh: DeviceMesh) -> None:
 def _sequence_slice(mesh: DeviceMesh) -> Any:
     """A forward pre-hook: the module's first input (the whole sequence, on every rank) cut to
     this rank's slice of the sequence (its gradient is gathered back in backward). A hook of its
-    own, as transformers passes a block a varying number of positional inputs."""
+    own, as transformers passes a block a varying number of positional inputs; run eagerly
+    even in a compiled block: traced into the block's graph, the embedding received no
+    gradient (torch 2.13)."""
     def hook(_: nn.Module, args: tuple) -> tuple:
         whole = DTensor.from_local(args[0], mesh, [Replicate()], run_check=False)
         return (whole.redistribute(mesh, [Shard(1)]).to_local(), *args[1:])
 
-    return hook
+    return torch.compiler.disable(hook)
 
 
 def held_blocks(model: nn.Module) -> list[nn.Module]:

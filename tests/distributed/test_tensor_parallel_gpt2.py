@@ -95,3 +95,4 @@ def test_gpt2_checkpoints_move_between_layouts(runs, tmp_path, saved_by: str,
     got = losses(tmp_path)
     assert len(got) == 5
     assert max(abs(a - b) for a, b in zip(got, losses(runs["ddp"])[5:], strict=True)) <= LOSS_TOL
+

@@ -79,6 +79,10 @@ REFUSED = {
         [*PP2, "+recipe=deepspeed_zero2"],
         "config key 'parallelism.backend' has value 'deepspeed'; allowed: torch with "
         "parallelism.pipeline_parallel=2"),
+    "compile": ([*PP2, "train.compile=true"],
+                "config key 'train.compile' has value True; allowed: false with "
+                "parallelism.pipeline_parallel=2 (pipeline parallelism runs eager; tensor "
+                "parallelism alone takes train.compile)"),
     "lora": ([*PP2, "lora.rank=4"],
              "config key 'lora.rank' has value 4; allowed: not with "
              "parallelism.pipeline_parallel=2 yet (pipeline parallelism trains"),

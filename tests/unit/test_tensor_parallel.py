@@ -67,12 +67,10 @@ REFUSED = {
         "config key 'parallelism.replicate_degree' has value 4; allowed: a divisor of the "
         "data-parallel size 2 (replicas x shard group x tensor_parallel = nodes x "
         "gpus_per_node)"),
-    "compile": (
-        [*TP2, "train.compile=true"],
-        "config key 'train.compile' has value True; allowed: not with "
-        "parallelism.tensor_parallel=2 yet (tensor parallelism trains pretrain/SFT jobs in "
-        "fp32, bf16 or bf16_pure, without compile, LoRA, DPO or QAT)"),
-    "lora": ([*TP2, "lora.rank=4"], "config key 'lora.rank' has value 4; allowed: not with"),
+    "lora": ([*TP2, "lora.rank=4"],
+             "config key 'lora.rank' has value 4; allowed: not with parallelism.tensor_parallel=2 "
+             "yet (tensor parallelism trains pretrain/SFT jobs in fp32, bf16 or bf16_pure, "
+             "without LoRA, DPO or QAT)"),
     "fp16": ([*TP2, "precision=fp16"],
              "config key 'precision.name' has value 'fp16'; allowed: not with"),
     "qat": ([*TP2, "precision.qat=int8"],
