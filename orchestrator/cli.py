@@ -87,6 +87,8 @@ def execute(job: JobConfig, hw: Hardware | None = None,
                                          for o in overrides or []})
     if note:
         print(note)
+    if job.action == "search":  # trials as runs: each validated and launched as one
+        return _search(job, hw, overrides or [])
     validate(job, hw)
     if job.action == "prepare":
         from orchestrator.data import prepare_data
@@ -101,6 +103,23 @@ def execute(job: JobConfig, hw: Hardware | None = None,
     from orchestrator.launch.job import plan_and_launch
 
     return plan_and_launch(job, hw, overrides)
+
+
+def _search(job: JobConfig, hw: Hardware, overrides: list[str]) -> int:
+    """The study, its summary after each trial; 0 when a trial completed, 1 when none did."""
+    from orchestrator.launch.search import TRIAL_DIR, search
+    from orchestrator.reports.search import SUMMARY_MD, write_summary
+
+    study_dir, metric = Path(job.run_dir), job.search.metric
+    study = search(job, hw, overrides, lambda study, shared: write_summary(
+        study, study_dir, TRIAL_DIR, metric, shared))
+    if not [t for t in study.get_trials(deepcopy=False) if t.value is not None]:
+        print(f"error: no trial completed; see {study_dir / SUMMARY_MD}", file=sys.stderr)
+        return 1
+    best = study.best_trial
+    print(f"best: trial {best.number}, {metric} = {best.value:.6g} "
+          f"({', '.join(f'{k}={v}' for k, v in best.params.items())}); {study_dir / SUMMARY_MD}")
+    return 0
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")

@@ -22,7 +22,8 @@ import yaml
 from orchestrator.common.contract import CONFIG_SHA_ENV, CONFIG_YAML, metrics_path
 from orchestrator.common.errors import ConfigError
 from orchestrator.common.secrets import env_secrets, redact, restore
-from orchestrator.config.schema import JobConfig, LoggingConfig
+from orchestrator.config.host_schema import LoggingConfig
+from orchestrator.config.schema import JobConfig
 
 T = TypeVar("T")
 

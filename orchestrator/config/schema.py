@@ -13,10 +13,14 @@ from typing import Any, Optional
 
 from omegaconf import MISSING
 
-
-def choice(default: Any, *choices: Any) -> Any:
-    """A field whose value must be one of `choices` (checked by `validate`)."""
-    return field(default=default, metadata={"choices": tuple(choices)})
+from orchestrator.config.fields import choice
+from orchestrator.config.host_schema import (
+    ClusterConfig,
+    LauncherConfig,
+    LoggingConfig,
+    PlanConfig,
+    SearchConfig,
+)
 
 
 @dataclass
@@ -243,101 +247,6 @@ class OptimConfig:
 
 
 @dataclass
-class ClusterConfig:
-    nodes: int = 1
-    gpus_per_node: int = 2  # processes per node (CPU ranks when device is cpu)
-    # auto = cuda when cluster.gpu names one, or (launcher=local) a GPU is visible; else cpu
-    device: str = choice("auto", "auto", "cpu", "cuda")
-    # the accelerator to plan for (orchestrator/config/gpus.py); none = unknown / CPU
-    gpu: str = choice("none", "none", "v100", "a100_40gb", "a100_80gb", "h100", "h100_pcie",
-                      "h200", "l4")
-    gpu_hour_usd: Optional[float] = None  # price of one GPU-hour, for the cost estimate
-    # each GPU's network bandwidth to other nodes, Gbit/s one way (InfiniBand NDR: 400): the
-    # plan's communication time on more than one node
-    network_gbps: float = 400.0
-
-
-@dataclass
-class PlanConfig:
-    mfu: float = 0.4  # assumed model FLOPs utilisation for time and cost estimates
-    budget_flops: Optional[float] = None  # if set: the compute-optimal N and D for this budget
-    memory_overhead: float = 0.10  # allowance for buffers and fragmentation, x model+activations
-
-
-@dataclass
-class SlurmConfig:
-    partition: Optional[str] = None  # None = the cluster's default partition
-    account: Optional[str] = None
-    qos: Optional[str] = None
-    time: str = "01:00:00"
-    # CPUs of the one task per node (torchrun and its ranks); None = all CPUs of a node of
-    # the partition (asked of sinfo when rendering; without Slurm tools there: --exclusive)
-    cpus_per_task: Optional[int] = None
-    mem: Optional[str] = None  # e.g. "64G"; None = the partition default
-    exclusive: bool = False
-    constraint: Optional[str] = None
-    extra_sbatch: list[str] = field(default_factory=list)  # e.g. ["--reservation=r1"]
-    # sbatch --signal: Slurm sends this signal this many seconds before the time limit; every
-    # rank then finishes its step, saves a checkpoint and stops (checkpoint/stop.py). It must
-    # leave time for one step and one save. None = no warning signal
-    signal: Optional[str] = "USR1@120"
-    # after such a stop the job requeues itself (scontrol requeue) and resumes in its run dir
-    requeue: bool = True
-    wait: bool = False  # block until the job ends (sweeps and tests)
-    poll_s: float = 2.0
-
-
-@dataclass
-class K8sConfig:
-    # Every pod mounts this PersistentVolumeClaim (ReadWriteMany when nodes > 1): the ranks read
-    # <run_dir>/config.yaml and plan.json and write metrics and checkpoints at the plan's paths.
-    pvc: str = "orchestrator-runs"
-    # Where the claim's root appears in every pod; None = the run dir's parent. The run dir must
-    # lie under it, and sits on the claim at its path relative to mount_path.
-    mount_path: Optional[str] = None
-    shm_size: Optional[str] = None  # sizeLimit of the in-memory /dev/shm, e.g. "32Gi"; None = none
-    # trainjob: Kubeflow Trainer v2's TrainJob (trainer.kubeflow.org/v1alpha1, on JobSet), what
-    # new clusters run; pytorchjob: the training operator's v1 PyTorchJob (deprecated upstream)
-    api: str = choice("trainjob", "trainjob", "pytorchjob")
-    runtime: str = "torch-distributed"  # trainjob: the ClusterTrainingRuntime it references
-    queue: Optional[str] = None  # trainjob: Kueue's LocalQueue (the queue-name label)
-    # trainjob: the Kubernetes Secret whose key ORCHESTRATOR_SECRETS holds the ranks' secrets
-    secret: Optional[str] = None
-
-
-@dataclass
-class LauncherConfig:
-    # local: this machine; torchrun: print each node's command (manual clusters);
-    # slurm: sbatch a script rendered from the plan; k8s: render a PyTorchJob (action=plan)
-    name: str = choice("local", "local", "torchrun", "slurm", "k8s")
-    rdzv_host: str = "127.0.0.1"  # multi-node rendezvous endpoint host (torchrun; k8s: the
-    # training operator's master service)
-    rdzv_port: int = 29500  # k8s: the Master container's port, where the rank-0 pod listens
-    rdzv_timeout_s: int = 900
-    slurm: SlurmConfig = field(default_factory=SlurmConfig)
-    image: str = "orchestrator:latest"  # k8s: container image holding this project
-    k8s: K8sConfig = field(default_factory=K8sConfig)
-
-
-@dataclass
-class WandbConfig:
-    mode: str = choice("offline", "offline", "online", "disabled")
-    project: str = "orchestrator"
-    entity: Optional[str] = None
-    name: Optional[str] = None  # None = the run directory's name
-    group: Optional[str] = None
-    tags: list[str] = field(default_factory=list)
-
-
-@dataclass
-class LoggingConfig:
-    name: str = "wandb_offline"
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-    metrics_file: str = "metrics.jsonl"
-    progress: bool = True  # rank-0 progress bar with loss, tokens/s and ETA
-
-
-@dataclass
 class DebugConfig:
     crash_at_step: Optional[int] = None  # raise inside the training loop (fault-path testing)
     # raise: an exception (the rank's error path); sigkill: the rank dies at once, as on a
@@ -394,8 +303,9 @@ class JobConfig:
     # status / cancel act on an earlier run: `action=status run_dir=runs/...`
     # export: a Hugging Face model from a run's checkpoint (`action=export run_dir=... step=N`)
     # report: PNG charts + report.md of a run or sweep dir, in <run_dir>/report/
+    # search: an Optuna study whose trials are runs (`search=NAME`: configs/search/NAME.yaml)
     action: str = choice("run", "run", "plan", "validate", "status", "cancel", "export",
-                         "prepare", "report")
+                         "prepare", "report", "search")
     run_dir: str = ""  # filled from hydra.run.dir at the entry point (status/cancel/export: given)
     step: Optional[int] = None  # action=export: the checkpoint's step (None = the newest)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -418,6 +328,7 @@ class JobConfig:
     dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)  # action=search
     # auto: continue from the newest complete checkpoint in the run dir, if there is one;
     # never: start fresh (a run dir holding checkpoints then needs run.overwrite=true);
     # or the path of a checkpoint directory (checkpoints/step-N) to start from

@@ -124,7 +124,9 @@ class RunDir:
         _clear(self.path)  # all ours: a foreign directory is never adopted
 
 
-def _lock(path: Path) -> int:
+def lock(path: Path) -> int:
+    """Hold `path` for this process (an flock on its lock file, dropped when the process ends);
+    RunDirBusy when another process holds it."""
     try:
         fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
@@ -187,7 +189,7 @@ def open_run_dir(job: JobConfig) -> RunDir:
                           f"({e.strerror})") from None
     marker = path / MARKER
     _refuse_foreign(path)  # before the lock file: a directory not ours is left untouched
-    fd = _lock(path)
+    fd = lock(path)
     try:
         if marker.exists() and json.loads(marker.read_text()).get("launched"):
             live = _live_slurm_job(path)

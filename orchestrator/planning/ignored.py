@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.common.errors import ConfigError
+from orchestrator.config.host_schema import SearchConfig
 from orchestrator.config.schema import JobConfig
 from orchestrator.data.settings import objective_of
 
@@ -44,6 +45,8 @@ def _multi_node_torchrun(job: JobConfig) -> bool:
 
 READERS: tuple[Reader, ...] = (
     Reader(("step",), lambda j: j.action == "export", "action=export"),
+    Reader(tuple(f"search.{f.name}" for f in dataclasses.fields(SearchConfig)),
+           lambda j: j.action == "search", "action=search"),
     Reader(("resume",), _pretrain, "train.task=pretrain (the others start from "
            "model.pretrained_path)"),
     Reader(("lora.alpha", "lora.dropout", "lora.target_modules"), lambda j: j.lora.rank > 0,

@@ -63,6 +63,10 @@ NOT_READ = {
     "generate.top_k": ["generate.top_k=5"], "generate.top_p": ["generate.top_p=0.5"],
     "eval.holdout": ["data=text", "eval.path=PATH", "eval.holdout=0.1"],
     "eval.max_batches": ["eval.max_batches=5"],
+    "search.params": ["+search.params.optim.lr='choice(0.1, 0.2)'"],
+    "search.trials": ["search.trials=3"], "search.parallel": ["search.parallel=2"],
+    "search.metric": ["search.metric=loss"], "search.direction": ["search.direction=maximize"],
+    "search.sampler": ["search.sampler=random"], "search.study": ["search.study=s1"],
 }
 WARNED_ONLY = {"launcher.rdzv_host": "launcher.rdzv_host=10.0.0.1",
                "launcher.rdzv_port": "launcher.rdzv_port=29600",

@@ -1,0 +1,203 @@
+"""`action=search`: an Optuna study whose trials are ordinary runs (ask/tell; Optuna samples,
+we orchestrate). `search.parallel` trials are kept in flight: when one ends the next starts, no
+batches. Each trial is `python -m orchestrator` with the search's own overrides and the
+trial's parameters, in its own run dir under the study dir (`trial-NNNN`), so it is planned,
+validated and launched like any run. The study lives in Optuna's JournalStorage file in the
+study dir (a plain file on the run filesystem: no database server).
+
+A trial's value is the last `search.metric` its metrics file logged; a trial that failed or
+logged none is told FAIL with its exit code. The summary (`search_summary.md/.json`) and the
+best trial's config (`best.yaml`) follow each finished trial, so a stopped study still has them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator.common.lifeline import die_with_parent
+from orchestrator.common.records import read_metrics
+from orchestrator.config.derived import Hardware
+from orchestrator.config.schema import JobConfig
+from orchestrator.config.search import Param, check_search
+from orchestrator.launch import rundir
+from orchestrator.planning.preflight import validate
+
+STUDY_FILE = "study.journal"  # Optuna's JournalStorage, in the study dir
+TRIAL_DIR = "trial-{:04d}"
+TRIAL_LOG = "trial-{:04d}.log"  # the trial's stdout and stderr, beside its run dir
+RETRY_OF = "retry_of"  # a trial's user attribute: the abandoned trial it runs again
+SEARCH_KEYS = ("action", "search", "hydra.run.dir", "hydra.sweep.dir")  # not passed to trials
+
+
+@dataclass
+class Running:
+    trial: Any  # optuna.Trial
+    proc: subprocess.Popen[bytes]
+    run_dir: Path
+
+
+def trial_overrides(overrides: list[str]) -> list[str]:
+    """The command line's overrides every trial shares: all but the search's own."""
+    out = []
+    for o in overrides:
+        key = o.split("=", 1)[0].lstrip("+~")
+        if key in SEARCH_KEYS or key.startswith("search."):
+            continue
+        out.append(o)
+    return out
+
+
+def distributions(space: list[Param]) -> dict[str, Any]:
+    """Optuna's distribution of each dimension, as the Hydra Optuna sweeper maps them."""
+    from optuna.distributions import (
+        CategoricalDistribution,
+        FloatDistribution,
+        IntDistribution,
+    )
+
+    out: dict[str, Any] = {}
+    for p in space:
+        if p.choices:
+            out[p.key] = CategoricalDistribution(list(p.choices))
+        elif p.integer:
+            out[p.key] = IntDistribution(int(p.low), int(p.high), log=p.log)
+        else:
+            out[p.key] = FloatDistribution(p.low, p.high, log=p.log)
+    return out
+
+
+def sampler(name: str, space: list[Param], seed: int) -> Any:
+    """Optuna's sampler `name`; grid runs every combination of the (categorical) space."""
+    import optuna
+
+    if name == "grid":
+        return optuna.samplers.GridSampler({p.key: list(p.choices) for p in space}, seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def open_study(job: JobConfig, space: list[Param]) -> Any:
+    """The study in the study dir's journal (created, or continued when it exists)."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    s = job.search
+    storage = JournalStorage(JournalFileBackend(str(Path(job.run_dir) / STUDY_FILE)))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.create_study(study_name=s.study or Path(job.run_dir).name, storage=storage,
+                               direction=s.direction, load_if_exists=True,
+                               sampler=sampler(s.sampler, space, job.train.seed))
+
+
+def _start(trial: Any, job: JobConfig, shared: list[str]) -> Running:
+    run_dir = Path(job.run_dir) / TRIAL_DIR.format(trial.number)
+    params = [f"{key}={value}" for key, value in trial.params.items()]
+    cmd = [sys.executable, "-m", "orchestrator", *shared, *params, f"hydra.run.dir={run_dir}"]
+    with open(Path(job.run_dir) / TRIAL_LOG.format(trial.number), "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ),
+                                start_new_session=True, preexec_fn=die_with_parent)
+    print(f"trial {trial.number} started: {' '.join(params)} -> {run_dir}")
+    return Running(trial, proc, run_dir)
+
+
+def final_metric(run_dir: Path, metric: str) -> float | None:
+    """The last value of `metric` in a trial's metrics file (None: it logged none)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    values = [r[metric] for r in read_metrics(path) if metric in r]
+    return float(values[-1]) if values else None
+
+
+def _finish(study: Any, running: Running, code: int, metric: str) -> None:
+    import optuna
+
+    value = final_metric(running.run_dir, metric) if code == 0 else None
+    if value is None:
+        study.tell(running.trial, state=optuna.trial.TrialState.FAIL)
+        why = f"exit code {code}" if code else f"no {metric} logged"
+        log = running.run_dir.parent / TRIAL_LOG.format(running.trial.number)
+        print(f"trial {running.trial.number} failed ({why}; see {log})")
+        return
+    study.tell(running.trial, value)
+    print(f"trial {running.trial.number} finished: {metric} = {value:.6g}")
+
+
+def search(job: JobConfig, hw: Hardware, overrides: list[str],
+           on_trial: Callable[[Any, list[str]], None]) -> Any:
+    """`action=search`: check the base job and the search before anything launches, then run
+    the study (`on_trial(study, shared overrides)` after each finished trial); return it."""
+    validate(job, hw)  # what every trial's own launch checks again, with its parameters
+    space = check_search(job, dataclasses.asdict(job))
+    Path(job.run_dir).mkdir(parents=True, exist_ok=True)
+    held = rundir.lock(Path(job.run_dir))  # one controller per study dir
+    try:
+        return run_search(job, space, overrides, on_trial)
+    finally:
+        os.close(held)
+
+
+def finished_trials(study: Any) -> int:
+    """Trials that ran to an end: completed, pruned or failed, except abandoned ones that
+    were queued again (their retry counts instead)."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs[RETRY_OF] for t in trials if RETRY_OF in t.user_attrs}
+    ended = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    return sum(1 for t in trials if t.state in ended and t.number not in retried)
+
+
+def _retry_abandoned(study: Any) -> None:
+    """Trials a killed controller left RUNNING (their processes died with it: lifeline) are
+    failed, and each is queued to run again once with the same parameters."""
+    from optuna.trial import TrialState
+
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study.tell(t.number, state=TrialState.FAIL)
+        print(f"trial {t.number} was left running by a stopped search: failed", end="")
+        if RETRY_OF in t.user_attrs:
+            print(" (a retry already)")
+            continue
+        study.enqueue_trial(t.params, user_attrs={RETRY_OF: t.number})
+        print(", queued again")
+
+
+def run_search(job: JobConfig, space: list[Param], overrides: list[str],
+               on_trial: Callable[[Any, list[str]], None]) -> Any:
+    """Run the study to `search.trials` finished trials, `search.parallel` at a time; return
+    it. Trials already finished in the study dir's journal count."""
+
+    study = open_study(job, space)
+    _retry_abandoned(study)
+    dists, shared = distributions(space), trial_overrides(overrides)
+    finished = finished_trials(study)
+    running: list[Running] = []
+    try:
+        while finished + len(running) < job.search.trials or running:
+            while len(running) < job.search.parallel and \
+                    finished + len(running) < job.search.trials:
+                running.append(_start(study.ask(dists), job, shared))
+            for r in [r for r in running if r.proc.poll() is not None]:
+                running.remove(r)
+                _finish(study, r, r.proc.returncode, job.search.metric)
+                finished += 1
+                on_trial(study, shared)
+            time.sleep(0.2)
+    finally:
+        for r in running:  # interrupted: stop what is still running
+            r.proc.terminate()
+            r.proc.wait()
+    return study

@@ -1,0 +1,99 @@
+"""`action=search` on the local launcher with real processes: an Optuna study of 4 trials, 2 in
+flight, over a learning rate and a micro batch for gpt2_tiny (each trial a 2-rank run), judged
+by the held-out loss. Read back independently: each trial's value is the last `val/loss` of its
+own metrics file, the best trial is the best of those, and Optuna's own `load_study` on the
+journal agrees; two trials ran at the same time; the same command again runs nothing more; a
+controller killed mid-study is finished by the same command with exactly 4 trials counted, no
+duplicate trial numbers and no process left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator.common.records import read_metrics
+from tests.conftest import REPO, cli_command, run_ok
+
+SEARCH = ["action=search", "search=example", "search.trials=4", "search.parallel=2",
+          "model=gpt2_tiny", "train.steps=6", "eval.every_steps=3", "eval.holdout=0.1",
+          "logging=none", "train.save_model=false"]
+
+
+def last_val_loss(run_dir: Path) -> float:
+    return [r["val/loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "val/loss" in r][-1]
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("search") / "study"
+    run_ok(SEARCH, out)
+    return out
+
+
+def test_the_best_trial_is_the_best_of_the_trials_own_metrics(study: Path) -> None:
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    summary = json.loads((study / "search_summary.json").read_text())
+    trials = summary["trials"]
+    assert [t["state"] for t in trials] == ["COMPLETE"] * 4
+    for t in trials:
+        assert t["value"] == pytest.approx(last_val_loss(Path(t["run_dir"])), abs=0)
+        assert t["steps"] == 6
+    best = min(trials, key=lambda t: last_val_loss(Path(t["run_dir"])))
+    assert trials[0]["number"] == best["number"]
+    storage = JournalStorage(JournalFileBackend(str(study / "study.journal")))
+    loaded = optuna.load_study(study_name="study", storage=storage)
+    assert loaded.best_trial.number == best["number"]
+    assert len(loaded.trials) == 4
+    assert f"train.micro_batch_size={best['params']['train.micro_batch_size']}" in \
+        (study / "best.yaml").read_text()
+
+
+def test_two_trials_ran_at_the_same_time(study: Path) -> None:
+    """search.parallel=2: some two trials' runs overlap in time (each from its config.yaml,
+    written at launch, to its metrics file's last write)."""
+    spans = sorted(((d / "config.yaml").stat().st_mtime, (d / "metrics.jsonl").stat().st_mtime)
+                   for d in study.glob("trial-*") if d.is_dir())
+    assert len(spans) == 4
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False))
+
+
+def test_the_same_command_again_runs_no_more_trials(study: Path) -> None:
+    proc = run_ok(SEARCH, study)
+    assert "started" not in proc.stdout
+    assert len([d for d in study.glob("trial-*") if d.is_dir()]) == 4
+    assert proc.stdout.startswith("best: trial ")
+
+
+def _ours(study: Path) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "args"], text=True, capture_output=True).stdout
+    return [line for line in out.splitlines() if str(study) in line and "ps -eo" not in line]
+
+
+def test_a_killed_controller_is_finished_by_the_same_command(tmp_path: Path) -> None:
+    study = tmp_path / "study"
+    proc = subprocess.Popen(cli_command(SEARCH, study), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not list(study.glob("trial-*/metrics.jsonl")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)  # the controller only: its trials die with it (lifeline)
+    proc.wait()
+    time.sleep(1)
+    assert not _ours(study), _ours(study)
+    run_ok(SEARCH, study)
+    summary = json.loads((study / "search_summary.json").read_text())
+    numbers = [t["number"] for t in summary["trials"]]
+    assert len(numbers) == len(set(numbers))
+    abandoned = [t for t in summary["trials"] if t["state"] == "FAIL"]
+    assert len([t for t in summary["trials"] if t["state"] == "COMPLETE"]) == 4
+    assert len(abandoned) == 2  # both in flight when it was killed, each run again
+    assert not _ours(study)
