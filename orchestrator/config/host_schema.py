@@ -116,4 +116,9 @@ class SearchConfig:
     metric: str = "val/loss"  # the logged value a trial is judged by: its last one
     direction: str = choice("minimize", "minimize", "maximize")
     sampler: str = choice("tpe", "tpe", "random", "grid", "cmaes")
+    # stop a trial early when its metric, as logged so far, is worse than the others' were at
+    # that step (median), or by successive halving (asha) or hyperband; it then stops after
+    # the same step on every rank, with a checkpoint (the stop signal), and counts as PRUNED
+    pruner: str = choice("median", "median", "asha", "hyperband", "none")
+    warmup_trials: int = 2  # median: trials that finish before any is pruned
     study: Optional[str] = None  # the study's name; None = the study dir's name

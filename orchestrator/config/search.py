@@ -44,7 +44,7 @@ def parse_space(params: Mapping[str, Any], job: Mapping[str, Any]) -> list[Param
 
     parser = OverridesParser.create()
     out = []
-    for key, spec in _flat(params):
+    for key, spec in dict(_flat(params)).items():  # a later entry (the command line's) wins
         current = _lookup(job, key)
         try:
             sweep = parser.parse_overrides([f"{key}={spec}"])[0].value()
@@ -131,6 +131,12 @@ def check_search(job: Any, tree: Mapping[str, Any]) -> list[Param]:
         if getattr(s, key) < 1:
             raise ConfigError(f"search.{key}", getattr(s, key), "a number > 0")
     space = parse_space(s.params, tree)
+    launcher = job.launcher
+    if launcher.name not in ("local", "slurm") or (launcher.name == "slurm"
+                                                   and not launcher.slurm.wait):
+        raise ConfigError("launcher.name", launcher.name, "local, or slurm with "
+                          "launcher.slurm.wait=true, for action=search (a trial's value is "
+                          "read from its metrics when its run has ended)")
     evaluates = job.eval.every_steps > 0 or any(p.key == "eval.every_steps" for p in space)
     if s.metric not in STEP_METRICS + EVAL_METRICS:
         raise ConfigError("search.metric", s.metric, "a metric the trials log: "
@@ -139,6 +145,12 @@ def check_search(job: Any, tree: Mapping[str, Any]) -> list[Param]:
         raise ConfigError("search.metric", s.metric, "a metric the trials log: set "
                           "eval.every_steps (held-out metrics are logged at evaluations), or "
                           "search.metric=loss")
+    if s.pruner != "none" and launcher.name != "local":
+        raise ConfigError("search.pruner", s.pruner, f"none with launcher={launcher.name} "
+                          "(a trial is pruned through its local launcher's stop signal; not "
+                          "built for Slurm trials yet)")
+    if s.warmup_trials < 0:
+        raise ConfigError("search.warmup_trials", s.warmup_trials, "a number >= 0")
     if s.sampler == "grid" and any(not p.choices for p in space):
         bad = next(p.key for p in space if not p.choices)
         raise ConfigError("search.sampler", "grid", f"tpe, random or cmaes with an interval "

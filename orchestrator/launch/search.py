@@ -13,7 +13,9 @@ best trial's config (`best.yaml`) follow each finished trial, so a stopped study
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from orchestrator.common.files import write_atomic
 from orchestrator.common.lifeline import die_with_parent
 from orchestrator.common.records import read_metrics
 from orchestrator.config.derived import Hardware
@@ -32,6 +35,7 @@ from orchestrator.planning.preflight import validate
 
 STUDY_FILE = "study.journal"  # Optuna's JournalStorage, in the study dir
 TRIAL_DIR = "trial-{:04d}"
+TRIAL_STATE = "search_trial.json"  # in a pruned trial's run dir: it was stopped as PRUNED
 TRIAL_LOG = "trial-{:04d}.log"  # the trial's stdout and stderr, beside its run dir
 RETRY_OF = "retry_of"  # a trial's user attribute: the abandoned trial it runs again
 SEARCH_KEYS = ("action", "search", "hydra.run.dir", "hydra.sweep.dir")  # not passed to trials
@@ -42,6 +46,8 @@ class Running:
     trial: Any  # optuna.Trial
     proc: subprocess.Popen[bytes]
     run_dir: Path
+    reported: int = 0  # metric records reported to the study so far
+    pruned_at: int | None = None  # the step after which it was told to stop
 
 
 def trial_overrides(overrides: list[str]) -> list[str]:
@@ -87,6 +93,19 @@ def sampler(name: str, space: list[Param], seed: int) -> Any:
     return optuna.samplers.TPESampler(seed=seed)
 
 
+def pruner(name: str, warmup_trials: int) -> Any:
+    """Optuna's pruner `name` (none: never prunes)."""
+    import optuna
+
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=warmup_trials)
+    if name == "asha":
+        return optuna.pruners.SuccessiveHalvingPruner()
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner()
+    return optuna.pruners.NopPruner()
+
+
 def open_study(job: JobConfig, space: list[Param]) -> Any:
     """The study in the study dir's journal (created, or continued when it exists)."""
     import optuna
@@ -98,18 +117,50 @@ def open_study(job: JobConfig, space: list[Param]) -> Any:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna.create_study(study_name=s.study or Path(job.run_dir).name, storage=storage,
                                direction=s.direction, load_if_exists=True,
-                               sampler=sampler(s.sampler, space, job.train.seed))
+                               sampler=sampler(s.sampler, space, job.train.seed),
+                               pruner=pruner(s.pruner, s.warmup_trials))
 
 
 def _start(trial: Any, job: JobConfig, shared: list[str]) -> Running:
     run_dir = Path(job.run_dir) / TRIAL_DIR.format(trial.number)
     params = [f"{key}={value}" for key, value in trial.params.items()]
-    cmd = [sys.executable, "-m", "orchestrator", *shared, *params, f"hydra.run.dir={run_dir}"]
+    cmd = [sys.executable, "-m", "orchestrator", *shared, *params, *_wandb(job, trial.number),
+           f"hydra.run.dir={run_dir}"]
     with open(Path(job.run_dir) / TRIAL_LOG.format(trial.number), "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ),
                                 start_new_session=True, preexec_fn=die_with_parent)
     print(f"trial {trial.number} started: {' '.join(params)} -> {run_dir}")
     return Running(trial, proc, run_dir)
+
+
+def _report(running: Running, metric: str) -> None:
+    """The trial's new values of `metric` reported to the study, step by step; when the pruner
+    says so, the stop signal to the trial's launcher: every rank stops after the same step
+    (the stop vote), with a checkpoint."""
+    if running.pruned_at is not None:
+        return
+    path = running.run_dir / "metrics.jsonl"
+    records = [r for r in read_metrics(path) if metric in r] if path.is_file() else []
+    for record in records[running.reported:]:
+        running.trial.report(float(record[metric]), int(record["step"]))
+        running.reported += 1
+        if running.trial.should_prune():
+            running.pruned_at = int(record["step"])
+            running.proc.send_signal(signal.SIGUSR1)
+            print(f"trial {running.trial.number} pruned at step {running.pruned_at}: "
+                  f"{metric} = {record[metric]:.6g}")
+            return
+
+
+def _wandb(job: JobConfig, number: int) -> list[str]:
+    """Every trial logs into one W&B group named after the study (unless the command line
+    names a group), as `<study>-trial-NNNN`."""
+    w = job.logging.wandb
+    if w.mode == "disabled" or w.group is not None:
+        return []
+    study = job.search.study or Path(job.run_dir).name
+    return [f"logging.wandb.group={study}",
+            f"logging.wandb.name={study}-{TRIAL_DIR.format(number)}"]
 
 
 def final_metric(run_dir: Path, metric: str) -> float | None:
@@ -124,6 +175,11 @@ def final_metric(run_dir: Path, metric: str) -> float | None:
 def _finish(study: Any, running: Running, code: int, metric: str) -> None:
     import optuna
 
+    if running.pruned_at is not None:
+        study.tell(running.trial, state=optuna.trial.TrialState.PRUNED)
+        write_atomic(running.run_dir / TRIAL_STATE, json.dumps(
+            {"state": "PRUNED", "step": running.pruned_at, "exit_code": code}) + "\n")
+        return
     value = final_metric(running.run_dir, metric) if code == 0 else None
     if value is None:
         study.tell(running.trial, state=optuna.trial.TrialState.FAIL)
@@ -190,6 +246,8 @@ def run_search(job: JobConfig, space: list[Param], overrides: list[str],
             while len(running) < job.search.parallel and \
                     finished + len(running) < job.search.trials:
                 running.append(_start(study.ask(dists), job, shared))
+            for r in running:
+                _report(r, job.search.metric)
             for r in [r for r in running if r.proc.poll() is not None]:
                 running.remove(r)
                 _finish(study, r, r.proc.returncode, job.search.metric)

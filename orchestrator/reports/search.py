@@ -27,14 +27,15 @@ def _steps(run_dir: Path) -> int:
 
 
 def rows(study: Any, study_dir: Path, trial_dir: str) -> list[dict[str, Any]]:
-    """One row per trial, finished ones by value (best first), then the others by number."""
+    """One row per trial: completed ones by value (best first), then the others (pruned ones
+    by the last value they reported)."""
     out = []
     for t in study.get_trials(deepcopy=False):
         run_dir = study_dir / trial_dir.format(t.number)
         out.append({"number": t.number, "state": t.state.name, "value": t.value,
                     "params": t.params, "steps": _steps(run_dir), "run_dir": str(run_dir)})
     sign = -1 if study.direction.name == "MAXIMIZE" else 1
-    return sorted(out, key=lambda r: (r["value"] is None,
+    return sorted(out, key=lambda r: (r["state"] != "COMPLETE", r["value"] is None,
                                       sign * r["value"] if r["value"] is not None else 0,
                                       r["number"]))
 

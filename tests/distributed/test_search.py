@@ -1,10 +1,12 @@
-"""`action=search` on the local launcher with real processes: an Optuna study of 4 trials, 2 in
-flight, over a learning rate and a micro batch for gpt2_tiny (each trial a 2-rank run), judged
-by the held-out loss. Read back independently: each trial's value is the last `val/loss` of its
-own metrics file, the best trial is the best of those, and Optuna's own `load_study` on the
-journal agrees; two trials ran at the same time; the same command again runs nothing more; a
-controller killed mid-study is finished by the same command with exactly 4 trials counted, no
-duplicate trial numbers and no process left behind."""
+"""`action=search` on the local launcher with real processes: an Optuna study of 8 trials, 2 in
+flight, over a learning rate range that holds clearly bad values (up to 10) and a micro batch,
+for gpt2_tiny (each trial a 2-rank run), judged by the held-out loss at evaluations every 3
+of 12 steps, with the median pruner. Read back independently: some trial is pruned before its
+last step (its own metrics stop early, its run dir says PRUNED); each completed trial's value
+is the last `val/loss` of its own metrics file, the best trial is the best of those, and
+Optuna's own `load_study` on the journal agrees; two trials ran at the same time; the same
+command again runs nothing more; a controller killed mid-study is finished by the same command
+with every trial counted once, no duplicate trial numbers and no process left behind."""
 
 from __future__ import annotations
 
@@ -20,9 +22,10 @@ import pytest
 from orchestrator.common.records import read_metrics
 from tests.conftest import REPO, cli_command, run_ok
 
-SEARCH = ["action=search", "search=example", "search.trials=4", "search.parallel=2",
-          "model=gpt2_tiny", "train.steps=6", "eval.every_steps=3", "eval.holdout=0.1",
-          "logging=none", "train.save_model=false"]
+SEARCH = ["action=search", "search=example", "search.trials=8", "search.parallel=2",
+          "+search.params.optim.lr='tag(log, interval(1e-3, 10.0))'", "model=gpt2_tiny",
+          "train.steps=12", "eval.every_steps=3", "eval.holdout=0.1", "logging=none",
+          "train.save_model=false", "train.stop_on_nonfinite=false"]
 
 
 def last_val_loss(run_dir: Path) -> float:
@@ -43,18 +46,33 @@ def test_the_best_trial_is_the_best_of_the_trials_own_metrics(study: Path) -> No
 
     summary = json.loads((study / "search_summary.json").read_text())
     trials = summary["trials"]
-    assert [t["state"] for t in trials] == ["COMPLETE"] * 4
-    for t in trials:
+    assert len(trials) == 8
+    complete = [t for t in trials if t["state"] == "COMPLETE"]
+    for t in complete:
         assert t["value"] == pytest.approx(last_val_loss(Path(t["run_dir"])), abs=0)
-        assert t["steps"] == 6
-    best = min(trials, key=lambda t: last_val_loss(Path(t["run_dir"])))
+        assert t["steps"] == 12
+    best = min(complete, key=lambda t: last_val_loss(Path(t["run_dir"])))
     assert trials[0]["number"] == best["number"]
     storage = JournalStorage(JournalFileBackend(str(study / "study.journal")))
     loaded = optuna.load_study(study_name="study", storage=storage)
     assert loaded.best_trial.number == best["number"]
-    assert len(loaded.trials) == 4
+    assert len(loaded.trials) == 8
     assert f"train.micro_batch_size={best['params']['train.micro_batch_size']}" in \
         (study / "best.yaml").read_text()
+
+
+def test_a_bad_trial_is_pruned_before_its_last_step(study: Path) -> None:
+    """Its metrics stop early (the stop vote: every rank after the same step), its run dir
+    says PRUNED, and Optuna's storage has it PRUNED with the values it reported."""
+    trials = json.loads((study / "search_summary.json").read_text())["trials"]
+    pruned = [t for t in trials if t["state"] == "PRUNED"]
+    assert pruned, [(t["number"], t["state"], t["params"]) for t in trials]
+    for t in pruned:
+        run_dir = Path(t["run_dir"])
+        assert 3 <= t["steps"] < 12
+        assert json.loads((run_dir / "search_trial.json").read_text())["state"] == "PRUNED"
+        steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")]
+        assert max(steps) == t["steps"]
 
 
 def test_two_trials_ran_at_the_same_time(study: Path) -> None:
@@ -62,14 +80,14 @@ def test_two_trials_ran_at_the_same_time(study: Path) -> None:
     written at launch, to its metrics file's last write)."""
     spans = sorted(((d / "config.yaml").stat().st_mtime, (d / "metrics.jsonl").stat().st_mtime)
                    for d in study.glob("trial-*") if d.is_dir())
-    assert len(spans) == 4
+    assert len(spans) == 8
     assert any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False))
 
 
 def test_the_same_command_again_runs_no_more_trials(study: Path) -> None:
     proc = run_ok(SEARCH, study)
     assert "started" not in proc.stdout
-    assert len([d for d in study.glob("trial-*") if d.is_dir()]) == 4
+    assert len([d for d in study.glob("trial-*") if d.is_dir()]) == 8
     assert proc.stdout.startswith("best: trial ")
 
 
@@ -80,7 +98,8 @@ def _ours(study: Path) -> list[str]:
 
 def test_a_killed_controller_is_finished_by_the_same_command(tmp_path: Path) -> None:
     study = tmp_path / "study"
-    proc = subprocess.Popen(cli_command(SEARCH, study), cwd=REPO, stdout=subprocess.PIPE,
+    small = [*SEARCH, "search.trials=2", "search.pruner=none", "train.steps=6"]
+    proc = subprocess.Popen(cli_command(small, study), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.monotonic() + 300
     while not list(study.glob("trial-*/metrics.jsonl")) and time.monotonic() < deadline:
@@ -89,11 +108,11 @@ def test_a_killed_controller_is_finished_by_the_same_command(tmp_path: Path) -> 
     proc.wait()
     time.sleep(1)
     assert not _ours(study), _ours(study)
-    run_ok(SEARCH, study)
+    run_ok(small, study)
     summary = json.loads((study / "search_summary.json").read_text())
     numbers = [t["number"] for t in summary["trials"]]
     assert len(numbers) == len(set(numbers))
     abandoned = [t for t in summary["trials"] if t["state"] == "FAIL"]
-    assert len([t for t in summary["trials"] if t["state"] == "COMPLETE"]) == 4
+    assert len([t for t in summary["trials"] if t["state"] == "COMPLETE"]) == 2
     assert len(abandoned) == 2  # both in flight when it was killed, each run again
     assert not _ours(study)

@@ -67,6 +67,7 @@ NOT_READ = {
     "search.trials": ["search.trials=3"], "search.parallel": ["search.parallel=2"],
     "search.metric": ["search.metric=loss"], "search.direction": ["search.direction=maximize"],
     "search.sampler": ["search.sampler=random"], "search.study": ["search.study=s1"],
+    "search.pruner": ["search.pruner=none"], "search.warmup_trials": ["search.warmup_trials=4"],
 }
 WARNED_ONLY = {"launcher.rdzv_host": "launcher.rdzv_host=10.0.0.1",
                "launcher.rdzv_port": "launcher.rdzv_port=29600",

@@ -41,6 +41,12 @@ def test_the_sweepers_syntax_becomes_optunas_distributions() -> None:
                    "optim.weight_decay": FloatDistribution(0.0, 0.1)}
 
 
+def test_a_command_line_entry_replaces_the_yamls() -> None:
+    space = _space(["search=example", "+search.params.optim.lr='interval(0.1, 0.2)'"])
+    assert [(p.key, p.low, p.high, p.log) for p in space if p.key == "optim.lr"] == [
+        ("optim.lr", 0.1, 0.2, False)]
+
+
 def test_the_shipped_example_is_a_valid_search() -> None:
     keys = [p.key for p in _space(["search=example"])]
     assert keys == ["optim.lr", "train.micro_batch_size"]
@@ -78,6 +84,13 @@ BAD = {
     "grid over an interval": (["search=example", "search.sampler=grid"],
                               "config key 'search.sampler' has value 'grid'; allowed: tpe, "
                               "random or cmaes with an interval (optim.lr)"),
+    "a trial that would not wait": (
+        ["search=example", "launcher=slurm"],
+        "config key 'launcher.name' has value 'slurm'; allowed: local, or slurm with "
+        "launcher.slurm.wait=true, for action=search"),
+    "pruning a Slurm trial": (
+        ["search=example", "launcher=slurm", "launcher.slurm.wait=true"],
+        "config key 'search.pruner' has value 'median'; allowed: none with launcher=slurm"),
     "no trials": (["search=example", "search.trials=0"],
                   "config key 'search.trials' has value 0; allowed: a number > 0"),
 }
