@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from orchestrator.common.records import read_metrics
 from tests.conftest import run_ok
@@ -94,3 +95,21 @@ def run_all(root: Path, runs: dict[str, list[str]],
         (root / f"{name}.stderr").write_text(proc.stderr)
         out[name] = root / name
     return out
+
+
+def first_val_loss(run_dir: Path) -> float:
+    """The first held-out loss a run logged."""
+    return next(m["val/loss"] for m in read_metrics(run_dir / "metrics.jsonl") if "val/loss" in m)
+
+
+def checkpoint_logits(model_dir: Path, checkpoint: Path, ids: torch.Tensor) -> torch.Tensor:
+    """The logits of a plain transformers model built from `model_dir`'s config.json with the
+    weights of DCP `checkpoint`, read by torch's own DCP reader in this one process."""
+    import torch.distributed.checkpoint as dcp
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+    model.load_state_dict(state["model"])
+    return model(input_ids=ids).logits

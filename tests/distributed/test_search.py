@@ -1,6 +1,6 @@
 """`action=search` on the local launcher with real processes: an Optuna study of 8 trials, 2 in
 flight, over a learning rate range that holds clearly bad values (up to 10) and a micro batch,
-for gpt2_tiny (each trial a 2-rank run), judged by the held-out loss at evaluations every 3
+for gpt2_tiny (each trial a 1-rank run), judged by the held-out loss at evaluations every 3
 of 12 steps, with the median pruner. Read back independently: some trial is pruned before its
 last step (its own metrics stop early, its run dir says PRUNED); each completed trial's value
 is the last `val/loss` of its own metrics file, the best trial is the best of those, and
@@ -25,7 +25,8 @@ from tests.conftest import REPO, cli_command, run_ok
 SEARCH = ["action=search", "search=example", "search.trials=8", "search.parallel=2",
           "+search.params.optim.lr='tag(log, interval(1e-3, 10.0))'", "model=gpt2_tiny",
           "train.steps=12", "eval.every_steps=3", "eval.holdout=0.1", "logging=none",
-          "train.save_model=false", "train.stop_on_nonfinite=false"]
+          "train.save_model=false", "train.stop_on_nonfinite=false",
+          "cluster.gpus_per_node=1"]  # one rank a trial: the search, not the run, is tested
 
 
 def last_val_loss(run_dir: Path) -> float:

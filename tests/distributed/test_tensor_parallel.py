@@ -17,7 +17,7 @@ import torch
 
 from orchestrator.common.records import read_metrics
 from tests.conftest import run_ok
-from tests.distributed.checks import assert_memory_matches_plan, losses
+from tests.distributed.checks import assert_memory_matches_plan, checkpoint_logits, losses
 
 # the head tied to the embedding: both split by vocabulary, one weight (two copies that each
 # train on their own would drift: 0.05 by step 6 before retie)
@@ -77,21 +77,16 @@ def test_a_tensor_parallel_run_exports_one_hugging_face_model(runs) -> None:
     checkpoint's DTensor slices as torch's own DCP reader assembles them into a plain model;
     and DDP's saved model's within 1e-4 (measured 3.4e-5: float32 rounding over 20 AdamW
     steps, the tied weight's two gradients summed in another order)."""
-    import torch.distributed.checkpoint as dcp
     from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
     saved = runs["tp2"] / "model"
     with safe_open(str(saved / "model.safetensors"), "pt") as f:
         names = set(f.keys())
     assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names
-    read = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(saved))
-    state = {"model": read.state_dict()}
-    dcp.load(state, checkpoint_id=str(runs["tp2"] / "checkpoints" / "step-00000020"),
-             no_dist=True)
-    read.load_state_dict(state["model"])
-    logits = {"dcp": read(input_ids=ids).logits}
+    logits = {"dcp": checkpoint_logits(saved, runs["tp2"] / "checkpoints" / "step-00000020",
+                                       ids)}
     for name in ("ddp", "tp2"):
         model = AutoModelForCausalLM.from_pretrained(runs[name] / "model")
         logits[name] = model(input_ids=ids).logits

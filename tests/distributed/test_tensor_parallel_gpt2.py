@@ -14,9 +14,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orchestrator.common.records import read_metrics
 from tests.conftest import run_ok
-from tests.distributed.checks import assert_memory_matches_plan, losses
+from tests.distributed.checks import (
+    assert_memory_matches_plan,
+    checkpoint_logits,
+    first_val_loss,
+    losses,
+)
 
 COMMON = ["model=gpt2_tiny", "logging=none", "train.steps=10", "eval.every_steps=10",
           "eval.holdout=0.1"]
@@ -38,10 +42,6 @@ def runs(shared_run):
     return {name: shared_run([*COMMON, *overrides]) for name, overrides in LAYOUTS.items()}
 
 
-def _val(run) -> float:
-    return next(m["val/loss"] for m in read_metrics(run / "metrics.jsonl") if "val/loss" in m)
-
-
 @pytest.mark.parametrize("layout", list(RANKS))
 def test_gpt2_under_tensor_parallelism_trains_like_ddp(runs, layout: str) -> None:
     """Losses and the step-10 held-out loss within 1e-5 of DDP's; the loss must move. Without
@@ -50,7 +50,8 @@ def test_gpt2_under_tensor_parallelism_trains_like_ddp(runs, layout: str) -> Non
     ref, got = losses(runs["ddp"]), losses(runs[layout])
     assert len(got) == 10 and ref[-1] < ref[0] - 0.1
     assert max(abs(a - b) for a, b in zip(got, ref, strict=True)) <= LOSS_TOL
-    assert _val(runs[layout]) == pytest.approx(_val(runs["ddp"]), abs=LOSS_TOL)
+    want = first_val_loss(runs["ddp"])
+    assert first_val_loss(runs[layout]) == pytest.approx(want, abs=LOSS_TOL)
 
 
 @pytest.mark.parametrize("layout", list(RANKS))
@@ -63,17 +64,11 @@ def test_the_saved_model_and_checkpoint_hold_transformers_own_columns(runs) -> N
     into a plain transformers model) give the same logits within 1e-6, and DDP's saved model's
     within 1e-4 (float32 rounding over 10 AdamW steps): c_attn is back in transformers'
     [q | k | v] order in both, which transformers' own attention reads."""
-    import torch.distributed.checkpoint as dcp
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
-    saved = runs["tp2"] / "model"
-    read = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(saved))
-    state = {"model": read.state_dict()}
-    dcp.load(state, checkpoint_id=str(runs["tp2"] / "checkpoints" / "step-00000010"),
-             no_dist=True)
-    read.load_state_dict(state["model"])
-    logits = {"dcp": read(input_ids=ids).logits}
+    logits = {"dcp": checkpoint_logits(runs["tp2"] / "model",
+                                       runs["tp2"] / "checkpoints" / "step-00000010", ids)}
     for name in ("ddp", "tp2"):
         logits[name] = AutoModelForCausalLM.from_pretrained(runs[name] / "model")(
             input_ids=ids).logits
