@@ -122,3 +122,4 @@ class SearchConfig:
     pruner: str = choice("median", "median", "asha", "hyperband", "none")
     warmup_trials: int = 2  # median: trials that finish before any is pruned
     study: Optional[str] = None  # the study's name; None = the study dir's name
+    name: str = "none"  # the configs/search/ file selected (search=NAME)

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from orchestrator.config.derived import Hardware
 from orchestrator.config.schema import JobConfig
 from orchestrator.config.search import Param, check_search
 from orchestrator.launch import rundir
+from orchestrator.launch.local import Interrupted
 from orchestrator.planning.preflight import validate
 
 STUDY_FILE = "study.journal"  # Optuna's JournalStorage, in the study dir
@@ -140,7 +142,9 @@ def _report(running: Running, metric: str) -> None:
     if running.pruned_at is not None:
         return
     path = running.run_dir / "metrics.jsonl"
-    records = [r for r in read_metrics(path) if metric in r] if path.is_file() else []
+    with warnings.catch_warnings():  # a record being written now is read at the next poll
+        warnings.simplefilter("ignore")
+        records = [r for r in read_metrics(path) if metric in r] if path.is_file() else []
     for record in records[running.reported:]:
         running.trial.report(float(record[metric]), int(record["step"]))
         running.reported += 1
@@ -201,6 +205,8 @@ def search(job: JobConfig, hw: Hardware, overrides: list[str],
     held = rundir.lock(Path(job.run_dir))  # one controller per study dir
     try:
         return run_search(job, space, overrides, on_trial)
+    except KeyboardInterrupt:  # the running trials were stopped; the same command continues
+        raise Interrupted(signal.SIGINT) from None
     finally:
         os.close(held)
 
@@ -235,7 +241,6 @@ def run_search(job: JobConfig, space: list[Param], overrides: list[str],
                on_trial: Callable[[Any, list[str]], None]) -> Any:
     """Run the study to `search.trials` finished trials, `search.parallel` at a time; return
     it. Trials already finished in the study dir's journal count."""
-
     study = open_study(job, space)
     _retry_abandoned(study)
     dists, shared = distributions(space), trial_overrides(overrides)

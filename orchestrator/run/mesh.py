@@ -209,8 +209,13 @@ def tensor_parallelize(model: nn.Module, tp_mesh: DeviceMesh, family: str) -> No
 
 
 def tied_head(model: nn.Module) -> bool:
-    """Whether the head is the input embedding itself (`model.tie_embeddings`)."""
-    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    """Whether the head is the input embedding itself (`model.tie_embeddings`); False for a
+    model that is not a transformers causal LM (e.g. DPO's policy-and-reference pair)."""
+    outputs, inputs = (getattr(model, name, None) for name in ("get_output_embeddings",
+                                                              "get_input_embeddings"))
+    if outputs is None or inputs is None:
+        return False
+    head, embed = outputs(), inputs()
     return head is not None and embed is not None and head.weight is embed.weight
 
 

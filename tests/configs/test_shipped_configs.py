@@ -29,7 +29,9 @@ def _overrides(group: str, option: str, tmp_path: Path) -> list[str]:
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}/{o}" for g, o in OPTIONS])
 def test_config_composes_validates_and_plans(group: str, option: str, tmp_path: Path) -> None:
-    job = make_job([*_overrides(group, option, tmp_path), "action=plan"], run_dir="/tmp/unused")
+    action = "search" if group == "search" else "plan"  # search keys are read by a search
+    job = make_job([*_overrides(group, option, tmp_path), f"action={action}"],
+                   run_dir="/tmp/unused")
     validate(job, Hardware())
     plan = make_plan(job, device=job.cluster.device.replace("auto", "cpu"), cpu_count=2)
     assert plan.world_size == job.cluster.nodes * job.cluster.gpus_per_node

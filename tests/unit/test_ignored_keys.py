@@ -68,6 +68,7 @@ NOT_READ = {
     "search.metric": ["search.metric=loss"], "search.direction": ["search.direction=maximize"],
     "search.sampler": ["search.sampler=random"], "search.study": ["search.study=s1"],
     "search.pruner": ["search.pruner=none"], "search.warmup_trials": ["search.warmup_trials=4"],
+    "search.name": ["search.name=mine"],
 }
 WARNED_ONLY = {"launcher.rdzv_host": "launcher.rdzv_host=10.0.0.1",
                "launcher.rdzv_port": "launcher.rdzv_port=29600",

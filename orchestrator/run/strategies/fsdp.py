@@ -56,7 +56,9 @@ class MeshEngine(Engine):
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = get_model_state_dict(self.model, options=options)
         model = self.hf_model()
-        if tied_head(model):  # one tensor under both names, as save_pretrained expects of a tie
+        # TP's re-tied head: one tensor under both names, as save_pretrained expects of a tie
+        # (rank 0's state only; FSDP2 alone keeps the model's own tie)
+        if self.job.parallelism.tensor_parallel > 1 and state and tied_head(model):
             names = {id(m): name for name, m in model.named_modules()}
             head, embed = model.get_output_embeddings(), model.get_input_embeddings()
             state[f"{names[id(head)]}.weight"] = state[f"{names[id(embed)]}.weight"]
@@ -130,7 +132,7 @@ def build(model: nn.Module, job: JobConfig,
     if p.tensor_parallel > 1:  # GPT-2: each rank's attention columns its own heads' q, k, v
         regroup_state(full, job.model.family, p.tensor_parallel)
     mesh = device_mesh(device, world, p.replicate_degree, p.tensor_parallel)
-    tied = tied_head(model)
+    tied = p.tensor_parallel > 1 and tied_head(model)
     if p.tensor_parallel > 1:
         tensor_parallelize(model, mesh[TP], job.model.family)
     sharded = p.zero_stage in (2, 3)

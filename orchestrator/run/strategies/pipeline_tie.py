@@ -79,7 +79,6 @@ class TiedCopies:
                 head_key = key.replace(self.embedding, HEAD, 1)
                 optim[head_key] = value.clone() if isinstance(value, torch.Tensor) else value
 
-
     def to_whole(self, state: dict[str, torch.Tensor]) -> None:
         """The saved model: one tensor under both names, as save_pretrained expects of a tie."""
         state[HEAD] = state[self.embedding]
