@@ -46,8 +46,9 @@ def check(job: JobConfig, device: str) -> None:
             raise ConfigError("train.compile", True, f"false here: {builder} need {missing}")
 
 
-def compile_blocks(model: nn.Module) -> int:
-    """Compile each transformer block in place; return how many were compiled.
+def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
+    """Compile each transformer block in place (`backend`: torch.compile's; a test may trace
+    with `aot_eager`, which skips inductor's kernel builds); return how many were compiled.
 
     The blocks are also told not to build a KV cache (`config.use_cache=False`, as for
     gradient checkpointing): training never reads it, and the cache object, which differs from
@@ -63,7 +64,7 @@ def compile_blocks(model: nn.Module) -> int:
             config.use_cache = False
     blocks = transformer_blocks(model)
     for block in blocks:
-        block.compile()
+        block.compile(backend=backend)
     # room for one graph per block after all (e.g. T5's first block holds the position bias),
     # with and without grad (held-out evaluation runs under no_grad)
     limit = torch._dynamo.config.recompile_limit

@@ -1,5 +1,6 @@
 """Compiled blocks under tensor parallelism (`train.compile` with TP) on 2 real gloo ranks: a
-transformers Llama split over 2 ranks, each block compiled (inductor builds C++ on CPU), gives
+transformers Llama split over 2 ranks, each block compiled (dynamo and AOT autograd traced as
+`train.compile` traces them; the `aot_eager` backend runs the graphs without building C++), gives
 the unsplit model's loss and every parameter's gradient within 1e-5 after one forward and
 backward. Inside a compiled block the first block's sequence slice lost the embedding's
 gradient (torch 2.13), so that hook runs eagerly (run/mesh.py); without it this fails on
@@ -38,7 +39,7 @@ def _rank(rank: int, port: int, out: str) -> None:
     ref(input_ids=ids, labels=ids).loss.backward()
     model = LlamaForCausalLM(config)
     model.load_state_dict(ref.state_dict())
-    compile_blocks(model)
+    compile_blocks(model, backend="aot_eager")  # dynamo's and autograd's graphs; no C++
     tensor_parallelize(model, device_mesh("cpu", 2, 1, 2)[TP], "llama")
     with loss_parallel():
         loss = model(input_ids=ids, labels=ids).loss

@@ -3,8 +3,8 @@ by columns and rows, the fused q/k/v projection regrouped so each rank computes 
 learned positions whole on every rank, the tied head split by vocabulary with the embedding.
 gpt2_tiny (4 heads, tied head) as TP=2 on 2 ranks, FSDP2 ZeRO-3 x TP=2 on 4 ranks and
 2 stages x TP=2 on 4 ranks trains and evaluates like the 2-rank DDP run with the same 8 samples
-per step; every rank holds its planned slices; checkpoints move between TP=2, TP=4 and DDP; the
-saved model is transformers' own layout.
+per step; every rank holds its planned slices; DDP's checkpoint resumes under TP=4; the saved
+model and the TP checkpoint hold transformers' own layout.
 
 The DDP run is the reference: test_reference_loop.py checks our DDP against a plain PyTorch loop
 written without our code."""
@@ -27,7 +27,7 @@ COMMON = ["model=gpt2_tiny", "logging=none", "train.steps=10", "eval.every_steps
 TP2 = ["parallelism.tensor_parallel=2", "train.micro_batch_size=8"]
 LAYOUTS = {
     "ddp": ["+recipe=ddp", "checkpoint.every_steps=5"],
-    "tp2": [*TP2, "checkpoint.every_steps=5"],
+    "tp2": [*TP2, "checkpoint.every_steps=10"],
     "zero3_tp2": ["+recipe=fsdp_zero3", "parallelism.tensor_parallel=2",
                   "cluster.gpus_per_node=4", "train.save_model=false"],
     "pp2_tp2": [*TP2, "parallelism.pipeline_parallel=2", "cluster.gpus_per_node=4",
@@ -76,16 +76,13 @@ def test_the_saved_model_and_checkpoint_hold_transformers_own_columns(runs) -> N
     assert (logits["tp2"] - logits["ddp"]).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize(("saved_by", "layout"), [
-    ("tp2", ["+recipe=ddp"]),  # regrouped slices, read whole by DDP
-    ("ddp", ["parallelism.tensor_parallel=4", "cluster.gpus_per_node=4",
-             "train.micro_batch_size=8"]),  # transformers' order, regrouped for 4 ranks
-])
-def test_gpt2_checkpoints_move_between_layouts(runs, tmp_path, saved_by: str,
-                                               layout: list[str]) -> None:
-    """A step-5 checkpoint resumed under another layout: steps 6-10 as DDP's own within
-    1e-5 (the Adam moments of c_attn move with its weights)."""
-    saved = runs[saved_by] / "checkpoints" / "step-00000005"
+def test_a_ddp_checkpoint_resumes_under_tp4(runs, tmp_path) -> None:
+    """DDP's step-5 checkpoint (transformers' order) regrouped for 4 ranks: steps 6-10 as
+    DDP's own within 1e-5 (the Adam moments of c_attn move with its weights). The other way,
+    TP's checkpoint holds transformers' order: the DCP read above."""
+    layout = ["parallelism.tensor_parallel=4", "cluster.gpus_per_node=4",
+              "train.micro_batch_size=8"]
+    saved = runs["ddp"] / "checkpoints" / "step-00000005"
     run_ok([*COMMON, *layout, "train.save_model=false", f"resume={saved}"], tmp_path)
     got = losses(tmp_path)
     assert len(got) == 5
