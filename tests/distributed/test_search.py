@@ -1,12 +1,12 @@
 """`action=search` on the local launcher with real processes: an Optuna study of 8 trials, 2 in
 flight, over a learning rate range that holds clearly bad values (up to 10) and a micro batch,
-for gpt2_tiny (each trial a 1-rank run), judged by the held-out loss at evaluations every 3
-of 12 steps, with the median pruner. Read back independently: some trial is pruned before its
-last step (its own metrics stop early, its run dir says PRUNED); each completed trial's value
-is the last `val/loss` of its own metrics file, the best trial is the best of those, and
-Optuna's own `load_study` on the journal agrees; two trials ran at the same time; the same
-command again runs nothing more; a controller killed mid-study is finished by the same command
-with every trial counted once, no duplicate trial numbers and no process left behind."""
+for gpt2_tiny (each trial a 1-rank run), judged by the held-out loss at evaluations every 3 of
+12 steps, with the median pruner; its controller is SIGKILLed mid-study and the same command
+finishes it. Read back independently: some trial is pruned before its last step (its own
+metrics stop early, its run dir says PRUNED); each completed trial's value is the last
+`val/loss` of its own metrics file, the best trial is the best of those, and Optuna's own
+`load_study` on the journal agrees; two trials ran at the same time; the killed trials ran
+again, no trial number twice, no process left; the same command again runs nothing more."""
 
 from __future__ import annotations
 
@@ -33,9 +33,25 @@ def last_val_loss(run_dir: Path) -> float:
     return [r["val/loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "val/loss" in r][-1]
 
 
+def _ours(study: Path) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "args"], text=True, capture_output=True).stdout
+    return [line for line in out.splitlines() if str(study) in line and "ps -eo" not in line]
+
+
 @pytest.fixture(scope="module")
 def study(tmp_path_factory) -> Path:
+    """The study, its controller SIGKILLed once the first trial has logged (its 2 trials in
+    flight die with it), then finished by the same command."""
     out = tmp_path_factory.mktemp("search") / "study"
+    proc = subprocess.Popen(cli_command(SEARCH, out), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not list(out.glob("trial-*/metrics.jsonl")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)  # the controller only: its trials die with it (lifeline)
+    proc.wait()
+    time.sleep(1)
+    assert not _ours(out), _ours(out)
     run_ok(SEARCH, out)
     return out
 
@@ -47,7 +63,7 @@ def test_the_best_trial_is_the_best_of_the_trials_own_metrics(study: Path) -> No
 
     summary = json.loads((study / "search_summary.json").read_text())
     trials = summary["trials"]
-    assert len(trials) == 8
+    assert len(trials) == 10  # 8 counted, and the 2 the killed controller left
     complete = [t for t in trials if t["state"] == "COMPLETE"]
     for t in complete:
         assert t["value"] == pytest.approx(last_val_loss(Path(t["run_dir"])), abs=0)
@@ -57,7 +73,7 @@ def test_the_best_trial_is_the_best_of_the_trials_own_metrics(study: Path) -> No
     storage = JournalStorage(JournalFileBackend(str(study / "study.journal")))
     loaded = optuna.load_study(study_name="study", storage=storage)
     assert loaded.best_trial.number == best["number"]
-    assert len(loaded.trials) == 8
+    assert len(loaded.trials) == 10
     assert f"train.micro_batch_size={best['params']['train.micro_batch_size']}" in \
         (study / "best.yaml").read_text()
 
@@ -80,40 +96,25 @@ def test_two_trials_ran_at_the_same_time(study: Path) -> None:
     """search.parallel=2: some two trials' runs overlap in time (each from its config.yaml,
     written at launch, to its metrics file's last write)."""
     spans = sorted(((d / "config.yaml").stat().st_mtime, (d / "metrics.jsonl").stat().st_mtime)
-                   for d in study.glob("trial-*") if d.is_dir())
-    assert len(spans) == 8
+                   for d in study.glob("trial-*") if (d / "metrics.jsonl").is_file())
+    assert len(spans) >= 8
     assert any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False))
 
 
 def test_the_same_command_again_runs_no_more_trials(study: Path) -> None:
     proc = run_ok(SEARCH, study)
     assert "started" not in proc.stdout
-    assert len([d for d in study.glob("trial-*") if d.is_dir()]) == 8
+    assert len([d for d in study.glob("trial-*") if d.is_dir()]) == 10
     assert proc.stdout.startswith("best: trial ")
 
 
-def _ours(study: Path) -> list[str]:
-    out = subprocess.run(["ps", "-eo", "args"], text=True, capture_output=True).stdout
-    return [line for line in out.splitlines() if str(study) in line and "ps -eo" not in line]
 
-
-def test_a_killed_controller_is_finished_by_the_same_command(tmp_path: Path) -> None:
-    study = tmp_path / "study"
-    small = [*SEARCH, "search.trials=2", "search.pruner=none", "train.steps=6"]
-    proc = subprocess.Popen(cli_command(small, study), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while not list(study.glob("trial-*/metrics.jsonl")) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    os.kill(proc.pid, signal.SIGKILL)  # the controller only: its trials die with it (lifeline)
-    proc.wait()
-    time.sleep(1)
-    assert not _ours(study), _ours(study)
-    run_ok(small, study)
-    summary = json.loads((study / "search_summary.json").read_text())
-    numbers = [t["number"] for t in summary["trials"]]
-    assert len(numbers) == len(set(numbers))
-    abandoned = [t for t in summary["trials"] if t["state"] == "FAIL"]
-    assert len([t for t in summary["trials"] if t["state"] == "COMPLETE"]) == 2
-    assert len(abandoned) == 2  # both in flight when it was killed, each run again
+def test_a_killed_controller_was_finished_by_the_same_command(study: Path) -> None:
+    """The 2 trials in flight when it was killed are FAIL and ran again once (queued with
+    their parameters); with them the study counts exactly 8 trials, no number twice, and no
+    process is left."""
+    trials = json.loads((study / "search_summary.json").read_text())["trials"]
+    numbers = [t["number"] for t in trials]
+    assert len(numbers) == len(set(numbers)) == 10
+    assert sum(1 for t in trials if t["state"] == "FAIL") >= 2
     assert not _ours(study)
