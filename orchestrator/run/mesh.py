@@ -101,6 +101,14 @@ def _block_plan(block: nn.Module, family: str) -> dict[str, ParallelStyle]:
     return styles
 
 
+def _place(module: nn.Module, mesh: DeviceMesh, placement: Any) -> None:
+    """`module`'s own parameters as DTensors, each at `placement(name)`; every rank keeps its
+    own slice of what it holds (`src_data_rank=None`: no communication)."""
+    for name, param in list(module.named_parameters(recurse=False)):
+        module.register_parameter(name, nn.Parameter(
+            distribute_tensor(param, mesh, [placement(name)], src_data_rank=None)))
+
+
 def _conv1d(module: nn.Module, mesh: DeviceMesh, kind: str) -> None:
     """transformers' Conv1D (y = x W + b, W stored (in, out)) split as a linear layer is:
     column-wise, W by columns and b with them, the gathered sequence in, this rank's columns
@@ -109,11 +117,8 @@ def _conv1d(module: nn.Module, mesh: DeviceMesh, kind: str) -> None:
     column = kind == COLWISE
 
     def partition(_: str, mod: nn.Module, mesh: DeviceMesh) -> None:
-        for name, param in list(mod.named_parameters(recurse=False)):
-            place = (Shard(1) if name == "weight" else Shard(0)) if column else (
-                Shard(0) if name == "weight" else Replicate())
-            mod.register_parameter(name, nn.Parameter(
-                distribute_tensor(param, mesh, [place], src_data_rank=None)))
+        _place(mod, mesh, lambda name: (Shard(1) if name == "weight" else Shard(0)) if column
+               else (Shard(0) if name == "weight" else Replicate()))
 
     def inputs(_: nn.Module, args: tuple, mesh: DeviceMesh) -> tuple:
         place = Replicate() if column else Shard(-1)
@@ -135,9 +140,7 @@ def _replicate(module: nn.Module, mesh: DeviceMesh) -> None:
         return (DTensor.from_local(args[0], mesh, [Replicate()], run_check=False), *args[1:])
 
     def partition(_: str, mod: nn.Module, mesh: DeviceMesh) -> None:
-        for name, param in list(mod.named_parameters(recurse=False)):
-            mod.register_parameter(name, nn.Parameter(
-                distribute_tensor(param, mesh, [Replicate()], src_data_rank=None)))
+        _place(mod, mesh, lambda _: Replicate())
 
     distribute_module(module, mesh, partition, inputs, lambda _, out, __: out.to_local())
 

@@ -28,6 +28,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from orchestrator.config.schema import JobConfig
 from orchestrator.models.build import transformer_blocks
+from orchestrator.models.layout import embedding_name
 from orchestrator.models.tensor_parallel import FUSED_QKV
 from orchestrator.run import precision as prec
 from orchestrator.run.mesh import (
@@ -47,6 +48,7 @@ from orchestrator.run.strategies.base import (
     on_meta,
 )
 from orchestrator.run.strategies.fused_qkv import FusedQKV, regroup_state
+from orchestrator.run.strategies.pipeline_tie import SharedHead
 
 
 class MeshEngine(Engine):
@@ -55,14 +57,7 @@ class MeshEngine(Engine):
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = get_model_state_dict(self.model, options=options)
-        model = self.hf_model()
-        # TP's re-tied head: one tensor under both names, as save_pretrained expects of a tie
-        # (rank 0's state only; FSDP2 alone keeps the model's own tie)
-        if self.job.parallelism.tensor_parallel > 1 and state and tied_head(model):
-            names = {id(m): name for name, m in model.named_modules()}
-            head, embed = model.get_output_embeddings(), model.get_input_embeddings()
-            state[f"{names[id(head)]}.weight"] = state[f"{names[id(embed)]}.weight"]
-        for adapter in self.adapters:
+        for adapter in self.adapters if state else ():  # rank 0's state only
             adapter.to_whole(state)
         return state
 
@@ -114,6 +109,8 @@ def setup(model: nn.Module, job: JobConfig, device: str) -> Engine:
     engine = FSDPEngine if job.parallelism.zero_stage in (2, 3) else MeshEngine
     out = engine(model, optimizer, job, device, scaler=scaler)
     t, family = job.parallelism.tensor_parallel, job.model.family
+    if t > 1 and tied_head(model):  # re-tied by tensor_parallelize (FSDP2 alone keeps its own)
+        out.adapters.append(SharedHead(embedding_name(family)))
     if t > 1 and family in FUSED_QKV:
         out.adapters.append(FusedQKV(model, family, t))
     return out

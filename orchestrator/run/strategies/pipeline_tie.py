@@ -25,7 +25,25 @@ from torch.distributed.tensor import DTensor
 from orchestrator.models.pipeline import HEAD
 
 
-class TiedCopies:
+class SharedHead:
+    """A tie the ranks keep as one parameter (tensor parallelism): checkpoints hold it as the
+    model's state dict names it; the saved model gets one tensor under both names, as
+    save_pretrained expects of a tie."""
+
+    def __init__(self, embedding: str) -> None:
+        self.embedding = embedding
+
+    def to_checkpoint(self, model: dict[str, Any], optim: dict[str, Any]) -> None:
+        pass
+
+    def from_checkpoint(self, model: dict[str, Any], optim: dict[str, Any]) -> None:
+        pass
+
+    def to_whole(self, state: dict[str, torch.Tensor]) -> None:
+        state[HEAD] = state[self.embedding]
+
+
+class TiedCopies(SharedHead):
     """This rank's copies of a tied weight: the head's or the embedding's (the other on
     another rank), both (zbv's rank 0), or none (a middle stage)."""
 
@@ -35,7 +53,8 @@ class TiedCopies:
         pipeline ranks holding the first and the last stage; `model`: this rank's stages, as
         trained (`untie` first). Every rank calls this: it creates the pairs' process
         groups."""
-        self.embedding, self.group = embedding, None
+        super().__init__(embedding)
+        self.group = None
         if first != last:
             grid = mesh.mesh  # pp outermost: grid[p] holds pipeline rank p's ranks
             pairs = [[int(a), int(b)] for a, b in zip(grid[first].flatten(),
@@ -78,10 +97,6 @@ class TiedCopies:
                 value = optim[key]
                 head_key = key.replace(self.embedding, HEAD, 1)
                 optim[head_key] = value.clone() if isinstance(value, torch.Tensor) else value
-
-    def to_whole(self, state: dict[str, torch.Tensor]) -> None:
-        """The saved model: one tensor under both names, as save_pretrained expects of a tie."""
-        state[HEAD] = state[self.embedding]
 
 
 def _local(grad: torch.Tensor) -> torch.Tensor:
