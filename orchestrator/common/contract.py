@@ -22,6 +22,9 @@ RUN_MARKER = ".orchestrator_run.json"  # marks a run directory as ours (launch/r
 RUN_LOCK = ".lock"  # held (flock) by the launch that owns the run directory
 QUANTIZE_JSON = "quantize.json"  # int8 PTQ/QAT report: bytes and perplexity before and after
 MEMORY_DIR = "memory"  # memory/rank<N>.json: model-state bytes each rank measured
+# in a search trial's run dir once the search pruned it: its stop is final (the sbatch script
+# does not requeue it); the controller (launch/trials.py) writes it, the script reads it
+SEARCH_TRIAL_JSON = "search_trial.json"
 PROFILE_DIR = "profile"  # profile/rank<N>.json: train.profile's Chrome traces (run/profiling.py)
 # the metrics file's name is a setting (`logging.metrics_file`, default in config/schema.py):
 # every reader finds it through `metrics_path`

@@ -145,10 +145,6 @@ def check_search(job: Any, tree: Mapping[str, Any]) -> list[Param]:
         raise ConfigError("search.metric", s.metric, "a metric the trials log: set "
                           "eval.every_steps (held-out metrics are logged at evaluations), or "
                           "search.metric=loss")
-    if s.pruner != "none" and launcher.name != "local":
-        raise ConfigError("search.pruner", s.pruner, f"none with launcher={launcher.name} "
-                          "(a trial is pruned through its local launcher's stop signal; not "
-                          "built for Slurm trials yet)")
     if s.warmup_trials < 0:
         raise ConfigError("search.warmup_trials", s.warmup_trials, "a number >= 0")
     if s.sampler == "grid" and any(not p.choices for p in space):

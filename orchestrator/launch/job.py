@@ -116,7 +116,8 @@ def _launch_and_wait(job: JobConfig, plan: Plan, run_dir: rundir.RunDir) -> int:
               f"run_dir={run_dir.path}")
         return 0
     code = handle.wait()
-    ended = take_attempt(run_dir.path) if job.launcher.name != "slurm" else None
+    # a Slurm job's last attempt: those its script requeued removed their records
+    ended = take_attempt(run_dir.path)
     if ended is not None and ended["state"] == "stopped":
         print(f"stopped by {ended['signal']} after step {ended['step']}; checkpoint: "
               f"{ended['checkpoint']}; to resume, run the same command with "

@@ -16,40 +16,32 @@ import dataclasses
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
-import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from orchestrator.common.contract import SEARCH_TRIAL_JSON
 from orchestrator.common.files import write_atomic
-from orchestrator.common.lifeline import die_with_parent
 from orchestrator.common.records import read_metrics
 from orchestrator.config.derived import Hardware
 from orchestrator.config.schema import JobConfig
 from orchestrator.config.search import Param, check_search
 from orchestrator.launch import rundir
 from orchestrator.launch.local import Interrupted
+from orchestrator.launch.trials import (
+    TRIAL_DIR,
+    TRIAL_LOG,
+    Running,
+    reattach,
+    report,
+    start,
+)
 from orchestrator.planning.preflight import validate
 
 STUDY_FILE = "study.journal"  # Optuna's JournalStorage, in the study dir
-TRIAL_DIR = "trial-{:04d}"
-TRIAL_STATE = "search_trial.json"  # in a pruned trial's run dir: it was stopped as PRUNED
-TRIAL_LOG = "trial-{:04d}.log"  # the trial's stdout and stderr, beside its run dir
 RETRY_OF = "retry_of"  # a trial's user attribute: the abandoned trial it runs again
 SEARCH_KEYS = ("action", "search", "hydra.run.dir", "hydra.sweep.dir")  # not passed to trials
-
-
-@dataclass
-class Running:
-    trial: Any  # optuna.Trial
-    proc: subprocess.Popen[bytes]
-    run_dir: Path
-    reported: int = 0  # metric records reported to the study so far
-    pruned_at: int | None = None  # the step after which it was told to stop
 
 
 def trial_overrides(overrides: list[str]) -> list[str]:
@@ -124,36 +116,10 @@ def open_study(job: JobConfig, space: list[Param]) -> Any:
 
 
 def _start(trial: Any, job: JobConfig, shared: list[str]) -> Running:
-    run_dir = Path(job.run_dir) / TRIAL_DIR.format(trial.number)
     params = [f"{key}={value}" for key, value in trial.params.items()]
-    cmd = [sys.executable, "-m", "orchestrator", *shared, *params, *_wandb(job, trial.number),
-           f"hydra.run.dir={run_dir}"]
-    with open(Path(job.run_dir) / TRIAL_LOG.format(trial.number), "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ),
-                                start_new_session=True, preexec_fn=die_with_parent)
-    print(f"trial {trial.number} started: {' '.join(params)} -> {run_dir}")
-    return Running(trial, proc, run_dir)
-
-
-def _report(running: Running, metric: str) -> None:
-    """The trial's new values of `metric` reported to the study, step by step; when the pruner
-    says so, the stop signal to the trial's launcher: every rank stops after the same step
-    (the stop vote), with a checkpoint."""
-    if running.pruned_at is not None:
-        return
-    path = running.run_dir / "metrics.jsonl"
-    with warnings.catch_warnings():  # a record being written now is read at the next poll
-        warnings.simplefilter("ignore")
-        records = [r for r in read_metrics(path) if metric in r] if path.is_file() else []
-    for record in records[running.reported:]:
-        running.trial.report(float(record[metric]), int(record["step"]))
-        running.reported += 1
-        if running.trial.should_prune():
-            running.pruned_at = int(record["step"])
-            running.proc.send_signal(signal.SIGUSR1)
-            print(f"trial {running.trial.number} pruned at step {running.pruned_at}: "
-                  f"{metric} = {record[metric]:.6g}")
-            return
+    running = start(trial, job, [*shared, *params, *_wandb(job, trial.number)])
+    print(f"trial {trial.number} started: {' '.join(params)} -> {running.run_dir}")
+    return running
 
 
 def _wandb(job: JobConfig, number: int) -> list[str]:
@@ -167,9 +133,8 @@ def _wandb(job: JobConfig, number: int) -> list[str]:
             f"logging.wandb.name={study}-{TRIAL_DIR.format(number)}"]
 
 
-def final_metric(run_dir: Path, metric: str) -> float | None:
+def final_metric(path: Path, metric: str) -> float | None:
     """The last value of `metric` in a trial's metrics file (None: it logged none)."""
-    path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return None
     values = [r[metric] for r in read_metrics(path) if metric in r]
@@ -179,20 +144,21 @@ def final_metric(run_dir: Path, metric: str) -> float | None:
 def _finish(study: Any, running: Running, code: int, metric: str) -> None:
     import optuna
 
+    number = running.trial.number
     if running.pruned_at is not None:
-        study.tell(running.trial, state=optuna.trial.TrialState.PRUNED)
-        write_atomic(running.run_dir / TRIAL_STATE, json.dumps(
+        study.tell(number, state=optuna.trial.TrialState.PRUNED)
+        write_atomic(running.run_dir / SEARCH_TRIAL_JSON, json.dumps(
             {"state": "PRUNED", "step": running.pruned_at, "exit_code": code}) + "\n")
         return
-    value = final_metric(running.run_dir, metric) if code == 0 else None
+    value = final_metric(running.metrics, metric) if code == 0 else None
     if value is None:
-        study.tell(running.trial, state=optuna.trial.TrialState.FAIL)
+        study.tell(number, state=optuna.trial.TrialState.FAIL)
         why = f"exit code {code}" if code else f"no {metric} logged"
-        log = running.run_dir.parent / TRIAL_LOG.format(running.trial.number)
-        print(f"trial {running.trial.number} failed ({why}; see {log})")
+        log = running.run_dir.parent / TRIAL_LOG.format(number)
+        print(f"trial {number} failed ({why}; see {log})")
         return
-    study.tell(running.trial, value)
-    print(f"trial {running.trial.number} finished: {metric} = {value:.6g}")
+    study.tell(number, value)
+    print(f"trial {number} finished: {metric} = {value:.6g}")
 
 
 def search(job: JobConfig, hw: Hardware, overrides: list[str],
@@ -222,12 +188,21 @@ def finished_trials(study: Any) -> int:
     return sum(1 for t in trials if t.state in ended and t.number not in retried)
 
 
-def _retry_abandoned(study: Any) -> None:
-    """Trials a killed controller left RUNNING (their processes died with it: lifeline) are
-    failed, and each is queued to run again once with the same parameters."""
+def _recover(study: Any, job: JobConfig) -> list[Running]:
+    """Trials a stopped controller left RUNNING: a Slurm trial's job is re-attached (it ran on,
+    or ended meanwhile); any other trial died with its controller (lifeline), so it is failed
+    and queued to run again once with the same parameters."""
+    import optuna
     from optuna.trial import TrialState
 
+    attached = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        # Optuna has no public way to a live Trial of a stored one: its id is the storage's
+        running = reattach(optuna.trial.Trial(study, t._trial_id), t, job)
+        if running is not None:
+            print(f"trial {t.number} re-attached: its Slurm job ({running.run_dir})")
+            attached.append(running)
+            continue
         study.tell(t.number, state=TrialState.FAIL)
         print(f"trial {t.number} was left running by a stopped search: failed", end="")
         if RETRY_OF in t.user_attrs:
@@ -235,6 +210,7 @@ def _retry_abandoned(study: Any) -> None:
             continue
         study.enqueue_trial(t.params, user_attrs={RETRY_OF: t.number})
         print(", queued again")
+    return attached
 
 
 def run_search(job: JobConfig, space: list[Param], overrides: list[str],
@@ -242,17 +218,16 @@ def run_search(job: JobConfig, space: list[Param], overrides: list[str],
     """Run the study to `search.trials` finished trials, `search.parallel` at a time; return
     it. Trials already finished in the study dir's journal count."""
     study = open_study(job, space)
-    _retry_abandoned(study)
+    running = _recover(study, job)
     dists, shared = distributions(space), trial_overrides(overrides)
     finished = finished_trials(study)
-    running: list[Running] = []
     try:
         while finished + len(running) < job.search.trials or running:
             while len(running) < job.search.parallel and \
                     finished + len(running) < job.search.trials:
                 running.append(_start(study.ask(dists), job, shared))
             for r in running:
-                _report(r, job.search.metric)
+                report(r, job.search.metric)
             for r in [r for r in running if r.proc.poll() is not None]:
                 running.remove(r)
                 _finish(study, r, r.proc.returncode, job.search.metric)

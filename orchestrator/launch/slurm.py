@@ -26,7 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from orchestrator.common.contract import ATTEMPT_JSON, SBATCH_SCRIPT, SLURM_RECORD
+from orchestrator.common.contract import (
+    ATTEMPT_JSON,
+    SBATCH_SCRIPT,
+    SEARCH_TRIAL_JSON,
+    SLURM_RECORD,
+)
 from orchestrator.common.errors import ConfigError, LaunchError
 from orchestrator.common.plan import Plan
 from orchestrator.common.secrets import is_secret_key, secret_env
@@ -218,8 +223,10 @@ def _requeue_lines(job: JobConfig) -> list[str]:
     """How the attempt ended, as rank 0 recorded it (checkpoint/stop.py): every step done
     counts as success whatever torchrun's exit code (a stop signal after the last step makes it
     exit 1); a stop on the warning signal, once every rank's checkpoint was saved, requeues
-    this job: it runs this script again and resumes from that checkpoint in the same run dir."""
+    this job: it runs this script again and resumes from that checkpoint in the same run dir,
+    unless a search pruned it (its stop is final)."""
     record = shlex.quote(str(Path(job.run_dir).absolute() / ATTEMPT_JSON))
+    pruned = shlex.quote(str(Path(job.run_dir).absolute() / SEARCH_TRIAL_JSON))
     lines = [f"if grep -qs '\"state\": \"finished\"' {record}; then",
              "  status=0  # every step ran; a signal after the last made torchrun exit 1",
              "fi"]
@@ -228,8 +235,9 @@ def _requeue_lines(job: JobConfig) -> list[str]:
     return [
         *lines,
         "# On the signal before the time limit every rank saved a checkpoint and stopped: run",
-        "# again (scontrol requeue ends this attempt) and resume from it in this run dir.",
-        f"if grep -qs '\"state\": \"stopped\"' {record}; then",
+        "# again (scontrol requeue ends this attempt) and resume from it in this run dir; a",
+        "# trial a search pruned stays stopped.",
+        f"if grep -qs '\"state\": \"stopped\"' {record} && [ ! -e {pruned} ]; then",
         f"  echo \"orchestrator: requeueing job $SLURM_JOB_ID: $(tr -d '\\n' < {record})\"",
         f"  rm -f {record}",
         '  scontrol requeue "$SLURM_JOB_ID"',

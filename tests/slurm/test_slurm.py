@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import threading
 import time
@@ -16,27 +15,14 @@ import yaml
 
 from orchestrator.common.lifeline import processes_with_env
 from orchestrator.common.records import read_metrics
-from tests.conftest import REPO, run_cli, run_ok
+from tests.conftest import run_cli, run_ok
 from tests.distributed.checks import losses, reference_losses
+from tests.slurm.conftest import scontrol
 
 pytestmark = pytest.mark.slurm
 TWO_NODES = ["+recipe=ddp", "launcher=slurm", "cluster.nodes=2", "cluster.gpus_per_node=1"]
 GPU_JOB = ["+recipe=fsdp_zero3", "launcher=slurm", "cluster.device=cuda", "cluster.gpu=h100",
            "cluster.gpus_per_node=8", "cluster.nodes=2"]
-
-
-@pytest.fixture(scope="module")
-def slurm() -> dict[str, str]:
-    out = subprocess.run(["bash", str(REPO / "scripts" / "start_slurm.sh")], capture_output=True,
-                         text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    conf = out.stdout.strip().split("=", 1)[1]
-    os.environ["SLURM_CONF"] = conf  # for the scontrol calls the tests make themselves
-    return {"SLURM_CONF": conf}
-
-
-def scontrol(*args: str) -> str:
-    return subprocess.run(["scontrol", *args], capture_output=True, text=True, check=True).stdout
 
 
 def test_two_node_job_trains_and_runs_the_dry_run_script(slurm, tmp_path) -> None:

@@ -88,9 +88,6 @@ BAD = {
         ["search=example", "launcher=slurm"],
         "config key 'launcher.name' has value 'slurm'; allowed: local, or slurm with "
         "launcher.slurm.wait=true, for action=search"),
-    "pruning a Slurm trial": (
-        ["search=example", "launcher=slurm", "launcher.slurm.wait=true"],
-        "config key 'search.pruner' has value 'median'; allowed: none with launcher=slurm"),
     "no trials": (["search=example", "search.trials=0"],
                   "config key 'search.trials' has value 0; allowed: a number > 0"),
 }
