@@ -108,11 +108,12 @@ def execute(job: JobConfig, hw: Hardware | None = None,
 def _search(job: JobConfig, hw: Hardware, overrides: list[str]) -> int:
     """The study, its summary after each trial; 0 when a trial completed, 1 when none did."""
     from orchestrator.launch.search import TRIAL_DIR, search
-    from orchestrator.reports.search import SUMMARY_MD, write_summary
+    from orchestrator.reports.search import SUMMARY_MD, draw_study, write_summary
 
     study_dir, metric = Path(job.run_dir), job.search.metric
     study = search(job, hw, overrides, lambda study, shared: write_summary(
-        study, study_dir, TRIAL_DIR, metric, shared))
+        study, study_dir, TRIAL_DIR, metric, shared, job.search.storage))
+    print(f"plots: {draw_study(study, study_dir)[-1]}")
     if not [t for t in study.get_trials(deepcopy=False) if t.value is not None]:
         print(f"error: no trial completed; see {study_dir / SUMMARY_MD}", file=sys.stderr)
         return 1

@@ -122,4 +122,10 @@ class SearchConfig:
     pruner: str = choice("median", "median", "asha", "hyperband", "none")
     warmup_trials: int = 2  # median: trials that finish before any is pruned
     study: Optional[str] = None  # the study's name; None = the study dir's name
+    # where the study lives: None = Optuna's JournalStorage file in the study dir (no server);
+    # or a database URL for Optuna's RDBStorage (sqlite:///path/study.db, postgresql://...),
+    # without a password (the database's own client config holds it, e.g. ~/.pgpass)
+    storage: Optional[str] = None
+    # refuse a study whose planned bound (trials x the costliest trial) is over this
+    budget_gpu_hours: Optional[float] = None
     name: str = "none"  # the configs/search/ file selected (search=NAME)

@@ -145,6 +145,10 @@ def check_search(job: Any, tree: Mapping[str, Any]) -> list[Param]:
         raise ConfigError("search.metric", s.metric, "a metric the trials log: set "
                           "eval.every_steps (held-out metrics are logged at evaluations), or "
                           "search.metric=loss")
+    if s.storage is not None:
+        _check_storage(s.storage)
+    if s.budget_gpu_hours is not None and s.budget_gpu_hours <= 0:
+        raise ConfigError("search.budget_gpu_hours", s.budget_gpu_hours, "a number > 0")
     if s.warmup_trials < 0:
         raise ConfigError("search.warmup_trials", s.warmup_trials, "a number >= 0")
     if s.sampler == "grid" and any(not p.choices for p in space):
@@ -152,3 +156,21 @@ def check_search(job: Any, tree: Mapping[str, Any]) -> list[Param]:
         raise ConfigError("search.sampler", "grid", f"tpe, random or cmaes with an interval "
                           f"({bad}): a grid runs every value of choice(...) and range(...)")
     return space
+
+
+def _check_storage(url: str) -> None:
+    """`search.storage`: a database URL SQLAlchemy reads, without a password (a URL is written
+    into the study dir's summary and printed; the database's client config holds secrets)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigError("search.storage", url, "a database URL for Optuna's RDBStorage, e.g. "
+                          "sqlite:///runs/study.db, or unset for the journal file in the "
+                          "study dir") from None
+    if parsed.password is not None:
+        raise ConfigError("search.storage", parsed.render_as_string(hide_password=True),
+                          "a URL without a password: give it to the database's client "
+                          "config instead (e.g. ~/.pgpass or PGPASSWORD for PostgreSQL)")

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.common.contract import SEARCH_TRIAL_JSON
+from orchestrator.common.errors import ConfigError
 from orchestrator.common.files import write_atomic
 from orchestrator.common.records import read_metrics
-from orchestrator.config.derived import Hardware
+from orchestrator.config.derived import Hardware, resolve_device
 from orchestrator.config.schema import JobConfig
 from orchestrator.config.search import Param, check_search
 from orchestrator.launch import rundir
@@ -37,9 +38,12 @@ from orchestrator.launch.trials import (
     report,
     start,
 )
+from orchestrator.planning.plan import make_plan
 from orchestrator.planning.preflight import validate
+from orchestrator.planning.study import check_budget, plan_lines, study_plan
 
 STUDY_FILE = "study.journal"  # Optuna's JournalStorage, in the study dir
+SEARCH_PLAN = "search_plan.json"  # the study's plan (planning/study.py), before any trial
 RETRY_OF = "retry_of"  # a trial's user attribute: the abandoned trial it runs again
 SEARCH_KEYS = ("action", "search", "hydra.run.dir", "hydra.sweep.dir")  # not passed to trials
 
@@ -100,17 +104,36 @@ def pruner(name: str, warmup_trials: int) -> Any:
     return optuna.pruners.NopPruner()
 
 
-def open_study(job: JobConfig, space: list[Param]) -> Any:
-    """The study in the study dir's journal (created, or continued when it exists)."""
+def study_storage(study_dir: Path, url: str | None) -> Any:
+    """Optuna's storage of a study: the JournalStorage file in the study dir, or the database
+    at `url` (RDBStorage); a database that cannot be opened is a ConfigError."""
     import optuna
-    from optuna.storages import JournalStorage
+    from optuna.storages import JournalStorage, RDBStorage
     from optuna.storages.journal import JournalFileBackend
+    from sqlalchemy.exc import SQLAlchemyError
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if url is None:
+        return JournalStorage(JournalFileBackend(str(study_dir / STUDY_FILE)))
+    try:
+        return RDBStorage(url)
+    except (SQLAlchemyError, ImportError) as e:
+        raise ConfigError("search.storage", url, "a database this machine can open "
+                          f"({str(e).strip().splitlines()[0]})") from None
+
+
+def study_name(job: JobConfig) -> str:
+    return job.search.study or Path(job.run_dir).name
+
+
+def open_study(job: JobConfig, space: list[Param]) -> Any:
+    """The study in its storage (created, or continued when it exists)."""
+    import optuna
 
     s = job.search
-    storage = JournalStorage(JournalFileBackend(str(Path(job.run_dir) / STUDY_FILE)))
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna.create_study(study_name=s.study or Path(job.run_dir).name, storage=storage,
-                               direction=s.direction, load_if_exists=True,
+    return optuna.create_study(study_name=study_name(job), direction=s.direction,
+                               storage=study_storage(Path(job.run_dir), s.storage),
+                               load_if_exists=True,
                                sampler=sampler(s.sampler, space, job.train.seed),
                                pruner=pruner(s.pruner, s.warmup_trials))
 
@@ -167,9 +190,14 @@ def search(job: JobConfig, hw: Hardware, overrides: list[str],
     the study (`on_trial(study, shared overrides)` after each finished trial); return it."""
     validate(job, hw)  # what every trial's own launch checks again, with its parameters
     space = check_search(job, dataclasses.asdict(job))
+    device, cpus = resolve_device(job, hw), os.cpu_count() or 1
+    plan = study_plan(job, space, lambda point: make_plan(point, device, cpus))
+    check_budget(plan)
+    print("\n".join(plan_lines(plan)))
     Path(job.run_dir).mkdir(parents=True, exist_ok=True)
     held = rundir.lock(Path(job.run_dir))  # one controller per study dir
     try:
+        write_atomic(Path(job.run_dir) / SEARCH_PLAN, json.dumps(plan, indent=2) + "\n")
         return run_search(job, space, overrides, on_trial)
     except KeyboardInterrupt:  # the running trials were stopped; the same command continues
         raise Interrupted(signal.SIGINT) from None

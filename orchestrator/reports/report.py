@@ -25,6 +25,7 @@ from orchestrator.reports.charts import (
     median_tokens_per_s,
 )
 from orchestrator.reports.profile import profile_section
+from orchestrator.reports.search import SUMMARY_JSON, study_report
 from orchestrator.reports.sweep import SWEEP_SUMMARY
 
 REPORT_DIR, REPORT_MD = "report", "report.md"
@@ -111,8 +112,9 @@ def sweep_report(sweep_dir: Path, size: tuple[int, int] = (WIDTH, HEIGHT)) -> li
 
 
 def report(run_dir: str | os.PathLike[str]) -> list[Path]:
-    """`action=report`: the report of a run directory (holding its metrics file) or of a sweep
-    directory (holding sweep_summary.json), in `<run_dir>/report/`. Returns the paths written;
+    """`action=report`: the report of a run directory (holding its metrics file), a sweep
+    directory (holding sweep_summary.json) or a search's study directory (its plots), in
+    `<run_dir>/report/`. Returns the paths written;
     any other directory is a ConfigError naming `run_dir`."""
     path = Path(run_dir)
     metrics = metrics_file_of(path)
@@ -120,5 +122,8 @@ def report(run_dir: str | os.PathLike[str]) -> list[Path]:
         return run_report(path)
     if (path / SWEEP_SUMMARY).is_file():
         return sweep_report(path)
-    raise ConfigError("run_dir", str(run_dir), f"a run directory holding {metrics.name} or a "
-                      f"sweep directory holding {SWEEP_SUMMARY} (`action=report run_dir=...`)")
+    if (path / SUMMARY_JSON).is_file():
+        return study_report(path)
+    raise ConfigError("run_dir", str(run_dir), f"a run directory holding {metrics.name}, a "
+                      f"sweep directory holding {SWEEP_SUMMARY} or a study directory holding "
+                      f"{SUMMARY_JSON} (`action=report run_dir=...`)")

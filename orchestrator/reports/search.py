@@ -18,6 +18,7 @@ from orchestrator.common.files import write_atomic
 from orchestrator.common.records import read_metrics
 
 SUMMARY_JSON, SUMMARY_MD, BEST_YAML = "search_summary.json", "search_summary.md", "best.yaml"
+REPORT_DIR, REPORT_MD = "report", "report.md"
 
 
 def _steps(run_dir: Path) -> int:
@@ -41,11 +42,12 @@ def rows(study: Any, study_dir: Path, trial_dir: str) -> list[dict[str, Any]]:
 
 
 def write_summary(study: Any, study_dir: Path, trial_dir: str, metric: str,
-                  shared: list[str]) -> list[Path]:
-    """The summary files and, once a trial has completed, best.yaml."""
+                  shared: list[str], storage: str | None = None) -> list[Path]:
+    """The summary files and, once a trial has completed, best.yaml. `storage`: the study's
+    database URL (None: the journal file in the study dir), for `action=report` to find it."""
     table = rows(study, study_dir, trial_dir)
-    summary = {"study": study.study_name, "direction": study.direction.name.lower(),
-               "metric": metric, "trials": table}
+    summary = {"study": study.study_name, "storage": storage,
+               "direction": study.direction.name.lower(), "metric": metric, "trials": table}
     write_atomic(study_dir / SUMMARY_JSON, json.dumps(summary, indent=2) + "\n")
     paths = [study_dir / SUMMARY_JSON]
     lines = [f"# Study {study.study_name}: {metric}, {summary['direction']}", "",
@@ -68,3 +70,28 @@ def write_summary(study: Any, study_dir: Path, trial_dir: str, metric: str,
         write_atomic(study_dir / BEST_YAML, text)
         paths.append(study_dir / BEST_YAML)
     return paths
+
+
+def draw_study(study: Any, study_dir: Path) -> list[Path]:
+    """Optuna's plots of the study and `report/report.md` showing them with the summary."""
+    from orchestrator.reports.search_plots import draw
+
+    out = study_dir / REPORT_DIR
+    pngs, skipped = draw(study, out)
+    table = (study_dir / SUMMARY_MD).read_text() if (study_dir / SUMMARY_MD).is_file() else ""
+    lines = [table, *(f"![{p.stem}]({p.name})" for p in pngs),
+             *(f"- {name}: not drawn ({why})" for name, why in skipped.items())]
+    write_atomic(out / REPORT_MD, "\n".join(lines) + "\n")
+    return [*pngs, out / REPORT_MD]
+
+
+def study_report(study_dir: Path) -> list[Path]:
+    """`action=report run_dir=<study dir>`: the plots drawn again from the study's storage."""
+    import optuna
+
+    from orchestrator.launch.search import study_storage
+
+    summary = json.loads((study_dir / SUMMARY_JSON).read_text())
+    study = optuna.load_study(study_name=summary["study"],
+                              storage=study_storage(study_dir, summary.get("storage")))
+    return draw_study(study, study_dir)

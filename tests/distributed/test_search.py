@@ -101,11 +101,38 @@ def test_two_trials_ran_at_the_same_time(study: Path) -> None:
     assert any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False))
 
 
+def test_the_plots_are_drawn_and_report_draws_them_again(study: Path) -> None:
+    """Optuna's four plots as PNGs in report/ after the study; `action=report` on the study
+    dir draws them again from its storage."""
+    import matplotlib.image
+
+    names = ["optimization_history", "intermediate_values", "param_importances",
+             "parallel_coordinate"]
+    for name in names:
+        height, width, _ = matplotlib.image.imread(study / "report" / f"{name}.png").shape
+        assert height > 100 and width > 100
+        (study / "report" / f"{name}.png").unlink()
+    proc = run_ok(["action=report", f"run_dir={study}"], study.parent / "report-cli")
+    for name in names:
+        assert f"wrote {study / 'report' / name}.png" in proc.stdout
+        assert f"![{name}]({name}.png)" in (study / "report" / "report.md").read_text()
+
+
+def test_the_study_plan_was_written_before_the_trials(study: Path) -> None:
+    """search_plan.json: the corners of the space planned (lr's two ends x 2 micro batches);
+    the larger micro batch is the costlier trial (its activations; the plan's figures
+    themselves are tested in tests/unit/test_search_space.py)."""
+    plan = json.loads((study / "search_plan.json").read_text())
+    assert plan["trials"] == 8 and plan["corners_planned"] == 4 and not plan["refused"]
+    assert plan["trial_max"]["params"]["train.micro_batch_size"] == 4
+    assert plan["trial_min"]["params"]["train.micro_batch_size"] == 2
+
+
 def test_the_same_command_again_runs_no_more_trials(study: Path) -> None:
     proc = run_ok(SEARCH, study)
     assert "started" not in proc.stdout
     assert len([d for d in study.glob("trial-*") if d.is_dir()]) == 10
-    assert proc.stdout.startswith("best: trial ")
+    assert proc.stdout.splitlines()[-1].startswith("best: trial ")
 
 
 

@@ -5,7 +5,8 @@ One study of 4 trials, 2 in flight (1-node, 1-rank trials of gpt2_tiny). While i
 before the limit): it checkpoints, is requeued, and finishes as the same trial. Then the
 controller is SIGKILLed with 2 trials' jobs live, and the same command finishes the study:
 those jobs are re-attached (the same job ids, no new submission), no trial failed, and the best
-trial is the best of the trials' own metrics files.
+trial is the best of the trials' own metrics files. The study lives in an SQLite database
+(Optuna's RDBStorage, `search.storage`), which Optuna's own `load_study` reads back.
 
 A pruned Slurm trial's stop is final: its job is sent the same signal, and with the search's
 marker in its run dir the job is not requeued and its metrics end early.
@@ -61,7 +62,8 @@ def _requeued(run_dir: Path) -> bool:
 def study(slurm, tmp_path_factory) -> tuple[Path, dict[str, str], str]:
     out = tmp_path_factory.mktemp("slurm-search") / "study"
     first, second = out / "trial-0000", out / "trial-0001"
-    proc = subprocess.Popen(cli_command(SEARCH, out), cwd=REPO, stdout=subprocess.PIPE,
+    search = [*SEARCH, f"search.storage='sqlite:///{out}/study.db'"]
+    proc = subprocess.Popen(cli_command(search, out), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             env={**os.environ, **slurm})
 
@@ -83,7 +85,7 @@ def study(slurm, tmp_path_factory) -> tuple[Path, dict[str, str], str]:
     live = {d.name: _job(d) for d in (first, second)}
     states = {d.name: scontrol("show", "job", "-o", live[d.name]) for d in (first, second)}
     assert all("JobState=COMPLETED" not in s for s in states.values()), states
-    again = run_ok(SEARCH, out, env=slurm)
+    again = run_ok(search, out, env=slurm)
     return out, live, again.stdout
 
 
@@ -100,6 +102,11 @@ def test_live_trials_are_reattached_and_none_failed(study) -> None:
     best = min(trials, key=lambda t: [r["val/loss"] for r in read_metrics(
         Path(t["run_dir"]) / "metrics.jsonl") if "val/loss" in r][-1])
     assert trials[0]["number"] == best["number"]
+    import optuna
+
+    loaded = optuna.load_study(study_name="study", storage=f"sqlite:///{out}/study.db")
+    assert loaded.best_trial.number == best["number"] and len(loaded.trials) == 4
+    assert not (out / "study.journal").exists()
 
 
 def test_the_preempted_trial_was_requeued_and_finished_as_the_same_trial(study) -> None:

@@ -69,6 +69,8 @@ NOT_READ = {
     "search.sampler": ["search.sampler=random"], "search.study": ["search.study=s1"],
     "search.pruner": ["search.pruner=none"], "search.warmup_trials": ["search.warmup_trials=4"],
     "search.name": ["search.name=mine"],
+    "search.storage": ["search.storage=sqlite:///s.db"],
+    "search.budget_gpu_hours": ["search.budget_gpu_hours=10"],
 }
 WARNED_ONLY = {"launcher.rdzv_host": "launcher.rdzv_host=10.0.0.1",
                "launcher.rdzv_port": "launcher.rdzv_port=29600",

@@ -88,6 +88,10 @@ BAD = {
         ["search=example", "launcher=slurm"],
         "config key 'launcher.name' has value 'slurm'; allowed: local, or slurm with "
         "launcher.slurm.wait=true, for action=search"),
+    "a storage URL with a password": (
+        ["search=example", "search.storage='postgresql://me:hunter2@db/optuna'"],
+        "config key 'search.storage' has value 'postgresql://me:***@db/optuna'; allowed: a URL "
+        "without a password"),
     "no trials": (["search=example", "search.trials=0"],
                   "config key 'search.trials' has value 0; allowed: a number > 0"),
 }
@@ -100,6 +104,7 @@ def test_each_bad_search_is_one_line(case: str) -> None:
         _space(overrides)
     line = str(err.value)
     assert "\n" not in line and line.startswith(want), line
+    assert "hunter2" not in line
 
 
 def test_a_bad_search_exits_2_with_its_line_and_launches_nothing(tmp_path) -> None:
@@ -108,6 +113,9 @@ def test_a_bad_search_exits_2_with_its_line_and_launches_nothing(tmp_path) -> No
         (["search=example", "search.sampler=bayes"],
          "error: config key 'search.sampler' has value 'bayes'; allowed: one of 'tpe', "
          "'random', 'grid', 'cmaes'"),
+        (["search=example", "model=gpt2_tiny", "cluster.gpu=h100",
+          "search.budget_gpu_hours=1e-9"],
+         "error: config key 'search.budget_gpu_hours' has value 1e-09; allowed: at least "),
         (["search=example", "+search.params.optim.lr='interval(1, 0)'"],
          "error: config key 'search.params.optim.lr' has value 'interval(1, 0)'; allowed: an "
          "interval with low < high (got 1 >= 0)"),
@@ -116,3 +124,57 @@ def test_a_bad_search_exits_2_with_its_line_and_launches_nothing(tmp_path) -> No
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.startswith(want) and proc.stderr.count("\n") == 1, proc.stderr
         assert not (tmp_path / "study").exists()
+
+
+def test_the_corners_of_the_space() -> None:
+    from orchestrator.planning.study import MAX_CORNERS, corners
+
+    space = [Param("optim.lr", low=1e-4, high=1e-2, log=True),
+             Param("train.micro_batch_size", choices=(2, 4, 8)),
+             Param("optim.warmup_steps", low=0, high=10, integer=True)]
+    got = corners(space)
+    assert len(got) == 2 * 3 * 2 and {"optim.lr": 1e-2, "train.micro_batch_size": 8,
+                                       "optim.warmup_steps": 10} in got
+    many = [Param(f"k{i}", choices=(1, 2, 3)) for i in range(6)]  # 729 > MAX_CORNERS
+    assert MAX_CORNERS < 3 ** 6 and len(corners(many)) == 1 + 6 * 2
+
+
+def _study_plan(overrides: list[str]) -> dict:
+    from orchestrator.planning.plan import make_plan
+    from orchestrator.planning.study import study_plan
+
+    job = make_job([*BASE, "search=example", "model=gpt2_tiny", "cluster.gpus_per_node=1",
+                    "cluster.gpu=h100", "train.steps=1000", *overrides])
+    return study_plan(job, check_search(job, dataclasses.asdict(job)),
+                      lambda point: make_plan(point, "cuda", 2))
+
+
+def test_the_study_plan_bounds_the_costliest_trial() -> None:
+    """Micro batch 4 against 2 (one accumulation step): twice the tokens a step, so twice the
+    GPU-hours at the same FLOPs per token; the study's bound is the trials times the costlier,
+    and its wall time with 2 in flight is 4 such trials one after another."""
+    plan = _study_plan(["cluster.gpu_hour_usd=2.0"])
+    low, high = plan["trial_min"], plan["trial_max"]
+    assert low["params"]["train.micro_batch_size"] == 2
+    assert high["params"]["train.micro_batch_size"] == 4
+    assert high["gpu_hours"] == pytest.approx(2 * low["gpu_hours"], rel=1e-12)
+    assert plan["gpu_hours"] == pytest.approx(8 * high["gpu_hours"], rel=1e-12)
+    assert plan["cost_usd"] == pytest.approx(2.0 * plan["gpu_hours"], rel=1e-12)
+    assert plan["wall_time_s"] == pytest.approx(4 * high["wall_time_s"], rel=1e-12)
+    assert high["gpu_hours"] == pytest.approx(high["wall_time_s"] / 3600, rel=1e-12)  # 1 GPU
+
+
+def test_a_study_over_its_budget_is_refused() -> None:
+    from orchestrator.planning.study import check_budget
+
+    plan = _study_plan([])
+    check_budget({**plan, "budget_gpu_hours": plan["gpu_hours"] * 1.01})
+    with pytest.raises(ConfigError) as err:
+        check_budget({**plan, "budget_gpu_hours": plan["gpu_hours"] * 0.99})
+    assert str(err.value).startswith(
+        f"config key 'search.budget_gpu_hours' has value {plan['gpu_hours'] * 0.99!r}; "
+        f"allowed: at least {plan['gpu_hours']:.3g} (the study's plan: 8 trials x up to "
+        f"{plan['trial_max']['gpu_hours']:.3g} GPU-h each, at optim.lr=")
+    without_gpu = {**plan, "gpu_hours": None, "budget_gpu_hours": 1.0}
+    with pytest.raises(ConfigError, match="set cluster.gpu"):
+        check_budget(without_gpu)

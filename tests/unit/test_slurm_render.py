@@ -48,7 +48,8 @@ def test_gpu_job_requests_gpus_and_all_cpus_of_a_node() -> None:
 def test_the_warning_signal_reaches_the_ranks_and_a_stop_requeues_the_job() -> None:
     """By default Slurm warns 120 s before the time limit with USR1; torchrun is told to pass
     USR1 on to the ranks (which checkpoint and stop) and the script requeues the job when the
-    ranks recorded such a stop. Run by a real Slurm cluster in tests/slurm/test_slurm.py."""
+    ranks recorded such a stop, unless a search pruned it (search_trial.json). Run by a real
+    Slurm cluster in tests/slurm/test_slurm.py and test_search_slurm.py."""
     plan, job = gpu_plan()
     script = render_script(plan, job, cpus=64)
     lines = script.splitlines()
@@ -58,13 +59,15 @@ def test_the_warning_signal_reaches_the_ranks_and_a_stop_requeues_the_job() -> N
         in srun_line(script)
     assert srun_line(script).endswith(" && status=0 || status=$?")  # set -e: go on to requeue
     record = "/scratch/runs/big/attempt.json"
-    assert lines[-11:] == [
+    assert lines[-12:] == [
         f"if grep -qs '\"state\": \"finished\"' {record}; then",
         "  status=0  # every step ran; a signal after the last made torchrun exit 1",
         "fi",
         "# On the signal before the time limit every rank saved a checkpoint and stopped: run",
-        "# again (scontrol requeue ends this attempt) and resume from it in this run dir.",
-        f"if grep -qs '\"state\": \"stopped\"' {record}; then",
+        "# again (scontrol requeue ends this attempt) and resume from it in this run dir; a",
+        "# trial a search pruned stays stopped.",
+        f"if grep -qs '\"state\": \"stopped\"' {record} && [ ! -e "
+        "/scratch/runs/big/search_trial.json ]; then",
         f"  echo \"orchestrator: requeueing job $SLURM_JOB_ID: $(tr -d '\\n' < {record})\"",
         f"  rm -f {record}",
         '  scontrol requeue "$SLURM_JOB_ID"',
