@@ -128,4 +128,11 @@ class SearchConfig:
     storage: Optional[str] = None
     # refuse a study whose planned bound (trials x the costliest trial) is over this
     budget_gpu_hours: Optional[float] = None
+    # metric: search.params for search.metric; throughput: the layout search (planning/
+    # layouts.py), each parallel layout that fits run for train.steps and judged by its median
+    # tokens/s after its first step (search=layout sets the keys it needs)
+    objective: str = choice("metric", "metric", "throughput")
+    layouts: list[str] = field(default_factory=list)  # throughput: these rungs only (empty: all)
+    # throughput: the memory a rank may plan to use, MiB; None = the planned GPU's (cluster.gpu)
+    device_memory_mb: Optional[float] = None
     name: str = "none"  # the configs/search/ file selected (search=NAME)

@@ -124,9 +124,10 @@ def check_search(job: Any, tree: Mapping[str, Any]) -> list[Param]:
     """The search's keys and space, before anything launches (`tree`: the job as a nested
     dict); the space's Params."""
     s = job.search
-    if not s.params:
+    if not s.params and s.objective == "metric":
         raise ConfigError(KEY, {}, "at least one key to search, e.g. search=example or "
-                          "+search.params.optim.lr='tag(log, interval(1e-4, 1e-2))'")
+                          "+search.params.optim.lr='tag(log, interval(1e-4, 1e-2))'; or "
+                          "search=layout for the layout search")
     for key in ("trials", "parallel"):
         if getattr(s, key) < 1:
             raise ConfigError(f"search.{key}", getattr(s, key), "a number > 0")
@@ -151,11 +152,39 @@ def check_search(job: Any, tree: Mapping[str, Any]) -> list[Param]:
         raise ConfigError("search.budget_gpu_hours", s.budget_gpu_hours, "a number > 0")
     if s.warmup_trials < 0:
         raise ConfigError("search.warmup_trials", s.warmup_trials, "a number >= 0")
+    if s.objective == "throughput":
+        _check_throughput(job, space)
+    elif s.layouts or s.device_memory_mb is not None:
+        key = "search.layouts" if s.layouts else "search.device_memory_mb"
+        raise ConfigError(key, list(s.layouts) or s.device_memory_mb, "unset unless "
+                          "search.objective=throughput (the layout search: search=layout)")
     if s.sampler == "grid" and any(not p.choices for p in space):
         bad = next(p.key for p in space if not p.choices)
         raise ConfigError("search.sampler", "grid", f"tpe, random or cmaes with an interval "
                           f"({bad}): a grid runs every value of choice(...) and range(...)")
     return space
+
+
+def _check_throughput(job: Any, space: list[Param]) -> None:
+    """The layout search's value is each layout's measured tokens/s, maximised; its layouts run
+    to their last step and, on one machine, one at a time."""
+    s = job.search
+    for key, want in (("metric", "tokens_per_s"), ("direction", "maximize"), ("pruner", "none")):
+        if getattr(s, key) != want:
+            raise ConfigError(f"search.{key}", getattr(s, key), f"{want} for search.objective="
+                              "throughput (each layout is judged by its measured tokens/s; "
+                              "search=layout sets this)")
+    interval = next((p.key for p in space if not p.choices), None)
+    if interval is not None:
+        raise ConfigError(f"{KEY}.{interval}", s.params.get(interval, "?"), "choice(...) or "
+                          "range(...) for search.objective=throughput (each layout runs at "
+                          "every value)")
+    if s.parallel > 1 and job.launcher.name == "local":
+        raise ConfigError("search.parallel", s.parallel, "1 for search.objective=throughput "
+                          "with launcher=local (layouts measured side by side on one machine "
+                          "slow each other down)")
+    if s.device_memory_mb is not None and s.device_memory_mb <= 0:
+        raise ConfigError("search.device_memory_mb", s.device_memory_mb, "a number > 0")
 
 
 def _check_storage(url: str) -> None:

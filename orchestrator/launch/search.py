@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import signal
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 from orchestrator.common.contract import SEARCH_TRIAL_JSON
 from orchestrator.common.errors import ConfigError
 from orchestrator.common.files import write_atomic
+from orchestrator.common.plan import Plan
 from orchestrator.common.records import read_metrics
 from orchestrator.config.derived import Hardware, resolve_device
 from orchestrator.config.schema import JobConfig
@@ -38,6 +40,13 @@ from orchestrator.launch.trials import (
     report,
     start,
 )
+from orchestrator.planning.layouts import (
+    Layout,
+    enumerate_layouts,
+    layout_params,
+    layout_plan,
+    override,
+)
 from orchestrator.planning.plan import make_plan
 from orchestrator.planning.preflight import validate
 from orchestrator.planning.study import check_budget, plan_lines, study_plan
@@ -45,6 +54,7 @@ from orchestrator.planning.study import check_budget, plan_lines, study_plan
 STUDY_FILE = "study.journal"  # Optuna's JournalStorage, in the study dir
 SEARCH_PLAN = "search_plan.json"  # the study's plan (planning/study.py), before any trial
 RETRY_OF = "retry_of"  # a trial's user attribute: the abandoned trial it runs again
+LAYOUT = "layout"  # a layout search trial's user attribute: its layout, in words
 SEARCH_KEYS = ("action", "search", "hydra.run.dir", "hydra.sweep.dir")  # not passed to trials
 
 
@@ -139,9 +149,10 @@ def open_study(job: JobConfig, space: list[Param]) -> Any:
 
 
 def _start(trial: Any, job: JobConfig, shared: list[str]) -> Running:
-    params = [f"{key}={value}" for key, value in trial.params.items()]
+    params = [override(key, value) for key, value in trial.params.items()]
     running = start(trial, job, [*shared, *params, *_wandb(job, trial.number)])
-    print(f"trial {trial.number} started: {' '.join(params)} -> {running.run_dir}")
+    what = trial.user_attrs.get(LAYOUT) or " ".join(params)
+    print(f"trial {trial.number} started: {what} -> {running.run_dir}")
     return running
 
 
@@ -164,16 +175,35 @@ def final_metric(path: Path, metric: str) -> float | None:
     return float(values[-1]) if values else None
 
 
-def _finish(study: Any, running: Running, code: int, metric: str) -> None:
+def throughput(path: Path) -> float | None:
+    """A layout's measured tokens/s: the median over its steps after the first (which holds
+    the warm-up); None when it logged none."""
+    if not path.is_file():
+        return None
+    records = [r for r in read_metrics(path) if "tokens_per_s" in r]
+    steady = [r["tokens_per_s"] for r in records if r["step"] > 1] or \
+        [r["tokens_per_s"] for r in records]
+    return float(statistics.median(steady)) if steady else None
+
+
+def trial_value(job: JobConfig) -> Callable[[Path], float | None]:
+    """How a trial's metrics file gives its value."""
+    if job.search.objective == "throughput":
+        return throughput
+    return lambda path: final_metric(path, job.search.metric)
+
+
+def _finish(study: Any, running: Running, code: int, job: JobConfig) -> None:
     import optuna
 
+    metric = job.search.metric
     number = running.trial.number
     if running.pruned_at is not None:
         study.tell(number, state=optuna.trial.TrialState.PRUNED)
         write_atomic(running.run_dir / SEARCH_TRIAL_JSON, json.dumps(
             {"state": "PRUNED", "step": running.pruned_at, "exit_code": code}) + "\n")
         return
-    value = final_metric(running.metrics, metric) if code == 0 else None
+    value = trial_value(job)(running.metrics) if code == 0 else None
     if value is None:
         study.tell(number, state=optuna.trial.TrialState.FAIL)
         why = f"exit code {code}" if code else f"no {metric} logged"
@@ -190,19 +220,41 @@ def search(job: JobConfig, hw: Hardware, overrides: list[str],
     the study (`on_trial(study, shared overrides)` after each finished trial); return it."""
     validate(job, hw)  # what every trial's own launch checks again, with its parameters
     space = check_search(job, dataclasses.asdict(job))
-    device, cpus = resolve_device(job, hw), os.cpu_count() or 1
-    plan = study_plan(job, space, lambda point: make_plan(point, device, cpus))
+    plan, layouts = _plan(job, space, hw)
     check_budget(plan)
     print("\n".join(plan_lines(plan)))
     Path(job.run_dir).mkdir(parents=True, exist_ok=True)
     held = rundir.lock(Path(job.run_dir))  # one controller per study dir
     try:
         write_atomic(Path(job.run_dir) / SEARCH_PLAN, json.dumps(plan, indent=2) + "\n")
-        return run_search(job, space, overrides, on_trial)
+        return run_search(job, space, layouts, overrides, on_trial)
     except KeyboardInterrupt:  # the running trials were stopped; the same command continues
         raise Interrupted(signal.SIGINT) from None
     finally:
         os.close(held)
+
+
+def _plan(job: JobConfig, space: list[Param], hw: Hardware
+          ) -> tuple[dict[str, Any], list[Layout]]:
+    """The study's plan and, for the layout search, the layouts that run (their overrides)."""
+    device, cpus = resolve_device(job, hw), os.cpu_count() or 1
+
+    def planner(point: JobConfig) -> Plan:
+        return make_plan(point, device, cpus)
+
+    if job.search.objective == "metric":
+        return study_plan(job, space, planner), []
+    fitting, refused = enumerate_layouts(job, space, device, planner)
+    plan = layout_plan(job, fitting, refused)
+    return plan, fitting[:plan["trials"]]
+
+
+def categorical(points: list[dict[str, Any]]) -> dict[str, Any]:
+    """Optuna's distributions over exactly these points (each a value of every key)."""
+    from optuna.distributions import CategoricalDistribution
+
+    return {key: CategoricalDistribution(sorted({p[key] for p in points}, key=repr))
+            for key in points[0]}
 
 
 def finished_trials(study: Any) -> int:
@@ -236,29 +288,36 @@ def _recover(study: Any, job: JobConfig) -> list[Running]:
         if RETRY_OF in t.user_attrs:
             print(" (a retry already)")
             continue
-        study.enqueue_trial(t.params, user_attrs={RETRY_OF: t.number})
+        study.enqueue_trial(t.params, user_attrs={**t.user_attrs, RETRY_OF: t.number})
         print(", queued again")
     return attached
 
 
-def run_search(job: JobConfig, space: list[Param], overrides: list[str],
-               on_trial: Callable[[Any, list[str]], None]) -> Any:
-    """Run the study to `search.trials` finished trials, `search.parallel` at a time; return
-    it. Trials already finished in the study dir's journal count."""
+def run_search(job: JobConfig, space: list[Param], layouts: list[Layout],
+               overrides: list[str], on_trial: Callable[[Any, list[str]], None]) -> Any:
+    """Run the study to `search.trials` finished trials (the layout search: one per layout,
+    queued in order), `search.parallel` at a time; return it. Trials already finished in the
+    study's storage count."""
     study = open_study(job, space)
     running = _recover(study, job)
-    dists, shared = distributions(space), trial_overrides(overrides)
+    shared, total = trial_overrides(overrides), job.search.trials
+    dists = distributions(space)
+    if layouts:
+        points = layout_params(job, [layout.overrides for layout in layouts])
+        dists, total = categorical(points), len(points)
+        if not study.get_trials(deepcopy=False):  # a new study: its layouts, in order
+            for point, layout in zip(points, layouts, strict=True):
+                study.enqueue_trial(point, user_attrs={LAYOUT: layout.label})
     finished = finished_trials(study)
     try:
-        while finished + len(running) < job.search.trials or running:
-            while len(running) < job.search.parallel and \
-                    finished + len(running) < job.search.trials:
+        while finished + len(running) < total or running:
+            while len(running) < job.search.parallel and finished + len(running) < total:
                 running.append(_start(study.ask(dists), job, shared))
             for r in running:
                 report(r, job.search.metric)
             for r in [r for r in running if r.proc.poll() is not None]:
                 running.remove(r)
-                _finish(study, r, r.proc.returncode, job.search.metric)
+                _finish(study, r, r.proc.returncode, job)
                 finished += 1
                 on_trial(study, shared)
             time.sleep(0.2)

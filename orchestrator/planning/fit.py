@@ -92,14 +92,16 @@ def _rungs(job: JobConfig) -> Iterator[tuple[str, tuple[str, int, bool, int, int
             yield label, tuple(rung), first
 
 
-def _candidates(job: JobConfig) -> Iterator[tuple[str, JobConfig]]:
+def candidates(job: JobConfig) -> Iterator[tuple[str, JobConfig]]:
+    """Each rung this job can run at each micro batch dividing its per-rank batch (largest
+    first), the global batch kept: (the rung's label, the job under it)."""
     for label, rung, first in _rungs(job):
         for micro in _micro_batches(_global_batch(job), data_parallel_size(first)):
             yield label, _variant(job, *rung, micro)
 
 
 def cheapest_fit(job: JobConfig, make_plan: MakePlan) -> tuple[str, JobConfig, Plan] | None:
-    for label, candidate in _candidates(job):
+    for label, candidate in candidates(job):
         plan = make_plan(candidate)
         if plan.fits:
             return label, candidate, plan
@@ -109,7 +111,7 @@ def cheapest_fit(job: JobConfig, make_plan: MakePlan) -> tuple[str, JobConfig, P
 def _fitting(job: JobConfig, make_plan: MakePlan) -> list[tuple[str, JobConfig, Plan]]:
     """Every rung that fits, each with the largest micro batch that does, in ladder order."""
     found: dict[str, tuple[str, JobConfig, Plan]] = {}
-    for label, candidate in _candidates(job):
+    for label, candidate in candidates(job):
         if label not in found:
             plan = make_plan(candidate)
             if plan.fits:

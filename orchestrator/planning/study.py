@@ -50,7 +50,8 @@ def at(job: JobConfig, values: dict[str, Any]) -> JobConfig:
     return to_job(tree)
 
 
-def _cost(plan: Plan, values: dict[str, Any]) -> dict[str, Any]:
+def trial_cost(plan: Plan, values: dict[str, Any]) -> dict[str, Any]:
+    """One planned trial's row: its parameters, GPU-hours, cost, wall time and peak."""
     c = plan.compute
     return {"params": values, "world_size": plan.world_size, "wall_time_s": c.wall_time_s,
             "gpu_hours": c.gpu_hours, "cost_usd": c.cost_usd,
@@ -65,7 +66,7 @@ def study_plan(job: JobConfig, space: list[Param],
     costs, refused = [], []
     for values in corners(space):
         try:
-            costs.append(_cost(planner(at(job, values)), values))
+            costs.append(trial_cost(planner(at(job, values)), values))
         except ConfigError as e:
             refused.append({"params": values, "reason": str(e)})
     if not costs:
@@ -126,5 +127,8 @@ def plan_lines(plan: dict[str, Any]) -> list[str]:
         lines.append("  GPU-hours: not estimated (no cluster.gpu to price trials with)")
     lines.append(f"  peak memory per rank: {lo['peak_bytes_per_rank'] / 2**20:,.0f}-"
                  f"{hi['peak_bytes_per_rank'] / 2**20:,.0f} MiB")
-    lines += [f"  refused by the planner at {r['params']}: {r['reason']}" for r in plan["refused"]]
+    lines += [f"  layout {i}: {row['layout']}" for i, row in enumerate(plan.get("layouts", []))]
+    lines += [f"  not run (beyond search.trials): {label}" for label in plan.get("not_run", [])]
+    lines += [f"  refused by the planner: {r.get('layout') or r['params']}: {r['reason']}"
+              for r in plan["refused"]]
     return lines

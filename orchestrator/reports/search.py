@@ -16,6 +16,7 @@ import yaml
 
 from orchestrator.common.files import write_atomic
 from orchestrator.common.records import read_metrics
+from orchestrator.launch.search import LAYOUT
 
 SUMMARY_JSON, SUMMARY_MD, BEST_YAML = "search_summary.json", "search_summary.md", "best.yaml"
 REPORT_DIR, REPORT_MD = "report", "report.md"
@@ -34,7 +35,8 @@ def rows(study: Any, study_dir: Path, trial_dir: str) -> list[dict[str, Any]]:
     for t in study.get_trials(deepcopy=False):
         run_dir = study_dir / trial_dir.format(t.number)
         out.append({"number": t.number, "state": t.state.name, "value": t.value,
-                    "params": t.params, "steps": _steps(run_dir), "run_dir": str(run_dir)})
+                    "params": t.params, "layout": t.user_attrs.get(LAYOUT),
+                    "steps": _steps(run_dir), "run_dir": str(run_dir)})
     sign = -1 if study.direction.name == "MAXIMIZE" else 1
     return sorted(out, key=lambda r: (r["state"] != "COMPLETE", r["value"] is None,
                                       sign * r["value"] if r["value"] is not None else 0,
@@ -55,7 +57,7 @@ def write_summary(study: Any, study_dir: Path, trial_dir: str, metric: str,
              "|---|---|---|---|---|---|"]
     for r in table:
         value = "" if r["value"] is None else f"{r['value']:.6g}"
-        params = ", ".join(f"{k}={v}" for k, v in r["params"].items())
+        params = r["layout"] or ", ".join(f"{k}={v}" for k, v in r["params"].items())
         lines.append(f"| {r['number']} | {r['state']} | {value} | {params} | {r['steps']} | "
                      f"{r['run_dir']} |")
     write_atomic(study_dir / SUMMARY_MD, "\n".join(lines) + "\n")

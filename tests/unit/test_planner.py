@@ -206,7 +206,7 @@ def test_auto_keeps_replicate_degree_only_on_rungs_that_shard() -> None:
                     "data.seq_len=2048", "train.global_batch_size=64",
                     "parallelism.replicate_degree=2", "action=plan"])
     variants = {(label, c.parallelism.zero_stage): c.parallelism.replicate_degree
-                for label, c in fit._candidates(job)}
+                for label, c in fit.candidates(job)}
     assert variants[("ddp", 0)] == variants[("zero1", 1)] == 1
     assert variants[("fsdp_zero2", 2)] == variants[("fsdp_zero3", 3)] == 2
     assert variants[("deepspeed_zero3_offload", 3)] == 2

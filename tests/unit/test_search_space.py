@@ -92,6 +92,10 @@ BAD = {
         ["search=example", "search.storage='postgresql://me:hunter2@db/optuna'"],
         "config key 'search.storage' has value 'postgresql://me:***@db/optuna'; allowed: a URL "
         "without a password"),
+    "a layout key without the layout search": (
+        ["search=example", "search.layouts=[ddp]"],
+        "config key 'search.layouts' has value ['ddp']; allowed: unset unless "
+        "search.objective=throughput"),
     "no trials": (["search=example", "search.trials=0"],
                   "config key 'search.trials' has value 0; allowed: a number > 0"),
 }
