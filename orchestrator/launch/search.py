@@ -49,7 +49,7 @@ from orchestrator.planning.layouts import (
 )
 from orchestrator.planning.plan import make_plan
 from orchestrator.planning.preflight import validate
-from orchestrator.planning.study import check_budget, plan_lines, study_plan
+from orchestrator.planning.study import check_budget, plan_lines, study_plan, study_trials
 
 STUDY_FILE = "study.journal"  # Optuna's JournalStorage, in the study dir
 SEARCH_PLAN = "search_plan.json"  # the study's plan (planning/study.py), before any trial
@@ -93,12 +93,24 @@ def sampler(name: str, space: list[Param], seed: int) -> Any:
     import optuna
 
     if name == "grid":
-        return optuna.samplers.GridSampler({p.key: list(p.choices) for p in space}, seed=seed)
+        return _grid({p.key: list(p.choices) for p in space}, seed)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed)
+
+
+def _grid(space: dict[str, list[Any]], seed: int) -> Any:
+    """Optuna's grid sampler, asked and told: its `after_trial` stops an `optimize` loop once
+    every point ran (Study.stop, which raises outside one); our loop ends by counting."""
+    import optuna
+
+    class Grid(optuna.samplers.GridSampler):
+        def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+            return None
+
+    return Grid(space, seed=seed)
 
 
 def pruner(name: str, warmup_trials: int) -> Any:
@@ -300,7 +312,7 @@ def run_search(job: JobConfig, space: list[Param], layouts: list[Layout],
     study's storage count."""
     study = open_study(job, space)
     running = _recover(study, job)
-    shared, total = trial_overrides(overrides), job.search.trials
+    shared, total = trial_overrides(overrides), study_trials(job, space)
     dists = distributions(space)
     if layouts:
         points = layout_params(job, [layout.overrides for layout in layouts])

@@ -58,6 +58,14 @@ def trial_cost(plan: Plan, values: dict[str, Any]) -> dict[str, Any]:
             "peak_bytes_per_rank": plan.memory.peak_total_bytes}
 
 
+def study_trials(job: JobConfig, space: list[Param]) -> int:
+    """The trials a study runs to: `search.trials`; a grid ends sooner, once each of its points
+    ran."""
+    if job.search.sampler != "grid":
+        return job.search.trials
+    return min(job.search.trials, math.prod(len(p.choices) for p in space))
+
+
 def study_plan(job: JobConfig, space: list[Param],
                planner: Callable[[JobConfig], Plan]) -> dict[str, Any]:
     """Per-trial cost at each corner (the cheapest and the costliest kept) and the study's
@@ -74,7 +82,8 @@ def study_plan(job: JobConfig, space: list[Param],
                           f"planner accepts (every corner is refused: {refused[0]['reason']})")
     key = _order(costs)
     low, high = min(costs, key=key), max(costs, key=key)
-    n, parallel = job.search.trials, min(job.search.parallel, job.search.trials)
+    n = study_trials(job, space)
+    parallel = min(job.search.parallel, n)
     return {
         "trials": n, "parallel": parallel, "corners_planned": len(costs) + len(refused),
         "trial_min": low, "trial_max": high,

@@ -1,6 +1,7 @@
 """`action=search` with Slurm trials, on the local Slurm cluster: each trial a job of its own.
 
-One study of 4 trials, 2 in flight (1-node, 1-rank trials of gpt2_tiny). While it runs, trial
+One study of 4 trials, 2 in flight (1-node, 1-rank trials of gpt2_tiny), a grid over 4
+learning rates (each point once: the study ends when the grid does). While it runs, trial
 0's job is sent the time-limit warning signal (USR1 to the job's steps, what slurmctld sends
 before the limit): it checkpoints, is requeued, and finishes as the same trial. Then the
 controller is SIGKILLed with 2 trials' jobs live, and the same command finishes the study:
@@ -32,7 +33,8 @@ TRIAL = ["model=gpt2_tiny", "train.steps=10", "logging=none", "train.save_model=
          "launcher=slurm", "launcher.slurm.wait=true", "launcher.slurm.poll_s=0.5",
          "cluster.nodes=1", "cluster.gpus_per_node=1", "debug.step_delay_s=0.5"]
 SEARCH = ["action=search", "search=example", "search.trials=4", "search.parallel=2",
-          "search.pruner=none", "+search.params.optim.lr='tag(log, interval(1e-3, 1e-1))'",
+          "search.pruner=none", "search.sampler=grid",
+          "+search.params.optim.lr='choice(1e-3, 3e-3, 1e-2, 3e-2)'",
           "eval.every_steps=5", "eval.holdout=0.1", *TRIAL]
 
 
@@ -96,6 +98,7 @@ def test_live_trials_are_reattached_and_none_failed(study) -> None:
         assert f"trial {int(name[-4:])} re-attached" in stdout
     trials = json.loads((out / "search_summary.json").read_text())["trials"]
     assert sorted(t["number"] for t in trials) == [0, 1, 2, 3]
+    assert sorted(t["params"]["optim.lr"] for t in trials) == [1e-3, 3e-3, 1e-2, 3e-2]
     assert all(t["state"] == "COMPLETE" for t in trials), trials
     jobs = {_job(out / f"trial-{n:04d}") for n in range(4)}
     assert len(jobs) == 4  # one job per trial, none resubmitted

@@ -182,3 +182,13 @@ def test_a_study_over_its_budget_is_refused() -> None:
     without_gpu = {**plan, "gpu_hours": None, "budget_gpu_hours": 1.0}
     with pytest.raises(ConfigError, match="set cluster.gpu"):
         check_budget(without_gpu)
+
+
+def test_a_grid_runs_each_point_once() -> None:
+    from orchestrator.planning.study import study_trials
+
+    grid = ["+search.params.train.micro_batch_size='choice(2, 4)'",
+            "+search.params.optim.lr='choice(1e-3, 1e-2, 1e-1)'", "search.sampler=grid"]
+    for trials, want in ((8, 6), (4, 4)):
+        job = make_job([*BASE, *grid, f"search.trials={trials}"])
+        assert study_trials(job, check_search(job, dataclasses.asdict(job))) == want

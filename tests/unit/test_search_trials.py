@@ -1,0 +1,57 @@
+"""How the search controller follows a trial's metrics file as it grows (launch/trials.py):
+whole lines only, from where it left off, and from the start again when a resumed attempt
+rewrote the file (run/metrics.py: keep_until), without reporting a step twice."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from orchestrator.common.files import write_atomic
+from orchestrator.launch.trials import Running, new_records, report
+
+
+class Trial:
+    """What the controller calls on an Optuna trial: report and should_prune (here: never)."""
+
+    number = 0
+
+    def __init__(self) -> None:
+        self.reported: list[tuple[int, float]] = []
+
+    def report(self, value: float, step: int) -> None:
+        self.reported.append((step, value))
+
+    def should_prune(self) -> bool:
+        return False
+
+
+def _line(step: int, loss: float) -> str:
+    return json.dumps({"step": step, "loss": loss}) + "\n"
+
+
+def test_the_metrics_file_is_followed_from_where_it_was_left(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    running = Running(Trial(), None, tmp_path, path)  # type: ignore[arg-type]
+    assert new_records(running) == []  # not written yet
+    path.write_text(_line(1, 5.0) + json.dumps({"event": "start"}) + "\n" + '{"step": 2, "lo')
+    assert [r.get("step") for r in new_records(running)] == [1, None]  # not the cut-off line
+    with open(path, "a") as f:
+        f.write('ss": 4.0}\n' + _line(3, 3.0))
+    assert [r["step"] for r in new_records(running)] == [2, 3]
+    assert new_records(running) == []
+    write_atomic(path, _line(1, 5.0) + _line(2, 4.0))  # resumed from step 2: rewritten
+    assert [r["step"] for r in new_records(running)] == [1, 2]
+
+
+def test_a_step_is_reported_once_across_a_resume(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    trial = Trial()
+    running = Running(trial, None, tmp_path, path)  # type: ignore[arg-type]
+    path.write_text(_line(1, 5.0) + _line(2, 4.0) + _line(3, 3.5))
+    report(running, "loss")
+    write_atomic(path, _line(1, 5.0) + _line(2, 4.0))  # the attempt resumed from step 2
+    with open(path, "a") as f:
+        f.write(_line(3, 3.4) + _line(4, 3.0))
+    report(running, "loss")
+    assert trial.reported == [(1, 5.0), (2, 4.0), (3, 3.5), (4, 3.0)]
