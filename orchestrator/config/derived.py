@@ -56,6 +56,15 @@ def _ask_deepspeed_cpu_fp16() -> bool:
     return proc.returncode != 0 or proc.stdout.split()[-1:] != ["False"]
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity (a taskset, a Slurm or cgroup CPU set, a
+    search trial's share of the machine), else every CPU of the machine."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no sched_getaffinity on this platform
+        return os.cpu_count() or 1
+
+
 def ranks_per_share(job: JobConfig) -> int:
     """The ranks that compute on one share of the data: the ranks of one tensor-parallel
     group, the stages of one pipeline, and the ranks splitting one sequence."""

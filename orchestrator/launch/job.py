@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import signal
 
 from orchestrator.common.attempt import take_attempt
@@ -24,7 +23,7 @@ from orchestrator.common.contract import (
 from orchestrator.common.errors import LaunchError
 from orchestrator.common.plan import Plan
 from orchestrator.common.secrets import redact_override
-from orchestrator.config.derived import Hardware, resolve_device
+from orchestrator.config.derived import Hardware, resolve_device, usable_cpus
 from orchestrator.config.load import config_text
 from orchestrator.config.resume import check_compatible, to_resume
 from orchestrator.config.schema import JobConfig
@@ -44,7 +43,7 @@ from orchestrator.planning.table import print_plan
 def plan_and_launch(job: JobConfig, hw: Hardware, overrides: list[str] | None = None) -> int:
     """`action=plan` and `action=run` of a validated job; the exit code (0: done, or planned;
     128 + the signal's number: stopped by the stop signal, checkpoint saved)."""
-    device, cpus = resolve_device(job, hw), os.cpu_count() or 1
+    device, cpus = resolve_device(job, hw), usable_cpus()
 
     def planner(candidate: JobConfig) -> Plan:
         return make_plan(candidate, device, cpus)

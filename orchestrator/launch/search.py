@@ -27,7 +27,7 @@ from orchestrator.common.errors import ConfigError
 from orchestrator.common.files import write_atomic
 from orchestrator.common.plan import Plan
 from orchestrator.common.records import read_metrics
-from orchestrator.config.derived import Hardware, resolve_device
+from orchestrator.config.derived import Hardware, resolve_device, usable_cpus
 from orchestrator.config.schema import JobConfig
 from orchestrator.config.search import Param, check_search
 from orchestrator.launch import rundir
@@ -36,6 +36,7 @@ from orchestrator.launch.trials import (
     TRIAL_DIR,
     TRIAL_LOG,
     Running,
+    cpu_slots,
     reattach,
     report,
     start,
@@ -160,12 +161,15 @@ def open_study(job: JobConfig, space: list[Param]) -> Any:
                                pruner=pruner(s.pruner, s.warmup_trials))
 
 
-def _start(trial: Any, job: JobConfig, shared: list[str]) -> Running:
+def _start(trial: Any, job: JobConfig, shared: list[str], running: list[Running]) -> Running:
+    """Trial `trial` started, on a CPU share no other running trial holds (cpu_slots)."""
     params = [override(key, value) for key, value in trial.params.items()]
-    running = start(trial, job, [*shared, *params, *_wandb(job, trial.number)])
+    held = {r.cpus for r in running}
+    cpus = next((c for c in cpu_slots(job) if c not in held), None)
+    started = start(trial, job, [*shared, *params, *_wandb(job, trial.number)], cpus)
     what = trial.user_attrs.get(LAYOUT) or " ".join(params)
-    print(f"trial {trial.number} started: {what} -> {running.run_dir}")
-    return running
+    print(f"trial {trial.number} started: {what} -> {started.run_dir}")
+    return started
 
 
 def _wandb(job: JobConfig, number: int) -> list[str]:
@@ -249,7 +253,7 @@ def search(job: JobConfig, hw: Hardware, overrides: list[str],
 def _plan(job: JobConfig, space: list[Param], hw: Hardware
           ) -> tuple[dict[str, Any], list[Layout]]:
     """The study's plan and, for the layout search, the layouts that run (their overrides)."""
-    device, cpus = resolve_device(job, hw), os.cpu_count() or 1
+    device, cpus = resolve_device(job, hw), usable_cpus()
 
     def planner(point: JobConfig) -> Plan:
         return make_plan(point, device, cpus)
@@ -324,7 +328,7 @@ def run_search(job: JobConfig, space: list[Param], layouts: list[Layout],
     try:
         while finished + len(running) < total or running:
             while len(running) < job.search.parallel and finished + len(running) < total:
-                running.append(_start(study.ask(dists), job, shared))
+                running.append(_start(study.ask(dists), job, shared, running))
             for r in running:
                 report(r, job.search.metric)
             for r in [r for r in running if r.proc.poll() is not None]:

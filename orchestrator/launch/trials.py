@@ -75,18 +75,39 @@ class Running:
     last_step: int = -1  # the last step whose value was reported to the study
     pruned_at: Optional[int] = None  # the step after which it was told to stop
     read_pos: tuple[int, int] = (0, 0)  # the metrics file's inode, bytes read so far
+    cpus: Optional[frozenset[int]] = None  # the CPUs it runs on (cpu_slots), None: any
 
 
-def start(trial: Any, job: JobConfig, command: list[str]) -> Running:
+def cpu_slots(job: JobConfig) -> list[frozenset[int]]:
+    """Trials on this machine (launcher=local) with others in flight get CPUs of their own:
+    this process's CPUs split into `search.parallel` sets, so that each trial's ranks plan
+    their threads for their share (config/derived.py: usable_cpus) instead of all of them
+    oversubscribing every core. None to split: Slurm trials, one in flight, too few CPUs."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    n = job.search.parallel
+    if job.launcher.name != "local" or n < 2 or len(cpus) < n:
+        return []
+    return [frozenset(cpus[i * len(cpus) // n:(i + 1) * len(cpus) // n]) for i in range(n)]
+
+
+def start(trial: Any, job: JobConfig, command: list[str],
+          cpus: Optional[frozenset[int]] = None) -> Running:
     """Trial `trial` as a run of `command` (the shared overrides and the trial's own), in its
-    run dir under the study dir; its output in the trial's log."""
+    run dir under the study dir, on `cpus` (None: this process's); its output in its log."""
     study_dir = Path(job.run_dir)
     run_dir = study_dir / TRIAL_DIR.format(trial.number)
     argv = [sys.executable, "-m", "orchestrator", *command, f"hydra.run.dir={run_dir}"]
+
+    def prepare() -> None:  # in the child, before it runs the CLI
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)
+        die_with_parent()
+
     with open(study_dir / TRIAL_LOG.format(trial.number), "wb") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ),
-                                start_new_session=True, preexec_fn=die_with_parent)
-    return Running(trial, proc, run_dir, metrics_path(run_dir, job.logging.metrics_file))
+                                start_new_session=True, preexec_fn=prepare)
+    return Running(trial, proc, run_dir, metrics_path(run_dir, job.logging.metrics_file),
+                   cpus=cpus)
 
 
 def new_records(running: Running) -> list[dict[str, Any]]:

@@ -101,6 +101,15 @@ def test_two_trials_ran_at_the_same_time(study: Path) -> None:
     assert any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False))
 
 
+def test_trials_in_flight_share_the_cpus(study: Path) -> None:
+    """Each of the 2 trials in flight runs on half of this machine's CPUs, and its one rank
+    plans its threads for that half (not all of them: two trials would oversubscribe every
+    core)."""
+    half = len(os.sched_getaffinity(0)) // 2
+    for plan in study.glob("trial-*/plan.json"):
+        assert json.loads(plan.read_text())["env"]["OMP_NUM_THREADS"] == str(half)
+
+
 def test_the_plots_are_drawn_and_report_draws_them_again(study: Path) -> None:
     """Optuna's four plots as PNGs in report/ after the study; `action=report` on the study
     dir draws them again from its storage."""
