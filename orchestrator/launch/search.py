@@ -55,6 +55,7 @@ from orchestrator.planning.study import check_budget, plan_lines, study_plan, st
 STUDY_FILE = "study.journal"  # Optuna's JournalStorage, in the study dir
 SEARCH_PLAN = "search_plan.json"  # the study's plan (planning/study.py), before any trial
 RETRY_OF = "retry_of"  # a trial's user attribute: the abandoned trial it runs again
+POLL_S = 0.05  # how often the controller looks at its trials (a poll reads only new bytes)
 LAYOUT = "layout"  # a layout search trial's user attribute: its layout, in words
 SEARCH_KEYS = ("action", "search", "hydra.run.dir", "hydra.sweep.dir")  # not passed to trials
 
@@ -327,16 +328,19 @@ def run_search(job: JobConfig, space: list[Param], layouts: list[Layout],
     finished = finished_trials(study)
     try:
         while finished + len(running) < total or running:
-            while len(running) < job.search.parallel and finished + len(running) < total:
-                running.append(_start(study.ask(dists), job, shared, running))
-            for r in running:
-                report(r, job.search.metric)
-            for r in [r for r in running if r.proc.poll() is not None]:
+            ended = [r for r in running if r.proc.poll() is not None]
+            for r in ended:  # told first, so that the sampler knows them for the next ask
                 running.remove(r)
+                report(r, job.search.metric)  # its last values, for the intermediate plot
                 _finish(study, r, r.proc.returncode, job)
                 finished += 1
+            while len(running) < job.search.parallel and finished + len(running) < total:
+                running.append(_start(study.ask(dists), job, shared, running))
+            if ended:  # the summary once the freed slots are busy again
                 on_trial(study, shared)
-            time.sleep(0.2)
+            for r in running:
+                report(r, job.search.metric)
+            time.sleep(POLL_S)
     finally:
         for r in running:  # interrupted: stop what is still running
             r.proc.terminate()

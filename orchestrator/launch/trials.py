@@ -12,6 +12,7 @@ not requeue a pruned trial.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any, Optional, Protocol
 
 from orchestrator.common.contract import SEARCH_TRIAL_JSON, SLURM_RECORD, metrics_path
+from orchestrator.common.errors import LaunchError
 from orchestrator.common.files import write_atomic
 from orchestrator.common.lifeline import die_with_parent
 from orchestrator.config.schema import JobConfig
@@ -136,7 +138,7 @@ def new_records(running: Running) -> list[dict[str, Any]]:
 
 def report(running: Running, metric: str) -> None:
     """The trial's new values of `metric` reported to the study at their steps; when the pruner
-    says so, the trial is stopped (`stop`)."""
+    says so and it is still running, the trial is stopped (`stop`)."""
     if running.pruned_at is not None:
         return
     for record in new_records(running):
@@ -144,7 +146,7 @@ def report(running: Running, metric: str) -> None:
             continue
         running.trial.report(float(record[metric]), int(record["step"]))
         running.last_step = int(record["step"])
-        if running.trial.should_prune():
+        if running.proc.poll() is None and running.trial.should_prune():
             stop(running, running.last_step)
             print(f"trial {running.trial.number} pruned at step {running.pruned_at}: "
                   f"{metric} = {record[metric]:.6g}")
@@ -159,7 +161,8 @@ def stop(running: Running, step: int) -> None:
     record = running.run_dir / SLURM_RECORD
     if record.is_file():  # a Slurm trial: its job's steps (the time-limit warning's path)
         job_id = json.loads(record.read_text())["job_id"]
-        run_checked(["scancel", "--signal=USR1", job_id])
+        with contextlib.suppress(LaunchError):  # it ended meanwhile: nothing left to stop
+            run_checked(["scancel", "--signal=USR1", job_id])
     elif running.proc.poll() is None and isinstance(running.proc, subprocess.Popen):
         running.proc.send_signal(signal.SIGUSR1)
 
