@@ -1,7 +1,7 @@
 """What the search controller costs: a study of N trials against the same N runs launched
 back to back by hand, and the study with 2 trials in flight.
 
-    python scripts/bench_search.py [--trials 4] [--rounds 3] [--steps 6]
+    python scripts/bench_search.py [--trials 8] [--rounds 3] [--steps 6]
 
 The trials are fixed (a grid over N learning rates), so the study and the plain runs train
 exactly the same N configurations: 1-rank runs of gpt2_tiny (each trial one CPU rank, so two
@@ -62,10 +62,11 @@ def study(rates: tuple[str, ...], steps: int, parallel: int, work: Path) -> floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--trials", type=int, default=4, choices=range(2, len(RATES) + 1))
+    parser.add_argument("--trials", type=int, default=8, choices=range(2, len(RATES) + 1))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--out", type=Path, default=REPO / "bench_search.json")
+    parser.add_argument("--out", type=Path,
+                        default=Path(tempfile.gettempdir()) / "bench_search.json")
     args = parser.parse_args()
     rates = RATES[:args.trials]
     contenders = ("plain", "study-1", "study-2")

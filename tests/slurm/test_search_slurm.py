@@ -35,6 +35,7 @@ TRIAL = ["model=gpt2_tiny", "train.steps=10", "logging=none", "train.save_model=
 SEARCH = ["action=search", "search=example", "search.trials=4", "search.parallel=2",
           "search.pruner=none", "search.sampler=grid",
           "+search.params.optim.lr='choice(1e-3, 3e-3, 1e-2, 3e-2)'",
+          "+search.params.train.micro_batch_size='choice(2)'",  # the grid: 4 points
           "eval.every_steps=5", "eval.holdout=0.1", *TRIAL]
 
 
