@@ -301,13 +301,20 @@ class DistConfig:
 @dataclass
 class JobConfig:
     # status / cancel act on an earlier run: `action=status run_dir=runs/...`
-    # export: a Hugging Face model from a run's checkpoint (`action=export run_dir=... step=N`)
+    # export: a Hugging Face model or a GGUF file from a run's checkpoint
+    # (`action=export run_dir=... [step=N] [format=gguf dtype=f16 quant=q8_0]`)
     # report: PNG charts + report.md of a run or sweep dir, in <run_dir>/report/
     # search: an Optuna study whose trials are runs (`search=NAME`: configs/search/NAME.yaml)
     action: str = choice("run", "run", "plan", "validate", "status", "cancel", "export",
                          "prepare", "report", "search")
     run_dir: str = ""  # filled from hydra.run.dir at the entry point (status/cancel/export: given)
     step: Optional[int] = None  # action=export: the checkpoint's step (None = the newest)
+    # action=export: hf (a save_pretrained directory) or gguf (one file for llama.cpp, Llama and
+    # GPT-2 families); dtype of the weights written: None = the trained float32 for hf, f16 for
+    # gguf (llama.cpp's own default); quant: gguf's q8_0 for the matrices
+    format: str = choice("hf", "hf", "gguf")
+    dtype: Optional[str] = choice(None, None, "f32", "f16", "bf16")
+    quant: str = choice("none", "none", "q8_0")
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)

@@ -44,7 +44,9 @@ def _multi_node_torchrun(job: JobConfig) -> bool:
 
 
 READERS: tuple[Reader, ...] = (
-    Reader(("step",), lambda j: j.action == "export", "action=export"),
+    Reader(("step", "format", "dtype"), lambda j: j.action == "export", "action=export"),
+    Reader(("quant",), lambda j: j.action == "export" and j.format == "gguf",
+           "action=export format=gguf"),
     Reader(tuple(f"search.{f.name}" for f in dataclasses.fields(SearchConfig)),
            lambda j: j.action == "search", "action=search"),
     Reader(("resume",), _pretrain, "train.task=pretrain (the others start from "

@@ -73,6 +73,7 @@ NOT_READ = {
     "search.budget_gpu_hours": ["search.budget_gpu_hours=10"],
     "search.objective": ["search.objective=throughput"], "search.layouts": ["search.layouts=[ddp]"],
     "search.device_memory_mb": ["search.device_memory_mb=100"],
+    "format": ["format=gguf"], "dtype": ["dtype=f16"], "quant": ["quant=q8_0"],
 }
 WARNED_ONLY = {"launcher.rdzv_host": "launcher.rdzv_host=10.0.0.1",
                "launcher.rdzv_port": "launcher.rdzv_port=29600",

@@ -2,7 +2,8 @@
 tokenizer) from any periodic checkpoint of a run, consolidated from its shards in one process.
 
 Written to `<run_dir>/export/step-<N>/model`, loadable with `from_pretrained` and usable as the
-next step's `model.pretrained_path`.
+next step's `model.pretrained_path`; with `format=gguf`, `<run_dir>/export/step-<N>/model-<dtype
+or quant>.gguf` for llama.cpp instead (gguf_export.py), made from such a directory.
 
 torch strategies: torch.distributed.checkpoint resharded into one whole copy. DeepSpeed (ZeRO
 1-3): its own consolidation, `deepspeed.utils.zero_to_fp32`, of the fp32 master weights of every
@@ -12,6 +13,7 @@ A bf16 DeepSpeed run thus exports its fp32 masters (rounded to bf16: the run's s
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
@@ -21,9 +23,11 @@ from torch import nn
 from orchestrator.common import checkpoints
 from orchestrator.common.errors import ConfigError
 from orchestrator.config.schema import JobConfig
+from orchestrator.run.checkpoint import gguf_export
 from orchestrator.run.checkpoint.final import MODEL_DIR, save_final
 
 EXPORT_DIR = "export"
+DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _checkpoint(job: JobConfig) -> checkpoints.Resume:
@@ -71,29 +75,60 @@ def _load_deepspeed(model: nn.Module, path: Path) -> None:
 
 
 def export(job: JobConfig) -> Path:
-    """Consolidate the chosen checkpoint's model weights and save them; returns the model dir."""
+    """Consolidate the chosen checkpoint's model weights and save them (a Hugging Face
+    directory, or a GGUF file made from one); returns what was written."""
     from orchestrator.config.load import load_job
     from orchestrator.data import tokenizer_file, uses_bpe
+
+    resume = _checkpoint(job)
+    out = Path(job.run_dir) / EXPORT_DIR / resume.path.name
+    saved = load_job(resume.path / checkpoints.CONFIG)  # the run as it was trained
+    gguf = job.format == "gguf"
+    target = out / (gguf_export.file_name(job.dtype or "f16", job.quant) if gguf else MODEL_DIR)
+    if target.exists() and not job.run.overwrite:  # before consolidating
+        raise ConfigError("run.overwrite", False, f"true to replace {target} (an earlier export: "
+                          "it is deleted), or move it away first")
+    bpe = tokenizer_file(saved) if uses_bpe(saved) else None
+    if gguf:  # what GGUF cannot hold is refused before anything is consolidated
+        gguf_export.check_model(saved.model.family)
+        gguf_export.check_tokenizer(_tokenizer_json(bpe))
+    out.mkdir(parents=True, exist_ok=True)
+    if not gguf:
+        return _save_hf(saved, resume.path, out, bpe, job.dtype)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".gguf-source-") as tmp:
+        source = _save_hf(saved, resume.path, Path(tmp), bpe, None)
+        return gguf_export.write_gguf(source, saved.model.family, target, job.dtype or "f16",
+                                      job.quant, byte_tokenizer=bpe is None)
+
+
+def _tokenizer_json(bpe: Path | None) -> Path | None:
+    """The tokenizer.json of the run's tokenizer (None: bytes)."""
+    from orchestrator.data.tokenizer import TOKENIZER_JSON, hf_dir
+
+    if bpe is None:
+        return None
+    folder = hf_dir(bpe)
+    return folder / TOKENIZER_JSON if folder is not None else bpe
+
+
+def _save_hf(saved: JobConfig, checkpoint: Path, out: Path, bpe: Path | None,
+             dtype: str | None) -> Path:
+    """The checkpoint's weights as a save_pretrained directory `out/model` (in `dtype`, or
+    as trained), with the tokenizer."""
     from orchestrator.models.build import build_model
     from orchestrator.run.strategies.base import Engine
     from orchestrator.transforms.converters import apply_converters
 
-    resume = _checkpoint(job)
-    out = Path(job.run_dir) / EXPORT_DIR / resume.path.name
-    if (out / MODEL_DIR).exists() and not job.run.overwrite:  # before consolidating
-        raise ConfigError("run.overwrite", False, f"true to replace {out / MODEL_DIR} (an "
-                          "earlier export: its files are deleted), or move it away first")
-    saved = load_job(resume.path / checkpoints.CONFIG)  # the run as it was trained
     with torch.device("cpu"):  # the converters that shape the saved parameters
         model = apply_converters(build_model(saved.model, seed=saved.train.seed), saved,
                                  names=("lora", "dpo_reference"))
     if saved.parallelism.backend == "deepspeed":
-        _load_deepspeed(model, resume.path)
+        _load_deepspeed(model, checkpoint)
     else:
-        _load_dcp(model, resume.path)
+        _load_dcp(model, checkpoint)
+    if dtype is not None:
+        model.to(DTYPES[dtype])
     engine = Engine(model, torch.optim.SGD(model.parameters(), lr=0.0), saved, "cpu")
-    out.mkdir(parents=True, exist_ok=True)
-    bpe = tokenizer_file(saved) if uses_bpe(saved) else None
     final = save_final(engine, out, 0, bpe)
     assert final is not None
     return final
