@@ -161,3 +161,22 @@ def test_hf_export_in_bf16(exported) -> None:
         assert json.loads((model / "config.json").read_text())["dtype"] == "bfloat16"
     finally:  # the module's float32 reference again
         _export(run_dir, "run.overwrite=true")
+
+
+def test_the_hf_export_carries_its_tokenizer_and_end_of_text(exported) -> None:
+    """AutoTokenizer reads the BPE run's export as the run's own tokenizer encodes, and both
+    exports' config and generation config end text with the tokenizer's end of text (not the
+    placeholder 0 the model was built with: the byte tokenizer's is 257)."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer, GenerationConfig
+
+    text = "The quick brown fox jumps over the lazy dog."
+    model = exported["llama"]["hf"]
+    ours = Tokenizer.from_file(str(exported["llama"]["run"] / "tokenizer.json"))
+    theirs = AutoTokenizer.from_pretrained(model)
+    assert theirs.encode(text, add_special_tokens=False) == ours.encode(text).ids
+    assert theirs.eos_token_id == ours.token_to_id("<|endoftext|>")
+    for family, eos in (("llama", theirs.eos_token_id), ("gpt2", 257)):
+        generation = GenerationConfig.from_pretrained(exported[family]["hf"])
+        config = json.loads((exported[family]["hf"] / "config.json").read_text())
+        assert generation.eos_token_id == config["eos_token_id"] == eos

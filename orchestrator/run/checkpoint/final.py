@@ -15,7 +15,13 @@ import os
 import shutil
 from pathlib import Path
 
-from orchestrator.data.tokenizer import TOKENIZER_JSON, ByteTokenizer, HFTokenizer, hf_dir
+from orchestrator.data.tokenizer import (
+    EOS,
+    BPETokenizer,
+    ByteTokenizer,
+    HFTokenizer,
+    hf_dir,
+)
 from orchestrator.models.lora import is_lora, merged_state_dict
 from orchestrator.models.preference import policy_only
 from orchestrator.run.metrics import NO_SPACE, DiskFull
@@ -56,6 +62,10 @@ def _out_of_space(e: BaseException) -> bool:
 def _write(engine: Engine, state: dict, tmp: Path, tokenizer_json: Path | None) -> None:
     """The model (and its tokenizer) in Hugging Face format under `tmp`."""
     model, state = policy_only(engine.hf_model(), state)  # DPO: not the reference
+    base = model.get_base_model() if is_lora(model) else model
+    bos, eos = special_ids(tokenizer_json)  # generate stops at the run's own end of text
+    for config in (base.config, base.generation_config):
+        config.bos_token_id, config.eos_token_id = bos, eos
     if is_lora(model):  # a plain model with the adapters merged in, and the adapter alone
         model.get_base_model().save_pretrained(tmp, state_dict=merged_state_dict(model, state))
         model.save_pretrained(tmp / ADAPTER_DIR, state_dict=state)
@@ -64,12 +74,30 @@ def _write(engine: Engine, state: dict, tmp: Path, tokenizer_json: Path | None) 
     write_tokenizer(tmp, tokenizer_json)
 
 
+def special_ids(tokenizer_json: Path | None) -> tuple[int, int]:
+    """(bos, eos) of the run's tokenizer: bytes, a Hugging Face tokenizer's own (bos = eos
+    when it has none), or our BPE's end of text (GPT-2's convention: both)."""
+    if tokenizer_json is None:
+        return ByteTokenizer.bos_id, ByteTokenizer.eos_id
+    folder = hf_dir(tokenizer_json)
+    if folder is not None:
+        tok = HFTokenizer(folder).tok
+        return (tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id,
+                tok.eos_token_id)
+    eos = BPETokenizer(tokenizer_json).eos_id
+    return eos, eos
+
+
 def write_tokenizer(out: Path, tokenizer_json: Path | None) -> None:
     """The run's tokenizer files into the model directory `out` (also QAT's int8 model)."""
     if tokenizer_json is not None and hf_dir(tokenizer_json) is not None:
         HFTokenizer(hf_dir(tokenizer_json)).tok.save_pretrained(out)  # AutoTokenizer reads it
-    elif tokenizer_json is not None:  # BPE: the model travels with its vocabulary
-        shutil.copy(tokenizer_json, out / TOKENIZER_JSON)
+    elif tokenizer_json is not None:  # BPE: the model travels with its vocabulary, which
+        # AutoTokenizer reads with its end of text (tokenizer_config.json beside it)
+        from transformers import PreTrainedTokenizerFast
+
+        PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_json), bos_token=EOS,
+                                eos_token=EOS).save_pretrained(out)
     else:
         tok = ByteTokenizer()
         (out / TOKENIZER_FILE).write_text(json.dumps(
