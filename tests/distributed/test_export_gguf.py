@@ -127,6 +127,23 @@ def test_the_bpe_tokenizer_round_trips(exported) -> None:
     assert theirs.encode(text, add_special_tokens=False) == ours.encode(text).ids
 
 
+@pytest.mark.parametrize("family", RUNS)
+def test_the_planned_size_is_the_files_tensor_data(exported, family) -> None:
+    """What `action=export` prints before writing: the tensor bytes of each file, planned from
+    the parameter shapes of the Hugging Face export (read here with safetensors), exactly."""
+    from gguf import GGUFReader
+    from safetensors import safe_open
+
+    from orchestrator.run.checkpoint.gguf_export import planned_bytes
+
+    with safe_open(str(exported[family]["hf"] / "model.safetensors"), "np") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    for dtype, quant in TYPES:
+        path = exported[family][quant if quant != "none" else dtype]
+        data = path.stat().st_size - GGUFReader(path).data_offset
+        assert data == planned_bytes(shapes, family, dtype, quant), (path.name, data)
+
+
 def test_refusals_before_anything_is_written(exported, tmp_path) -> None:
     from tokenizers import Tokenizer, models
 

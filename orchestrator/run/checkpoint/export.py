@@ -16,12 +16,14 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from orchestrator.common import checkpoints
 from orchestrator.common.errors import ConfigError
+from orchestrator.common.units import human_bytes
 from orchestrator.config.schema import JobConfig
 from orchestrator.run.checkpoint import gguf_export
 from orchestrator.run.checkpoint.final import MODEL_DIR, save_final
@@ -92,6 +94,7 @@ def export(job: JobConfig) -> Path:
     if gguf:  # what GGUF cannot hold is refused before anything is consolidated
         gguf_export.check_model(saved.model.family)
         gguf_export.check_tokenizer(_tokenizer_json(bpe))
+    print(f"export plan: {target} from {resume.path.name}, {_planned(saved, job)}")
     out.mkdir(parents=True, exist_ok=True)
     if not gguf:
         return _save_hf(saved, resume.path, out, bpe, job.dtype)
@@ -99,6 +102,21 @@ def export(job: JobConfig) -> Path:
         source = _save_hf(saved, resume.path, Path(tmp), bpe, None)
         return gguf_export.write_gguf(source, saved.model.family, target, job.dtype or "f16",
                                       job.quant, byte_tokenizer=bpe is None)
+
+
+def _planned(saved: JobConfig, job: JobConfig) -> str:
+    """What the export will write, from the model's parameter shapes (nothing allocated)."""
+    from orchestrator.models.spec_cache import cached_specs
+
+    shapes = {s.name: s.shape for s in cached_specs(saved.model)}
+    if job.format == "gguf":
+        size = gguf_export.planned_bytes(shapes, saved.model.family, job.dtype or "f16",
+                                         job.quant)
+        what = f"{job.quant if job.quant != 'none' else job.dtype or 'f16'} tensors"
+    else:
+        width = DTYPES[job.dtype].itemsize if job.dtype else 4
+        size, what = sum(int(np.prod(s)) for s in shapes.values()) * width, "weights"
+    return f"{len(shapes)} tensors, {human_bytes(size)} of {what}"
 
 
 def _tokenizer_json(bpe: Path | None) -> Path | None:

@@ -212,6 +212,28 @@ def _encode(w: np.ndarray, dtype: str, quant: str) -> tuple[np.ndarray, Any]:
     return gguf.quants.quantize(w.astype(np.float32), kind), kind
 
 
+def planned_bytes(shapes: dict[str, tuple[int, ...]], family: str, dtype: str,
+                  quant: str) -> int:
+    """The tensor data a GGUF file of these parameter shapes holds (what `write_gguf` writes:
+    a tied head twice, each tensor padded to 32 bytes); the header and tokenizer come on top."""
+    shapes = dict(shapes)
+    if "lm_head.weight" not in shapes:
+        embedding = "transformer.wte.weight" if family == "gpt2" else "model.embed_tokens.weight"
+        shapes["lm_head.weight"] = shapes[embedding]
+    total = 0
+    for name, shape in shapes.items():
+        n = int(np.prod(shape))
+        row = shape[0] if family == "gpt2" and name.endswith(GPT2_CONV1D) else shape[-1]
+        if len(shape) == 1:
+            size = 4 * n
+        elif quant == "q8_0" and row % 32 == 0:
+            size = n // 32 * 34  # a block: 32 int8 values and one f16 scale
+        else:
+            size = n * (4 if (dtype if quant == "none" else "f16") == "f32" else 2)
+        total += -(-size // 32) * 32
+    return total
+
+
 def write_gguf(model_dir: Path, family: str, out: Path, dtype: str, quant: str,
                byte_tokenizer: bool) -> Path:
     """`model_dir` (a save_pretrained directory) as one GGUF file at `out`, written whole or
