@@ -25,14 +25,17 @@ LLAMA_SIDE = r"""
 import json, sys
 from llama_cpp import Llama
 path, prompt, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-llm = Llama(model_path=path, n_ctx=128, n_threads=2, verbose=False, logits_all=False)
+llm = Llama(model_path=path, n_ctx=128, n_threads=2, verbose=False, logits_all=True)
 ids = llm.tokenize(prompt.encode(), add_bos=False, special=False)
+llm.eval(ids)
+logits = llm.scores[:len(ids)].tolist()  # every prompt position's next-token logits
+llm.reset()
 out = []
 for token in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
     out.append(token)
     if len(out) == n:
         break
-print(json.dumps({"prompt_ids": ids, "generated": out}))
+print(json.dumps({"prompt_ids": ids, "generated": out, "logits": logits}))
 """
 
 
@@ -45,17 +48,20 @@ def export(run_dir: Path, *extra: str) -> Path:
                                 *extra]))
 
 
-def transformers_greedy(model_dir: Path, run_dir: Path) -> tuple[list[int], list[int]]:
+def transformers_greedy(model_dir: Path, run_dir: Path
+                        ) -> tuple[list[int], list[int], list[list[float]]]:
     import torch
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM
 
     ids = Tokenizer.from_file(str(run_dir / "tokenizer.json")).encode(PROMPT).ids
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=NEW_TOKENS,
-                             min_new_tokens=NEW_TOKENS, pad_token_id=0)
-    return ids, out[0, len(ids):].tolist()
+    out = list(ids)
+    with torch.no_grad():  # greedy by hand: no generate() rule (eos, min length) in the way
+        logits = model(torch.tensor([ids])).logits[0].tolist()
+        for _ in range(NEW_TOKENS):
+            out.append(int(model(torch.tensor([out])).logits[0, -1].argmax()))
+    return ids, out[len(ids):], logits
 
 
 def main() -> None:
@@ -65,16 +71,22 @@ def main() -> None:
     args = parser.parse_args()
     failed = False
     for run_dir in args.runs:
-        prompt_ids, want = transformers_greedy(export(run_dir), run_dir)
+        prompt_ids, want, want_logits = transformers_greedy(export(run_dir), run_dir)
         for dtype, quant in (("f32", "none"), ("f16", "none"), ("f16", "q8_0")):
             path = export(run_dir, "format=gguf", f"dtype={dtype}", f"quant={quant}")
             got = json.loads(subprocess.run(
                 [args.llama_python, "-c", LLAMA_SIDE, str(path), PROMPT, str(NEW_TOKENS)],
                 capture_output=True, text=True, check=True).stdout)
             same = sum(a == b for a, b in zip(got["generated"], want, strict=False))
+            import numpy as np
+
+            diff = float(np.abs(np.array(got["logits"]) - np.array(want_logits)).max())
             row = {"run": run_dir.name, "file": path.name,
                    "tokenizer_agrees": got["prompt_ids"] == prompt_ids,
-                   "tokens_equal": f"{same}/{NEW_TOKENS}",
+                   "prompt_logits_max_abs_diff": diff,
+                   "max_abs_logit": float(np.abs(np.array(want_logits)).max()),
+                   "tokens_equal": f"{same}/{NEW_TOKENS}", "llama_cpp": got["generated"][:8],
+                   "transformers": want[:8],
                    "first_difference": next((i for i, (a, b) in enumerate(
                        zip(got["generated"], want, strict=False)) if a != b), None)}
             print(json.dumps(row), flush=True)

@@ -15,8 +15,8 @@ fi
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 for model in gpt2_tiny llama_tiny; do
-  .venv/bin/python -m orchestrator "model=$model" data=text data.tokenizer=bpe train.steps=60 \
-    checkpoint.every_steps=60 cluster.gpus_per_node=1 logging=none train.save_model=false \
+  .venv/bin/python -m orchestrator "model=$model" data=text data.tokenizer=bpe train.steps=400 \
+    checkpoint.every_steps=400 cluster.gpus_per_node=1 logging=none train.save_model=false \
     logging.progress=false "hydra.run.dir=$work/$model" > "$work/$model.log"
 done
 .venv/bin/python scripts/check_gguf.py --llama-python "$LLAMA_VENV/bin/python" \
