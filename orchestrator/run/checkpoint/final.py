@@ -17,7 +17,6 @@ from pathlib import Path
 
 from orchestrator.data.tokenizer import (
     EOS,
-    BPETokenizer,
     ByteTokenizer,
     HFTokenizer,
     hf_dir,
@@ -64,8 +63,10 @@ def _write(engine: Engine, state: dict, tmp: Path, tokenizer_json: Path | None) 
     model, state = policy_only(engine.hf_model(), state)  # DPO: not the reference
     base = model.get_base_model() if is_lora(model) else model
     bos, eos = special_ids(tokenizer_json)  # generate stops at the run's own end of text
-    for config in (base.config, base.generation_config):
-        config.bos_token_id, config.eos_token_id = bos, eos
+    generation = getattr(base, "generation_config", None)  # None: BERT, which does not generate
+    for config in (base.config, generation):
+        if config is not None:
+            config.bos_token_id, config.eos_token_id = bos, eos
     if is_lora(model):  # a plain model with the adapters merged in, and the adapter alone
         model.get_base_model().save_pretrained(tmp, state_dict=merged_state_dict(model, state))
         model.save_pretrained(tmp / ADAPTER_DIR, state_dict=state)
@@ -84,8 +85,9 @@ def special_ids(tokenizer_json: Path | None) -> tuple[int, int]:
         tok = HFTokenizer(folder).tok
         return (tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id,
                 tok.eos_token_id)
-    eos = BPETokenizer(tokenizer_json).eos_id
-    return eos, eos
+    data = json.loads(Path(tokenizer_json).read_text())  # our BPE: its end of text
+    ids = {**data["model"]["vocab"], **{t["content"]: t["id"] for t in data["added_tokens"]}}
+    return ids[EOS], ids[EOS]
 
 
 def write_tokenizer(out: Path, tokenizer_json: Path | None) -> None:
