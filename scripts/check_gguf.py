@@ -77,7 +77,9 @@ def main() -> None:
             got = json.loads(subprocess.run(
                 [args.llama_python, "-c", LLAMA_SIDE, str(path), PROMPT, str(NEW_TOKENS)],
                 capture_output=True, text=True, check=True).stdout)
-            same = sum(a == b for a, b in zip(got["generated"], want, strict=False))
+            first = next((i for i, (a, b) in enumerate(zip(got["generated"], want, strict=False))
+                          if a != b), None)
+            same = NEW_TOKENS if first is None else first  # equal up to the first difference
             import numpy as np
 
             diff = float(np.abs(np.array(got["logits"]) - np.array(want_logits)).max())
@@ -86,9 +88,7 @@ def main() -> None:
                    "prompt_logits_max_abs_diff": diff,
                    "max_abs_logit": float(np.abs(np.array(want_logits)).max()),
                    "tokens_equal": f"{same}/{NEW_TOKENS}", "llama_cpp": got["generated"][:8],
-                   "transformers": want[:8],
-                   "first_difference": next((i for i, (a, b) in enumerate(
-                       zip(got["generated"], want, strict=False)) if a != b), None)}
+                   "transformers": want[:8], "first_difference": first}
             print(json.dumps(row), flush=True)
             failed |= not row["tokenizer_agrees"] or (dtype == "f32" and same != NEW_TOKENS)
     sys.exit(1 if failed else 0)

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from orchestrator.common.errors import ConfigError
+from orchestrator.common.secrets import is_secret_key
 
 KEY = "search.params"
 
@@ -148,6 +149,10 @@ def check_search(job: Any, tree: Mapping[str, Any]) -> list[Param]:
                           "search.metric=loss")
     if s.storage is not None:
         _check_storage(s.storage)
+        if s.study is None:  # a database holds many studies: the dir's name may be taken
+            raise ConfigError("search.study", None, "a name for the study with search.storage "
+                              "(a database holds many studies; this one's name is not taken "
+                              "from its dir)")
     if s.budget_gpu_hours is not None and s.budget_gpu_hours <= 0:
         raise ConfigError("search.budget_gpu_hours", s.budget_gpu_hours, "a number > 0")
     if s.warmup_trials < 0:
@@ -195,11 +200,14 @@ def _check_storage(url: str) -> None:
 
     try:
         parsed = make_url(url)
-    except ArgumentError:
-        raise ConfigError("search.storage", url, "a database URL for Optuna's RDBStorage, e.g. "
-                          "sqlite:///runs/study.db, or unset for the journal file in the "
-                          "study dir") from None
-    if parsed.password is not None:
-        raise ConfigError("search.storage", parsed.render_as_string(hide_password=True),
+    except ArgumentError:  # shown up to its scheme: the rest may hold a secret
+        raise ConfigError("search.storage", url.split(":", 1)[0] + ":...", "a database URL for "
+                          "Optuna's RDBStorage, e.g. sqlite:///runs/study.db, or unset for the "
+                          "journal file in the study dir") from None
+    if parsed.password is not None or any(is_secret_key(k) for k in parsed.query):
+        query = "&".join(f"{k}={'***' if is_secret_key(k) else v}"
+                         for k, v in parsed.query.items())
+        shown = parsed.set(query={}).render_as_string(hide_password=True)
+        raise ConfigError("search.storage", shown + (f"?{query}" if query else ""),
                           "a URL without a password: give it to the database's client "
                           "config instead (e.g. ~/.pgpass or PGPASSWORD for PostgreSQL)")

@@ -28,6 +28,7 @@ from orchestrator.common.files import write_atomic
 from orchestrator.common.plan import Plan
 from orchestrator.common.records import read_metrics
 from orchestrator.config.derived import Hardware, resolve_device, usable_cpus
+from orchestrator.config.launcher import stop_signal
 from orchestrator.config.schema import JobConfig
 from orchestrator.config.search import Param, check_search
 from orchestrator.launch import rundir
@@ -322,16 +323,21 @@ def run_search(job: JobConfig, space: list[Param], layouts: list[Layout],
     if layouts:
         points = layout_params(job, [layout.overrides for layout in layouts])
         dists, total = categorical(points), len(points)
-        if not study.get_trials(deepcopy=False):  # a new study: its layouts, in order
+        stored = {t.user_attrs.get(LAYOUT) for t in study.get_trials(deepcopy=False)}
+        if not stored:  # a new study: its layouts, in order
             for point, layout in zip(points, layouts, strict=True):
                 study.enqueue_trial(point, user_attrs={LAYOUT: layout.label})
+        elif stored != {layout.label for layout in layouts}:
+            raise ConfigError("hydra.run.dir", job.run_dir, "a new study dir for a changed "
+                              "layout search (this study's layouts: "
+                              f"{', '.join(sorted(str(x) for x in stored))})")
     finished = finished_trials(study)
     try:
         while finished + len(running) < total or running:
             ended = [r for r in running if r.proc.poll() is not None]
             for r in ended:  # told first, so that the sampler knows them for the next ask
                 running.remove(r)
-                report(r, job.search.metric)  # its last values, for the intermediate plot
+                report(r, job.search.metric, stop_signal(job))  # its last values, to plot
                 _finish(study, r, r.proc.returncode, job)
                 finished += 1
             while len(running) < job.search.parallel and finished + len(running) < total:
@@ -339,7 +345,7 @@ def run_search(job: JobConfig, space: list[Param], layouts: list[Layout],
             if ended:  # the summary once the freed slots are busy again
                 on_trial(study, shared)
             for r in running:
-                report(r, job.search.metric)
+                report(r, job.search.metric, stop_signal(job))
             time.sleep(POLL_S)
     finally:
         for r in running:  # interrupted: stop what is still running

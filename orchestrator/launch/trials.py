@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
+from orchestrator.common.attempt import take_attempt
 from orchestrator.common.contract import SEARCH_TRIAL_JSON, SLURM_RECORD, metrics_path
 from orchestrator.common.errors import LaunchError
 from orchestrator.common.files import write_atomic
@@ -57,7 +58,10 @@ class SlurmJob:
             state = self.handle.status()
             self._gone = self._gone + 1 if self.handle.gone else 0
             if state in TERMINAL or self._gone >= GONE_POLLS:
-                self.returncode = 0 if state == "COMPLETED" else 1
+                # a job the cluster forgot (no accounting) still says how it ended
+                ended = take_attempt(self.handle.run_dir) if state != "COMPLETED" else None
+                finished = state == "COMPLETED" or (ended or {}).get("state") == "finished"
+                self.returncode = 0 if finished else 1
             self._next = time.monotonic() + self.handle.poll_s
         return self.returncode
 
@@ -136,7 +140,7 @@ def new_records(running: Running) -> list[dict[str, Any]]:
     return out
 
 
-def report(running: Running, metric: str) -> None:
+def report(running: Running, metric: str, signal_name: str = "SIGUSR1") -> None:
     """The trial's new values of `metric` reported to the study at their steps; when the pruner
     says so and it is still running, the trial is stopped (`stop`)."""
     if running.pruned_at is not None:
@@ -147,14 +151,15 @@ def report(running: Running, metric: str) -> None:
         running.trial.report(float(record[metric]), int(record["step"]))
         running.last_step = int(record["step"])
         if running.proc.poll() is None and running.trial.should_prune():
-            stop(running, running.last_step)
+            stop(running, running.last_step, signal_name)
             print(f"trial {running.trial.number} pruned at step {running.pruned_at}: "
                   f"{metric} = {record[metric]:.6g}")
             return
 
 
-def stop(running: Running, step: int) -> None:
-    """Prune: the marker first (so a Slurm job is not requeued), then the stop signal."""
+def stop(running: Running, step: int, signal_name: str = "SIGUSR1") -> None:
+    """Prune: the marker first (so a Slurm job is not requeued), then the stop signal the
+    trial's ranks listen for (`stop_signal`)."""
     running.pruned_at = step
     write_atomic(running.run_dir / SEARCH_TRIAL_JSON,
                  json.dumps({"state": "PRUNED", "step": step}) + "\n")
@@ -162,9 +167,9 @@ def stop(running: Running, step: int) -> None:
     if record.is_file():  # a Slurm trial: its job's steps (the time-limit warning's path)
         job_id = json.loads(record.read_text())["job_id"]
         with contextlib.suppress(LaunchError):  # it ended meanwhile: nothing left to stop
-            run_checked(["scancel", "--signal=USR1", job_id])
+            run_checked(["scancel", f"--signal={signal_name.removeprefix('SIG')}", job_id])
     elif running.proc.poll() is None and isinstance(running.proc, subprocess.Popen):
-        running.proc.send_signal(signal.SIGUSR1)
+        running.proc.send_signal(getattr(signal, signal_name))
 
 
 def pruned(run_dir: Path) -> Optional[int]:

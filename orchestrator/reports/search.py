@@ -17,6 +17,7 @@ import yaml
 from orchestrator.common.files import write_atomic
 from orchestrator.common.records import read_metrics
 from orchestrator.launch.search import LAYOUT
+from orchestrator.planning.layouts import override
 
 SUMMARY_JSON, SUMMARY_MD, BEST_YAML = "search_summary.json", "search_summary.md", "best.yaml"
 REPORT_DIR, REPORT_MD = "report", "report.md"
@@ -64,7 +65,7 @@ def write_summary(study: Any, study_dir: Path, trial_dir: str, metric: str,
     paths.append(study_dir / SUMMARY_MD)
     best = next((r for r in table if r["state"] == "COMPLETE"), None)
     if best is not None:
-        params = [f"{k}={v}" for k, v in best["params"].items()]
+        params = [override(k, v) for k, v in best["params"].items()]
         command = shlex.join([Path(sys.executable).name, "-m", "orchestrator", *shared, *params])
         text = (f"# trial {best['number']}: {metric} = {best['value']:.6g}\n# rerun: {command}\n"
                 + yaml.safe_dump({"trial": best["number"], "value": best["value"],

@@ -97,8 +97,8 @@ def test_the_gguf_reader_shows_llama_cpps_keys_tensors_and_tokenizer(exported, f
     assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
     tokens = fields["tokenizer.ggml.tokens"]
     assert len(tokens) == cfg["vocab_size"] == 512
-    if family == "gpt2":  # bytes: token i is byte i, no merges
-        assert not fields.get("tokenizer.ggml.merges")
+    if family == "gpt2":  # bytes: token i is byte i; one inert merge (llama.cpp needs one)
+        assert fields["tokenizer.ggml.merges"] == ["<|begin_of_text|> <|endoftext|>"]
         assert (tokens[65], tokens[257]) == ("A", "<|endoftext|>")
         assert fields["tokenizer.ggml.eos_token_id"] == 257
     else:
@@ -109,6 +109,8 @@ def test_the_gguf_reader_shows_llama_cpps_keys_tensors_and_tokenizer(exported, f
         assert fields["tokenizer.ggml.eos_token_id"] == eos
     types = {t.name: t.tensor_type for t in reader.tensors}
     assert all(types[n] == GGMLQuantizationType.F32 for n in types if "norm" in n)
+    if family == "gpt2":  # as llama.cpp's converter keeps it
+        assert types["position_embd.weight"] == GGMLQuantizationType.F32
     assert types["token_embd.weight"] == GGMLQuantizationType.Q8_0
     assert "output.weight" in types  # gpt2_tiny's tied head is written as llama.cpp reads it
     if family == "llama":  # d_ff 172 rows do not split into 32-value blocks: f16, as llama.cpp

@@ -65,7 +65,7 @@ def _requeued(run_dir: Path) -> bool:
 def study(slurm, tmp_path_factory) -> tuple[Path, dict[str, str], str]:
     out = tmp_path_factory.mktemp("slurm-search") / "study"
     first, second = out / "trial-0000", out / "trial-0001"
-    search = [*SEARCH, f"search.storage='sqlite:///{out}/study.db'"]
+    search = [*SEARCH, f"search.storage='sqlite:///{out}/study.db'", "search.study=study"]
     proc = subprocess.Popen(cli_command(search, out), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             env={**os.environ, **slurm})

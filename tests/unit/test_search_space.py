@@ -96,6 +96,14 @@ BAD = {
         ["search=example", "search.layouts=[ddp]"],
         "config key 'search.layouts' has value ['ddp']; allowed: unset unless "
         "search.objective=throughput"),
+    "a secret in the storage URL's query": (
+        ["search=example", "search.storage='postgresql://me@db/optuna?password=hunter2'"],
+        "config key 'search.storage' has value 'postgresql://me@db/optuna?password=***'; "
+        "allowed: a URL without a password"),
+    "a database without a study name": (
+        ["search=example", "search.storage='sqlite:///s.db'"],
+        "config key 'search.study' has value None; allowed: a name for the study with "
+        "search.storage"),
     "no trials": (["search=example", "search.trials=0"],
                   "config key 'search.trials' has value 0; allowed: a number > 0"),
 }

@@ -101,7 +101,8 @@ def export(job: JobConfig) -> Path:
     with tempfile.TemporaryDirectory(dir=out, prefix=".gguf-source-") as tmp:
         source = _save_hf(saved, resume.path, Path(tmp), bpe, None)
         return gguf_export.write_gguf(source, saved.model.family, target, job.dtype or "f16",
-                                      job.quant, byte_tokenizer=bpe is None)
+                                      job.quant, byte_tokenizer=bpe is None,
+                                      name=saved.model.name)
 
 
 def _planned(saved: JobConfig, job: JobConfig) -> str:

@@ -28,6 +28,7 @@ from orchestrator.data.tokenizer import EOS  # what our BPE ends documents with
 FAMILIES = {"llama": "LLAMA", "gpt2": "GPT2"}  # our family -> gguf's MODEL_ARCH member
 DTYPES = ("f32", "f16", "bf16")
 QUANTS = ("none", "q8_0")
+POSITIONS = "transformer.wpe.weight"  # GPT-2's position embedding: F32 in llama.cpp's files
 GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 BYTE_SPECIALS = {256: "<|begin_of_text|>", 257: EOS}  # the byte tokenizer's bos and eos ids
@@ -57,6 +58,23 @@ def check_model(family: str) -> None:
     if family not in FAMILIES:
         raise ConfigError("format", "gguf", f"a model of the {' or '.join(FAMILIES)} family "
                           f"(this run's is {family}); export format=hf instead")
+
+
+def check_config(family: str, cfg: dict[str, Any]) -> None:
+    """What this writer does not lay out as llama.cpp expects is refused, not written wrong:
+    rotary scaling, q/k/v biases, a head size other than hidden / heads."""
+    if family != "llama":
+        return
+    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    kind = rope.get("rope_type") or rope.get("type") or "default"
+    heads = cfg["num_attention_heads"]
+    why = (f"rotary scaling {kind!r}" if kind != "default" else
+           "attention biases" if cfg.get("attention_bias") else
+           f"head_dim {cfg['head_dim']} (not hidden / heads)"
+           if cfg.get("head_dim") not in (None, cfg["hidden_size"] // heads) else None)
+    if why:
+        raise ConfigError("format", "gguf", f"a Llama without {why}, which this GGUF writer "
+                          "does not lay out; export format=hf instead")
 
 
 def check_tokenizer(path: Optional[Path]) -> Optional[dict[str, Any]]:
@@ -107,7 +125,9 @@ def _vocab(tokenizer: Optional[dict[str, Any]], vocab_size: int, specials: dict[
             tokens[i], types[i] = ch, normal
         for i, name in BYTE_SPECIALS.items():
             tokens[i], types[i] = name, control
-        return tokens, types, [], 256, 257
+        # llama.cpp refuses a BPE without merges; this one joins the two control tokens, which
+        # byte-level pre-tokenization never produces, so it never applies
+        return tokens, types, [" ".join(BYTE_SPECIALS.values())], 256, 257
     for token, i in tokenizer["model"]["vocab"].items():
         tokens[i], types[i] = token, normal
     for added in tokenizer.get("added_tokens", []):
@@ -198,17 +218,17 @@ def _tensors(family: str, cfg: dict[str, Any], state: dict[str, np.ndarray]
     return out
 
 
-def _encode(w: np.ndarray, dtype: str, quant: str) -> tuple[np.ndarray, Any]:
-    """The tensor's bytes in its GGUF type, and the type."""
+def _encode(name: str, w: np.ndarray, dtype: str, quant: str) -> tuple[np.ndarray, Any]:
+    """The tensor's bytes in its GGUF type, and the type: F32 for 1-D tensors and GPT-2's
+    position embedding (as llama.cpp's converter keeps them), Q8_0 where rows split into its
+    blocks, else `dtype`."""
     import gguf
 
     q = gguf.GGMLQuantizationType
-    if w.ndim == 1:
+    if w.ndim == 1 or name == POSITIONS:
         return w.astype(np.float32), q.F32
-    if quant == "q8_0" and w.shape[-1] % 32 == 0:
-        kind = q.Q8_0
-    else:
-        kind = {"f32": q.F32, "f16": q.F16, "bf16": q.BF16}["f16" if quant == "q8_0" else dtype]
+    kind = q.Q8_0 if quant == "q8_0" and w.shape[-1] % 32 == 0 else \
+        {"f32": q.F32, "f16": q.F16, "bf16": q.BF16}[dtype]
     return gguf.quants.quantize(w.astype(np.float32), kind), kind
 
 
@@ -224,18 +244,18 @@ def planned_bytes(shapes: dict[str, tuple[int, ...]], family: str, dtype: str,
     for name, shape in shapes.items():
         n = int(np.prod(shape))
         row = shape[0] if family == "gpt2" and name.endswith(GPT2_CONV1D) else shape[-1]
-        if len(shape) == 1:
+        if len(shape) == 1 or name == POSITIONS:
             size = 4 * n
         elif quant == "q8_0" and row % 32 == 0:
             size = n // 32 * 34  # a block: 32 int8 values and one f16 scale
         else:
-            size = n * (4 if (dtype if quant == "none" else "f16") == "f32" else 2)
+            size = n * (4 if dtype == "f32" else 2)
         total += -(-size // 32) * 32
     return total
 
 
 def write_gguf(model_dir: Path, family: str, out: Path, dtype: str, quant: str,
-               byte_tokenizer: bool) -> Path:
+               byte_tokenizer: bool, name: str) -> Path:
     """`model_dir` (a save_pretrained directory) as one GGUF file at `out`, written whole or
     not at all."""
     import gguf
@@ -243,14 +263,29 @@ def write_gguf(model_dir: Path, family: str, out: Path, dtype: str, quant: str,
 
     tokenizer = None if byte_tokenizer else check_tokenizer(model_dir / "tokenizer.json")
     cfg = json.loads((model_dir / "config.json").read_text())
+    check_config(family, cfg)
     arch = getattr(gguf.MODEL_ARCH, FAMILIES[family])
     state: dict[str, np.ndarray] = {}
     for shard in sorted(model_dir.glob("*.safetensors")):
         state.update({k: v.astype(np.float32) for k, v in load_file(str(shard)).items()})
-    names = gguf.get_tensor_name_map(arch, int(cfg.get("n_layer") or cfg["num_hidden_layers"]))
     tmp = out.with_name(out.name + ".tmp")
+    try:
+        _write(tmp, arch, family, cfg, state, model_dir, tokenizer, (name, dtype, quant))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def _write(tmp: Path, arch: Any, family: str, cfg: dict[str, Any], state: dict[str, np.ndarray],
+           model_dir: Path, tokenizer: Optional[dict[str, Any]], what: tuple[str, str, str]
+           ) -> None:
+    import gguf
+
+    name, dtype, quant = what
+    names = gguf.get_tensor_name_map(arch, int(cfg.get("n_layer") or cfg["num_hidden_layers"]))
     writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch])
-    writer.add_name(cfg.get("_name_or_path") or model_dir.parent.name)
+    writer.add_name(name)
     _add_metadata(writer, family, cfg)
     file_type = gguf.LlamaFileType
     writer.add_file_type(int(file_type.MOSTLY_Q8_0 if quant == "q8_0" else {
@@ -263,11 +298,9 @@ def write_gguf(model_dir: Path, family: str, out: Path, dtype: str, quant: str,
         if new is None:
             raise ConfigError("format", "gguf", f"a model whose tensors llama.cpp names "
                               f"({hf_name} has no GGUF name)")
-        data, kind = _encode(w, dtype, quant)
+        data, kind = _encode(hf_name, w, dtype, quant)
         writer.add_tensor(new, data, raw_dtype=kind)  # the writer reads a block's bytes' shape
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    os.replace(tmp, out)
-    return out
