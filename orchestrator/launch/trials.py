@@ -82,6 +82,7 @@ class Running:
     pruned_at: Optional[int] = None  # the step after which it was told to stop
     read_pos: tuple[int, int] = (0, 0)  # the metrics file's inode, bytes read so far
     cpus: Optional[frozenset[int]] = None  # the CPUs it runs on (cpu_slots), None: any
+    final_step: int = 0  # its train.steps: a value logged there is never pruned (0: unknown)
 
 
 def cpu_slots(job: JobConfig) -> list[frozenset[int]]:
@@ -113,7 +114,11 @@ def start(trial: Any, job: JobConfig, command: list[str],
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ),
                                 start_new_session=True, preexec_fn=prepare)
     return Running(trial, proc, run_dir, metrics_path(run_dir, job.logging.metrics_file),
-                   cpus=cpus)
+                   cpus=cpus, final_step=_final_step(trial.params, job))
+
+
+def _final_step(params: dict[str, Any], job: JobConfig) -> int:
+    return int(params.get("train.steps", job.train.steps))
 
 
 def new_records(running: Running) -> list[dict[str, Any]]:
@@ -150,7 +155,8 @@ def report(running: Running, metric: str, signal_name: str = "SIGUSR1") -> None:
             continue
         running.trial.report(float(record[metric]), int(record["step"]))
         running.last_step = int(record["step"])
-        if running.proc.poll() is None and running.trial.should_prune():
+        last = running.final_step and running.last_step >= running.final_step
+        if not last and running.proc.poll() is None and running.trial.should_prune():
             stop(running, running.last_step, signal_name)
             print(f"trial {running.trial.number} pruned at step {running.pruned_at}: "
                   f"{metric} = {record[metric]:.6g}")
@@ -190,4 +196,5 @@ def reattach(trial: Any, frozen: Any, job: JobConfig) -> Optional[Running]:
     steps = list(frozen.intermediate_values)
     return Running(trial, SlurmJob(handle), run_dir,
                    metrics_path(run_dir, job.logging.metrics_file),
-                   last_step=max(steps, default=-1), pruned_at=pruned(run_dir))
+                   last_step=max(steps, default=-1), pruned_at=pruned(run_dir),
+                   final_step=_final_step(frozen.params, job))

@@ -81,3 +81,22 @@ def test_every_trial_logs_into_the_studys_wandb_group() -> None:
         "logging.wandb.group=s1", "logging.wandb.name=s1-trial-0000"]
     assert _wandb(job("logging.wandb.mode=disabled"), 7) == []
     assert _wandb(job("logging.wandb.mode=offline", "logging.wandb.group=mine"), 7) == []
+
+
+def test_the_last_step_is_never_pruned(tmp_path: Path) -> None:
+    """A trial that logged its last step has finished training: a pruner's verdict there would
+    throw its final value away (the same record before the last step is pruned)."""
+    from unittest import mock
+
+    class Pruning(Trial):
+        def should_prune(self) -> bool:
+            return True
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(_line(1, 5.0) + _line(2, 4.0))
+    for final_step, pruned_at in ((2, None), (3, 1)):
+        running = Running(Pruning(), Alive(), tmp_path, path,  # type: ignore[arg-type]
+                          last_step=1 if final_step == 2 else -1, final_step=final_step)
+        with mock.patch("orchestrator.launch.trials.stop") as stop:
+            report(running, "loss")
+        assert (stop.call_args.args[1] if stop.called else None) == pruned_at
