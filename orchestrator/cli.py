@@ -88,7 +88,7 @@ def execute(job: JobConfig, hw: Hardware | None = None,
     if note:
         print(note)
     if job.action == "search":  # trials as runs: each validated and launched as one
-        return _search(job, hw, overrides or [])
+        return _search(job, hw, [*_config_dirs(), *(overrides or [])])
     validate(job, hw)
     if job.action == "prepare":
         from orchestrator.data import prepare_data
@@ -103,6 +103,16 @@ def execute(job: JobConfig, hw: Hardware | None = None,
     from orchestrator.launch.job import plan_and_launch
 
     return plan_and_launch(job, hw, overrides)
+
+
+def _config_dirs() -> list[str]:
+    """The command line's `--config-dir`, which each trial (composed again by its own CLI) and
+    best.yaml's rerun command need as well."""
+    if not HydraConfig.initialized():
+        return []
+    return [arg for source in HydraConfig.get().runtime.config_sources
+            if source.provider == "command-line" and source.schema == "file"
+            for arg in ("--config-dir", source.path)]
 
 
 def _search(job: JobConfig, hw: Hardware, overrides: list[str]) -> int:

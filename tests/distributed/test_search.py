@@ -154,3 +154,21 @@ def test_a_killed_controller_was_finished_by_the_same_command(study: Path) -> No
     assert len(numbers) == len(set(numbers)) == 10
     assert sum(1 for t in trials if t["state"] == "FAIL") >= 2
     assert not _ours(study)
+
+
+def test_trials_compose_with_the_users_config_dir(tmp_path: Path) -> None:
+    """A model defined only in the user's own `--config-dir` reaches every trial (each trial's
+    CLI composes its config again) and best.yaml's rerun command."""
+    (tmp_path / "conf" / "model").mkdir(parents=True)
+    mine = (REPO / "configs" / "model" / "gpt2_tiny.yaml").read_text()
+    (tmp_path / "conf" / "model" / "mine.yaml").write_text(mine.replace("gpt2_tiny", "mine"))
+    out = tmp_path / "study"
+    run_ok(["--config-dir", str(tmp_path / "conf"), "action=search", "model=mine",
+            "+search.params.optim.lr='choice(1e-3)'", "search.trials=1", "search.pruner=none",
+            "search.metric=loss", "train.steps=3", "logging=none", "train.save_model=false",
+            "cluster.gpus_per_node=1"], out)
+    import yaml
+
+    assert yaml.safe_load((out / "trial-0000" / "config.yaml").read_text())["model"]["name"] \
+        == "mine"
+    assert f"--config-dir {tmp_path / 'conf'}" in (out / "best.yaml").read_text()
