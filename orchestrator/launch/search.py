@@ -22,7 +22,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from orchestrator.common.contract import SEARCH_TRIAL_JSON
 from orchestrator.common.errors import ConfigError
 from orchestrator.common.files import write_atomic
 from orchestrator.common.plan import Plan
@@ -38,6 +37,7 @@ from orchestrator.launch.trials import (
     TRIAL_LOG,
     Running,
     cpu_slots,
+    mark_pruned,
     reattach,
     report,
     start,
@@ -218,8 +218,7 @@ def _finish(study: Any, running: Running, code: int, job: JobConfig) -> None:
     number = running.trial.number
     if running.pruned_at is not None:
         study.tell(number, state=optuna.trial.TrialState.PRUNED)
-        write_atomic(running.run_dir / SEARCH_TRIAL_JSON, json.dumps(
-            {"state": "PRUNED", "step": running.pruned_at, "exit_code": code}) + "\n")
+        mark_pruned(running.run_dir, running.pruned_at, code)
         return
     value = trial_value(job)(running.metrics) if code == 0 else None
     if value is None:

@@ -167,8 +167,7 @@ def stop(running: Running, step: int, signal_name: str = "SIGUSR1") -> None:
     """Prune: the marker first (so a Slurm job is not requeued), then the stop signal the
     trial's ranks listen for (`stop_signal`)."""
     running.pruned_at = step
-    write_atomic(running.run_dir / SEARCH_TRIAL_JSON,
-                 json.dumps({"state": "PRUNED", "step": step}) + "\n")
+    mark_pruned(running.run_dir, step)
     record = running.run_dir / SLURM_RECORD
     if record.is_file():  # a Slurm trial: its job's steps (the time-limit warning's path)
         job_id = json.loads(record.read_text())["job_id"]
@@ -176,6 +175,15 @@ def stop(running: Running, step: int, signal_name: str = "SIGUSR1") -> None:
             run_checked(["scancel", f"--signal={signal_name.removeprefix('SIG')}", job_id])
     elif running.proc.poll() is None and isinstance(running.proc, subprocess.Popen):
         running.proc.send_signal(getattr(signal, signal_name))
+
+
+def mark_pruned(run_dir: Path, step: int, exit_code: Optional[int] = None) -> None:
+    """`search_trial.json`: the trial in `run_dir` was pruned after `step` (and, once it has
+    ended, with `exit_code`)."""
+    record: dict[str, Any] = {"state": "PRUNED", "step": step}
+    if exit_code is not None:
+        record["exit_code"] = exit_code
+    write_atomic(run_dir / SEARCH_TRIAL_JSON, json.dumps(record) + "\n")
 
 
 def pruned(run_dir: Path) -> Optional[int]:

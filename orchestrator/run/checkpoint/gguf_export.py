@@ -24,6 +24,7 @@ import numpy as np
 
 from orchestrator.common.errors import ConfigError
 from orchestrator.data.tokenizer import EOS  # what our BPE ends documents with
+from orchestrator.models.layout import embedding_name
 
 FAMILIES = {"llama": "LLAMA", "gpt2": "GPT2"}  # our family -> gguf's MODEL_ARCH member
 DTYPES = ("f32", "f16", "bf16")
@@ -213,8 +214,7 @@ def _tensors(family: str, cfg: dict[str, Any], state: dict[str, np.ndarray]
             w = _permute(w, cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
         out.append((name, np.ascontiguousarray(w)))
     if "lm_head.weight" not in state:  # tied: saved once, under the embedding's name
-        embedding = "transformer.wte.weight" if family == "gpt2" else "model.embed_tokens.weight"
-        out.append(("lm_head.weight", state[embedding]))
+        out.append(("lm_head.weight", state[embedding_name(family)]))
     return out
 
 
@@ -238,8 +238,7 @@ def planned_bytes(shapes: dict[str, tuple[int, ...]], family: str, dtype: str,
     a tied head twice, each tensor padded to 32 bytes); the header and tokenizer come on top."""
     shapes = dict(shapes)
     if "lm_head.weight" not in shapes:
-        embedding = "transformer.wte.weight" if family == "gpt2" else "model.embed_tokens.weight"
-        shapes["lm_head.weight"] = shapes[embedding]
+        shapes["lm_head.weight"] = shapes[embedding_name(family)]
     total = 0
     for name, shape in shapes.items():
         n = int(np.prod(shape))
